@@ -1,0 +1,1 @@
+"""Actor processes: vector-env stepping, the local policy copy, the transition builder."""

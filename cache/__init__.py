@@ -1,0 +1,1 @@
+"""Model-version distribution: blob codec, cache nodes and the client actors use."""

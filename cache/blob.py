@@ -1,0 +1,178 @@
+"""Policy versions as immutable blobs: raw tensor bytes in chunks plus a manifest.
+
+The learner writes a version to the Redis root once: chunks under
+`model:<v>:chunk:<i>`, then the manifest hash `model:<v>:manifest`, then moves
+`model:latest` and publishes the id on `model:notify`. Everything read back (from Redis or
+a cache node) is checked against the manifest: sizes, layout, and the xxh3 digest of the
+whole blob. No pickle: tensors are plain little-endian arrays named in the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import redis
+import xxhash
+
+from cluster.errors import ProtocolError
+from cluster.keys import Keys
+from cluster.version import Version
+
+CHUNK_BYTES = 1 << 20
+MAX_BLOB_BYTES = 1 << 30
+MAX_CHUNKS = 1024
+ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<i8", "<i4", "|u1"})
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: Version
+    size: int
+    digest: str
+    chunks: int
+    layout: list[tuple[str, str, tuple[int, ...], int]]  # name, dtype, shape, byte offset
+    arch: str
+    codec: str = "raw"
+    learner: int = 0
+    published_at: float = 0.0
+
+    def to_fields(self) -> dict[str, str]:
+        return {
+            "version": str(self.version),
+            "epoch": str(self.version.epoch),
+            "step": str(self.version.step),
+            "size": str(self.size),
+            "digest": self.digest,
+            "chunks": str(self.chunks),
+            "layout": json.dumps([[n, d, list(s), o] for n, d, s, o in self.layout]),
+            "arch": self.arch,
+            "codec": self.codec,
+            "learner": str(self.learner),
+            "published_at": f"{self.published_at:.6f}",
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[Any, Any]) -> Manifest:
+        """Parse and check a manifest read from Redis or a socket; raises ProtocolError."""
+        f = {_text(k): _text(v) for k, v in fields.items()}
+        try:
+            layout = [
+                (str(n), str(d), tuple(int(x) for x in s), int(o)) for n, d, s, o in json.loads(f["layout"])
+            ]
+            m = cls(
+                version=Version.parse(f["version"]),
+                size=int(f["size"]),
+                digest=f["digest"],
+                chunks=int(f["chunks"]),
+                layout=layout,
+                arch=f["arch"],
+                codec=f["codec"],
+                learner=int(f["learner"]),
+                published_at=float(f["published_at"]),
+            )
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"malformed model manifest: {type(exc).__name__} {exc}") from None
+        if m.codec != "raw":
+            raise ProtocolError(f"unknown model codec {m.codec!r}")
+        if not 0 < m.size <= MAX_BLOB_BYTES or not 0 < m.chunks <= MAX_CHUNKS:
+            raise ProtocolError(f"model manifest sizes out of range: {m.size} bytes, {m.chunks} chunks")
+        end = 0
+        for name, dtype, shape, offset in m.layout:
+            if dtype not in ALLOWED_DTYPES or offset != end:
+                raise ProtocolError(f"model layout entry {name!r} is inconsistent")
+            end = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end != m.size:
+            raise ProtocolError(f"model layout covers {end} bytes, manifest says {m.size}")
+        return m
+
+
+def pack(
+    state: dict[str, np.ndarray], version: Version, arch: str, learner: int
+) -> tuple[Manifest, list[bytes]]:
+    """Serialize named arrays into a manifest and chunks of at most CHUNK_BYTES."""
+    layout, parts, offset = [], [], 0
+    for name, array in state.items():
+        a = np.ascontiguousarray(array)
+        layout.append((name, a.dtype.str, tuple(a.shape), offset))
+        parts.append(a.tobytes())
+        offset += a.nbytes
+    blob = b"".join(parts)
+    chunks = [blob[i : i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)]
+    manifest = Manifest(
+        version=version,
+        size=len(blob),
+        digest=xxhash.xxh3_64_hexdigest(blob),
+        chunks=len(chunks),
+        layout=layout,
+        arch=arch,
+        learner=learner,
+        published_at=time.time(),
+    )
+    return manifest, chunks
+
+
+def unpack(manifest: Manifest, chunks: list[bytes | memoryview]) -> dict[str, np.ndarray]:
+    """Rebuild the named arrays, checking chunk count, total size and digest."""
+    if len(chunks) != manifest.chunks:
+        raise ProtocolError(f"model {manifest.version}: {len(chunks)} chunks, expected {manifest.chunks}")
+    blob = b"".join(chunks)
+    if len(blob) != manifest.size:
+        raise ProtocolError(f"model {manifest.version}: {len(blob)} bytes, expected {manifest.size}")
+    if xxhash.xxh3_64_hexdigest(blob) != manifest.digest:
+        raise ProtocolError(f"model {manifest.version}: digest mismatch, refusing to load it")
+    return {
+        name: np.frombuffer(
+            blob, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset
+        ).reshape(shape)
+        for name, dtype, shape, offset in manifest.layout
+    }
+
+
+def write(r: redis.Redis, keys: Keys, manifest: Manifest, chunks: list[bytes]) -> None:
+    """Publish a version to the Redis root: chunks, manifest, ledger, latest pointer, notify."""
+    v = manifest.version
+    pipe = r.pipeline(transaction=True)
+    for i, chunk in enumerate(chunks):
+        pipe.set(keys.model_chunk(v, i), chunk)
+    pipe.hset(keys.model_manifest(v), mapping=manifest.to_fields())
+    pipe.hset(
+        keys.ledger_version(v),
+        mapping={
+            "learner": manifest.learner,
+            "epoch": v.epoch,
+            "step": v.step,
+            "digest": manifest.digest,
+            "published_at": f"{manifest.published_at:.6f}",
+        },
+    )
+    pipe.set(keys.model_latest, str(v))
+    pipe.publish(keys.model_notify, str(v))
+    pipe.execute()
+
+
+def delete(r: redis.Redis, keys: Keys, manifest: Manifest) -> None:
+    """Drop an old version's blob (its ledger entry stays)."""
+    v = manifest.version
+    r.delete(keys.model_manifest(v), *(keys.model_chunk(v, i) for i in range(manifest.chunks)))
+
+
+def read(r: redis.Redis, keys: Keys, version: Version) -> tuple[Manifest, list[bytes]]:
+    """Fetch a version's manifest and chunks from Redis; raises ProtocolError if absent or bad."""
+    fields = r.hgetall(keys.model_manifest(version))
+    if not fields:
+        raise ProtocolError(f"model {version} is not in Redis (expired or never published)")
+    manifest = Manifest.from_fields(fields)
+    if manifest.version != version:
+        raise ProtocolError(f"manifest under {version} names {manifest.version}")
+    chunks = r.mget([keys.model_chunk(version, i) for i in range(manifest.chunks)])
+    if any(c is None for c in chunks):
+        raise ProtocolError(f"model {version} is missing chunks in Redis")
+    return manifest, chunks
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,40 @@
+"""`canopy cache --id N`: run cache node N under the Redis root."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from cache.node import CacheNode
+from cluster.config import Config
+from cluster.errors import UserError
+from cluster.keys import Keys
+from cluster.redisconn import connect
+from cluster.telemetry import Telemetry
+
+
+def run(cfg: Config, ident: int, stop: threading.Event) -> None:
+    c = cfg.cluster
+    if ident >= min(len(c.cache_fetch), len(c.cache_notify)):
+        raise UserError(f"cache node {ident} has no endpoints in cluster.cache_fetch/cache_notify")
+    keys = Keys(cfg.run.name)
+    r = connect(c, "cache", ident)
+    node = CacheNode(cfg.cache, r, keys)
+    try:
+        node.bind(c.cache_fetch[ident], c.cache_notify[ident])
+    except zmq.ZMQError as exc:
+        raise UserError(
+            f"cache node {ident} cannot bind its endpoints ({exc.strerror}): the port is taken; "
+            "pick others in cluster.cache_fetch / cluster.cache_notify"
+        ) from None
+    tel = Telemetry(r, keys, "cache", ident, cfg.run.heartbeat_s)
+    tel.counters = node.counters  # the stats hash shows the node's live counters
+    tel.start()
+    tel.set_state("running")
+    tel.event("start")
+    try:
+        node.serve(stop)
+    finally:
+        tel.event("stop")
+        tel.close()

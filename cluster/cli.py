@@ -1,0 +1,130 @@
+"""The `canopy` command: one table of subcommands, user errors printed as one line.
+
+canopy up [--env ID] [--set k=v ...]          the embedded local cluster
+canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
+canopy bench e2e --env ID --seeds N --json FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from cluster import config as config_mod
+from cluster.errors import CanopyError, ConfigError, DeadlineExceeded, UserError
+
+# role name -> module whose `run(cfg, ident, stop)` runs it
+ROLES = {
+    "replay": "replay.role",
+    "cache": "cache.role",
+    "learner": "learner.role",
+    "actor": "actors.actor",
+    "evaluator": "actors.evaluator",
+}
+
+
+def _role_command(args: argparse.Namespace) -> int:
+    from cluster import lifecycle
+
+    lifecycle.watch_parent()
+    cfg = config_mod.load(args.config, args.set)
+    if args.role == "redis":
+        from cluster.redis_server import exec_server
+
+        exec_server(cfg, args.id)
+        return 0  # not reached: exec replaced this process
+    stop = lifecycle.stop_event()
+    importlib.import_module(ROLES[args.role]).run(cfg, args.id, stop)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster.launcher import up
+
+    overrides = list(args.set)
+    for flag, key in (
+        ("env", "env.id"),
+        ("seed", "run.seed"),
+        ("stop_at_return", "run.stop_at_return"),
+        ("time_limit", "run.time_limit_s"),
+        ("run_dir", "run.dir"),
+    ):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    summary = up(config_mod.load(args.config, overrides))
+    keys = (
+        "solved",
+        "time_to_solve_s",
+        "env_steps_to_solve",
+        "final_eval_return",
+        "versions_published",
+        "wall_s",
+    )
+    print(json.dumps({k: summary[k] for k in keys}))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from cluster.bench import e2e
+
+    return e2e.main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="canopy", description="distributed reinforcement learning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="run a whole cluster on this machine")
+    up.add_argument("--config", help="TOML config file (defaults apply to anything not set)")
+    up.add_argument("--env", help="gymnasium env id, e.g. CartPole-v1")
+    up.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    up.add_argument("--stop-at-return", type=float, help="stop once a greedy evaluation reaches this")
+    up.add_argument("--time-limit", type=float, help="stop after this many seconds")
+    up.add_argument("--run-dir", help="where cluster.json, summary.json and logs go")
+    up.add_argument("--seed", type=int)
+    up.set_defaults(func=_up)
+
+    for role in ("redis", *ROLES):
+        p = sub.add_parser(role, help=f"run one {role} process")
+        p.add_argument("--config", required=True)
+        p.add_argument("--id", type=int, default=0)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+        p.set_defaults(func=_role_command, role=role)
+
+    bench = sub.add_parser("bench", help="benchmarks that print JSON with in-run baselines")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    e2e = bench_sub.add_parser("e2e", help="time to solve through canopy up, per seed")
+    e2e.add_argument("--env", default="CartPole-v1")
+    e2e.add_argument("--seeds", type=int, default=3)
+    e2e.add_argument("--threshold", type=float, default=475.0)
+    e2e.add_argument("--time-limit", type=float, default=300.0)
+    e2e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    e2e.add_argument("--json", required=True, help="file for the result")
+    e2e.add_argument("--no-baseline", action="store_true", help="skip SB3 PPO even if installed")
+    e2e.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"canopy: config error: {problem}", file=sys.stderr)
+        return 2
+    except (UserError, DeadlineExceeded) as exc:
+        print(f"canopy: error: {exc}", file=sys.stderr)
+        return 2
+    except CanopyError as exc:
+        print(f"canopy: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

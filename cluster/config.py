@@ -1,0 +1,289 @@
+"""One typed config tree for every role, loaded from TOML with `--set a.b=value` overrides.
+
+The same tree describes a local `canopy up` run and a cluster spread over hosts: the
+`[cluster]` section holds the addresses (filled in by `canopy up`, written by operators
+elsewhere). Each role receives only its own section plus `cluster` and `run`.
+`verify` reports every problem at once, each on one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from cluster.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    name: str = ""  # run id used in Redis key names; `canopy up` makes one when empty
+    dir: str = ""  # run directory; `canopy up` uses runs/<name> when empty
+    seed: int = 0
+    stop_at_return: float = math.inf  # stop once a greedy evaluation reaches this mean return
+    time_limit_s: float = 0.0  # 0: no limit
+    heartbeat_s: float = 2.0  # stats refresh period; keys expire after 3 periods
+
+
+@dataclass
+class EnvConfig:
+    id: str = "CartPole-v1"
+
+
+@dataclass
+class RedisConfig:
+    shards: int = 2
+    maxmemory_mb: int = 2048
+
+
+@dataclass
+class ReplayConfig:
+    shards: int = 1
+    capacity: int = 100_000
+    min_size: int = 2_000  # no sampling before this many items
+    samples_per_insert: float = 4.0  # rate limiter target; 0 disables it
+    error_buffer: float = 40_000.0  # slack of the limiter, in sampled items; see replay/limiter.py
+    max_frame_mb: int = 64
+    max_pending: int = 256  # requests parked by the rate limiter, per shard
+    sample_wait_s: float = 2.0  # a parked sample request is answered `not_ready` after this
+
+
+@dataclass
+class CacheConfig:
+    nodes: int = 1
+    keep_versions: int = 4
+    poll_s: float = 1.0  # re-read `model:latest` this often in case a notification was missed
+
+
+@dataclass
+class LearnerConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    batch_size: int = 256
+    lr: float = 1e-3
+    gamma: float = 0.99
+    n_step: int = 3
+    target_update_period: int = 250  # updates between hard target-network copies
+    max_grad_norm: float = 10.0
+    publish_every: int = 50  # updates between published policy versions
+    keep_versions: int = 8  # published versions kept in Redis
+    samples_in_flight: int = 4  # sample requests outstanding per replay shard
+    threads: int = 1  # torch intra-op threads on CPU
+
+
+@dataclass
+class ActorConfig:
+    count: int = 2
+    envs: int = 8  # copies in each actor's vector env
+    chunk: int = 64  # transitions per insert message
+    inflight_chunks: int = 4  # unacknowledged inserts before the actor waits (backpressure)
+    eps_base: float = 0.4  # Ape-X ladder: slot i of N acts with eps_base ** (1 + alpha * i / (N-1))
+    eps_alpha: float = 7.0
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 10
+    min_interval_s: float = 0.0  # least time between two evaluations
+
+
+@dataclass
+class ClusterConfig:
+    host: str = "127.0.0.1"
+    redis: list[str] = field(default_factory=list)  # "host:port" per Redis shard; shard 0 is root
+    redis_user: str = "canopy"
+    password_file: str = ""
+    replay: list[str] = field(default_factory=list)  # ZeroMQ endpoint per replay shard
+    cache_fetch: list[str] = field(default_factory=list)  # ROUTER endpoint per cache node
+    cache_notify: list[str] = field(default_factory=list)  # PUB endpoint per cache node
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    actors: ActorConfig = field(default_factory=ActorConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# Lower bounds checked by `verify`; every other number only has to have the right type.
+_MINIMUMS: dict[str, float] = {
+    "run.heartbeat_s": 0.1,
+    "redis.shards": 1,
+    "redis.maxmemory_mb": 16,
+    "replay.shards": 1,
+    "replay.capacity": 1,
+    "replay.min_size": 1,
+    "replay.samples_per_insert": 0,
+    "replay.error_buffer": 0,
+    "replay.max_frame_mb": 1,
+    "replay.max_pending": 1,
+    "replay.sample_wait_s": 0.01,
+    "cache.nodes": 1,
+    "cache.keep_versions": 1,
+    "cache.poll_s": 0.05,
+    "learner.batch_size": 1,
+    "learner.lr": 0,
+    "learner.n_step": 1,
+    "learner.target_update_period": 1,
+    "learner.publish_every": 1,
+    "learner.keep_versions": 2,
+    "learner.samples_in_flight": 1,
+    "learner.threads": 1,
+    "actors.count": 1,
+    "actors.envs": 1,
+    "actors.chunk": 1,
+    "actors.inflight_chunks": 1,
+    "eval.episodes": 1,
+}
+_CHOICES: dict[str, tuple[str, ...]] = {"learner.device": ("auto", "cpu", "cuda")}
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the config from defaults, then a TOML file, then `key=value` overrides.
+
+    Raises ConfigError listing every unknown key and bad value.
+
+    Example:
+        cfg = load("cluster.toml", ["learner.lr=5e-4", "actors.count=4"])
+    """
+    data: dict[str, Any] = {}
+    problems: list[str] = []
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError([f"config file {path} not found"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} must look like section.key=value")
+            continue
+        parts = key.strip().split(".")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override {key}: {part} is not a section")
+                break
+        else:
+            node[parts[-1]] = _parse_value(raw.strip())
+    cfg = _build(Config, data, "", problems)
+    problems += verify(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def verify(cfg: Config) -> list[str]:
+    """Return one line per value out of range (empty when the config is usable)."""
+    problems = []
+    for key, low in _MINIMUMS.items():
+        value = get(cfg, key)
+        if value < low:
+            problems.append(f"{key} = {value} is too small: must be >= {low}")
+    for key, allowed in _CHOICES.items():
+        if get(cfg, key) not in allowed:
+            problems.append(f"{key} = {get(cfg, key)!r} is not one of {', '.join(allowed)}")
+    if not cfg.learner.hidden or any(h < 1 for h in cfg.learner.hidden):
+        problems.append("learner.hidden must be a non-empty list of positive layer widths")
+    if not 0 < cfg.learner.gamma <= 1:
+        problems.append(f"learner.gamma = {cfg.learner.gamma} must be in (0, 1]")
+    if not 0 <= cfg.actors.eps_base <= 1:
+        problems.append(f"actors.eps_base = {cfg.actors.eps_base} must be in [0, 1]")
+    if cfg.replay.min_size > cfg.replay.capacity:
+        problems.append("replay.min_size must not exceed replay.capacity")
+    return problems
+
+
+def get(cfg: Config, key: str) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as TOML; `load(path)` gives the same tree back."""
+    Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
+
+
+def _parse_value(raw: str) -> Any:
+    """Read an override as a TOML value (`3`, `1e-3`, `[64, 64]`, `true`), else as a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a table")
+        return cls()
+    for key in data:
+        if key not in names:
+            problems.append(
+                f"unknown config key {prefix}{key!r}: known keys here are {', '.join(sorted(names))}"
+            )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        hint, value, key = hints[f.name], data[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[f.name] = _build(hint, value, key + ".", problems)
+        else:
+            checked = _check_type(hint, value)
+            if checked is None:
+                problems.append(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}")
+            else:
+                kwargs[f.name] = checked
+    return cls(**kwargs)
+
+
+def _check_type(hint: Any, value: Any) -> Any:
+    """Return the value coerced to `hint` (int -> float allowed), or None when it does not fit."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            return None
+        items = [_check_type(item, v) for v in value]
+        return None if any(i is None for i in items) else items
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            checked = _check_type(option, value)
+            if checked is not None:
+                return checked
+        return None
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint in (str, bool) and type(value) is hint:
+        return value
+    return None
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))

@@ -1,0 +1,65 @@
+"""Every Redis key name canopy uses, in one place, so code, CLI and README never drift.
+
+All keys live under `canopy:<run>:` with `:` separators (see README, "Redis keys").
+"""
+
+from __future__ import annotations
+
+from cluster.version import Version
+
+
+class Keys:
+    """Key names for one run.
+
+    Example:
+        keys = Keys("demo")
+        keys.proc("learner", 0)  # 'canopy:demo:proc:learner:0'
+    """
+
+    def __init__(self, run: str):
+        self.run = run
+        self.prefix = f"canopy:{run}:"
+
+    def proc(self, role: str, ident: int) -> str:
+        """Hash: host, pid, state, started_at and Prometheus-style counters; has a TTL."""
+        return f"{self.prefix}proc:{role}:{ident}"
+
+    def alive(self, role: str) -> str:
+        """Sorted set: member = id, score = liveness deadline (unix seconds)."""
+        return f"{self.prefix}alive:{role}"
+
+    @property
+    def events(self) -> str:
+        """Stream of notable events (start, stop, publish, eval, rejected input)."""
+        return f"{self.prefix}events"
+
+    @property
+    def epoch(self) -> str:
+        """Counter INCR'd by every learner start: the epoch of its versions, and its fence."""
+        return f"{self.prefix}learner:epoch"
+
+    @property
+    def model_latest(self) -> str:
+        """String: newest published version id."""
+        return f"{self.prefix}model:latest"
+
+    @property
+    def model_notify(self) -> str:
+        """Pub/sub channel: a version id each time one is published."""
+        return f"{self.prefix}model:notify"
+
+    def model_manifest(self, version: Version) -> str:
+        """Hash: digest, size, codec, layout, chunk count, learner, publish time."""
+        return f"{self.prefix}model:{version}:manifest"
+
+    def model_chunk(self, version: Version, index: int) -> str:
+        return f"{self.prefix}model:{version}:chunk:{index}"
+
+    def ledger_version(self, version: Version) -> str:
+        """Hash: learner id, epoch, step, parent version, digest, publish time."""
+        return f"{self.prefix}ledger:version:{version}"
+
+    @property
+    def ledger_actors(self) -> str:
+        """Hash: actor id -> version it acts with now."""
+        return f"{self.prefix}ledger:actors"

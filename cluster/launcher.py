@@ -1,0 +1,440 @@
+"""`canopy up`: the embedded local cluster, every role in its own OS process.
+
+build (ports, password, resolved config) -> init (Redis shards, then every role through
+the same `canopy <role> --config --id` commands operators run; cluster.json once all are
+up) -> run (progress line, metrics.jsonl, watch for a solving evaluation, a time limit,
+a dead child or a signal) -> report (final greedy evaluation, summary.json).
+Children die with the launcher even if it crashes (cluster/lifecycle.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from actors.envs import check_env_id
+from cluster import config as config_mod
+from cluster import redis_server
+from cluster.config import Config
+from cluster.errors import UserError
+from cluster.keys import Keys
+from cluster.ports import free_ports
+from cluster.redisconn import connect
+
+START_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 10.0
+FINAL_EVAL_TIMEOUT_S = 60.0
+# Stop order: producers first, so nobody waits on a role that is already gone.
+STOP_ORDER = ("actor", "learner", "evaluator", "cache", "replay", "redis")
+
+
+@dataclass
+class Child:
+    role: str
+    ident: int
+    proc: subprocess.Popen
+    log: Path
+    endpoints: dict[str, str] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "id": self.ident,
+            "pid": self.proc.pid,
+            "endpoints": self.endpoints,
+            "log": str(self.log),
+        }
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return " | ".join(text[-lines:])
+
+
+class Launcher:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.children: list[Child] = []
+        self.t0 = time.monotonic()
+        self.started_at = time.time()
+        self.stop_reason = ""
+
+    # ---- build --------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg = self.cfg
+        redis_server.binary()
+        check_env_id(cfg.env.id)
+        if not cfg.run.name:
+            cfg.run.name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
+        run_dir = Path(cfg.run.dir or Path("runs") / cfg.run.name).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        cfg.run.dir = str(run_dir)
+        host = cfg.cluster.host
+        n_ports = cfg.redis.shards + cfg.replay.shards + 2 * cfg.cache.nodes
+        ports = iter(free_ports(n_ports, host))
+        c = cfg.cluster
+        c.redis = [f"{host}:{next(ports)}" for _ in range(cfg.redis.shards)]
+        c.replay = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.replay.shards)]
+        c.cache_fetch = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.cache.nodes)]
+        c.cache_notify = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.cache.nodes)]
+        password_file = run_dir / "redis.password"
+        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24))
+        c.password_file = str(password_file)
+        self.config_path = run_dir / "config.toml"
+        config_mod.save(cfg, self.config_path)
+        self.run_dir = run_dir
+        self.keys = Keys(cfg.run.name)
+
+    # ---- init ---------------------------------------------------------------------
+    def spawn(self, role: str, ident: int, endpoints: dict[str, str] | None = None) -> Child:
+        log = self.run_dir / "logs" / f"{role}-{ident}.log"
+        cmd = [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            role,
+            "--config",
+            str(self.config_path),
+            "--id",
+            str(ident),
+        ]
+        env = {**os.environ, "CANOPY_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
+        with open(log, "wb") as out:
+            # Own session: a terminal's Ctrl-C reaches only the launcher, which stops
+            # children in order instead of all of them dying at once.
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        child = Child(role, ident, proc, log, endpoints or {})
+        self.children.append(child)
+        return child
+
+    def start(self) -> None:
+        cfg, c = self.cfg, self.cfg.cluster
+        for i, addr in enumerate(c.redis):
+            self.spawn("redis", i, {"redis": addr})
+        self.r = self._wait_redis()
+        for i, e in enumerate(c.replay):
+            self.spawn("replay", i, {"replay": e})
+        for i in range(cfg.cache.nodes):
+            self.spawn("cache", i, {"fetch": c.cache_fetch[i], "notify": c.cache_notify[i]})
+        self.spawn("learner", 0)
+        self.spawn("evaluator", 0)
+        for i in range(cfg.actors.count):
+            self.spawn("actor", i)
+        self._wait_running()
+        self._write_cluster_json()
+
+    def _wait_redis(self) -> redis.Redis:
+        clients = [
+            connect(self.cfg.cluster, "launcher", 0, shard=i) for i in range(len(self.cfg.cluster.redis))
+        ]
+        deadline = time.monotonic() + 15
+        for child, client in zip(self.children, clients, strict=True):
+            while True:
+                self._check_alive()
+                try:
+                    client.ping()
+                    break
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise UserError(
+                            f"redis shard {child.ident} did not answer within 15s: {child.log_tail()}"
+                        ) from None
+                    time.sleep(0.02)
+        return clients[0]
+
+    def _wait_running(self) -> None:
+        pending = [ch for ch in self.children if ch.role != "redis"]
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while pending:
+            self._check_alive()
+            pipe = self.r.pipeline(transaction=False)
+            for ch in pending:
+                pipe.hget(self.keys.proc(ch.role, ch.ident), "state")
+            states = pipe.execute()
+            pending = [ch for ch, s in zip(pending, states, strict=True) if s != b"running"]
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(f"{ch.role} {ch.ident}" for ch in pending)
+                raise UserError(
+                    f"{names} did not start within {START_TIMEOUT_S:.0f}s; see {self.run_dir}/logs"
+                )
+            time.sleep(0.05)
+
+    def _check_alive(self) -> None:
+        for ch in self.children:
+            code = ch.proc.poll()
+            if code is not None:
+                raise UserError(f"{ch.role} {ch.ident} exited with code {code}: {ch.log_tail(3)}")
+
+    def _write_cluster_json(self) -> None:
+        roles: dict[str, list] = {}
+        for ch in self.children:
+            if ch.role != "redis":
+                roles.setdefault(ch.role, []).append(ch.describe())
+        doc = {
+            "run": self.cfg.run.name,
+            "run_dir": str(self.run_dir),
+            "config": str(self.config_path),
+            "redis": [
+                {
+                    "host": a.rpartition(":")[0],
+                    "port": int(a.rpartition(":")[2]),
+                    "pid": ch.proc.pid,
+                }
+                for a, ch in zip(self.cfg.cluster.redis, self._role("redis"), strict=True)
+            ],
+            "redis_user": self.cfg.cluster.redis_user,
+            "password_file": self.cfg.cluster.password_file,
+            "key_prefix": self.keys.prefix,
+            "roles": roles,
+        }
+        _write_json(self.run_dir / "cluster.json", doc)
+
+    def _role(self, role: str) -> list[Child]:
+        return [ch for ch in self.children if ch.role == role]
+
+    # ---- run ----------------------------------------------------------------------
+    def monitor(self, stop_flag: list[bool]) -> None:
+        cfg = self.cfg
+        self.solve: dict[str, Any] | None = None
+        last_event = "0-0"
+        metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
+        interactive = sys.stderr.isatty()
+        last_print = 0.0
+        try:
+            while not stop_flag[0]:
+                self._check_alive()
+                entries = self.r.xread({self.keys.events: last_event}, count=100, block=1000) or []
+                for _, items in entries:
+                    for entry_id, fields in items:
+                        last_event = entry_id
+                        self._on_event({k.decode(): v.decode() for k, v in fields.items()})
+                snap = self.snapshot()
+                metrics.write(json.dumps(snap) + "\n")
+                metrics.flush()
+                line = _progress_line(snap)
+                if interactive:
+                    sys.stderr.write("\r\x1b[2K" + line)
+                    sys.stderr.flush()
+                elif time.monotonic() - last_print > 5:
+                    print(line, file=sys.stderr, flush=True)
+                    last_print = time.monotonic()
+                if self.solve is not None:
+                    self.stop_reason = "solved"
+                    break
+                if cfg.run.time_limit_s and snap["wall_s"] >= cfg.run.time_limit_s:
+                    self.stop_reason = "time_limit"
+                    break
+            else:
+                self.stop_reason = "signal"
+        finally:
+            metrics.close()
+            if interactive:
+                sys.stderr.write("\n")
+
+    def _on_event(self, event: dict[str, str]) -> None:
+        if event.get("kind") != "eval" or self.solve is not None:
+            return
+        mean = float(event["mean_return"])
+        if mean >= self.cfg.run.stop_at_return:
+            snap = self.snapshot()
+            self.solve = {
+                "time_to_solve_s": snap["wall_s"],
+                "env_steps_to_solve": snap["env_steps"],
+                "solve_version": event["version"],
+                "solve_eval_return": mean,
+            }
+
+    def snapshot(self) -> dict[str, Any]:
+        """One row of metrics.jsonl: the run's counters summed from the stats hashes."""
+        pipe = self.r.pipeline(transaction=False)
+        actors = self._role("actor")
+        for ch in actors:
+            pipe.hgetall(self.keys.proc("actor", ch.ident))
+        pipe.hgetall(self.keys.proc("learner", 0))
+        pipe.hgetall(self.keys.proc("evaluator", 0))
+        *actor_stats, learner, evaluator = [_decode(h) for h in pipe.execute()]
+        returns = [
+            float(s["episode_return_mean"]) for s in actor_stats if s.get("episodes_total", "0") != "0"
+        ]
+        learner_version = learner.get("policy_version", "0.0")
+        lags = [_step_lag(learner_version, s.get("policy_version", "0.0")) for s in actor_stats]
+        return {
+            "wall_s": round(time.monotonic() - self.t0, 3),
+            "env_steps": sum(int(s.get("env_steps_total", 0)) for s in actor_stats),
+            "episodes": sum(int(s.get("episodes_total", 0)) for s in actor_stats),
+            "train_return": round(sum(returns) / len(returns), 2) if returns else None,
+            "updates": int(learner.get("updates_total", 0)),
+            "loss": float(learner.get("loss", 0.0)),
+            "version": learner_version,
+            "policy_lag_versions": max(lags) if lags else 0,
+            "eval_return": float(evaluator["eval_return"]) if "eval_return" in evaluator else None,
+            "eval_version": evaluator.get("eval_version"),
+        }
+
+    # ---- report -------------------------------------------------------------------
+    def stop_roles(self, roles: tuple[str, ...]) -> None:
+        for role in roles:
+            group = [ch for ch in self._role(role) if ch.proc.poll() is None]
+            for ch in group:
+                ch.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            for ch in group:
+                try:
+                    ch.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    ch.proc.kill()
+                    ch.proc.wait()
+
+    def final_eval(self) -> dict[str, Any]:
+        """Greedy evaluation of the last published version, by the evaluator process."""
+        latest = self.r.get(self.keys.model_latest)
+        if latest is None:
+            return {}
+        latest = latest.decode()
+        deadline = time.monotonic() + FINAL_EVAL_TIMEOUT_S
+        last_id = "0-0"
+        found: dict[str, str] = {}
+        while time.monotonic() < deadline and not found:
+            for _, items in self.r.xread({self.keys.events: last_id}, count=1000, block=500) or []:
+                for entry_id, fields in items:
+                    last_id = entry_id
+                    event = {k.decode(): v.decode() for k, v in fields.items()}
+                    if event.get("kind") == "eval" and event.get("version") == latest:
+                        found = event
+        if not found:
+            return {"final_eval_version": latest, "final_eval_return": None}
+        return {
+            "final_eval_version": latest,
+            "final_eval_return": float(found["mean_return"]),
+            "final_eval_episodes": int(found["episodes"]),
+        }
+
+    def summary(self, final: dict[str, Any], learner: dict[str, str], last: dict[str, Any]) -> dict[str, Any]:
+        import gymnasium
+        import torch
+
+        solve = self.solve or {}
+        return {
+            "run": self.cfg.run.name,
+            "env_id": self.cfg.env.id,
+            "seed": self.cfg.run.seed,
+            "stop_at_return": self.cfg.run.stop_at_return,
+            "solved": self.solve is not None,
+            "stop_reason": self.stop_reason,
+            "time_to_solve_s": solve.get("time_to_solve_s"),
+            "env_steps_to_solve": solve.get("env_steps_to_solve"),
+            "solve_version": solve.get("solve_version"),
+            "solve_eval_return": solve.get("solve_eval_return"),
+            **{"final_eval_return": None, **final},
+            "versions_published": int(learner.get("versions_published_total", 0)),
+            "updates": int(learner.get("updates_total", 0)),
+            "env_steps": last.get("env_steps"),
+            "wall_s": round(time.monotonic() - self.t0, 3),
+            "started_at": self.started_at,
+            "versions": {
+                "canopy": _canopy_version(),
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "gymnasium": gymnasium.__version__,
+                "redis_server": redis_server.version(),
+            },
+            "machine": machine_facts(),
+        }
+
+    def shutdown(self) -> None:
+        self.stop_roles(STOP_ORDER)
+
+
+def up(cfg: Config) -> dict[str, Any]:
+    """Run a local cluster until solved, out of time, or signalled; returns summary.json's content."""
+    launcher = Launcher(cfg)
+    launcher.prepare()
+    stop_flag = [False]
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_flag[0] = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"canopy: run {cfg.run.name} in {launcher.run_dir}", file=sys.stderr)
+        launcher.start()
+        print(f"canopy: all roles up in {time.monotonic() - launcher.t0:.1f}s", file=sys.stderr)
+        launcher.monitor(stop_flag)
+        last = launcher.snapshot()
+        launcher.stop_roles(("actor", "learner"))
+        final = launcher.final_eval()
+        learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", 0)))
+        summary = launcher.summary(final, learner, last)
+        _write_json(launcher.run_dir / "summary.json", summary)
+        return summary
+    finally:
+        launcher.shutdown()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def machine_facts() -> dict[str, Any]:
+    mem = 0
+    try:
+        with open("/proc/meminfo") as f:
+            mem = int(f.readline().split()[1]) * 1024
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem,
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+    }
+
+
+def _canopy_version() -> str:
+    from cluster import __version__
+
+    return __version__
+
+
+def _progress_line(s: dict[str, Any]) -> str:
+    rate = s["env_steps"] / s["wall_s"] if s["wall_s"] else 0.0
+    upd = s["updates"] / s["wall_s"] if s["wall_s"] else 0.0
+    ret = "-" if s["train_return"] is None else f"{s['train_return']:.1f}"
+    ev = "-" if s["eval_return"] is None else f"{s['eval_return']:.1f}@{s['eval_version']}"
+    return (
+        f"{s['wall_s']:6.1f}s  steps {s['env_steps']:>8} ({rate:,.0f}/s)  episodes {s['episodes']:>6}  "
+        f"return {ret:>6}  eval {ev}  updates {s['updates']:>6} ({upd:,.0f}/s)  "
+        f"version {s['version']}  lag {s['policy_lag_versions']}"
+    )
+
+
+def _step_lag(learner_version: str, actor_version: str) -> int:
+    """Versions between learner and actor, in learner steps (0 across epochs we cannot compare)."""
+    le, _, ls = learner_version.partition(".")
+    ae, _, as_ = actor_version.partition(".")
+    return int(ls) - int(as_) if le == ae and ls.isdigit() and as_.isdigit() else 0
+
+
+def _decode(h: dict) -> dict[str, str]:
+    return {k.decode(): v.decode() for k, v in h.items()}
+
+
+def _write_json(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,94 @@
+"""Per-process monitoring in Redis: a stats hash with a TTL, a liveness deadline, events.
+
+Every role owns one Telemetry. The role's loop updates `counters` (plain dict writes, no
+I/O on the hot path); a daemon thread writes them to `proc:<role>:<id>` every heartbeat
+period with a TTL of three periods and moves the role's deadline in `alive:<role>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+
+from cluster.keys import Keys
+
+EVENTS_MAXLEN = 10_000
+
+
+class Telemetry:
+    """Stats hash + heartbeat + event stream for one process.
+
+    Example:
+        tel = Telemetry(r, keys, "actor", 3, period_s=2.0)
+        tel.start()
+        tel.counters["env_steps_total"] += 8
+        tel.event("publish", version="1.50")
+    """
+
+    def __init__(self, r: redis.Redis, keys: Keys, role: str, ident: int, period_s: float):
+        self.r, self.keys, self.role, self.ident, self.period_s = r, keys, role, ident, period_s
+        self.counters: dict[str, Any] = {}
+        self.state = "starting"
+        self._static = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_at": round(time.time(), 3),
+        }
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
+
+    def start(self) -> None:
+        self.flush()
+        self._thread.start()
+
+    def set_state(self, state: str) -> None:
+        self.state = state
+        self.flush()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Append to the run's event stream; failures are swallowed (monitoring is best effort)."""
+        entry = {"kind": kind, "role": self.role, "id": self.ident, **fields}
+        with contextlib.suppress(redis.RedisError):
+            self.r.xadd(
+                self.keys.events,
+                {k: str(v) for k, v in entry.items()},
+                maxlen=EVENTS_MAXLEN,
+                approximate=True,
+            )
+
+    def flush(self) -> None:
+        ttl = max(1, round(3 * self.period_s))
+        key = self.keys.proc(self.role, self.ident)
+        mapping = {**self._static, "state": self.state, "updated_at": round(time.time(), 3)}
+        mapping.update({k: _scalar(v) for k, v in dict(self.counters).items()})
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(key, mapping=mapping)
+            pipe.expire(key, ttl)
+            pipe.zadd(self.keys.alive(self.role), {str(self.ident): time.time() + ttl})
+            pipe.execute()
+        except redis.RedisError:
+            pass
+
+    def close(self, state: str = "stopped") -> None:
+        self._stop.set()
+        self.state = state
+        self.flush()
+        with contextlib.suppress(redis.RedisError):
+            self.r.zrem(self.keys.alive(self.role), str(self.ident))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.flush()
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 6)
+    return value if isinstance(value, int | str | bytes) else str(value)

@@ -1,0 +1,1 @@
+"""Learner: training loop, algorithms, model publisher."""

@@ -1,0 +1,66 @@
+"""Double DQN with n-step returns and a target network, learning from replay.
+
+Each replay item is already an n-step transition built by actors/adder.py:
+    (s_t, a_t, R = sum_{k<n} g^k r_{t+k}, s_{t+n}, discount = g^n, or 0 if the episode
+    terminated inside the window)
+so the learner never needs to know about episode boundaries or truncation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cluster.config import LearnerConfig
+
+
+@dataclass
+class Batch:
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    next_obs: torch.Tensor
+    discount: torch.Tensor
+
+
+class DQN:
+    """Example:
+    algo = DQN(QNetwork(4, 2, [128, 128]), cfg.learner)
+    stats = algo.update(batch)  # {'loss': ..., 'q_mean': ...}
+    """
+
+    def __init__(self, online: nn.Module, cfg: LearnerConfig):
+        self.cfg = cfg
+        self.online = online
+        self.target = copy.deepcopy(online).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr)
+        self.updates = 0
+
+    def update(self, batch: Batch) -> dict[str, float]:
+        q_all = self.online(batch.obs)
+        q = q_all.gather(1, batch.action.unsqueeze(1)).squeeze(1)
+
+        # The target is a constant: gradients flow only through Q(s_t, a_t).
+        with torch.no_grad():
+            # Double Q: the online net picks the next action, the target net values it,
+            # which removes the max-operator's upward bias of plain DQN.
+            next_action = self.online(batch.next_obs).argmax(dim=1, keepdim=True)
+            next_q = self.target(batch.next_obs).gather(1, next_action).squeeze(1)
+            # discount is g^n, or 0 when the episode terminated (no bootstrap past the end).
+            target = batch.reward + batch.discount * next_q
+
+        # Huber loss keeps rare large TD errors from dominating a step.
+        loss = nn.functional.smooth_l1_loss(q, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+
+        self.updates += 1
+        # Hard copy every period: the regression target moves in steps, not every update.
+        if self.updates % self.cfg.target_update_period == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        return {"loss": loss.item(), "q_mean": q.mean().item()}

@@ -1,0 +1,1 @@
+"""Replay service: shard server, tables, rate limiters and the actor/learner clients."""

@@ -1,0 +1,44 @@
+"""Samples-per-insert rate limiter (Reverb's SampleToInsertRatio), in units of items.
+
+`diff = inserted * spi - sampled` must stay within `offset +- error_buffer`, where
+`offset = spi * min_size`. Inserts wait while diff is above the band (the learner is
+behind), samples wait while it is below (the actors are behind) or the table is smaller
+than `min_size`.
+
+Why it cannot deadlock: with `error_buffer >= batch` and `error_buffer >= chunk * spi`,
+an insert is refused only when diff > max_diff, and then diff - batch >= min_diff, so a
+sample is allowed (the table is past min_size, since diff only exceeds offset after
+min_size items went in); a sample is refused only when diff - batch < min_diff, and
+then diff < max_diff, so an insert is allowed. One side can always move.
+With spi = 0 the limiter only enforces min_size.
+"""
+
+from __future__ import annotations
+
+
+class RateLimiter:
+    def __init__(self, samples_per_insert: float, min_size: int, error_buffer: float):
+        self.spi = samples_per_insert
+        self.min_size = min_size
+        offset = samples_per_insert * min_size
+        self.min_diff = offset - error_buffer
+        self.max_diff = offset + error_buffer
+        self.inserted = 0
+        self.sampled = 0
+
+    @property
+    def diff(self) -> float:
+        return self.inserted * self.spi - self.sampled
+
+    def can_insert(self) -> bool:
+        return self.spi == 0 or self.diff <= self.max_diff
+
+    def can_sample(self, size: int, batch: int) -> bool:
+        if size < self.min_size:
+            return False
+        return self.spi == 0 or self.diff - batch >= self.min_diff
+
+    def state(self) -> str:
+        if self.spi and self.diff > self.max_diff:
+            return "blocking_inserts"
+        return "open"

@@ -1,0 +1,45 @@
+"""`canopy replay --id N`: run replay shard N, bound to `cluster.replay[N]`."""
+
+from __future__ import annotations
+
+import threading
+
+import zmq
+
+from cluster.config import Config
+from cluster.errors import UserError
+from cluster.keys import Keys
+from cluster.redisconn import connect
+from cluster.telemetry import Telemetry
+from replay.server import ReplayServer
+
+
+def run(cfg: Config, ident: int, stop: threading.Event) -> None:
+    endpoint = _endpoint(cfg, ident)
+    r = connect(cfg.cluster, "replay", ident)
+    tel = Telemetry(r, Keys(cfg.run.name), "replay", ident, cfg.run.heartbeat_s)
+    server = ReplayServer(cfg.replay, seed=cfg.run.seed * 1000 + ident)
+    try:
+        server.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise UserError(
+            f"replay shard {ident} cannot bind {endpoint} ({exc.strerror}): "
+            "the port is taken; pick another in cluster.replay"
+        ) from None
+    tel.counters = server.counters  # the stats hash shows the server's live counters
+    tel.start()
+    tel.set_state("running")
+    tel.event("start", endpoint=endpoint)
+    try:
+        server.serve(stop)
+    finally:
+        tel.event("stop")
+        tel.close()
+
+
+def _endpoint(cfg: Config, ident: int) -> str:
+    if ident >= len(cfg.cluster.replay):
+        raise UserError(
+            f"replay shard {ident} has no endpoint: cluster.replay lists {len(cfg.cluster.replay)}"
+        )
+    return cfg.cluster.replay[ident]
