@@ -120,7 +120,8 @@ class CacheNode:
                 )
                 return
             self.fetch_sock.send_multipart([ident, *reply], copy=False)
-        except ProtocolError as exc:
+        except (ProtocolError, ValueError, TypeError, KeyError) as exc:
+            # Input that slipped past the schema checks must not take the node down either.
             self.counters["rejected_total"] += 1
             self.fetch_sock.send_multipart([ident, *wire.error_reply("bad_request", str(exc))])
 

@@ -10,6 +10,7 @@ from cache.node import CacheNode
 from cluster.config import Config
 from cluster.errors import UserError
 from cluster.keys import Keys
+from cluster.ports import bind_endpoint
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 
@@ -22,7 +23,9 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     r = connect(c, "cache", ident)
     node = CacheNode(cfg.cache, r, keys)
     try:
-        node.bind(c.cache_fetch[ident], c.cache_notify[ident])
+        node.bind(
+            bind_endpoint(c.cache_fetch[ident], c.bind_all), bind_endpoint(c.cache_notify[ident], c.bind_all)
+        )
     except zmq.ZMQError as exc:
         raise UserError(
             f"cache node {ident} cannot bind its endpoints ({exc.strerror}): the port is taken; "

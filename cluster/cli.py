@@ -3,6 +3,7 @@
 canopy up [--env ID] [--set k=v ...]          the embedded local cluster
 canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
 canopy bench e2e --env ID --seeds N --json FILE
+canopy checkpoint plan [--config FILE]          where checkpoint chunks go
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def _role_command(args: argparse.Namespace) -> int:
         exec_server(cfg, args.id)
         return 0  # not reached: exec replaced this process
     stop = lifecycle.stop_event()
-    importlib.import_module(ROLES[args.role]).run(cfg, args.id, stop)
+    extra = {"standby": True} if getattr(args, "standby", False) else {}
+    importlib.import_module(ROLES[args.role]).run(cfg, args.id, stop, **extra)
     return 0
 
 
@@ -67,10 +69,44 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _status(args: argparse.Namespace) -> int:
+    from cluster import status
+
+    return status.main(args.run_dir, args.watch)
+
+
+def _health(args: argparse.Namespace) -> int:
+    from cluster import status
+
+    return status.health(args.config, args.role, args.id)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from cluster.plot import plot
+
+    print(plot(args.run_dirs, args.out))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from cluster.bench import e2e
 
     return e2e.main(args)
+
+
+def _checkpoint_plan(args: argparse.Namespace) -> int:
+    from learner.checkpoint.placement import make_plan, shard_hosts_of
+
+    cfg = config_mod.load(args.config, args.set)
+    ck = cfg.checkpoint
+    addresses = cfg.cluster.redis or [f"shard{i}" for i in range(cfg.redis.shards)]
+    try:
+        hosts = shard_hosts_of(ck.shard_hosts, addresses)
+        plan = make_plan(hosts, ck.replicas, ck.learner_host, args.learner, ck.placement)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(plan.describe(args.chunks))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +129,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--id", type=int, default=0)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.set_defaults(func=_role_command, role=role)
+        if role == "learner":
+            p.add_argument(
+                "--standby", action="store_true", help="wait warm until the active learner's lease expires"
+            )
+
+    st = sub.add_parser("status", help="table of every role of a run; exit 1 if one is dead")
+    st.add_argument("run_dir", help="the run directory (holds cluster.json)")
+    st.add_argument("--watch", action="store_true", help="refresh every second")
+    st.set_defaults(func=_status)
+
+    ckpt = sub.add_parser("checkpoint", help="learner checkpoints in replicated Redis shards")
+    ckpt_sub = ckpt.add_subparsers(dest="checkpoint", required=True)
+    plan = ckpt_sub.add_parser("plan", help="print where each checkpoint chunk goes")
+    plan.add_argument("--config", help="TOML config (a run's config.toml lists its shards)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--learner", type=int, default=0, help="learner id")
+    plan.add_argument("--chunks", type=int, default=8, help="chunks to list")
+    plan.set_defaults(func=_checkpoint_plan)
+
+    hl = sub.add_parser("health", help="exit 0 when one role process is alive (for probes)")
+    hl.add_argument("role")
+    hl.add_argument("id", type=int)
+    hl.add_argument("--config", required=True)
+    hl.set_defaults(func=_health)
+
+    pl = sub.add_parser("plot", help="PNG of learning curves and throughput of one or more runs")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("--out", default="canopy-plot.png", help="PNG file to write")
+    pl.set_defaults(func=_plot)
 
     bench = sub.add_parser("bench", help="benchmarks that print JSON with in-run baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)

@@ -95,8 +95,27 @@ class EvalConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    every_s: float = 15.0  # seconds between checkpoints (0: only on demand)
+    replicas: int = 2  # copies of every chunk, each on a shard of a distinct host
+    keep: int = 3  # committed checkpoints kept; older ones are deleted
+    chunk_mb: int = 1  # chunk size, 1-4 MiB (Redis is fastest around 1 MiB values)
+    rate_mb_s: float = 400.0  # writer bandwidth cap so replay sampling is not starved; 0: none
+    placement: str = "auto"  # auto | group | ring (see learner/checkpoint/placement.py)
+    shard_hosts: list[str] = field(default_factory=list)  # host label per Redis shard; empty: one each
+    learner_host: str = ""  # host label of the learner, never the only holder of a chunk
+    lease_ttl_s: float = 1.0  # the active learner's lease; a standby takes over when it expires
+    standby: bool = True  # `canopy up` runs a warm standby learner
+    restart_backoff_s: float = 1.0  # `canopy up` restarts a dead role after this, doubling to 30 s
+
+
+@dataclass
 class ClusterConfig:
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # where `canopy up` puts every role
+    # Bind every listening socket on all interfaces (containers, several hosts): clients keep
+    # connecting to the addresses listed below, which may then be DNS names.
+    bind_all: bool = False
     redis: list[str] = field(default_factory=list)  # "host:port" per Redis shard; shard 0 is root
     redis_user: str = "canopy"
     password_file: str = ""
@@ -115,6 +134,7 @@ class Config:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     actors: ActorConfig = field(default_factory=ActorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -147,8 +167,18 @@ _MINIMUMS: dict[str, float] = {
     "actors.chunk": 1,
     "actors.inflight_chunks": 1,
     "eval.episodes": 1,
+    "checkpoint.every_s": 0,
+    "checkpoint.replicas": 1,
+    "checkpoint.keep": 1,
+    "checkpoint.chunk_mb": 1,
+    "checkpoint.rate_mb_s": 0,
+    "checkpoint.lease_ttl_s": 0.2,
+    "checkpoint.restart_backoff_s": 0,
 }
-_CHOICES: dict[str, tuple[str, ...]] = {"learner.device": ("auto", "cpu", "cuda")}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "learner.device": ("auto", "cpu", "cuda"),
+    "checkpoint.placement": ("auto", "group", "ring"),
+}
 
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -241,7 +271,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     for key in data:
         if key not in names:
             problems.append(
-                f"unknown config key {prefix}{key!r}: known keys here are {', '.join(sorted(names))}"
+                f"unknown config key '{prefix}{key}': known keys here are {', '.join(sorted(names))}"
             )
     kwargs = {}
     for f in dataclasses.fields(cls):

@@ -63,3 +63,21 @@ class Keys:
     def ledger_actors(self) -> str:
         """Hash: actor id -> version it acts with now."""
         return f"{self.prefix}ledger:actors"
+
+    @property
+    def lease(self) -> str:
+        """String `<epoch>:<learner id>` with a TTL: the active learner's lease (fencing token)."""
+        return f"{self.prefix}learner:lease"
+
+    @property
+    def ckpt_index(self) -> str:
+        """Sorted set, on every shard: committed checkpoint ids, score = packed (epoch, step)."""
+        return f"{self.prefix}ckpt:index"
+
+    def ckpt_manifest(self, ckpt: str) -> str:
+        """Hash, on every shard: `doc` (JSON: chunk sizes, xxh3 digests, placement) and its digest."""
+        return f"{self.prefix}ckpt:{ckpt}:manifest"
+
+    def ckpt_chunk(self, ckpt: str, index: int) -> str:
+        """String on each shard the plan names; expires unless its checkpoint commits."""
+        return f"{self.prefix}ckpt:{ckpt}:chunk:{index}"

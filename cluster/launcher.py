@@ -9,6 +9,7 @@ Children die with the launcher even if it crashes (cluster/lifecycle.py).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -46,6 +47,8 @@ class Child:
     proc: subprocess.Popen
     log: Path
     endpoints: dict[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()  # extra command-line flags, kept for a restart
+    standby: bool = False  # a warm standby learner: not waited for, stopped first
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -53,6 +56,7 @@ class Child:
             "pid": self.proc.pid,
             "endpoints": self.endpoints,
             "log": str(self.log),
+            **({"standby": True} if self.standby else {}),
         }
 
     def log_tail(self, lines: int = 5) -> str:
@@ -70,6 +74,9 @@ class Launcher:
         self.t0 = time.monotonic()
         self.started_at = time.time()
         self.stop_reason = ""
+        # (role, id) -> (restart time, next backoff): roles that died and come back.
+        self.restarts: dict[tuple[str, int], tuple[float, float]] = {}
+        self.restarts_total = 0
 
     # ---- build --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -101,7 +108,9 @@ class Launcher:
         self.keys = Keys(cfg.run.name)
 
     # ---- init ---------------------------------------------------------------------
-    def spawn(self, role: str, ident: int, endpoints: dict[str, str] | None = None) -> Child:
+    def spawn(
+        self, role: str, ident: int, endpoints: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> Child:
         log = self.run_dir / "logs" / f"{role}-{ident}.log"
         cmd = [
             sys.executable,
@@ -112,15 +121,16 @@ class Launcher:
             str(self.config_path),
             "--id",
             str(ident),
+            *args,
         ]
         env = {**os.environ, "CANOPY_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:  # append: a restarted role keeps its predecessor's log
             # Own session: a terminal's Ctrl-C reaches only the launcher, which stops
             # children in order instead of all of them dying at once.
             proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
             )
-        child = Child(role, ident, proc, log, endpoints or {})
+        child = Child(role, ident, proc, log, endpoints or {}, args, "--standby" in args)
         self.children.append(child)
         return child
 
@@ -134,6 +144,9 @@ class Launcher:
         for i in range(cfg.cache.nodes):
             self.spawn("cache", i, {"fetch": c.cache_fetch[i], "notify": c.cache_notify[i]})
         self.spawn("learner", 0)
+        if cfg.checkpoint.standby:
+            # Warm standby: torch imported and model built, waiting on the learner lease.
+            self.spawn("learner", 1, args=("--standby",))
         self.spawn("evaluator", 0)
         for i in range(cfg.actors.count):
             self.spawn("actor", i)
@@ -160,7 +173,7 @@ class Launcher:
         return clients[0]
 
     def _wait_running(self) -> None:
-        pending = [ch for ch in self.children if ch.role != "redis"]
+        pending = [ch for ch in self.children if ch.role != "redis" and not ch.standby]
         deadline = time.monotonic() + START_TIMEOUT_S
         while pending:
             self._check_alive()
@@ -181,6 +194,57 @@ class Launcher:
             code = ch.proc.poll()
             if code is not None:
                 raise UserError(f"{ch.role} {ch.ident} exited with code {code}: {ch.log_tail(3)}")
+
+    def _heal(self) -> None:
+        """Restart any role that died, after a backoff that doubles per role (capped at 30 s).
+
+        A restarted learner comes back as a standby: the lease decides who trains.
+        """
+        now = time.monotonic()
+        for ch in list(self.children):
+            code = ch.proc.poll()
+            if code is None:
+                continue
+            key = (ch.role, ch.ident)
+            if key not in self.restarts:
+                backoff = self.cfg.checkpoint.restart_backoff_s
+                self.restarts[key] = (now + backoff, min(30.0, max(2 * backoff, 0.5)))
+                self._launcher_event(
+                    "role_died", role=ch.role, ident=ch.ident, code=code, restart_in_s=backoff
+                )
+                continue
+            due, backoff = self.restarts[key]
+            if now < due:
+                continue
+            self.children.remove(ch)
+            args = ("--standby",) if ch.role == "learner" else ch.args
+            self.spawn(ch.role, ch.ident, ch.endpoints, args)
+            self.restarts_total += 1
+            self._launcher_event("restart", role=ch.role, ident=ch.ident, next_backoff_s=backoff)
+            # Keep the longer backoff for a while: a role that keeps dying restarts ever slower.
+            self.restarts[key] = (now + backoff, min(30.0, 2 * backoff))
+        for key, (due, _) in list(self.restarts.items()):
+            alive = [ch for ch in self._role(key[0]) if ch.ident == key[1] and ch.proc.poll() is None]
+            if alive and now > due + 60:
+                del self.restarts[key]
+
+    def _launcher_event(self, kind: str, **fields: Any) -> None:
+        entry = {"kind": kind, "role": "launcher", "id": 0, **fields}
+        print(f"canopy: {kind} " + " ".join(f"{k}={v}" for k, v in fields.items()), file=sys.stderr)
+        with contextlib.suppress(redis.RedisError):  # the root shard itself may be the role that died
+            self.r.xadd(
+                self.keys.events, {k: str(v) for k, v in entry.items()}, maxlen=10_000, approximate=True
+            )
+
+    def active_learner(self) -> int:
+        """The id of the learner holding the lease (0 when none does)."""
+        try:
+            value = self.r.get(self.keys.lease)
+        except redis.RedisError:
+            return 0
+        if value is None:
+            return 0
+        return int(value.decode().partition(":")[2] or 0)
 
     def _write_cluster_json(self) -> None:
         roles: dict[str, list] = {}
@@ -216,15 +280,22 @@ class Launcher:
         last_event = "0-0"
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
         interactive = sys.stderr.isatty()
-        last_print = 0.0
+        last_print = last_row = 0.0
         try:
             while not stop_flag[0]:
-                self._check_alive()
-                entries = self.r.xread({self.keys.events: last_event}, count=100, block=1000) or []
+                self._heal()
+                try:
+                    entries = self.r.xread({self.keys.events: last_event}, count=100, block=1000) or []
+                except redis.ConnectionError:
+                    time.sleep(0.5)  # the root shard died; _heal restarts it
+                    continue
                 for _, items in entries:
                     for entry_id, fields in items:
                         last_event = entry_id
                         self._on_event({k.decode(): v.decode() for k, v in fields.items()})
+                if self.solve is None and time.monotonic() - last_row < 1.0:
+                    continue  # events can arrive many times a second; one metrics row per second
+                last_row = time.monotonic()
                 snap = self.snapshot()
                 metrics.write(json.dumps(snap) + "\n")
                 metrics.flush()
@@ -267,7 +338,7 @@ class Launcher:
         actors = self._role("actor")
         for ch in actors:
             pipe.hgetall(self.keys.proc("actor", ch.ident))
-        pipe.hgetall(self.keys.proc("learner", 0))
+        pipe.hgetall(self.keys.proc("learner", self.active_learner()))
         pipe.hgetall(self.keys.proc("evaluator", 0))
         *actor_stats, learner, evaluator = [_decode(h) for h in pipe.execute()]
         returns = [
@@ -291,7 +362,10 @@ class Launcher:
     # ---- report -------------------------------------------------------------------
     def stop_roles(self, roles: tuple[str, ...]) -> None:
         for role in roles:
-            group = [ch for ch in self._role(role) if ch.proc.poll() is None]
+            # Standbys first, so none takes over from an active learner being stopped.
+            group = sorted(
+                (ch for ch in self._role(role) if ch.proc.poll() is None), key=lambda ch: not ch.standby
+            )
             for ch in group:
                 ch.proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + STOP_TIMEOUT_S
@@ -380,7 +454,7 @@ def up(cfg: Config) -> dict[str, Any]:
         last = launcher.snapshot()
         launcher.stop_roles(("actor", "learner"))
         final = launcher.final_eval()
-        learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", 0)))
+        learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", launcher.active_learner())))
         summary = launcher.summary(final, learner, last)
         _write_json(launcher.run_dir / "summary.json", summary)
         return summary
@@ -427,7 +501,9 @@ def _step_lag(learner_version: str, actor_version: str) -> int:
     """Versions between learner and actor, in learner steps (0 across epochs we cannot compare)."""
     le, _, ls = learner_version.partition(".")
     ae, _, as_ = actor_version.partition(".")
-    return int(ls) - int(as_) if le == ae and ls.isdigit() and as_.isdigit() else 0
+    if le != ae or not (ls.isdigit() and as_.isdigit()):
+        return 0
+    return max(0, int(ls) - int(as_))  # the two hashes refresh at different moments
 
 
 def _decode(h: dict) -> dict[str, str]:

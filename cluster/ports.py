@@ -17,3 +17,10 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def bind_endpoint(endpoint: str, bind_all: bool) -> str:
+    """The address to bind for a listed ZeroMQ endpoint: itself, or every interface."""
+    if not bind_all:
+        return endpoint
+    return f"tcp://*:{endpoint.rpartition(':')[2]}"

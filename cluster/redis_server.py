@@ -43,7 +43,7 @@ def write_conf(cfg: Config, ident: int) -> Path:
     conf = workdir / "redis.conf"
     lines = [
         f"port {port}",
-        f"bind {host}",
+        f"bind {'* -::*' if cfg.cluster.bind_all else host}",
         "protected-mode yes",
         'save ""',
         "appendonly no",

@@ -6,9 +6,12 @@ A version travels as the string `"<epoch>.<step>"` in Redis keys and as one int6
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from cluster.errors import ProtocolError
+
+_VERSION_RE = re.compile(r"(\d{1,10})\.(\d{1,10})", re.ASCII)
 
 
 @dataclass(frozen=True, order=True)
@@ -31,10 +34,10 @@ class Version:
         """Parse `"<epoch>.<step>"`, raising ProtocolError on anything else."""
         if isinstance(text, bytes):
             text = text.decode("ascii", "replace")
-        epoch, sep, step = text.partition(".")
-        if not sep or not epoch.isdigit() or not step.isdigit() or len(text) > 32:
+        match = _VERSION_RE.fullmatch(text)
+        if match is None or int(match[1]) >= 2**31 or int(match[2]) >= 2**32:
             raise ProtocolError(f"bad version id {text[:40]!r}: expected '<epoch>.<step>'")
-        return cls(int(epoch), int(step))
+        return cls(int(match[1]), int(match[2]))
 
 
 NO_VERSION = Version(0, 0)

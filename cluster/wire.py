@@ -8,6 +8,7 @@ and raises ProtocolError on anything unexpected. No pickle anywhere.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,8 @@ class Message:
 def encode(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list:
     """Frames for `send_multipart`: the msgpack header, then each array's raw bytes."""
     arrays = arrays or {}
-    contiguous = [np.ascontiguousarray(a) for a in arrays.values()]
+    # np.ascontiguousarray would turn a 0-d array into shape (1,); copy only when needed.
+    contiguous = [a if a.flags.c_contiguous else a.copy(order="C") for a in map(np.asarray, arrays.values())]
     head = dict(header)
     head["arrays"] = [[name, a.dtype.str, list(a.shape)] for name, a in zip(arrays, contiguous, strict=True)]
     return [msgpack.packb(head), *contiguous]
@@ -72,7 +74,7 @@ def decode(frames: Sequence[zmq.Frame | bytes], max_frame_bytes: int) -> Message
         buf = _buffer(frame)
         if len(buf) > max_frame_bytes:
             raise ProtocolError(f"array {name!r} of {len(buf)} bytes exceeds {max_frame_bytes}")
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        expected = math.prod(shape) * dtype.itemsize  # Python ints: no silent overflow
         if len(buf) != expected:
             raise ProtocolError(
                 f"array {name!r} has {len(buf)} bytes, expected {expected} for {dtype} {shape}"
@@ -83,7 +85,8 @@ def decode(frames: Sequence[zmq.Frame | bytes], max_frame_bytes: int) -> Message
 
 def _buffer(frame: Any) -> memoryview:
     """A flat byte view of a received zmq.Frame, bytes, or any buffer (as `encode` returns)."""
-    return (frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)).cast("B")
+    view = frame.buffer if isinstance(frame, zmq.Frame) else memoryview(frame)
+    return view.cast("B") if view.nbytes else memoryview(b"")  # cast() refuses zero-size shapes
 
 
 def _check_spec(spec: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
@@ -92,7 +95,7 @@ def _check_spec(spec: Any) -> tuple[str, np.dtype, tuple[int, ...]]:
     name, dtype, shape = spec
     if not isinstance(name, str) or len(name) > 64:
         raise ProtocolError("array name must be a short string")
-    if dtype not in ALLOWED_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
         raise ProtocolError(f"array {name!r}: dtype {dtype!r} is not allowed")
     if (
         not isinstance(shape, list)

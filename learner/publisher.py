@@ -1,7 +1,10 @@
 """Publishes policy versions to the Redis root and retires old ones.
 
 Version ids are (epoch, step): the epoch is taken once per learner start from the Redis
-counter `learner:epoch`, so ids never repeat after a restart.
+counter `learner:epoch` (through the lease, learner/checkpoint/lease.py, when the learner
+holds one), so ids never repeat after a restart. With a lease, the step that makes a
+version visible (move `model:latest`, notify, ledger entry) is one Lua script that first
+checks the lease still carries this learner's token: a fenced learner cannot publish.
 """
 
 from __future__ import annotations
@@ -14,24 +17,67 @@ import redis
 from cache import blob
 from cluster.keys import Keys
 from cluster.version import Version
+from learner.checkpoint.lease import Fenced, Lease
+
+# KEYS: lease, latest, ledger entry; ARGV: token, version, notify channel, then ledger pairs.
+FENCED_PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[3], unpack(ARGV, 4))
+redis.call('SET', KEYS[2], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
+"""
 
 
 class Publisher:
     """Example:
-    pub = Publisher(r, keys, learner_id=0, keep=8)
-    version = pub.publish(net.export(), step=100, arch="mlp")
+    pub = Publisher(r, keys, learner_id=0, keep=8, lease=lease)
+    version = pub.publish(net.export(), step=100, arch="mlp", checkpoint="7.100")
     """
 
-    def __init__(self, r: redis.Redis, keys: Keys, learner_id: int, keep: int):
-        self.r, self.keys, self.learner_id, self.keep = r, keys, learner_id, keep
-        self.epoch = int(r.incr(keys.epoch))
+    def __init__(self, r: redis.Redis, keys: Keys, learner_id: int, keep: int, lease: Lease | None = None):
+        self.r, self.keys, self.learner_id, self.keep, self.lease = r, keys, learner_id, keep, lease
+        self.epoch = lease.epoch if lease is not None else int(r.incr(keys.epoch))
         self.published: deque[blob.Manifest] = deque()
+        self._fenced = r.register_script(FENCED_PUBLISH)
 
-    def publish(self, state: dict[str, np.ndarray], step: int, arch: str) -> Version:
+    def publish(self, state: dict[str, np.ndarray], step: int, arch: str, checkpoint: str = "") -> Version:
+        """Write a version and make it the latest; raises Fenced if the lease is no longer ours."""
         version = Version(self.epoch, step)
         manifest, chunks = blob.pack(state, version, arch, self.learner_id)
-        blob.write(self.r, self.keys, manifest, chunks)
+        if self.lease is None:
+            blob.write(self.r, self.keys, manifest, chunks)
+        else:
+            self._publish_fenced(manifest, chunks, checkpoint)
         self.published.append(manifest)
         while len(self.published) > self.keep:
             blob.delete(self.r, self.keys, self.published.popleft())
         return version
+
+    def _publish_fenced(self, manifest: blob.Manifest, chunks: list[bytes], checkpoint: str) -> None:
+        assert self.lease is not None
+        v = manifest.version
+        pipe = self.r.pipeline(transaction=False)
+        for i, chunk in enumerate(chunks):
+            pipe.set(self.keys.model_chunk(v, i), chunk)
+        pipe.hset(self.keys.model_manifest(v), mapping=manifest.to_fields())
+        pipe.execute()  # invisible until `model:latest` moves, so safe to write unfenced
+        ledger = {
+            "learner": self.learner_id,
+            "epoch": v.epoch,
+            "step": v.step,
+            "digest": manifest.digest,
+            "published_at": f"{manifest.published_at:.6f}",
+            "checkpoint": checkpoint or "-",  # the checkpoint this learner's state descends from
+        }
+        args = [self.lease.token, str(v), self.keys.model_notify]
+        for k, val in ledger.items():
+            args += [k, str(val)]
+        keys = [self.keys.lease, self.keys.model_latest, self.keys.ledger_version(v)]
+        ok = self._fenced(keys=keys, args=args)
+        if not ok:
+            blob.delete(self.r, self.keys, manifest)
+            self.lease.lost.set()
+            raise Fenced(
+                f"learner {self.learner_id} epoch {self.epoch} lost its lease: version {v} not published"
+            )

@@ -1,7 +1,11 @@
-"""`canopy learner --id N`: sample from replay, train, publish versions.
+"""`canopy learner --id N [--standby]`: sample from replay, train, publish, checkpoint.
 
-build (env spaces, network, algorithm, replay client, publisher) -> run (next batch,
-update, publish every `publish_every` updates) -> report (stats hash, events).
+build (env spaces, network, algorithm, Redis shard clients: everything a warm standby
+keeps ready) -> lease (wait until no other learner holds it; take a new epoch) ->
+restore (newest checkpoint with every chunk valid on some shard) -> run (next batch,
+update, publish every `publish_every` updates, capture a checkpoint every
+`checkpoint.every_s` for the background writer) -> report (stats hash, events).
+A learner that loses its lease stops: it can neither publish nor commit (fencing).
 """
 
 from __future__ import annotations
@@ -13,11 +17,17 @@ import numpy as np
 import torch
 
 from actors.envs import spaces
-from cluster.config import Config
+from cluster.config import Config, to_dict
+from cluster.errors import DeadlineExceeded
 from cluster.keys import Keys
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 from learner.algorithms.dqn import DQN, Batch
+from learner.checkpoint.lease import Fenced, Lease
+from learner.checkpoint.placement import make_plan, shard_hosts_of
+from learner.checkpoint.state import Capturer, restore
+from learner.checkpoint.store import CheckpointStore
+from learner.checkpoint.writer import Writer
 from learner.network import ARCH, QNetwork
 from learner.publisher import Publisher
 from replay.client import SampleClient
@@ -31,13 +41,25 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def run(cfg: Config, ident: int, stop: threading.Event) -> None:
-    lc = cfg.learner
+def make_store(cfg: Config, ident: int) -> CheckpointStore:
+    """The checkpoint store over every Redis shard, with this learner's placement plan."""
+    ck = cfg.checkpoint
+    clients = [connect(cfg.cluster, "learner", ident, shard=i) for i in range(len(cfg.cluster.redis))]
+    hosts = shard_hosts_of(ck.shard_hosts, cfg.cluster.redis)
+    plan = make_plan(hosts, ck.replicas, ck.learner_host, ident, ck.placement)
+    return CheckpointStore(
+        clients, Keys(cfg.run.name), plan, ck.chunk_mb << 20, ck.keep, ck.rate_mb_s * 2**20
+    )
+
+
+def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -> None:
+    lc, ck = cfg.learner, cfg.checkpoint
     keys = Keys(cfg.run.name)
     r = connect(cfg.cluster, "learner", ident)
     tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s)
     tel.start()
 
+    # Build everything before asking for the lease: a standby waits here warm.
     torch.manual_seed(cfg.run.seed)
     device = pick_device(lc.device)
     if device.type == "cpu":
@@ -45,26 +67,68 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     obs_size, n_actions = spaces(cfg.env.id)
     net = QNetwork(obs_size, n_actions, lc.hidden).to(device)
     algo = DQN(net, lc)
-    publisher = Publisher(r, keys, ident, lc.keep_versions)
+    store = make_store(cfg, ident)
+    lease = Lease(r, keys, ident, ck.lease_ttl_s)
+    if standby or lease.holder() is not None:
+        tel.set_state("standby")
+    try:
+        if standby:
+            # A standby only takes over: it leaves a fresh run's first lease to the primary.
+            while not r.exists(keys.epoch) and not stop.wait(0.05):
+                pass
+        lease.acquire(timeout=None, stop=stop)
+    except DeadlineExceeded:
+        tel.close()
+        return
+    t_lease = time.monotonic()
+    if standby:
+        tel.event("failover", epoch=lease.epoch)
+    lease.start_renewing(on_lost=stop.set)
+
+    parent = "-"
+    counters: dict = {}
+    if ck.enabled:
+        loaded = store.recover()
+        if loaded is not None:
+            counters = restore(algo, loaded.snapshot)
+            parent = loaded.ckpt
+            tel.event(
+                "restore",
+                ckpt=loaded.ckpt,
+                epoch=lease.epoch,
+                seconds=round(time.monotonic() - t_lease, 3),
+                bad_replicas=len(loaded.bad_replicas),
+                skipped=len(loaded.skipped),
+                detail="; ".join((loaded.skipped + loaded.bad_replicas)[:5])[:500],
+            )
+    publisher = Publisher(r, keys, ident, lc.keep_versions, lease=lease)
+    writer = Writer(store, ident, tel.event, on_fenced=stop.set)
+    capturer = Capturer(pin=device.type == "cuda")
     sampler = SampleClient(
         cfg.cluster.replay, lc.batch_size, lc.samples_in_flight, cfg.replay.max_frame_mb * 2**20
     )
-
-    version = publisher.publish(net.export(), step=0, arch=ARCH)  # actors act with it at once
     c = tel.counters
     c.update(
-        updates_total=0,
-        versions_published_total=1,
-        policy_version=str(version),
-        epoch=publisher.epoch,
+        updates_total=algo.updates,
+        versions_published_total=int(counters.get("versions_published_total", 0)),
+        epoch=lease.epoch,
         loss=0.0,
         q_mean=0.0,
         sample_wait_seconds_total=0.0,
         policy_lag_mean=0.0,
+        checkpoints_total=0,
+        checkpoint_stall_ms_last=0.0,
+        checkpoint=parent,
     )
-    tel.set_state("running")
-    tel.event("start", epoch=publisher.epoch, device=str(device))
+    version = None
     try:
+        version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=parent)
+        c["versions_published_total"] += 1
+        c["policy_version"] = str(version)
+        tel.set_state("running")
+        tel.event("start", epoch=lease.epoch, device=str(device), version=str(version), checkpoint=parent)
+        next_ckpt = time.monotonic() + ck.every_s
+        deferred = False
         while not stop.is_set():
             t0 = time.monotonic()
             arrays = sampler.next(timeout=SAMPLE_TIMEOUT_S)
@@ -77,13 +141,47 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
                 data_steps = arrays["version"] & 0xFFFFFFFF
                 c["policy_lag_mean"] = float(version.step - data_steps.mean())
             if algo.updates % lc.publish_every == 0:
-                version = publisher.publish(net.export(), step=algo.updates, arch=ARCH)
+                lineage = writer.last_committed or parent
+                version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=lineage)
                 c["versions_published_total"] += 1
                 c["policy_version"] = str(version)
+            if ck.enabled and ck.every_s > 0 and time.monotonic() >= next_ckpt:
+                if writer.busy():
+                    # Do not queue behind a slow write: keep it due and take the newest
+                    # state once the writer is free (every due checkpoint coalesces into one).
+                    if not deferred:
+                        tel.event("checkpoint_deferred", reason="previous checkpoint still writing")
+                        deferred = True
+                    continue
+                t1 = time.monotonic()
+                snap = capturer.capture(algo, _state_counters(lease.epoch, c, sampler), to_dict(cfg))
+                stall_ms = (time.monotonic() - t1) * 1000
+                writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
+                c["checkpoint_stall_ms_last"] = stall_ms
+                c["checkpoints_total"] = writer.commits
+                next_ckpt = time.monotonic() + ck.every_s
+                deferred = False
+    except Fenced as exc:
+        tel.event("fence", what="publish", message=str(exc))
     finally:
+        if lease.lost.is_set():
+            tel.event("fence", what="lease", epoch=lease.epoch)
+        else:
+            writer.close(timeout=10.0)
+        lease.stop()
         sampler.close()
         tel.event("stop", updates=algo.updates, version=str(version))
-        tel.close()
+        tel.close("fenced" if lease.lost.is_set() else "stopped")
+
+
+def _state_counters(epoch: int, c: dict, sampler: SampleClient) -> dict:
+    """Counters a restored learner continues from (the replay rate limiter lives in the shard)."""
+    return {
+        "epoch": epoch,
+        "versions_published_total": c["versions_published_total"],
+        "replay_not_ready_total": sampler.not_ready_total,
+        "sample_wait_seconds_total": c["sample_wait_seconds_total"],
+    }
 
 
 def _to_batch(arrays: dict[str, np.ndarray], device: torch.device) -> Batch:

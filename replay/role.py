@@ -9,6 +9,7 @@ import zmq
 from cluster.config import Config
 from cluster.errors import UserError
 from cluster.keys import Keys
+from cluster.ports import bind_endpoint
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 from replay.server import ReplayServer
@@ -20,7 +21,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel = Telemetry(r, Keys(cfg.run.name), "replay", ident, cfg.run.heartbeat_s)
     server = ReplayServer(cfg.replay, seed=cfg.run.seed * 1000 + ident)
     try:
-        server.bind(endpoint)
+        server.bind(bind_endpoint(endpoint, cfg.cluster.bind_all))
     except zmq.ZMQError as exc:
         raise UserError(
             f"replay shard {ident} cannot bind {endpoint} ({exc.strerror}): "

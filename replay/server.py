@@ -107,11 +107,18 @@ class ReplayServer:
             else:
                 raise ProtocolError(f"unknown op {op!r}")
         except ProtocolError as exc:
-            self.counters["rejected_total"] += 1
-            req = wire.peek_req(frames[1]) if len(frames) > 1 else None
-            self.sock.send_multipart([ident, *wire.error_reply("bad_request", str(exc), req=req)])
+            self._reject(ident, frames, str(exc))
+        except (ValueError, TypeError, KeyError) as exc:
+            # Input that slipped past the schema checks must not take the shard down.
+            self._reject(ident, frames, f"malformed request ({type(exc).__name__})")
+
+    def _reject(self, ident: bytes, frames: list[zmq.Frame], reason: str) -> None:
+        self.counters["rejected_total"] += 1
+        req = wire.peek_req(frames[1]) if len(frames) > 1 else None
+        self.sock.send_multipart([ident, *wire.error_reply("bad_request", reason, req=req)])
 
     def _insert_or_park(self, ident: bytes, msg: wire.Message) -> None:
+        self.table.check(msg.arrays)  # reject a bad chunk now, not after it waited in the queue
         if not self.parked_inserts and self.limiter.can_insert():
             self._insert(ident, msg)
         elif len(self.parked_inserts) + len(self.parked_samples) < self.cfg.max_pending:
@@ -155,7 +162,11 @@ class ReplayServer:
                 progress = True
             if self.parked_inserts and self.limiter.can_insert():
                 p = self.parked_inserts.popleft()
-                self._insert(p.ident, p.msg)
+                try:  # the table may have taken another signature while this chunk waited
+                    self._insert(p.ident, p.msg)
+                except ProtocolError as exc:
+                    self.counters["rejected_total"] += 1
+                    self._reply(p.ident, p.msg, _error("bad_request", str(exc)))
                 progress = True
         now = time.monotonic()
         while self.parked_samples and self.parked_samples[0].deadline < now:

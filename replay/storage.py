@@ -36,7 +36,7 @@ class Table:
 
     def insert(self, arrays: dict[str, np.ndarray]) -> int:
         """Append a chunk (every array has the same leading length); returns the chunk length."""
-        n = self._check(arrays)
+        n = self.check(arrays)
         if not self.columns:
             self.columns = {
                 k: np.zeros((self.capacity, *a.shape[1:]), dtype=a.dtype) for k, a in arrays.items()
@@ -57,7 +57,8 @@ class Table:
         slots = rng.integers(0, self.size, size=batch)
         return {k: c[slots] for k, c in self.columns.items()}, slots
 
-    def _check(self, arrays: dict[str, np.ndarray]) -> int:
+    def check(self, arrays: dict[str, np.ndarray]) -> int:
+        """The chunk length, or ProtocolError when the chunk does not fit this table."""
         if not arrays:
             raise ProtocolError("insert carries no arrays")
         lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}

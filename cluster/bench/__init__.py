@@ -1,0 +1,1 @@
+"""Benchmarks behind `canopy bench <name>`: each writes one JSON object with `checks`."""

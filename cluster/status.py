@@ -1,0 +1,116 @@
+"""`canopy status RUN_DIR`: one table of every role, read from the same Redis keys redis-cli sees.
+
+Exits 1 when a role listed in cluster.json has no live stats hash or is past its deadline in
+`alive:<role>`, so the command doubles as a health check.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from cluster import config as config_mod
+from cluster.errors import UserError
+from cluster.keys import Keys
+from cluster.redisconn import connect
+
+COLUMNS = (
+    ("state", "state"),
+    ("env steps", "env_steps_total"),
+    ("updates", "updates_total"),
+    ("version", "policy_version"),
+    ("return", "episode_return_mean"),
+    ("eval", "eval_return"),
+    ("items", "items"),
+    ("rejected", "rejected_total"),
+)
+
+
+def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """Rows (one per role process in cluster.json) and whether every one is alive."""
+    run_dir = Path(run_dir)
+    try:
+        cluster = json.loads((run_dir / "cluster.json").read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{run_dir}/cluster.json not found: pass the run directory canopy up printed"
+        ) from None
+    cfg = config_mod.load(cluster["config"])
+    keys = Keys(cluster["run"])
+    r = connect(cfg.cluster, "status", 0)
+    procs = [(role, entry["id"]) for role, entries in cluster["roles"].items() for entry in entries]
+    pipe = r.pipeline(transaction=False)
+    for role, ident in procs:
+        pipe.hgetall(keys.proc(role, ident))
+        pipe.zscore(keys.alive(role), str(ident))
+    try:
+        replies = pipe.execute()
+    except redis.RedisError as exc:
+        raise UserError(
+            f"cannot read the run's Redis root {cfg.cluster.redis[0]} ({exc}): is the run up?"
+        ) from None
+    now = time.time()
+    rows, healthy = [], True
+    for (role, ident), stats, deadline in zip(procs, replies[::2], replies[1::2], strict=True):
+        fields = {k.decode(): v.decode() for k, v in stats.items()}
+        alive = bool(fields) and deadline is not None and deadline >= now
+        healthy &= alive
+        beat = now - float(fields["updated_at"]) if "updated_at" in fields else None
+        rows.append({"role": role, "id": ident, "alive": alive, "heartbeat_age_s": beat, **fields})
+    return rows, healthy
+
+
+def render(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="canopy status")
+    for name in ("role", "id", "alive", "beat", *(c for c, _ in COLUMNS)):
+        table.add_column(name)
+    for row in rows:
+        beat = "-" if row["heartbeat_age_s"] is None else f"{row['heartbeat_age_s']:.1f}s"
+        alive = "[green]yes[/]" if row["alive"] else "[red]DEAD[/]"
+        table.add_row(row["role"], str(row["id"]), alive, beat, *(row.get(k, "") for _, k in COLUMNS))
+    return table
+
+
+def main(run_dir: str, watch: bool) -> int:
+    # Piped output (probes, logs) gets a wide table instead of rich's 80-column default.
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    rows, healthy = read(run_dir)
+    if not watch:
+        console.print(render(rows))
+        return 0 if healthy else 1
+    with Live(render(rows), console=console, refresh_per_second=1) as live:
+        try:
+            while True:
+                time.sleep(1)
+                rows, healthy = read(run_dir)
+                live.update(render(rows))
+        except KeyboardInterrupt:
+            pass
+    return 0 if healthy else 1
+
+
+def health(config_file: str, role: str, ident: int) -> int:
+    """Exit code for liveness probes: 0 when `role ident` has a fresh heartbeat and is running."""
+    cfg = config_mod.load(config_file)
+    keys = Keys(cfg.run.name)
+    r = connect(cfg.cluster, "health", 0)
+    try:
+        state = r.hget(keys.proc(role, ident), "state")
+        deadline = r.zscore(keys.alive(role), str(ident))
+    except redis.RedisError as exc:
+        print(f"{role} {ident}: unhealthy (Redis root unreachable: {exc})")
+        return 1
+    if state != b"running" or deadline is None or deadline < time.time():
+        shown = state.decode() if state else "no stats hash"
+        print(f"{role} {ident}: unhealthy ({shown})")
+        return 1
+    print(f"{role} {ident}: healthy")
+    return 0

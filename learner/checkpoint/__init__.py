@@ -1,0 +1,1 @@
+"""Learner checkpoints in replicated Redis shards (see learner/checkpoint/store.py)."""

@@ -1,0 +1,128 @@
+"""The active learner's lease in Redis, and fencing by epoch.
+
+Data flow: learner start -> `Lease.acquire` (waits while another learner holds it; a warm
+standby sits here) -> a new epoch from `learner:epoch`, stored in the lease value
+`<epoch>:<learner>` with a TTL -> a renewal thread keeps it alive -> every publish and
+checkpoint commit runs a Lua script that first compares the lease value with this
+learner's token (`FENCED_*` below), so the check and the write are one atomic step in
+Redis. A learner that lost its lease (paused, partitioned, restarted after a kill) finds
+another token there and can neither publish nor commit, even if it comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from cluster.errors import CanopyError, DeadlineExceeded
+from cluster.keys import Keys
+
+# KEYS[1] lease, KEYS[2] epoch counter; ARGV[1] learner id, ARGV[2] ttl ms.
+ACQUIRE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+local epoch = redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], epoch .. ':' .. ARGV[1], 'PX', ARGV[2])
+return epoch
+"""
+# KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+class Fenced(CanopyError):
+    """This learner's lease is gone: another learner (a newer epoch) is in charge."""
+
+
+class Lease:
+    """Example:
+    lease = Lease(r, keys, learner=0, ttl_s=1.0)
+    epoch = lease.acquire(timeout=None, stop=stop)  # blocks while another learner is active
+    lease.start_renewing(on_lost=stop.set)
+    lease.token  # '7:0', what fenced scripts compare
+    """
+
+    def __init__(self, r: redis.Redis, keys: Keys, learner: int, ttl_s: float):
+        self.r, self.keys, self.learner, self.ttl_s = r, keys, learner, ttl_s
+        self.epoch = 0
+        self.token = ""
+        self.lost = threading.Event()
+        self._acquire = r.register_script(ACQUIRE)
+        self._renew = r.register_script(RENEW)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def try_acquire(self) -> bool:
+        epoch = int(self._acquire(keys=[self.keys.lease, self.keys.epoch], args=[self.learner, self._ttl_ms]))
+        if epoch:
+            self.epoch, self.token = epoch, f"{epoch}:{self.learner}"
+            self.lost.clear()
+        return bool(epoch)
+
+    def acquire(
+        self, timeout: float | None, stop: threading.Event | None = None, poll_s: float = 0.05
+    ) -> int:
+        """Wait until the lease is free and take it with a new epoch; returns the epoch.
+
+        Raises DeadlineExceeded after `timeout` seconds (None: wait until `stop` is set,
+        then raise too).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if self.try_acquire():
+                    return self.epoch
+            except redis.ConnectionError:
+                pass  # the root shard is restarting; keep waiting within the deadline
+            if stop is not None and stop.is_set():
+                raise DeadlineExceeded("stopped while waiting for the learner lease")
+            if deadline is not None and time.monotonic() > deadline:
+                holder = self.holder()
+                raise DeadlineExceeded(f"learner lease still held by {holder!r} after {timeout:.1f}s")
+            time.sleep(poll_s)
+
+    def holder(self) -> str | None:
+        value = self.r.get(self.keys.lease)
+        return value.decode() if value is not None else None
+
+    def renew(self) -> bool:
+        """Extend the lease if it is still ours; False (and `lost` set) when it is not."""
+        ok = bool(self._renew(keys=[self.keys.lease], args=[self.token, self._ttl_ms]))
+        if not ok:
+            self.lost.set()
+        return ok
+
+    def start_renewing(self, on_lost: Callable[[], None]) -> None:
+        """Renew every TTL/4 on a daemon thread; call `on_lost` once if the lease goes."""
+
+        def loop() -> None:
+            last_ok = time.monotonic()
+            while not self._stop.wait(self.ttl_s / 4):
+                try:
+                    if self.renew():
+                        last_ok = time.monotonic()
+                        continue
+                except redis.RedisError:
+                    # Unreachable: the lease may still be ours, but not past its TTL.
+                    if time.monotonic() - last_ok < self.ttl_s:
+                        continue
+                    self.lost.set()
+                on_lost()
+                return
+
+        self._thread = threading.Thread(target=loop, name="lease", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.ttl_s)
+
+    @property
+    def _ttl_ms(self) -> int:
+        return max(1, round(self.ttl_s * 1000))

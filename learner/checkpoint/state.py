@@ -1,0 +1,246 @@
+"""Capture and restore the learner's whole training state, without pickle.
+
+Data flow: training loop -> `Capturer.capture` (one copy of every tensor into a reused
+host buffer: the only cost the training thread pays) -> `Snapshot` (msgpack metadata +
+raw tensor bytes) -> background writer -> Redis shards. Recovery runs the other way:
+chunks -> `Snapshot` -> `restore` into freshly built networks and optimizer.
+
+What is captured: online and target networks, optimizer state (tensors and param groups),
+the learning-rate scheduler when the algorithm has one, step/version counters, python,
+numpy and torch RNG states, learner-side replay-client counters, and the resolved config.
+Tensors travel as raw bytes named in a layout (name, torch dtype, shape, offset), so any
+dtype (bf16 included) round-trips exactly; everything else is msgpack.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from cluster.errors import ProtocolError
+
+FORMAT = 1
+MAX_META_BYTES = 16 << 20
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    )
+}
+
+
+@dataclass
+class Snapshot:
+    """One captured state: msgpack metadata plus a flat byte buffer the layout points into.
+
+    `flat` may be a buffer owned by a Capturer and reused by a later capture: the writer
+    must be done with it before the capturer hands it out again (see writer.py).
+    """
+
+    meta: dict[str, Any]
+    flat: torch.Tensor  # uint8, host memory
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def meta_bytes(self) -> bytes:
+        return msgpack.packb(self.meta, use_bin_type=True)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.flat.numel())
+
+    @classmethod
+    def from_bytes(cls, meta_bytes: bytes, flat: bytes | bytearray | memoryview) -> Snapshot:
+        """Parse what `meta_bytes` and the flat buffer hold; raises ProtocolError on anything odd."""
+        if len(meta_bytes) > MAX_META_BYTES:
+            raise ProtocolError(f"checkpoint metadata is {len(meta_bytes)} bytes, limit {MAX_META_BYTES}")
+        try:
+            meta = msgpack.unpackb(meta_bytes, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.UnpackException) as exc:
+            raise ProtocolError(f"checkpoint metadata is not msgpack: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ProtocolError(f"checkpoint metadata has format {meta.get('format')!r}, expected {FORMAT}")
+        end = 0
+        for name, dtype, shape, offset, nbytes in meta["layout"]:
+            if dtype not in _DTYPES or offset != end:
+                raise ProtocolError(f"checkpoint layout entry {name!r} is inconsistent")
+            want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
+            if want != nbytes:
+                raise ProtocolError(
+                    f"checkpoint layout entry {name!r} holds {nbytes} bytes, shape says {want}"
+                )
+            end += nbytes
+        if end != len(flat):
+            raise ProtocolError(f"checkpoint layout covers {end} bytes, the data has {len(flat)}")
+        buf = (
+            torch.frombuffer(bytearray(flat), dtype=torch.uint8)
+            if len(flat)
+            else torch.empty(0, dtype=torch.uint8)
+        )
+        return cls(meta=meta, flat=buf, step=int(meta["counters"].get("updates", 0)))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The named tensors, as views into `flat` (clone before keeping them past a reuse)."""
+        out = {}
+        for name, dtype, shape, offset, nbytes in self.meta["layout"]:
+            raw = self.flat[offset : offset + nbytes]
+            out[name] = raw.view(_DTYPES[dtype]).reshape(shape)
+        return out
+
+
+def named_tensors(algo: Any) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor of the training state in a fixed order (the capture layout)."""
+    items: list[tuple[str, torch.Tensor]] = []
+    items += [(f"online.{k}", v) for k, v in algo.online.state_dict().items()]
+    items += [(f"target.{k}", v) for k, v in algo.target.state_dict().items()]
+    for idx, st in algo.optimizer.state_dict()["state"].items():
+        items += [(f"optim.{idx}.{k}", v) for k, v in st.items() if isinstance(v, torch.Tensor)]
+    items.append(("rng.torch", torch.get_rng_state()))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        items += [(f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all())]
+    return items
+
+
+def _plain(value: Any) -> Any:
+    """Optimizer/scheduler values as msgpack-able data (tuples become lists)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value
+
+
+def _meta(algo: Any, counters: dict[str, Any], config: dict[str, Any], layout: list) -> dict[str, Any]:
+    opt = algo.optimizer.state_dict()
+    scalars = {
+        str(idx): {k: _plain(v) for k, v in st.items() if not isinstance(v, torch.Tensor)}
+        for idx, st in opt["state"].items()
+    }
+    sched = getattr(algo, "scheduler", None)
+    np_state = np.random.get_state(legacy=True)
+    py_state = random.getstate()
+    return {
+        "format": FORMAT,
+        "layout": layout,
+        "optimizer": {"param_groups": _plain(opt["param_groups"]), "scalars": scalars},
+        "scheduler": _plain(sched.state_dict()) if sched is not None else None,
+        "rng": {
+            "python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [
+                np_state[0],
+                np_state[1].tobytes(),
+                int(np_state[2]),
+                int(np_state[3]),
+                float(np_state[4]),
+            ],
+        },
+        "counters": {"updates": algo.updates, **counters},
+        "config": config,
+    }
+
+
+class Capturer:
+    """Copies the training state into one of two reused host buffers.
+
+    Two buffers let the training thread capture while the writer still sends the previous
+    snapshot; `busy` names the buffer the writer holds, which a capture never overwrites.
+    Reusing buffers matters: touching 128 MB of fresh pages costs more than the copy itself.
+
+    Example:
+        cap = Capturer(pin=torch.cuda.is_available())
+        snap = cap.capture(algo, {"epoch": 3}, config_dict, avoid=None)
+    """
+
+    def __init__(self, pin: bool = False):
+        self.pin = pin
+        self.buffers: list[torch.Tensor | None] = [None, None]
+        self.next = 0
+
+    def capture(
+        self, algo: Any, counters: dict[str, Any], config: dict[str, Any], avoid: torch.Tensor | None = None
+    ) -> Snapshot:
+        items = named_tensors(algo)
+        layout, offset = [], 0
+        for name, t in items:
+            nbytes = t.numel() * t.element_size()
+            layout.append([name, str(t.dtype).removeprefix("torch."), list(t.shape), offset, nbytes])
+            offset += nbytes
+        slot = self.next
+        if (
+            avoid is not None
+            and self.buffers[slot] is not None
+            and self.buffers[slot].data_ptr() == avoid.data_ptr()
+        ):
+            slot = 1 - slot
+        buf = self.buffers[slot]
+        if buf is None or buf.numel() != offset:
+            buf = torch.empty(offset, dtype=torch.uint8, pin_memory=self.pin)
+            buf.fill_(0)  # fault the pages in now, not on the next capture's clock
+            self.buffers[slot] = buf
+        self.next = 1 - slot
+        on_gpu = False
+        for (_, t), (_, _, _, off, nbytes) in zip(items, layout, strict=True):
+            if nbytes:
+                on_gpu |= t.is_cuda
+                buf[off : off + nbytes].copy_(t.detach().reshape(-1).view(torch.uint8), non_blocking=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+        meta = _meta(algo, counters, config, layout)
+        return Snapshot(meta=meta, flat=buf, step=algo.updates)
+
+
+def restore(algo: Any, snap: Snapshot) -> dict[str, Any]:
+    """Load a snapshot into an algorithm built from the same config; returns its counters.
+
+    Restores networks, optimizer, scheduler, the update counter and every RNG, so the next
+    update is bit for bit the one the captured learner would have made.
+    """
+    tensors = snap.tensors()
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
+
+    algo.online.load_state_dict(part("online."))
+    algo.target.load_state_dict(part("target."))
+    meta = snap.meta
+    state: dict[int, dict[str, Any]] = {}
+    for idx, scalars in meta["optimizer"]["scalars"].items():
+        state[int(idx)] = dict(scalars)
+    for name, t in tensors.items():
+        if name.startswith("optim."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = t.clone()
+    groups = meta["optimizer"]["param_groups"]
+    for g in groups:
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+    algo.optimizer.load_state_dict({"state": state, "param_groups": groups})
+    sched = getattr(algo, "scheduler", None)
+    if sched is not None and meta.get("scheduler") is not None:
+        sched.load_state_dict(meta["scheduler"])
+    algo.updates = int(meta["counters"]["updates"])
+    py = meta["rng"]["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = meta["rng"]["numpy"]
+    np.random.set_state((kind, np.frombuffer(keys, dtype=np.uint32).copy(), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"].clone())
+    cuda = [tensors[f"rng.cuda.{i}"].clone() for i in range(64) if f"rng.cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    return dict(meta["counters"])

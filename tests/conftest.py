@@ -1,0 +1,162 @@
+"""Shared fixtures: a real password-protected redis-server, polling, free ports, a repo root.
+
+Every process a fixture starts is stopped in its teardown, whether the test passed or not.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from cluster.config import ClusterConfig
+from cluster.keys import Keys
+from cluster.redisconn import connect
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REDIS_START_TIMEOUT_S = 10.0
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.01, what: str = "condition"
+) -> Any:
+    """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `timeout`; always reaps the child."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=timeout)
+
+
+@dataclass
+class RedisServer:
+    host: str
+    port: int
+    user: str
+    password: str
+    password_file: Path
+    proc: subprocess.Popen
+
+    def cluster_config(self) -> ClusterConfig:
+        return ClusterConfig(
+            host=self.host,
+            redis=[f"{self.host}:{self.port}"],
+            redis_user=self.user,
+            password_file=str(self.password_file),
+        )
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port; the default user is off, ours has a password."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    workdir = tmp_path_factory.mktemp("redis")
+    password = secrets.token_urlsafe(24)
+    password_file = workdir / "redis.password"
+    password_file.write_text(password)
+    last_error = ""
+    for _attempt in range(3):  # a free port can be taken between probing and binding
+        port = free_port()
+        conf = workdir / "redis.conf"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"port {port}",
+                    "bind 127.0.0.1",
+                    "protected-mode yes",
+                    'save ""',
+                    "appendonly no",
+                    f"dir {workdir}",
+                    "daemonize no",
+                    "user default off",
+                    f"user canopy on >{password} ~* &* +@all",
+                ]
+            )
+            + "\n"
+        )
+        os.chmod(conf, 0o600)
+        log = open(workdir / f"redis-{port}.log", "wb")  # noqa: SIM115 (closed in finally)
+        proc = subprocess.Popen([binary, str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        server = RedisServer("127.0.0.1", port, "canopy", password, password_file, proc)
+        try:
+            client = redis.Redis(host="127.0.0.1", port=port, username="canopy", password=password)
+            deadline = time.monotonic() + REDIS_START_TIMEOUT_S
+            while proc.poll() is None and time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        break
+                except redis.ConnectionError:
+                    time.sleep(0.02)
+            else:
+                last_error = (workdir / f"redis-{port}.log").read_text(errors="replace")
+                continue
+            client.close()
+            yield server
+            return
+        finally:
+            stop_process(proc)
+            log.close()
+    pytest.fail(f"redis-server did not start: {last_error[-500:]}")
+
+
+@pytest.fixture
+def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    r = connect(redis_server.cluster_config(), "test", 0)
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+@pytest.fixture
+def run_keys(redis_client: redis.Redis) -> Iterator[Keys]:
+    """Keys of a fresh run name; its keys are deleted afterwards so tests never share state."""
+    keys = Keys(f"test-{uuid.uuid4().hex[:12]}")
+    try:
+        yield keys
+    finally:
+        stale = list(redis_client.scan_iter(match=keys.prefix + "*"))
+        if stale:
+            redis_client.delete(*stale)
