@@ -85,7 +85,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             counters["env_steps_total"] += a.envs
             chunk = adder.take(a.chunk)
             if chunk is not None:
-                inserter.insert(chunk, timeout=INSERT_TIMEOUT_S)
+                inserter.insert(chunk, timeout=INSERT_TIMEOUT_S, stop=stop)
                 counters["insert_wait_seconds_total"] = inserter.wait_s_total
     finally:
         models.stop()

@@ -41,8 +41,9 @@ class MLPPolicy:
                 or b.shape != (w.shape[0],)
             ):
                 raise ProtocolError(f"bad mlp layer {w_name} {w.shape} / {b_name} {b.shape}")
-            # Transpose once here so each step is a plain x @ W.
-            layers.append((np.ascontiguousarray(w.T, dtype=np.float32), b.astype(np.float32)))
+            # No copy: the arrays may be read-only views on the host's shared copy (cache/shm.py),
+            # and thousands of actors must not each hold their own. `w.T` is a view too.
+            layers.append((np.asarray(w, dtype=np.float32).T, np.asarray(b, dtype=np.float32)))
         for (w0, _), (w1, _) in itertools.pairwise(layers):
             if w0.shape[1] != w1.shape[0]:
                 raise ProtocolError("mlp layer sizes do not chain")
@@ -55,7 +56,7 @@ class MLPPolicy:
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
         for i, (w, b) in enumerate(self.layers):
-            x = x @ w + b
+            x = x @ w + b  # allocates a fresh x: the shared weights are never written
             if i < len(self.layers) - 1:
                 np.maximum(x, 0, out=x)
         return x

@@ -5,6 +5,11 @@ The learner writes a version to the Redis root once: chunks under
 `model:latest` and publishes the id on `model:notify`. Everything read back (from Redis or
 a cache node) is checked against the manifest: sizes, layout, and the xxh3 digest of the
 whole blob. No pickle: tensors are plain little-endian arrays named in the layout.
+
+With a lossy codec (cache/codecs.py) the chunks hold the encoded payload: `size` and
+`digest` describe the payload (what nodes check before passing it on), `layout`,
+`decoded_digest` and the codec's `base`/`params` describe the float32 blob that receivers
+rebuild and check before any policy sees it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import numpy as np
 import redis
 import xxhash
 
+from cache import codecs
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
 from cluster.version import Version
@@ -39,6 +45,15 @@ class Manifest:
     codec: str = "raw"
     learner: int = 0
     published_at: float = 0.0
+    base: str = ""  # int8delta: the keyframe version the delta is taken against
+    params: str = ""  # codec parameters as JSON (int8delta: levels, per-tensor lo/step)
+    decoded_digest: str = ""  # xxh3 of the decoded float32 blob; equals digest for raw
+    parent: str = ""  # the version this learner published before this one ("" if none)
+
+    @property
+    def decoded_size(self) -> int:
+        _name, dtype, shape, offset = self.layout[-1]
+        return offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -53,6 +68,10 @@ class Manifest:
             "codec": self.codec,
             "learner": str(self.learner),
             "published_at": f"{self.published_at:.6f}",
+            "base": self.base,
+            "params": self.params,
+            "decoded_digest": self.decoded_digest or self.digest,
+            "parent": self.parent,
         }
 
     @classmethod
@@ -73,27 +92,47 @@ class Manifest:
                 codec=f["codec"],
                 learner=int(f["learner"]),
                 published_at=float(f["published_at"]),
+                base=f.get("base", ""),
+                params=f.get("params", ""),
+                decoded_digest=f.get("decoded_digest") or f["digest"],
+                parent=f.get("parent", ""),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProtocolError(f"malformed model manifest: {type(exc).__name__} {exc}") from None
-        if m.codec != "raw":
+        if m.codec not in codecs.CODECS:
             raise ProtocolError(f"unknown model codec {m.codec!r}")
-        if not 0 < m.size <= MAX_BLOB_BYTES or not 0 < m.chunks <= MAX_CHUNKS:
+        if not 0 < m.size <= MAX_BLOB_BYTES or not 0 < m.chunks <= MAX_CHUNKS or not m.layout:
             raise ProtocolError(f"model manifest sizes out of range: {m.size} bytes, {m.chunks} chunks")
         end = 0
         for name, dtype, shape, offset in m.layout:
             if dtype not in ALLOWED_DTYPES or offset != end:
                 raise ProtocolError(f"model layout entry {name!r} is inconsistent")
             end = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end != m.size:
-            raise ProtocolError(f"model layout covers {end} bytes, manifest says {m.size}")
+        ratio = {"raw": 1, "bf16": 2, "int8delta": 4}[m.codec]
+        if end != m.size * ratio:
+            raise ProtocolError(f"model layout covers {end} bytes, {m.codec} payload is {m.size}")
+        if m.codec != "raw":
+            codecs.spans_of(m.layout)  # lossy codecs carry float32 tensors only
+        if m.codec == "int8delta":
+            Version.parse(m.base)
+            _delta_params(m)
         return m
 
 
+_last_packed: dict[int, Version] = {}  # learner id -> its previous version (ledger parent)
+
+
 def pack(
-    state: dict[str, np.ndarray], version: Version, arch: str, learner: int
+    state: dict[str, np.ndarray],
+    version: Version,
+    arch: str,
+    learner: int,
+    encoder: codecs.Encoder | None = None,
 ) -> tuple[Manifest, list[bytes]]:
-    """Serialize named arrays into a manifest and chunks of at most CHUNK_BYTES."""
+    """Serialize named arrays into a manifest and chunks of at most CHUNK_BYTES.
+
+    `encoder` picks the broadcast codec (cache/codecs.py); without one the blob is raw.
+    """
     layout, parts, offset = [], [], 0
     for name, array in state.items():
         a = np.ascontiguousarray(array)
@@ -101,22 +140,32 @@ def pack(
         parts.append(a.tobytes())
         offset += a.nbytes
     blob = b"".join(parts)
-    chunks = [blob[i : i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)]
+    enc = (encoder or codecs.Encoder("raw")).encode(version, blob, layout)
+    payload = enc.payload
+    chunks = [payload[i : i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)]
+    digest = xxhash.xxh3_64_hexdigest(payload)
+    previous = _last_packed.get(learner)
+    _last_packed[learner] = version
     manifest = Manifest(
         version=version,
-        size=len(blob),
-        digest=xxhash.xxh3_64_hexdigest(blob),
+        size=len(payload),
+        digest=digest,
         chunks=len(chunks),
         layout=layout,
         arch=arch,
+        codec=enc.codec,
         learner=learner,
         published_at=time.time(),
+        base=enc.base,
+        params=json.dumps(enc.params) if enc.params else "",
+        decoded_digest=digest if enc.codec == "raw" else xxhash.xxh3_64_hexdigest(enc.decoded),
+        parent=str(previous) if previous is not None and previous < version else "",
     )
     return manifest, chunks
 
 
-def unpack(manifest: Manifest, chunks: list[bytes | memoryview]) -> dict[str, np.ndarray]:
-    """Rebuild the named arrays, checking chunk count, total size and digest."""
+def check_payload(manifest: Manifest, chunks: list[bytes | memoryview]) -> bytes:
+    """The payload joined, after checking chunk count, total size and payload digest."""
     if len(chunks) != manifest.chunks:
         raise ProtocolError(f"model {manifest.version}: {len(chunks)} chunks, expected {manifest.chunks}")
     blob = b"".join(chunks)
@@ -124,12 +173,45 @@ def unpack(manifest: Manifest, chunks: list[bytes | memoryview]) -> dict[str, np
         raise ProtocolError(f"model {manifest.version}: {len(blob)} bytes, expected {manifest.size}")
     if xxhash.xxh3_64_hexdigest(blob) != manifest.digest:
         raise ProtocolError(f"model {manifest.version}: digest mismatch, refusing to load it")
+    return blob
+
+
+def decode(manifest: Manifest, chunks: list[bytes | memoryview], base: bytes | None = None) -> bytes:
+    """The checked float32 blob: payload digest, decoding, then the decoded digest.
+
+    `base` is the decoded blob of the keyframe `manifest.base` (int8delta only).
+    """
+    payload = check_payload(manifest, chunks)
+    if manifest.codec == "raw":
+        return payload
+    if manifest.codec == "bf16":
+        blob = codecs.from_bf16(payload)
+    else:
+        if base is None or len(base) != manifest.decoded_size:
+            raise ProtocolError(f"model {manifest.version}: int8delta needs keyframe {manifest.base}")
+        _levels, ranges = _delta_params(manifest)
+        spans = codecs.spans_of(manifest.layout)
+        blob = codecs.delta_decode(payload, np.frombuffer(base, dtype=codecs.FLOAT), spans, ranges)
+    if xxhash.xxh3_64_hexdigest(blob) != manifest.decoded_digest:
+        raise ProtocolError(f"model {manifest.version}: decoded digest mismatch, refusing to load it")
+    return blob
+
+
+def arrays_of(manifest: Manifest, blob: bytes | memoryview) -> dict[str, np.ndarray]:
+    """Named read-only array views on a decoded blob (no copy)."""
     return {
         name: np.frombuffer(
             blob, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset
         ).reshape(shape)
         for name, dtype, shape, offset in manifest.layout
     }
+
+
+def unpack(
+    manifest: Manifest, chunks: list[bytes | memoryview], base: bytes | None = None
+) -> dict[str, np.ndarray]:
+    """Rebuild the named arrays, checking chunk count, total size and digests."""
+    return arrays_of(manifest, decode(manifest, chunks, base))
 
 
 def write(r: redis.Redis, keys: Keys, manifest: Manifest, chunks: list[bytes]) -> None:
@@ -147,6 +229,8 @@ def write(r: redis.Redis, keys: Keys, manifest: Manifest, chunks: list[bytes]) -
             "step": v.step,
             "digest": manifest.digest,
             "published_at": f"{manifest.published_at:.6f}",
+            "parent": manifest.parent or "-",
+            "codec": manifest.codec,
         },
     )
     pipe.set(keys.model_latest, str(v))
@@ -172,6 +256,22 @@ def read(r: redis.Redis, keys: Keys, version: Version) -> tuple[Manifest, list[b
     if any(c is None for c in chunks):
         raise ProtocolError(f"model {version} is missing chunks in Redis")
     return manifest, chunks
+
+
+def _delta_params(m: Manifest) -> tuple[int, list[tuple[float, float]]]:
+    try:
+        p = json.loads(m.params)
+        levels = int(p["levels"])
+        ranges = [(float(lo), float(step)) for lo, step in p["ranges"]]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ProtocolError(f"int8delta params are malformed: {type(exc).__name__}") from None
+    if (
+        not 2 <= levels <= 256
+        or len(ranges) != len(m.layout)
+        or not all(np.isfinite(lo) and np.isfinite(s) and s > 0 for lo, s in ranges)
+    ):
+        raise ProtocolError("int8delta params out of range")
+    return levels, ranges
 
 
 def _text(value: Any) -> str:

@@ -1,43 +1,332 @@
-"""The actor's side of the cache tree: a background thread that keeps the newest version.
+"""The actor's side of the cache tree: keeps the newest version without ever blocking acting.
 
-Acting never waits on a download: the thread subscribes to the leaf node's notifications,
-fetches a version it does not have, checks the digest, and leaves the decoded arrays in a
-one-slot mailbox that the acting loop empties with `poll()` between env steps. Versions
-only move forward, so an actor never returns to an older epoch once it saw a newer one.
+The leaves of the model data flow. `ClientCore` is one child of a leaf node as a plain
+state machine over two sockets (no thread), so the broadcast benchmark can run thousands
+of them per process; `ModelClient` runs one core in a background thread for an actor.
+
+Per notification (or `hello` reply) naming a version newer than the one held: take it
+from the host's shared-memory ring when the node is on this host (one copy per host,
+read-only views, nothing but the notification crosses a socket), else `get` it over the
+fetch socket, check payload and decoded digests (int8delta also needs its keyframe,
+fetched first when missing), and hand it out. Versions only move forward, so an actor
+never returns to an older epoch once it saw a newer one. A parent silent for
+`parent_timeout_s` is replaced by the next entry of `parents`; meanwhile the actor keeps
+acting with what it holds and `stale` says so.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
-from cache import blob
+from cache import blob, protocol
+from cache.shm import ShmReader
 from cluster import wire
 from cluster.errors import ProtocolError
-from cluster.version import Version
+from cluster.version import NO_VERSION, Version
 
-MAX_REPLY_BYTES = blob.MAX_BLOB_BYTES
+MAX_REPLY_BYTES = protocol.MAX_REPLY_BYTES
+
+
+@dataclass
+class Update:
+    version: Version
+    manifest: blob.Manifest
+    arrays: dict[str, np.ndarray]
+    shared: bool  # views on the host's shared copy (read-only) rather than a private one
+
+    def __iter__(self):  # `version, manifest, arrays = update` keeps working
+        return iter((self.version, self.manifest, self.arrays))
+
+    def __getitem__(self, i: int):
+        return (self.version, self.manifest, self.arrays)[i]
+
+
+class ClientCore:
+    """One child of a cache node, driven by the caller's poller.
+
+    Example:
+        core = ClientCore([(fetch, notify)], ctx)
+        core.connect()
+        for sock in poller events: update = core.on_readable(sock)
+        core.tick()  # heartbeats, timeouts, failover; call a few times a second
+    """
+
+    def __init__(
+        self,
+        parents: list[tuple[str, str]],
+        ctx: zmq.Context,
+        request_timeout_s: float = 5.0,
+        parent_timeout_s: float = 1.0,
+        heartbeat_s: float = 0.25,
+        use_shm: bool = True,
+        name: str = "actor",
+    ):
+        if not parents:
+            raise ValueError("a model client needs at least one parent node")
+        self.parents, self.ctx, self.name = parents, ctx, name
+        self.request_timeout_s, self.parent_timeout_s, self.heartbeat_s = (
+            request_timeout_s,
+            parent_timeout_s,
+            heartbeat_s,
+        )
+        self.use_shm = use_shm
+        self.parent_index = 0
+        self.current = NO_VERSION
+        self.wanted: Version | None = None
+        self.keyframe: tuple[Version, bytes] | None = None
+        self.rejected_total = 0
+        self.failovers_total = 0
+        self.missed_notifications_total = 0
+        self.sub: zmq.Socket | None = None
+        self.req: zmq.Socket | None = None
+        self.shm: ShmReader | None = None
+        self._shm_offer: tuple[str, int] = ("", -1)
+        self._sent_at: float | None = None
+        self._asked: Version | None = None
+        self._last_heard = time.monotonic()
+        self._last_seq: int | None = None
+        self._next_hb = 0.0
+        self._behind = False  # set at failover, cleared once the new parent's newest is held
+
+    @property
+    def stale(self) -> bool:
+        """True while the parent is silent: the version held may be behind the learner."""
+        return self._behind or time.monotonic() - self._last_heard > self.parent_timeout_s
+
+    def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+        assert self.sub is not None and self.req is not None
+        return self.sub, self.req
+
+    def connect(self) -> None:
+        fetch, notify = self.parents[self.parent_index]
+        self.sub = self.ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
+        self.sub.connect(notify)
+        self.req = self._dealer(fetch)
+        self.req.send_multipart(wire.encode({"op": "hello"}))
+        self._sent_at, self._asked = time.monotonic(), None
+        self._last_heard = time.monotonic()
+
+    def close(self) -> None:
+        for s in (self.sub, self.req):
+            if s is not None:
+                s.close(0)
+        self.sub = self.req = None
+        if self.shm is not None:
+            self.shm.close()
+            self.shm = None
+
+    def acting(self, version: Version) -> None:
+        """The caller now acts with `version`: its shared slot must not be overwritten."""
+        if self.shm is not None:
+            self.shm.acting(version)
+
+    def on_readable(self, sock: zmq.Socket) -> Update | None:
+        if sock is self.sub:
+            return self._on_notify()
+        if sock is self.req:
+            return self._on_reply(self.req.recv_multipart(copy=False))
+        return None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_heard > self.parent_timeout_s and len(self.parents) > 1:
+            self.close_sockets()
+            self.parent_index = (self.parent_index + 1) % len(self.parents)
+            self.failovers_total += 1
+            self._behind = True
+            self.connect()
+            return
+        if self._sent_at is not None and now - self._sent_at > self.request_timeout_s:
+            # Lazy pirate: drop the socket so a late reply cannot be mistaken for a new one.
+            assert self.req is not None
+            self.req.close(0)
+            self.req = self._dealer(self.parents[self.parent_index][0])
+            self._sent_at = None
+            self._request_wanted()
+        if now >= self._next_hb and self.req is not None:
+            self.req.send_multipart(wire.encode({"op": "hb", "child": self.name}))
+            self._next_hb = now + self.heartbeat_s
+
+    def close_sockets(self) -> None:
+        for s in (self.sub, self.req):
+            if s is not None:
+                s.close(0)
+        self.sub = self.req = None
+
+    # ---- internals --------------------------------------------------------------------
+    def _dealer(self, fetch: str) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+        sock.connect(fetch)
+        return sock
+
+    def _on_notify(self) -> Update | None:
+        assert self.sub is not None
+        newest = None
+        while True:
+            try:
+                msg, v, seq = protocol.recv_notify(self.sub)
+            except zmq.Again:
+                break
+            except ProtocolError:
+                self.rejected_total += 1
+                continue
+            self._last_heard = time.monotonic()
+            tag = protocol.header_str(msg.header, "shm")
+            if tag and self._shm_offer[1] >= 0 and msg.header.get("host") == protocol.HOST:
+                self._shm_offer = (tag, self._shm_offer[1])  # the ring may appear after hello
+            if self._last_seq is not None and seq > self._last_seq + 1:
+                self.missed_notifications_total += seq - self._last_seq - 1
+            self._last_seq = seq if self._last_seq is None else max(self._last_seq, seq)
+            if v is not None:
+                newest = v if newest is None else max(newest, v)
+        return self._consider(newest)
+
+    def _consider(self, version: Version | None) -> Update | None:
+        if version is None or version <= self.current:
+            if version is not None:
+                self._behind = False  # the (new) parent has nothing newer than what we hold
+            return None
+        if self.wanted is None or version > self.wanted:
+            self.wanted = version
+        update = self._from_shm(self.wanted)
+        if update is not None:
+            return update
+        if self._sent_at is None:
+            self._request_wanted()
+        return None
+
+    def _from_shm(self, version: Version) -> Update | None:
+        tag, reader = self._shm_offer
+        if not (self.use_shm and tag and reader >= 0):
+            return None
+        try:
+            if self.shm is None or self.shm.tag != tag:
+                if self.shm is not None:
+                    self.shm.close()
+                self.shm = ShmReader(tag, reader)
+            got = self.shm.take(version)
+        except (OSError, ProtocolError):
+            self.rejected_total += 1
+            return None
+        if got is None:
+            return None
+        manifest, arrays = got
+        return self._accept(manifest, arrays, shared=True)
+
+    def _request_wanted(self) -> None:
+        if self.wanted is None or self.wanted <= self.current or self.req is None:
+            return
+        self.req.send_multipart(wire.encode({"op": "get", "version": str(self.wanted)}))
+        self._sent_at, self._asked = time.monotonic(), self.wanted
+
+    def _on_reply(self, frames: list) -> Update | None:
+        self._sent_at = None
+        try:
+            msg = wire.decode(frames[:1], protocol.MAX_REQUEST_BYTES) if len(frames) == 1 else None
+            if msg is not None and msg.op == "hello":
+                self._last_heard = time.monotonic()
+                tag = protocol.header_str(msg.header, "shm")
+                reader = int(msg.header.get("reader", -1))
+                same_host = protocol.header_str(msg.header, "host") == protocol.HOST
+                self._shm_offer = (tag, reader) if same_host and reader >= 0 else ("", -1)
+                text = protocol.header_str(msg.header, "version")
+                return self._consider(Version.parse(text) if text else None)
+            if msg is not None and msg.op == "error":
+                return None  # unknown_version: the next notification brings it
+            manifest, chunks = protocol.parse_version(frames)
+            return self._on_version(manifest, chunks)
+        except (ProtocolError, ValueError, TypeError, KeyError):
+            self.rejected_total += 1
+            return None
+        finally:
+            if self._sent_at is None:
+                self._request_wanted()
+
+    def _on_version(self, manifest: blob.Manifest, chunks: list) -> Update | None:
+        base = None
+        if manifest.codec == "int8delta":
+            if self.keyframe is None or str(self.keyframe[0]) != manifest.base:
+                # Fetch the keyframe first, then this version again.
+                assert self.req is not None
+                self.req.send_multipart(wire.encode({"op": "get", "version": manifest.base}))
+                self._sent_at = time.monotonic()
+                return None
+            base = self.keyframe[1]
+        decoded = blob.decode(manifest, chunks, base)
+        if manifest.codec == "raw":
+            self.keyframe = (manifest.version, decoded)
+        if manifest.version <= self.current:
+            return None
+        return self._accept(manifest, blob.arrays_of(manifest, decoded), shared=False)
+
+    def _accept(self, manifest: blob.Manifest, arrays: dict[str, np.ndarray], shared: bool) -> Update | None:
+        if manifest.version <= self.current:
+            return None
+        self.current = manifest.version
+        if self.wanted is None or self.wanted <= self.current:
+            self.wanted = None
+            self._behind = False
+        return Update(manifest.version, manifest, arrays, shared)
 
 
 class ModelClient:
     """Example:
     client = ModelClient(fetch_endpoint, notify_endpoint)
     client.start()
-    update = client.poll()  # None, or (Version, Manifest, {name: array})
+    update = client.poll()  # None, or Update (unpacks as version, manifest, arrays)
     """
 
-    def __init__(self, fetch: str, notify: str, request_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        fetch: str,
+        notify: str,
+        request_timeout_s: float = 5.0,
+        parents: list[tuple[str, str]] | None = None,
+        parent_timeout_s: float = 1.0,
+        heartbeat_s: float = 0.25,
+        use_shm: bool = True,
+        name: str = "actor",
+    ):
         self.fetch_endpoint, self.notify_endpoint = fetch, notify
-        self.request_timeout_s = request_timeout_s
-        self.current = Version(0, 0)
-        self.rejected_total = 0
-        self._mailbox: tuple[Version, blob.Manifest, dict[str, np.ndarray]] | None = None
+        self.core = ClientCore(
+            [(fetch, notify), *(parents or [])],
+            zmq.Context.instance(),
+            request_timeout_s,
+            parent_timeout_s,
+            heartbeat_s,
+            use_shm,
+            name,
+        )
+        self._mailbox: Update | None = None
         self._ready = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="model-client", daemon=True)
+
+    @property
+    def current(self) -> Version:
+        return self.core.current
+
+    @property
+    def rejected_total(self) -> int:
+        return self.core.rejected_total
+
+    @property
+    def stale(self) -> bool:
+        return self.core.stale
+
+    @property
+    def failovers_total(self) -> int:
+        return self.core.failovers_total
 
     def start(self) -> None:
         self._thread.start()
@@ -46,88 +335,37 @@ class ModelClient:
         self._stop.set()
         self._thread.join(timeout=2)
 
-    def poll(self) -> tuple[Version, blob.Manifest, dict[str, np.ndarray]] | None:
+    def poll(self) -> Update | None:
         """The newest version fetched since the last call, or None (never blocks)."""
         with self._ready:
             update, self._mailbox = self._mailbox, None
+        if update is not None:
+            self.core.acting(update.version)
         return update
 
-    def wait(self, timeout: float) -> tuple[Version, blob.Manifest, dict[str, np.ndarray]] | None:
+    def wait(self, timeout: float) -> Update | None:
         """Like poll, but waits up to `timeout` seconds for a newer version."""
         with self._ready:
             self._ready.wait_for(lambda: self._mailbox is not None, timeout=timeout)
             update, self._mailbox = self._mailbox, None
+        if update is not None:
+            self.core.acting(update.version)
         return update
 
     def _run(self) -> None:
-        ctx = zmq.Context.instance()
-        sub = ctx.socket(zmq.SUB)
-        sub.setsockopt(zmq.LINGER, 0)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        sub.setsockopt(zmq.MAXMSGSIZE, 4096)
-        sub.connect(self.notify_endpoint)
-        req = self._dealer(ctx)
-        poller = zmq.Poller()
-        poller.register(sub, zmq.POLLIN)
-        poller.register(req, zmq.POLLIN)
-        req.send_multipart(wire.encode({"op": "latest"}))
-        sent_at: float | None = time.monotonic()
+        core = self.core
+        core.connect()
         try:
             while not self._stop.is_set():
-                events = dict(poller.poll(200))
-                if sub in events:
-                    wanted = self._newest_announced(sub)
-                    if wanted is not None and wanted > self.current and sent_at is None:
-                        req.send_multipart(wire.encode({"op": "get", "version": str(wanted)}))
-                        sent_at = time.monotonic()
-                if req in events:
-                    self._receive(req.recv_multipart(copy=False))
-                    sent_at = None
-                elif sent_at is not None and time.monotonic() - sent_at > self.request_timeout_s:
-                    # Lazy pirate: drop the socket so a late reply cannot be mistaken for a new one.
-                    poller.unregister(req)
-                    req.close(0)
-                    req = self._dealer(ctx)
-                    poller.register(req, zmq.POLLIN)
-                    sent_at = None
+                poller = zmq.Poller()
+                for s in core.sockets():
+                    poller.register(s, zmq.POLLIN)
+                for sock, _ in poller.poll(100):
+                    update = core.on_readable(sock)
+                    if update is not None:
+                        with self._ready:
+                            self._mailbox = update
+                            self._ready.notify_all()
+                core.tick()
         finally:
-            sub.close(0)
-            req.close(0)
-
-    def _dealer(self, ctx: zmq.Context) -> zmq.Socket:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
-        sock.connect(self.fetch_endpoint)
-        return sock
-
-    def _newest_announced(self, sub: zmq.Socket) -> Version | None:
-        newest = None
-        while True:
-            try:
-                msg = wire.decode(sub.recv_multipart(zmq.NOBLOCK), 4096)
-                v = Version.parse(str(msg.header.get("version", "")))
-            except zmq.Again:
-                return newest
-            except ProtocolError:
-                self.rejected_total += 1
-                continue
-            newest = v if newest is None else max(newest, v)
-
-    def _receive(self, frames: list[zmq.Frame]) -> None:
-        try:
-            msg = wire.decode(frames, MAX_REPLY_BYTES)
-            if msg.op != "version":
-                return  # unknown_version: the next notification brings it
-            manifest = blob.Manifest.from_fields(msg.header.get("manifest") or {})
-            chunks = [msg.arrays[f"c{i}"].data for i in range(manifest.chunks)]
-            arrays = blob.unpack(manifest, chunks)
-        except (ProtocolError, KeyError):
-            self.rejected_total += 1
-            return
-        if manifest.version <= self.current:
-            return
-        self.current = manifest.version
-        with self._ready:
-            self._mailbox = (manifest.version, manifest, arrays)
-            self._ready.notify_all()
+            core.close()

@@ -1,54 +1,125 @@
 """Cache node: fetches each policy version from its parent once and serves it to children.
 
-The parent is the Redis root: a thread listens on `model:notify` (and re-reads
-`model:latest` every `poll_s`, so a missed notification costs at most one period),
-fetches each new version once (single flight: one upstream fetcher), checks its digest,
-and keeps the newest `keep_versions` in memory. Children see two sockets, as in the
-zguide's clone pattern:
-    notify (PUB):    {op: notify, version, seq}, on every new version and again each second
-    fetch (ROUTER):  {op: latest} or {op: get, version} -> {op: version, manifest} + chunks
+Middle of the model data flow: learner -> Redis root -> node -> ... -> node -> actors.
+The parent is the Redis root or another node (the first reachable entry of `parents`);
+children are nodes or actors, all speaking cache/protocol.py. Two threads:
+
+- upstream: follows the parent (Redis: `model:notify` plus a re-read of `model:latest`
+  every `poll_s`; node: its notify socket) and fetches each version the tree wants
+  exactly once (single flight: one fetcher, and a version in flight or held is never
+  fetched again, however many children ask). It checks the payload digest before
+  anything is passed on, and sends its own heartbeats to a node parent. A parent silent
+  for `parent_timeout_s` is replaced by the next entry of `parents` (grandparent,
+  sibling, Redis), and the node catches up from the new parent's notify/hello.
+- serve: answers children on the ROUTER, parks `get`s for versions in flight and answers
+  them when the version lands, and announces on the PUB: a new seq per landed version,
+  the same seq again every `heartbeat_s` (clone pattern: a late or restarted child needs
+  no resend to everyone, the next beat names the newest version).
+
+A leaf node with `shm_tag` also decodes each version once and writes it to the host's
+shared-memory ring (cache/shm.py) for actors on its host.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
-import numpy as np
 import redis
 import zmq
 
-from cache import blob
+from cache import blob, protocol
+from cache.shm import MAX_READERS, ShmWriter
 from cluster import wire
 from cluster.config import CacheConfig
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
 from cluster.version import Version
 
-MAX_REQUEST_BYTES = 4096
+MAX_REQUEST_BYTES = protocol.MAX_REQUEST_BYTES
+MAX_PARKED = 100_000
+
+
+@dataclass(frozen=True)
+class Parent:
+    """One upstream candidate: a node's endpoints, or the Redis root when both are empty."""
+
+    fetch: str = ""
+    notify: str = ""
+
+    @property
+    def is_redis(self) -> bool:
+        return not self.fetch
+
+
+@dataclass
+class Entry:
+    manifest: blob.Manifest
+    frames: list  # the `version` reply, ready to send to any child
+    decoded: bytes | None = None  # raw keyframes only: the base of later int8delta versions
+
+
+@dataclass
+class Parked:
+    ident: bytes
+    deadline: float
 
 
 class CacheNode:
-    def __init__(self, cfg: CacheConfig, r: redis.Redis, keys: Keys, ctx: zmq.Context | None = None):
-        self.cfg, self.r, self.keys = cfg, r, keys
+    def __init__(
+        self,
+        cfg: CacheConfig,
+        r: redis.Redis | None,
+        keys: Keys,
+        ctx: zmq.Context | None = None,
+        parents: list[Parent] | None = None,
+        name: str = "cache-0",
+        shm_tag: str = "",
+    ):
+        self.cfg, self.r, self.keys, self.name = cfg, r, keys, name
+        self.parents = parents or [Parent()]
+        if any(p.is_redis for p in self.parents) and r is None:
+            raise ValueError("a node with the Redis root among its parents needs a Redis client")
         self.ctx = ctx or zmq.Context.instance()
         self.fetch_sock = self.ctx.socket(zmq.ROUTER)
         self.notify_sock = self.ctx.socket(zmq.PUB)
         for s in (self.fetch_sock, self.notify_sock):
             s.setsockopt(zmq.LINGER, 0)
         self.fetch_sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
-        self.versions: OrderedDict[Version, list] = OrderedDict()  # newest last; frames to send
+        self.notify_sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.fetch_sock.setsockopt(zmq.SNDHWM, 100_000)
+        self.versions: OrderedDict[Version, Entry] = OrderedDict()  # newest last
         self.lock = threading.Lock()
+        self.wanted: queue.Queue[Version] = queue.Queue()
+        self.in_flight: set[Version] = set()  # asked of upstream, not landed or failed yet
+        self.parked: dict[Version, list[Parked]] = {}
+        self.children: dict[bytes, float] = {}
         self.seq = 0
-        self.counters = {
+        self.shm_tag = shm_tag
+        self.shm: ShmWriter | None = None
+        self.next_reader = 0
+        self.parent_index = 0
+        self.counters: dict = {
             "versions_fetched_total": 0,
+            "upstream_fetches_total": 0,
+            "upstream_bytes_total": 0,
+            "served_bytes_total": 0,
             "fetch_requests_total": 0,
             "rejected_total": 0,
             "upstream_errors_total": 0,
+            "missed_notifications_total": 0,
+            "failovers_total": 0,
+            "shm_skipped_total": 0,
+            "children": 0,
+            "parent": self._parent_name(),
             "policy_version": "0.0",
         }
 
+    # ---- setup ----------------------------------------------------------------------
     def bind(self, fetch: str, notify: str) -> tuple[str, str]:
         self.fetch_sock.bind(fetch)
         self.notify_sock.bind(notify)
@@ -57,6 +128,11 @@ class CacheNode:
             self.notify_sock.getsockopt_string(zmq.LAST_ENDPOINT),
         )
 
+    def newest(self) -> Version | None:
+        with self.lock:
+            return next(reversed(self.versions), None)
+
+    # ---- serve thread -----------------------------------------------------------------
     def serve(self, stop: threading.Event) -> None:
         wake = self.ctx.socket(zmq.PAIR)
         wake_addr = f"inproc://cache-wake-{id(self)}"
@@ -66,99 +142,369 @@ class CacheNode:
         poller = zmq.Poller()
         poller.register(self.fetch_sock, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
-        next_announce = 0.0
-        while not stop.is_set():
-            events = dict(poller.poll(200))
-            if wake in events:
-                wake.recv()
-                self._announce()
-                next_announce = time.monotonic() + 1.0
-            if self.fetch_sock in events:
-                for _ in range(256):
-                    try:
-                        frames = self.fetch_sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    self._handle(frames)
-            if time.monotonic() > next_announce:  # clone pattern: late joiners catch up
-                self._announce()
-                next_announce = time.monotonic() + 1.0
-        upstream.join(timeout=2)
-        wake.close(0)
-        self.fetch_sock.close(0)
-        self.notify_sock.close(0)
+        next_beat = 0.0
+        try:
+            while not stop.is_set():
+                events = dict(poller.poll(50))
+                if wake in events:
+                    while wake.poll(0):
+                        self._landed(wake.recv_string())
+                if self.fetch_sock in events:
+                    for _ in range(1024):
+                        try:
+                            frames = self.fetch_sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._announce()
+                    self._expire_parked(now)
+                    next_beat = now + self.cfg.heartbeat_s
+        finally:
+            upstream.join(timeout=5)
+            wake.close(0)
+            self.fetch_sock.close(0)
+            self.notify_sock.close(0)
+            if self.shm is not None:
+                self.shm.close()
 
     def _announce(self) -> None:
-        with self.lock:
-            if not self.versions:
-                return
-            newest = next(reversed(self.versions))
-        self.seq += 1
-        self.notify_sock.send_multipart(
-            wire.encode({"op": "notify", "version": str(newest), "seq": self.seq})
-        )
+        newest = self.newest()
+        dead = [
+            c for c, seen in self.children.items() if time.monotonic() - seen > 3 * self.cfg.parent_timeout_s
+        ]
+        for c in dead:
+            del self.children[c]
+        self.counters["children"] = len(self.children)
+        if newest is not None:
+            self.notify_sock.send_multipart(
+                protocol.notify(str(newest), self.seq, self.name, self._shm_name())
+            )
+        else:  # a heartbeat still: children must know their parent lives before any version
+            self.notify_sock.send_multipart(protocol.notify("", self.seq, self.name, ""))
+
+    def _shm_name(self) -> str:
+        return self.shm.tag if self.shm is not None else ""
+
+    def _landed(self, note: str) -> None:
+        kind, _, text = note.partition(" ")
+        version = Version.parse(text)
+        waiting = self.parked.pop(version, [])
+        if kind == "landed":
+            self.seq += 1
+            if version == self.newest():
+                self.notify_sock.send_multipart(
+                    protocol.notify(str(version), self.seq, self.name, self._shm_name())
+                )
+            with self.lock:
+                entry = self.versions.get(version)
+            for p in waiting:
+                self._send_version(p.ident, entry)
+        else:
+            for p in waiting:
+                self.fetch_sock.send_multipart(
+                    [p.ident, *wire.error_reply("unknown_version", f"upstream does not hold {version}")]
+                )
+
+    def _send_version(self, ident: bytes, entry: Entry | None) -> None:
+        if entry is None:
+            self.fetch_sock.send_multipart([ident, *wire.error_reply("unknown_version", "evicted")])
+            return
+        self.fetch_sock.send_multipart([ident, *entry.frames], copy=False)
+        self.counters["served_bytes_total"] += entry.manifest.size
+
+    def _expire_parked(self, now: float) -> None:
+        for version in list(self.parked):
+            keep = [p for p in self.parked[version] if p.deadline > now]
+            for p in self.parked[version]:
+                if p.deadline <= now:
+                    self.fetch_sock.send_multipart(
+                        [p.ident, *wire.error_reply("unknown_version", f"{version} did not arrive in time")]
+                    )
+            if keep:
+                self.parked[version] = keep
+            else:
+                del self.parked[version]
 
     def _handle(self, frames: list[bytes]) -> None:
         ident = frames[0]
-        self.counters["fetch_requests_total"] += 1
         try:
             msg = wire.decode(frames[1:], MAX_REQUEST_BYTES)
-            with self.lock:
-                if msg.op == "latest":
-                    version = next(reversed(self.versions), None)
-                elif msg.op == "get":
-                    version = Version.parse(str(msg.header.get("version", "")))
-                else:
-                    raise ProtocolError(f"unknown op {msg.op!r}")
-                reply = self.versions.get(version) if version else None
-            if reply is None:
+            self.children[ident] = time.monotonic()
+            if msg.op == "hb":
+                return
+            self.counters["fetch_requests_total"] += 1
+            if msg.op == "hello":
+                # Pin cells are handed out by the node, not the ring: they stay valid when a
+                # larger version makes the node open a new ring under a new tag.
+                reader = self.next_reader if self.shm_tag and self.next_reader < MAX_READERS else None
+                self.next_reader += reader is not None
+                newest = self.newest()
                 self.fetch_sock.send_multipart(
                     [
                         ident,
-                        *wire.error_reply("unknown_version", f"this node does not hold {version}"),
+                        *wire.encode(
+                            {
+                                "op": "hello",
+                                "version": str(newest) if newest else "",
+                                "seq": self.seq,
+                                "node": self.name,
+                                "host": protocol.HOST,
+                                "shm": self._shm_name(),
+                                "reader": -1 if reader is None else reader,
+                            }
+                        ),
                     ]
                 )
                 return
-            self.fetch_sock.send_multipart([ident, *reply], copy=False)
+            if msg.op == "latest":
+                version = self.newest()
+            elif msg.op == "get":
+                version = Version.parse(protocol.header_str(msg.header, "version"))
+            else:
+                raise ProtocolError(f"unknown op {msg.op!r}")
+            with self.lock:
+                entry = self.versions.get(version) if version else None
+            if entry is not None:
+                self._send_version(ident, entry)
+            elif msg.op == "get" and sum(map(len, self.parked.values())) < MAX_PARKED:
+                # Single flight: park the child; one upstream fetch serves every parked child.
+                self.parked.setdefault(version, []).append(
+                    Parked(ident, time.monotonic() + self.cfg.request_timeout_s)
+                )
+                with self.lock:
+                    ask = version not in self.in_flight
+                    self.in_flight.add(version)
+                if ask:
+                    self.wanted.put(version)
+            else:
+                self.fetch_sock.send_multipart(
+                    [ident, *wire.error_reply("unknown_version", f"this node does not hold {version}")]
+                )
         except (ProtocolError, ValueError, TypeError, KeyError) as exc:
             # Input that slipped past the schema checks must not take the node down either.
             self.counters["rejected_total"] += 1
             self.fetch_sock.send_multipart([ident, *wire.error_reply("bad_request", str(exc))])
 
+    # ---- upstream thread --------------------------------------------------------------
+    def _parent_name(self) -> str:
+        p = self.parents[self.parent_index]
+        return "redis" if p.is_redis else p.fetch
+
     def _upstream(self, stop: threading.Event, wake_addr: str) -> None:
         wake = self.ctx.socket(zmq.PAIR)
         wake.connect(wake_addr)
-        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
         try:
-            pubsub.subscribe(self.keys.model_notify)
             while not stop.is_set():
-                try:
-                    pubsub.get_message(timeout=self.cfg.poll_s)
-                    # Whatever woke us, the latest pointer is the truth (clone pattern).
-                    latest = self.r.get(self.keys.model_latest)
-                    if latest is not None and self._fetch(Version.parse(latest)):
-                        wake.send(b"")
-                except (redis.RedisError, ProtocolError):
-                    self.counters["upstream_errors_total"] += 1
-                    stop.wait(self.cfg.poll_s)
+                parent = self.parents[self.parent_index]
+                follow = self._follow_redis if parent.is_redis else self._follow_node
+                follow(parent, stop, wake)  # returns when the parent is lost or on stop
+                if stop.is_set():
+                    break
+                self.parent_index = (self.parent_index + 1) % len(self.parents)
+                self.counters["failovers_total"] += 1
+                self.counters["parent"] = self._parent_name()
         finally:
-            pubsub.close()
             wake.close(0)
 
-    def _fetch(self, version: Version) -> bool:
+    def _want_newer(self, version: Version) -> None:
+        newest = self.newest()
         with self.lock:
-            if self.versions and version <= next(reversed(self.versions)):
-                return False
-        manifest, chunks = blob.read(self.r, self.keys, version)
-        blob.unpack(manifest, chunks)  # digest check: never pass on a corrupt version
-        frames = wire.encode(
-            {"op": "version", "manifest": manifest.to_fields()},
-            {f"c{i}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(chunks)},
-        )
+            if (newest is None or version > newest) and version not in self.in_flight:
+                self.in_flight.add(version)
+                self.wanted.put(version)
+
+    def _drain_wanted(self, fetch, wake: zmq.Socket) -> None:
+        """Fetch every wanted version, newest-first (stale intermediate ones are skipped)."""
+        wanted = set()
+        while True:
+            try:
+                wanted.add(self.wanted.get_nowait())
+            except queue.Empty:
+                break
+        for version in sorted(wanted, reverse=True):
+            if version not in wanted:
+                continue
+            ok = False
+            try:
+                newest = self.newest()
+                with self.lock:
+                    held = version in self.versions
+                parked = version in self.parked
+                if held:
+                    ok = True
+                elif newest is not None and version < newest and not parked:
+                    ok = False  # superseded before we got to it, and no child is waiting
+                else:
+                    manifest, frames, chunks = fetch(version)
+                    self._store(manifest, frames, chunks)
+                    ok = True
+            except (redis.RedisError, ProtocolError, zmq.ZMQError) as exc:
+                self.counters["upstream_errors_total"] += 1
+                self.counters["last_upstream_error"] = str(exc)[:200]
+            except ParentLost:
+                # Ask again of the next parent; parked children keep waiting meanwhile.
+                for v in wanted:
+                    self.wanted.put(v)
+                raise
+            with self.lock:
+                self.in_flight.discard(version)
+            wake.send_string(f"{'landed' if ok else 'failed'} {version}")
+            wanted.discard(version)
+
+    def _store(self, manifest: blob.Manifest, frames: list, chunks: list) -> None:
+        payload = blob.check_payload(manifest, chunks)  # never pass on a corrupt version
+        self.counters["upstream_fetches_total"] += 1
+        self.counters["upstream_bytes_total"] += manifest.size
+        entry = Entry(manifest, frames, payload if manifest.codec == "raw" else None)
+        if self.shm_tag:
+            self._to_shm(entry, chunks)
         with self.lock:
-            self.versions[version] = frames
-            while len(self.versions) > self.cfg.keep_versions:
-                self.versions.popitem(last=False)
+            self.versions[manifest.version] = entry
+            self.versions.move_to_end(manifest.version)
+            self.versions = OrderedDict(sorted(self.versions.items()))
+            self._evict()
+            newest = next(reversed(self.versions))
         self.counters["versions_fetched_total"] += 1
-        self.counters["policy_version"] = str(version)
-        return True
+        self.counters["policy_version"] = str(newest)
+
+    def _evict(self) -> None:
+        """Keep the newest `keep_versions`, plus the keyframe the newest int8delta needs."""
+        bases = {e.manifest.base for e in self.versions.values() if e.manifest.base}
+        while len(self.versions) > self.cfg.keep_versions:
+            for v in self.versions:
+                if str(v) not in bases:
+                    del self.versions[v]
+                    break
+            else:
+                break
+
+    def _to_shm(self, entry: Entry, chunks: list) -> None:
+        m = entry.manifest
+        base = None
+        if m.codec == "int8delta":
+            with self.lock:
+                keyframe = self.versions.get(Version.parse(m.base))
+            base = keyframe.decoded if keyframe is not None else None
+        try:
+            decoded = blob.decode(m, chunks, base)
+        except ProtocolError:
+            self.counters["shm_skipped_total"] += 1  # children fetch it over the socket instead
+            return
+        if self.shm is None or self.shm.capacity < len(decoded):
+            if self.shm is not None:
+                self.shm.close()
+            self.shm = ShmWriter(f"{self.shm_tag}-{m.version}", len(decoded), self.cfg.shm_slots)
+        if not self.shm.publish(m, decoded):
+            self.counters["shm_skipped_total"] += 1
+
+    def _follow_redis(self, parent: Parent, stop: threading.Event, wake: zmq.Socket) -> None:
+        assert self.r is not None
+        pubsub = self.r.pubsub(ignore_subscribe_messages=True)
+        failing_since: float | None = None
+        next_poll = 0.0
+        try:
+            while not stop.is_set():
+                try:
+                    if pubsub.connection is None:
+                        pubsub.subscribe(self.keys.model_notify)
+                    note = pubsub.get_message(timeout=0.05)
+                    if note is not None and note.get("type") == "message":
+                        self._want_newer(Version.parse(note["data"]))
+                    if time.monotonic() >= next_poll or not self.wanted.empty():
+                        # Whatever woke us, the latest pointer is the truth (clone pattern).
+                        latest = self.r.get(self.keys.model_latest)
+                        if latest is not None:
+                            self._want_newer(Version.parse(latest))
+                        next_poll = time.monotonic() + self.cfg.poll_s
+                    self._drain_wanted(self._fetch_redis, wake)
+                    failing_since = None
+                except (redis.RedisError, ProtocolError) as exc:
+                    self.counters["upstream_errors_total"] += 1
+                    self.counters["last_upstream_error"] = str(exc)[:200]
+                    failing_since = failing_since or time.monotonic()
+                    if len(self.parents) > 1 and time.monotonic() - failing_since > self.cfg.parent_timeout_s:
+                        return
+                    stop.wait(0.1)
+        finally:
+            with contextlib.suppress(redis.RedisError):
+                pubsub.close()
+
+    def _fetch_redis(self, version: Version) -> tuple[blob.Manifest, list, list]:
+        assert self.r is not None
+        manifest, chunks = blob.read(self.r, self.keys, version)
+        return manifest, protocol.version_frames(manifest, chunks), chunks
+
+    def _follow_node(self, parent: Parent, stop: threading.Event, wake: zmq.Socket) -> None:
+        self._sub = self.ctx.socket(zmq.SUB)
+        self._sub.setsockopt(zmq.LINGER, 0)
+        self._sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self._sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
+        self._sub.connect(parent.notify)
+        self._req = self._dealer(parent)
+        self._last_heard = time.monotonic()
+        self._last_seq: int | None = None
+        next_hb = 0.0
+        try:
+            while not stop.is_set():
+                if self._sub.poll(50):
+                    self._read_notifies()
+                now = time.monotonic()
+                if now - self._last_heard > self.cfg.parent_timeout_s:
+                    return  # parent silent: fail over
+                if now >= next_hb:
+                    self._req.send_multipart(wire.encode({"op": "hb", "child": self.name}))
+                    next_hb = now + self.cfg.heartbeat_s
+                self._drain_wanted(self._fetch_node, wake)
+        except ParentLost:
+            return
+        finally:
+            self._sub.close(0)
+            self._req.close(0)
+
+    def _read_notifies(self) -> None:
+        while True:
+            try:
+                _, version, seq = protocol.recv_notify(self._sub)
+            except zmq.Again:
+                return
+            except ProtocolError:
+                self.counters["rejected_total"] += 1
+                continue
+            self._last_heard = time.monotonic()
+            if self._last_seq is not None and seq > self._last_seq + 1:
+                self.counters["missed_notifications_total"] += seq - self._last_seq - 1
+            self._last_seq = seq if self._last_seq is None else max(self._last_seq, seq)
+            if version is not None:
+                self._want_newer(version)
+
+    def _dealer(self, parent: Parent) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_BYTES)
+        sock.connect(parent.fetch)
+        return sock
+
+    def _fetch_node(self, version: Version) -> tuple[blob.Manifest, list, list]:
+        self._req.send_multipart(wire.encode({"op": "get", "version": str(version)}))
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        while time.monotonic() < deadline:
+            if self._req.poll(50):
+                frames = self._req.recv_multipart(copy=False)
+                manifest, chunks = protocol.parse_version(frames)
+                if manifest.version != version:
+                    continue  # a late reply to an earlier request
+                # Forward the very frames we received: no re-encoding, no copy.
+                return manifest, frames, chunks
+            self._read_notifies()  # heartbeats keep arriving during a long transfer
+            if time.monotonic() - self._last_heard > self.cfg.parent_timeout_s:
+                raise ParentLost(f"parent went silent while sending {version}")
+        # Lazy pirate: a fresh socket so a late reply is never taken for the next one.
+        self._req.close(0)
+        self._req = self._dealer(self.parents[self.parent_index])
+        raise ProtocolError(f"parent did not send {version} within {self.cfg.request_timeout_s}s")
+
+
+class ParentLost(Exception):
+    """The node parent stopped beating: the upstream thread moves to the next candidate."""

@@ -3,6 +3,8 @@
 canopy up [--env ID] [--set k=v ...]          the embedded local cluster
 canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
 canopy bench e2e --env ID --seeds N --json FILE
+canopy bench broadcast --actors N --model-mb M --json FILE
+canopy bench checkpoint --state-mb 128 --json FILE
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
 """
 
@@ -89,6 +91,18 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.bench == "replay":
+        from cluster.bench import replay
+
+        return replay.main(args)
+    if args.bench == "broadcast":
+        from cluster.bench import broadcast
+
+        return broadcast.main(args)
+    if args.bench == "checkpoint":
+        from cluster.bench import checkpoint
+
+        return checkpoint.main(args)
     from cluster.bench import e2e
 
     return e2e.main(args)
@@ -170,6 +184,36 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--json", required=True, help="file for the result")
     e2e.add_argument("--no-baseline", action="store_true", help="skip SB3 PPO even if installed")
     e2e.set_defaults(func=_bench)
+    bc = bench_sub.add_parser("broadcast", help="model broadcast: cache tree vs flat Redis vs one PUB socket")
+    bc.add_argument("--actors", type=int, default=1000)
+    bc.add_argument("--model-mb", type=float, default=8.0)
+    bc.add_argument("--hosts", type=int, default=2, help="simulated hosts (one leaf node + shm ring each)")
+    bc.add_argument("--tier1", type=int, default=1, help="cache nodes directly under Redis")
+    bc.add_argument("--workers", type=int, default=0, help="actor processes (default: one per host)")
+    bc.add_argument("--versions", type=int, default=3)
+    bc.add_argument("--codec", default="raw", choices=("raw", "bf16", "int8delta"))
+    bc.add_argument("--keyframe-every", type=int, default=16)
+    bc.add_argument("--json", required=True)
+    bc.set_defaults(func=_bench)
+    rb = bench_sub.add_parser("replay", help="replay shard throughput across processes vs numpy and ZeroMQ")
+    rb.add_argument("--json", required=True, help="file for the result")
+    rb.add_argument("--atari-items", type=int, default=5000, help="Atari-size transitions per shard")
+    rb.set_defaults(func=_bench)
+    ck = bench_sub.add_parser("checkpoint", help="cost of checkpointing to Redis shards; recovery time")
+    ck.add_argument("--state-mb", type=float, default=128.0, help="state size (online+target+Adam)")
+    ck.add_argument("--duration", type=float, default=60.0, help="seconds of training per arm")
+    ck.add_argument("--period", type=float, default=15.0, help="seconds between checkpoints")
+    ck.add_argument("--batch", type=int, default=64, help="training batch size")
+    ck.add_argument("--shards", type=int, default=4, help="redis-server processes")
+    ck.add_argument("--hosts", type=int, default=2, help="pretend hosts the shards are grouped into")
+    ck.add_argument("--replicas", type=int, default=2, help="R: copies of every chunk")
+    ck.add_argument("--recovery-trials", type=int, default=2)
+    ck.add_argument("--baseline-trials", type=int, default=3)
+    ck.add_argument("--no-recovery", action="store_true", help="skip the kill/recovery trials")
+    ck.add_argument("--no-dcp", action="store_true", help="skip the torch.distributed.checkpoint baseline")
+    ck.add_argument("--workdir", help="parent of the temporary directory (the torch.save disk)")
+    ck.add_argument("--json", required=True, help="file for the result")
+    ck.set_defaults(func=_bench)
     return parser
 
 

@@ -53,6 +53,17 @@ class ReplayConfig:
     max_frame_mb: int = 64
     max_pending: int = 256  # requests parked by the rate limiter, per shard
     sample_wait_s: float = 2.0  # a parked sample request is answered `not_ready` after this
+    # Tables (replay/table.py, replay/selectors.py): uniform | prioritized | fifo | lifo |
+    # min_heap | max_heap for sampling; uniform | fifo | lifo | min_heap | max_heap for removal.
+    sampler: str = "uniform"
+    remover: str = "fifo"
+    max_times_sampled: int = 0  # 0: unlimited; 1 with fifo/fifo makes a queue
+    extra_tables: list[str] = field(default_factory=list)  # "name:sampler:remover[:mts[:capacity]]"
+    capacity_mb: int = 0  # byte bound per shard on top of `capacity` (0: items only)
+    priority_exponent: float = 0.6  # alpha: P(i) ~ p_i ** alpha
+    importance_exponent: float = 0.4  # beta at the start, annealed linearly ...
+    importance_exponent_final: float = 1.0  # ... to this ...
+    importance_anneal_updates: int = 100_000  # ... over this many learner batches
 
 
 @dataclass
@@ -60,6 +71,15 @@ class CacheConfig:
     nodes: int = 1
     keep_versions: int = 4
     poll_s: float = 1.0  # re-read `model:latest` this often in case a notification was missed
+    heartbeat_s: float = 0.25  # notify re-sent (and child heartbeats sent) this often
+    parent_timeout_s: float = 1.0  # a parent silent this long is replaced by the next candidate
+    request_timeout_s: float = 5.0  # a fetch unanswered this long is retried on a fresh socket
+    codec: str = "raw"  # raw | bf16 | int8delta (cache/codecs.py)
+    codec_levels: int = 256  # K of int8delta
+    keyframe_every: int = 16  # int8delta: one raw keyframe per this many versions
+    shm: bool = True  # leaf nodes hand weights to same-host actors through shared memory
+    shm_slots: int = 3  # versions in the host's shared-memory ring
+    fanout: int = 0  # children per node; 0 = chosen by the topology planner
 
 
 @dataclass
@@ -151,6 +171,12 @@ _MINIMUMS: dict[str, float] = {
     "replay.max_frame_mb": 1,
     "replay.max_pending": 1,
     "replay.sample_wait_s": 0.01,
+    "replay.max_times_sampled": 0,
+    "replay.capacity_mb": 0,
+    "replay.priority_exponent": 0,
+    "replay.importance_exponent": 0,
+    "replay.importance_exponent_final": 0,
+    "replay.importance_anneal_updates": 1,
     "cache.nodes": 1,
     "cache.keep_versions": 1,
     "cache.poll_s": 0.05,
@@ -178,6 +204,9 @@ _MINIMUMS: dict[str, float] = {
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
     "checkpoint.placement": ("auto", "group", "ring"),
+    "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
+    "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),
+    "cache.codec": ("raw", "bf16", "int8delta"),
 }
 
 

@@ -14,7 +14,7 @@ from collections import deque
 import numpy as np
 import redis
 
-from cache import blob
+from cache import blob, codecs
 from cluster.keys import Keys
 from cluster.version import Version
 from learner.checkpoint.lease import Fenced, Lease
@@ -35,8 +35,20 @@ class Publisher:
     version = pub.publish(net.export(), step=100, arch="mlp", checkpoint="7.100")
     """
 
-    def __init__(self, r: redis.Redis, keys: Keys, learner_id: int, keep: int, lease: Lease | None = None):
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        learner_id: int,
+        keep: int,
+        lease: Lease | None = None,
+        encoder: codecs.Encoder | None = None,
+    ):
         self.r, self.keys, self.learner_id, self.keep, self.lease = r, keys, learner_id, keep, lease
+        self.encoder = encoder
+        if encoder is not None and encoder.codec == "int8delta":
+            # A delta is useless without its keyframe: keep versions back to the newest one.
+            self.keep = max(keep, encoder.keyframe_every + 1)
         self.epoch = lease.epoch if lease is not None else int(r.incr(keys.epoch))
         self.published: deque[blob.Manifest] = deque()
         self._fenced = r.register_script(FENCED_PUBLISH)
@@ -44,7 +56,7 @@ class Publisher:
     def publish(self, state: dict[str, np.ndarray], step: int, arch: str, checkpoint: str = "") -> Version:
         """Write a version and make it the latest; raises Fenced if the lease is no longer ours."""
         version = Version(self.epoch, step)
-        manifest, chunks = blob.pack(state, version, arch, self.learner_id)
+        manifest, chunks = blob.pack(state, version, arch, self.learner_id, encoder=self.encoder)
         if self.lease is None:
             blob.write(self.r, self.keys, manifest, chunks)
         else:
@@ -69,6 +81,8 @@ class Publisher:
             "digest": manifest.digest,
             "published_at": f"{manifest.published_at:.6f}",
             "checkpoint": checkpoint or "-",  # the checkpoint this learner's state descends from
+            "parent": manifest.parent or "-",
+            "codec": manifest.codec,
         }
         args = [self.lease.token, str(v), self.keys.model_notify]
         for k, val in ledger.items():

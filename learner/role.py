@@ -1,10 +1,11 @@
 """`canopy learner --id N [--standby]`: sample from replay, train, publish, checkpoint.
 
 build (env spaces, network, algorithm, Redis shard clients: everything a warm standby
-keeps ready) -> lease (wait until no other learner holds it; take a new epoch) ->
-restore (newest checkpoint with every chunk valid on some shard) -> run (next batch,
-update, publish every `publish_every` updates, capture a checkpoint every
-`checkpoint.every_s` for the background writer) -> report (stats hash, events).
+keeps ready, plus the newest checkpoint, prefetched while it waits) -> lease (wait until
+no other learner holds it; take a new epoch) -> restore (newest checkpoint with every
+chunk valid on some shard) -> run (next batch, update, publish every `publish_every`
+updates, capture a checkpoint every `checkpoint.every_s` for the background writer) ->
+report (stats hash, events).
 A learner that loses its lease stops: it can neither publish nor commit (fencing).
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from actors.envs import spaces
+from cache.codecs import Encoder
 from cluster.config import Config, to_dict
 from cluster.errors import DeadlineExceeded
 from cluster.keys import Keys
@@ -25,6 +27,7 @@ from cluster.telemetry import Telemetry
 from learner.algorithms.dqn import DQN, Batch
 from learner.checkpoint.lease import Fenced, Lease
 from learner.checkpoint.placement import make_plan, shard_hosts_of
+from learner.checkpoint.prefetch import Prefetcher
 from learner.checkpoint.state import Capturer, restore
 from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
@@ -71,6 +74,8 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     lease = Lease(r, keys, ident, ck.lease_ttl_s)
     if standby or lease.holder() is not None:
         tel.set_state("standby")
+    # A standby keeps the newest checkpoint read and verified while it waits (warm state).
+    prefetch = Prefetcher(store) if ck.enabled and (standby or lease.holder() is not None) else None
     try:
         if standby:
             # A standby only takes over: it leaves a fresh run's first lease to the primary.
@@ -78,6 +83,8 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 pass
         lease.acquire(timeout=None, stop=stop)
     except DeadlineExceeded:
+        if prefetch is not None:
+            prefetch.take(timeout=1.0)
         tel.close()
         return
     t_lease = time.monotonic()
@@ -88,7 +95,10 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     parent = "-"
     counters: dict = {}
     if ck.enabled:
-        loaded = store.recover()
+        loaded = prefetch.take() if prefetch is not None else None
+        prefetched = loaded is not None
+        if loaded is None:
+            loaded = store.recover()
         if loaded is not None:
             counters = restore(algo, loaded.snapshot)
             parent = loaded.ckpt
@@ -97,12 +107,15 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 ckpt=loaded.ckpt,
                 epoch=lease.epoch,
                 seconds=round(time.monotonic() - t_lease, 3),
+                prefetched=int(prefetched),
                 bad_replicas=len(loaded.bad_replicas),
                 skipped=len(loaded.skipped),
                 detail="; ".join((loaded.skipped + loaded.bad_replicas)[:5])[:500],
             )
-    publisher = Publisher(r, keys, ident, lc.keep_versions, lease=lease)
-    writer = Writer(store, ident, tel.event, on_fenced=stop.set)
+    encoder = Encoder(cfg.cache.codec, cfg.cache.codec_levels, cfg.cache.keyframe_every)
+    publisher = Publisher(r, keys, ident, lc.keep_versions, lease=lease, encoder=encoder)
+    # The lease's local deadline guards every commit, and every publish below.
+    writer = Writer(store, ident, tel.event, on_fenced=stop.set, guard=lease.check)
     capturer = Capturer(pin=device.type == "cuda")
     sampler = SampleClient(
         cfg.cluster.replay, lc.batch_size, lc.samples_in_flight, cfg.replay.max_frame_mb * 2**20
@@ -122,6 +135,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     )
     version = None
     try:
+        lease.check()
         version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=parent)
         c["versions_published_total"] += 1
         c["policy_version"] = str(version)
@@ -142,6 +156,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 c["policy_lag_mean"] = float(version.step - data_steps.mean())
             if algo.updates % lc.publish_every == 0:
                 lineage = writer.last_committed or parent
+                lease.check()  # no round trip: a learner resumed past its TTL stops here
                 version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=lineage)
                 c["versions_published_total"] += 1
                 c["policy_version"] = str(version)

@@ -11,6 +11,12 @@ sample is allowed (the table is past min_size, since diff only exceeds offset af
 min_size items went in); a sample is refused only when diff - batch < min_diff, and
 then diff < max_diff, so an insert is allowed. One side can always move.
 With spi = 0 the limiter only enforces min_size.
+
+Runtime changes (`configure` op, replay/server.py) build a new limiter that keeps the
+inserted/sampled counts, then serve parked requests at once. The argument above holds for
+the new band as long as the new error_buffer still satisfies the same two conditions; a
+diff left outside the new band moves back in because the side that pulls it back is the
+one allowed to proceed.
 """
 
 from __future__ import annotations

@@ -185,24 +185,22 @@ class Order:
         need = k
         while need > 0 and self.tail > self.head:
             window = min(max(2 * need, 64), self.tail - self.head)
-            if self.lifo:
-                counters = self.tail - 1 - np.arange(window)
-            else:
-                counters = self.head + np.arange(window)
+            step = np.arange(window)
+            counters = self.tail - 1 - step if self.lifo else self.head + step
             idx = counters % self.size
             slots = self.ring_slot[idx]
             valid = self.cur_seq[slots] == self.ring_seq[idx]
             picked = np.flatnonzero(valid)[:need]
             found.append(slots[picked])
             need -= len(picked)
-            # Everything before the last pick (or the whole window) is consumed or stale.
-            used = int(picked[-1]) + 1 if need == 0 and len(picked) else window
-            if remove or not valid[:used].any() or need > 0:
-                advance = used if remove else int(np.argmax(valid)) if valid.any() else window
-                if self.lifo:
-                    self.tail -= advance
-                else:
-                    self.head += advance
+            if remove:  # picked entries and the stale ones between them are used up
+                advance = int(picked[-1]) + 1 if need == 0 else window
+            else:  # only the leading stale entries can go; the picked item stays
+                advance = int(picked[0]) if len(picked) else window
+            if self.lifo:
+                self.tail -= advance
+            else:
+                self.head += advance
         slots = np.concatenate(found) if found else np.zeros(0, np.int64)
         if remove:
             self.cur_seq[slots] = -1

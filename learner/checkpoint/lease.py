@@ -7,6 +7,13 @@ checkpoint commit runs a Lua script that first compares the lease value with thi
 learner's token (`FENCED_*` below), so the check and the write are one atomic step in
 Redis. A learner that lost its lease (paused, partitioned, restarted after a kill) finds
 another token there and can neither publish nor commit, even if it comes back.
+
+The holder also enforces the TTL on its own clock: `deadline` is the monotonic time at
+which Redis may expire the lease, counted from the moment the last successful acquire or
+renewal was *sent* (Redis starts the TTL later than that, never earlier). Past the
+deadline minus a small margin the learner treats itself as fenced (`check` raises,
+`lost` is set), so a holder that was paused or whose Redis is slow stops before a
+successor can possibly take over, not only when its next script is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ return 1
 """
 
 
+# Clock-rate slack between this host and Redis: the local deadline ends this much early.
+DEADLINE_MARGIN_S = 0.05
+
+
 class Fenced(CanopyError):
     """This learner's lease is gone: another learner (a newer epoch) is in charge."""
 
@@ -52,17 +63,40 @@ class Lease:
         self.epoch = 0
         self.token = ""
         self.lost = threading.Event()
+        self.deadline = 0.0  # monotonic; past it this learner holds no lease (see module doc)
         self._acquire = r.register_script(ACQUIRE)
         self._renew = r.register_script(RENEW)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def try_acquire(self) -> bool:
+        sent = time.monotonic()
         epoch = int(self._acquire(keys=[self.keys.lease, self.keys.epoch], args=[self.learner, self._ttl_ms]))
         if epoch:
             self.epoch, self.token = epoch, f"{epoch}:{self.learner}"
+            self.deadline = sent + self.ttl_s
             self.lost.clear()
         return bool(epoch)
+
+    def remaining(self) -> float:
+        """Seconds this learner may still act as the holder, by its own clock (<= 0: fenced)."""
+        return self.deadline - max(self.ttl_s * 0.05, DEADLINE_MARGIN_S) - time.monotonic()
+
+    def check(self) -> None:
+        """Raise Fenced unless the lease is held and its local deadline has not passed.
+
+        Called before every publish and checkpoint commit, in addition to the atomic token
+        check in Redis: it needs no round trip, so a learner resumed after a long pause
+        stops at once instead of acting on a lease that may already be someone else's.
+        """
+        if self.lost.is_set():
+            raise Fenced(f"learner {self.learner} epoch {self.epoch} lost its lease")
+        if self.remaining() <= 0:
+            self.lost.set()
+            raise Fenced(
+                f"learner {self.learner} epoch {self.epoch}: lease not renewed within its "
+                f"{self.ttl_s:.2f}s TTL (local deadline passed)"
+            )
 
     def acquire(
         self, timeout: float | None, stop: threading.Event | None = None, poll_s: float = 0.05
@@ -91,9 +125,19 @@ class Lease:
         return value.decode() if value is not None else None
 
     def renew(self) -> bool:
-        """Extend the lease if it is still ours; False (and `lost` set) when it is not."""
+        """Extend the lease if it is still ours; False (and `lost` set) when it is not.
+
+        A lease whose local deadline already passed is never renewed: this learner has
+        stopped acting as the holder, and extending the key would only delay a successor.
+        """
+        sent = time.monotonic()
+        if self.lost.is_set() or self.remaining() <= 0:
+            self.lost.set()
+            return False
         ok = bool(self._renew(keys=[self.keys.lease], args=[self.token, self._ttl_ms]))
-        if not ok:
+        if ok and not self.lost.is_set():
+            self.deadline = sent + self.ttl_s
+        else:
             self.lost.set()
         return ok
 
@@ -101,15 +145,13 @@ class Lease:
         """Renew every TTL/4 on a daemon thread; call `on_lost` once if the lease goes."""
 
         def loop() -> None:
-            last_ok = time.monotonic()
-            while not self._stop.wait(self.ttl_s / 4):
+            while not self._stop.wait(min(self.ttl_s / 4, max(self.remaining(), 0.0))):
                 try:
                     if self.renew():
-                        last_ok = time.monotonic()
                         continue
                 except redis.RedisError:
-                    # Unreachable: the lease may still be ours, but not past its TTL.
-                    if time.monotonic() - last_ok < self.ttl_s:
+                    # Unreachable: the lease may still be ours, but not past its local deadline.
+                    if self.remaining() > 0:
                         continue
                     self.lost.set()
                 on_lost()

@@ -12,7 +12,9 @@ Data flow: writer thread -> `CheckpointStore.write(snapshot)`:
 Recovery (`recover`) walks committed ids newest first, and loads the first whose every
 chunk has a reachable replica with the right length and digest; corrupt or missing
 replicas are reported and skipped. `repair` re-replicates chunks of retained
-checkpoints until each has R valid copies on live shards again.
+checkpoints until each has R valid copies on live shards again; the writer runs it by
+itself when a write finds a shard that stopped answering (`last_dead`, writer.py).
+Before each commit, `guard` (the lease's local deadline check, lease.py) runs too.
 """
 
 from __future__ import annotations
@@ -126,6 +128,7 @@ class CheckpointStore:
         self.shards, self.keys, self.plan = [fail_fast(r) for r in shards], keys, plan
         self.chunk_bytes, self.keep, self.root = chunk_bytes, keep, root
         self.rate = RateLimiter(rate_bytes_s)
+        self.last_dead: list[int] = []  # shards that did not answer when the last write was planned
         self._commit = shards[root].register_script(FENCED_COMMIT)
 
     # ---- write --------------------------------------------------------------------
@@ -136,14 +139,20 @@ class CheckpointStore:
         token: str,
         learner: int,
         on_chunk: Callable[[int], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ) -> CommitResult:
-        """Send, acknowledge, commit. Raises CheckpointFenced or redis errors; never half-visible."""
+        """Send, acknowledge, commit. Raises CheckpointFenced or redis errors; never half-visible.
+
+        `guard` runs just before the commit and raises (any CanopyError) when this learner
+        must not commit any more, e.g. `Lease.check` once the lease's local deadline passed.
+        """
         t0 = time.monotonic()
         meta = snap.meta_bytes()
         flat = memoryview(snap.flat.numpy()) if snap.nbytes else memoryview(b"")
         parts: list[memoryview] = [memoryview(meta)]
         parts += [flat[i : i + self.chunk_bytes] for i in range(0, len(flat), self.chunk_bytes)]
         live = set(self.alive())
+        self.last_dead = sorted(set(range(len(self.shards))) - live)
         placement = [self._live_placement(i, live) for i in range(len(parts))]
         # Per shard, one pipeline of a few chunks at a time: acks arrive while later
         # chunks are still being sent, and no pipeline buffers the whole state.
@@ -182,6 +191,7 @@ class CheckpointStore:
                 "created_at": time.time(),
             }
         )
+        _guarded(guard, ckpt)
         self._publish_manifest(ckpt, doc, token)
         result = CommitResult(ckpt, len(flat), len(parts), write_s, time.monotonic() - t0)
         self.retain()
@@ -335,7 +345,7 @@ class CheckpointStore:
                 continue
         return out
 
-    def repair(self, token: str) -> int:
+    def repair(self, token: str, guard: Callable[[], None] | None = None) -> int:
         """Copy chunks with fewer than R valid replicas on live shards onto other live shards.
 
         Prefers shards on hosts that do not already hold the chunk. Rewrites each changed
@@ -364,6 +374,7 @@ class CheckpointStore:
                 m["placement"][i] = good
                 changed = True
             if changed:
+                _guarded(guard, ckpt)
                 self._publish_manifest(ckpt, json.dumps(m), token)
         return copies
 
@@ -373,3 +384,13 @@ class CheckpointStore:
         except redis.RedisError:
             return False
         return data is not None and len(data) == size and digest(data) == d
+
+
+def _guarded(guard: Callable[[], None] | None, ckpt: str) -> None:
+    """Run the pre-commit guard; any refusal becomes CheckpointFenced (nothing is committed)."""
+    if guard is None:
+        return
+    try:
+        guard()
+    except CanopyError as exc:
+        raise CheckpointFenced(f"checkpoint {ckpt} not committed: {exc}") from None

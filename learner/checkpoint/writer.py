@@ -9,11 +9,16 @@ is still being written is not queued behind it (that would stall the training th
 a slow shard, or build a backlog): `submit` refuses it, and the learner keeps it due and
 captures the then-newest state as soon as the writer is free, coalescing every due
 checkpoint in between into one. The learner reports that in the events stream.
+
+Self-healing: when a write finds a shard that no longer answers (`store.last_dead`
+changed), the writer thread runs `store.repair` right after that commit, so every retained
+checkpoint has R copies on live shards again, and reports `checkpoint_repair`.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,8 +42,12 @@ class Writer:
         learner: int,
         event: Callable[..., None],
         on_fenced: Callable[[], None] | None = None,
+        guard: Callable[[], None] | None = None,
     ):
         self.store, self.learner, self.event, self.on_fenced = store, learner, event, on_fenced
+        self.guard = guard  # e.g. Lease.check: refuses a commit once the lease's local deadline passed
+        self.repairs = 0
+        self._repaired_dead: list[int] = []  # the dead shards the last repair already covered
         self.last: CommitResult | None = None
         self.last_committed = ""  # id of the newest checkpoint this learner committed
         self.commits = 0
@@ -84,7 +93,7 @@ class Writer:
                 snap, ckpt, token, fields = self._job
                 self._job, self.in_flight = None, snap
             try:
-                result = self.store.write(snap, ckpt, token, self.learner)
+                result = self.store.write(snap, ckpt, token, self.learner, guard=self.guard)
                 self.last, self.last_committed = result, ckpt
                 self.commits += 1
                 self.event(
@@ -96,6 +105,7 @@ class Writer:
                     commit_s=round(result.commit_s, 4),
                     **fields,
                 )
+                self._repair_if_needed(ckpt, token)
             except CheckpointFenced as exc:
                 self.failures += 1
                 self.event("fence", what="checkpoint", ckpt=ckpt, message=str(exc))
@@ -110,3 +120,33 @@ class Writer:
                 with self._cv:
                     self.in_flight = None
                     self._cv.notify_all()
+
+    def _repair_if_needed(self, ckpt: str, token: str) -> None:
+        """Re-replicate retained checkpoints once per newly dead set of shards.
+
+        Only on a change: repair reads back every retained replica, far too costly to
+        repeat after every commit while a shard stays down. A shard that comes back empty
+        needs nothing (repaired manifests no longer point at it).
+        """
+        dead = list(self.store.last_dead)
+        if not dead or not set(dead) - set(self._repaired_dead):
+            self._repaired_dead = dead
+            return
+        t0 = time.monotonic()
+        try:
+            copies = self.store.repair(token, guard=self.guard)
+        except CheckpointFenced:
+            raise  # _run reports the fence and stops the learner
+        except (redis.RedisError, CanopyError, OSError) as exc:
+            # Not remembered as repaired: the next commit tries again.
+            self.event("checkpoint_repair_failed", ckpt=ckpt, error=f"{type(exc).__name__}: {exc}"[:300])
+            return
+        self._repaired_dead = dead
+        self.repairs += 1
+        self.event(
+            "checkpoint_repair",
+            ckpt=ckpt,
+            dead_shards=",".join(map(str, dead)),
+            copies=copies,
+            seconds=round(time.monotonic() - t0, 3),
+        )

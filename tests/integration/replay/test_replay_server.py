@@ -329,3 +329,27 @@ def test_a_learner_samples_from_every_shard(replay_shard) -> None:
     finally:
         sampler.close()
     assert set(origins) == {0, 1}
+
+
+def test_a_learner_never_has_more_than_inflight_batches_sampled_ahead_of_what_it_consumed(
+    replay_shard,
+) -> None:
+    # Unused samples waste the shard and fool its samples-per-insert limiter into letting
+    # actors run ahead of the learner.
+    shard = replay_shard()
+    client = InsertClient(shard.endpoint, inflight=1)
+    try:
+        client.insert(transitions(100), timeout=TIMEOUT_S)
+        client.flush(timeout=TIMEOUT_S)
+    finally:
+        client.close()
+    batch, inflight, consumed = 8, 2, 20
+    sampler = SampleClient([shard.endpoint], batch=batch, inflight=inflight)
+    try:
+        for _ in range(consumed):
+            sampler.next(timeout=TIMEOUT_S)
+        expected = (consumed + inflight) * batch
+        wait_for(lambda: shard.stats()["samples_total"] >= expected, TIMEOUT_S, what="the refills")
+        assert shard.stats()["samples_total"] == expected
+    finally:
+        sampler.close()
