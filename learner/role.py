@@ -36,6 +36,7 @@ from learner.publisher import Publisher
 from replay.client import SampleClient
 
 SAMPLE_TIMEOUT_S = 120.0
+PRIORITY_EPS = 1e-3  # keeps every item sampleable after a near-zero TD error
 
 
 def pick_device(choice: str) -> torch.device:
@@ -117,8 +118,17 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     # The lease's local deadline guards every commit, and every publish below.
     writer = Writer(store, ident, tel.event, on_fenced=stop.set, guard=lease.check)
     capturer = Capturer(pin=device.type == "cuda")
+    rc = cfg.replay
+    prioritized = rc.sampler == "prioritized"
     sampler = SampleClient(
-        cfg.cluster.replay, lc.batch_size, lc.samples_in_flight, cfg.replay.max_frame_mb * 2**20
+        cfg.cluster.replay,
+        lc.batch_size,
+        lc.samples_in_flight,
+        rc.max_frame_mb * 2**20,
+        is_exponent=rc.importance_exponent,
+        is_exponent_final=rc.importance_exponent_final,
+        anneal_batches=rc.importance_anneal_updates,
+        seed=cfg.run.seed * 1000 + ident,
     )
     c = tel.counters
     c.update(
@@ -147,7 +157,12 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             t0 = time.monotonic()
             arrays = sampler.next(timeout=SAMPLE_TIMEOUT_S)
             c["sample_wait_seconds_total"] += time.monotonic() - t0
-            stats = algo.update(_to_batch(arrays, device))
+            stats = algo.update(_to_batch(arrays, device, prioritized))
+            if prioritized:
+                # New priorities go back fire-and-forget; the shard drops any for slots
+                # overwritten since (their generation moved on).
+                td = algo.last_td_error.cpu().numpy().astype(np.float64) + PRIORITY_EPS
+                sampler.update_priorities(arrays["shard"][0], arrays["slot"], arrays["gen"], td)
             c["updates_total"] = algo.updates
             c.update(loss=stats["loss"], q_mean=stats["q_mean"])
             if algo.updates % 50 == 0:
@@ -199,7 +214,7 @@ def _state_counters(epoch: int, c: dict, sampler: SampleClient) -> dict:
     }
 
 
-def _to_batch(arrays: dict[str, np.ndarray], device: torch.device) -> Batch:
+def _to_batch(arrays: dict[str, np.ndarray], device: torch.device, weighted: bool = False) -> Batch:
     def t(name: str) -> torch.Tensor:
         # Frames from the socket are read-only; np.require copies them into writable memory.
         return torch.from_numpy(np.require(arrays[name], requirements="W")).to(device, non_blocking=True)
@@ -210,4 +225,5 @@ def _to_batch(arrays: dict[str, np.ndarray], device: torch.device) -> Batch:
         reward=t("reward"),
         next_obs=t("next_obs"),
         discount=t("discount"),
+        weight=t("weight") if weighted else None,
     )

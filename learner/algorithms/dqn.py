@@ -24,6 +24,7 @@ class Batch:
     reward: torch.Tensor
     next_obs: torch.Tensor
     discount: torch.Tensor
+    weight: torch.Tensor | None = None  # importance-sampling weights from prioritized replay
 
 
 class DQN:
@@ -38,6 +39,7 @@ class DQN:
         self.target = copy.deepcopy(online).requires_grad_(False)
         self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr)
         self.updates = 0
+        self.last_td_error: torch.Tensor | None = None
 
     def update(self, batch: Batch) -> dict[str, float]:
         q_all = self.online(batch.obs)
@@ -53,7 +55,10 @@ class DQN:
             target = batch.reward + batch.discount * next_q
 
         # Huber loss keeps rare large TD errors from dominating a step.
-        loss = nn.functional.smooth_l1_loss(q, target)
+        per_item = nn.functional.smooth_l1_loss(q, target, reduction="none")
+        # Prioritized replay samples high-error items more often; the IS weights undo that
+        # bias in the gradient (normalised by the largest weight, so they only shrink steps).
+        loss = per_item.mean() if batch.weight is None else (batch.weight * per_item).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
@@ -63,4 +68,5 @@ class DQN:
         # Hard copy every period: the regression target moves in steps, not every update.
         if self.updates % self.cfg.target_update_period == 0:
             self.target.load_state_dict(self.online.state_dict())
+        self.last_td_error = (target - q).detach().abs()  # new priorities, for prioritized replay
         return {"loss": loss.item(), "q_mean": q.mean().item()}

@@ -141,3 +141,21 @@ def test_bootstrapped_target_uses_the_online_argmax_valued_by_the_target_net() -
         plain = torch.nn.functional.smooth_l1_loss(q, batch.reward + 0.5 * plain_max).item()
     assert expected != pytest.approx(plain)  # the case really tells double-Q from max-Q
     assert algo.update(batch)["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_items_with_importance_weight_zero_do_not_move_the_network() -> None:
+    algo = make_dqn()
+    batch = make_batch()
+    batch.weight = torch.zeros(len(batch.reward))
+    before = params(algo.online)
+    algo.update(batch)
+    assert same(before, params(algo.online))
+
+
+def test_an_update_leaves_one_absolute_td_error_per_item_for_new_priorities() -> None:
+    algo = make_dqn()
+    batch = make_batch(n=16)
+    algo.update(batch)
+    assert algo.last_td_error is not None
+    assert algo.last_td_error.shape == (16,)
+    assert bool((algo.last_td_error >= 0).all())
