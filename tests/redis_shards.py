@@ -11,9 +11,11 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import redis
 from conftest import free_port, stop_process
 
@@ -86,4 +88,18 @@ def start_shards(n: int, workdir: Path, password: str = "pw-" + "x" * 20) -> Sha
     except BaseException:
         shards.stop()
         raise
+    return shards
+
+
+def shards_fixture(n: int):
+    """A pytest fixture named by the assignment (`shards = shards_fixture(4)`): n real shards."""
+
+    @pytest.fixture
+    def shards(tmp_path: Path) -> Iterator[Shards]:
+        s = start_shards(n, tmp_path)
+        try:
+            yield s
+        finally:
+            s.stop()
+
     return shards

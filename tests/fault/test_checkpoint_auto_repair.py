@@ -5,13 +5,10 @@ Real redis-server shards; the event stream is the run's real one (Telemetry on s
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import redis
 import torch
-from redis_shards import Shards, start_shards
+from redis_shards import Shards, shards_fixture
 
 from cluster.config import LearnerConfig
 from cluster.keys import Keys
@@ -28,13 +25,7 @@ pytestmark = pytest.mark.fault
 KILLED = 2
 
 
-@pytest.fixture
-def shards(tmp_path: Path) -> Iterator[Shards]:
-    s = start_shards(4, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+shards = shards_fixture(4)
 
 
 def events_of(r: redis.Redis, keys: Keys) -> list[dict[str, str]]:

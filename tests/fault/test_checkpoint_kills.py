@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT, stop_process
-from redis_shards import Shards, start_shards
+from redis_shards import Shards, shards_fixture
 
 from cluster.keys import Keys
 from learner.checkpoint.lease import Lease
@@ -22,13 +21,7 @@ pytestmark = pytest.mark.fault
 WORKER = Path(__file__).parent / "ckpt_worker.py"
 
 
-@pytest.fixture
-def shards(tmp_path: Path) -> Iterator[Shards]:
-    s = start_shards(3, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+shards = shards_fixture(3)
 
 
 def worker(shards: Shards, mode: str) -> subprocess.Popen:

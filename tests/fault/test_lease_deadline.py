@@ -12,13 +12,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import REPO_ROOT, stop_process, wait_for
-from redis_shards import Shards, start_shards
+from redis_shards import Shards, shards_fixture
 
 from cluster.config import LearnerConfig
 from cluster.keys import Keys
@@ -37,13 +36,7 @@ TTL_S = 1.0
 KEYS = Keys("lease")
 
 
-@pytest.fixture
-def shards(tmp_path: Path) -> Iterator[Shards]:
-    s = start_shards(2, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+shards = shards_fixture(2)
 
 
 class Worker:

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 import torch
 from conftest import wait_for
-from redis_shards import Shards, start_shards
+from redis_shards import Shards, shards_fixture
 
 from cluster.config import LearnerConfig
 from cluster.keys import Keys
@@ -20,14 +16,7 @@ from learner.checkpoint.state import Capturer
 from learner.checkpoint.store import CheckpointStore
 from learner.network import QNetwork
 
-
-@pytest.fixture
-def shards(tmp_path: Path) -> Iterator[Shards]:
-    s = start_shards(3, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+shards = shards_fixture(3)
 
 
 def test_the_prefetcher_follows_new_commits_and_hands_over_only_the_newest(shards: Shards) -> None:

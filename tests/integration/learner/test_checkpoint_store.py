@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import redis
 import torch
-from redis_shards import Shards, start_shards
+from redis_shards import Shards, shards_fixture
 
 from cluster.config import LearnerConfig
 from cluster.keys import Keys
@@ -22,13 +19,7 @@ from learner.network import QNetwork
 CHUNK = 4096  # small chunks, so a tiny network still spans many of them
 
 
-@pytest.fixture
-def shards(tmp_path: Path) -> Iterator[Shards]:
-    s = start_shards(4, tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop()
+shards = shards_fixture(4)
 
 
 def trained(steps: int, seed: int = 0) -> DQN:
