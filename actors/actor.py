@@ -25,13 +25,14 @@ from cluster.version import NO_VERSION
 from replay.client import InsertClient, shard_for
 
 INSERT_TIMEOUT_S = 60.0
+PAUSE_POLL_S = 0.1
 
 
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     a, c = cfg.actors, cfg.cluster
     keys = Keys(cfg.run.name)
     r = connect(c, "actor", ident)
-    tel = Telemetry(r, keys, "actor", ident, cfg.run.heartbeat_s)
+    tel = Telemetry(r, keys, "actor", ident, cfg.run.heartbeat_s, commands=("pause", "resume"))
     tel.start()
 
     env = make_vec(cfg.env.id, a.envs)
@@ -60,7 +61,14 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel.set_state("running")
     tel.event("start", shard=shard_for(ident, len(c.replay)), cache_node=node)
     try:
+        paused = False
         while not stop.is_set():
+            while not tel.commands.empty():  # operator: RPUSH control:actor:<id> pause|resume
+                paused = tel.commands.get() == "pause"
+                tel.set_state("paused" if paused else "running")
+            if paused:
+                stop.wait(PAUSE_POLL_S)
+                continue
             update = models.poll()
             if update is not None:
                 version, manifest, arrays = update

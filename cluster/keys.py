@@ -28,6 +28,10 @@ class Keys:
         """Sorted set: member = id, score = liveness deadline (unix seconds)."""
         return f"{self.prefix}alive:{role}"
 
+    def control(self, role: str, ident: int) -> str:
+        """List: operator commands for one process (RPUSH; taken once per heartbeat)."""
+        return f"{self.prefix}control:{role}:{ident}"
+
     @property
     def events(self) -> str:
         """Stream of notable events (start, stop, publish, eval, rejected input)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ import redis
 from cluster.keys import Keys
 
 EVENTS_MAXLEN = 10_000
+MAX_COMMANDS_PER_PERIOD = 16
 
 
 class Telemetry:
@@ -31,9 +33,21 @@ class Telemetry:
         tel.event("publish", version="1.50")
     """
 
-    def __init__(self, r: redis.Redis, keys: Keys, role: str, ident: int, period_s: float):
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        role: str,
+        ident: int,
+        period_s: float,
+        commands: tuple[str, ...] = (),
+    ):
         self.r, self.keys, self.role, self.ident, self.period_s = r, keys, role, ident, period_s
         self.counters: dict[str, Any] = {}
+        # Operator commands this role understands, pushed with RPUSH onto `control:<role>:<id>`
+        # (Sidekiq-style) and taken here once per period; the role loop drains `commands`.
+        self.accepted = commands
+        self.commands: queue.SimpleQueue[str] = queue.SimpleQueue()
         self.state = "starting"
         self._static = {
             "host": socket.gethostname(),
@@ -62,7 +76,7 @@ class Telemetry:
                 approximate=True,
             )
 
-    def flush(self) -> None:
+    def flush(self, take_commands: bool = True) -> None:
         ttl = max(1, round(3 * self.period_s))
         key = self.keys.proc(self.role, self.ident)
         mapping = {**self._static, "state": self.state, "updated_at": round(time.time(), 3)}
@@ -72,14 +86,25 @@ class Telemetry:
             pipe.hset(key, mapping=mapping)
             pipe.expire(key, ttl)
             pipe.zadd(self.keys.alive(self.role), {str(self.ident): time.time() + ttl})
-            pipe.execute()
+            if take_commands and self.accepted:
+                pipe.lpop(self.keys.control(self.role, self.ident), MAX_COMMANDS_PER_PERIOD)
+            replies = pipe.execute()
         except redis.RedisError:
-            pass
+            return
+        for raw in (replies[-1] or []) if take_commands and self.accepted else []:
+            command = raw.decode("utf-8", "replace")[:64]
+            if command in self.accepted:
+                self.commands.put(command)
+                self.event("command", command=command)
+            else:
+                self.counters["rejected_commands_total"] = self.counters.get("rejected_commands_total", 0) + 1
+                accepted = ",".join(self.accepted)
+                self.event("rejected_input", what="command", command=command, accepted=accepted)
 
     def close(self, state: str = "stopped") -> None:
         self._stop.set()
         self.state = state
-        self.flush()
+        self.flush(take_commands=False)  # a command left now waits for the next process
         with contextlib.suppress(redis.RedisError):
             self.r.zrem(self.keys.alive(self.role), str(self.ident))
 

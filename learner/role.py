@@ -11,6 +11,7 @@ A learner that loses its lease stops: it can neither publish nor commit (fencing
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
@@ -60,7 +61,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     lc, ck = cfg.learner, cfg.checkpoint
     keys = Keys(cfg.run.name)
     r = connect(cfg.cluster, "learner", ident)
-    tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s)
+    tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s, commands=("checkpoint",))
     tel.start()
 
     # Build everything before asking for the lease: a standby waits here warm.
@@ -151,7 +152,8 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         c["policy_version"] = str(version)
         tel.set_state("running")
         tel.event("start", epoch=lease.epoch, device=str(device), version=str(version), checkpoint=parent)
-        next_ckpt = time.monotonic() + ck.every_s
+        period = ck.every_s if ck.every_s > 0 else math.inf  # 0: only on demand
+        next_ckpt = time.monotonic() + period
         deferred = False
         while not stop.is_set():
             t0 = time.monotonic()
@@ -175,7 +177,9 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=lineage)
                 c["versions_published_total"] += 1
                 c["policy_version"] = str(version)
-            if ck.enabled and ck.every_s > 0 and time.monotonic() >= next_ckpt:
+            if not tel.commands.empty() and tel.commands.get() == "checkpoint":
+                next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
+            if ck.enabled and time.monotonic() >= next_ckpt:
                 if writer.busy():
                     # Do not queue behind a slow write: keep it due and take the newest
                     # state once the writer is free (every due checkpoint coalesces into one).
@@ -189,7 +193,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
                 c["checkpoint_stall_ms_last"] = stall_ms
                 c["checkpoints_total"] = writer.commits
-                next_ckpt = time.monotonic() + ck.every_s
+                next_ckpt = time.monotonic() + period
                 deferred = False
     except Fenced as exc:
         tel.event("fence", what="publish", message=str(exc))

@@ -244,3 +244,38 @@ def test_a_user_error_exits_2_with_one_stderr_line_naming_the_culprit(
     assert named in lines[0]
     assert lines[0].startswith("canopy: ")
     assert not run.run_dir.exists(), "a failed start left a run directory"
+
+
+@pytest.mark.slow
+def test_operators_pause_actors_and_ask_for_a_checkpoint_through_control_lists(canopy_up) -> None:
+    from cluster import config as config_mod
+    from cluster.keys import Keys
+    from cluster.redisconn import connect
+
+    run = canopy_up("--env CartPole-v1 --stop-at-return 100000 --time-limit 300 --set checkpoint.every_s=0")
+    cluster_json = run.run_dir / "cluster.json"
+    wait_for(lambda: cluster_json.exists() or run.proc.poll() is not None, 120, what="cluster.json")
+    assert run.proc.poll() is None, f"canopy up exited early: {run.stderr_text()[-2000:]}"
+    cluster = run.cluster()
+    r = connect(config_mod.load(cluster["config"]).cluster, "test", 0)
+    keys = Keys(cluster["run"])
+
+    def state(role: str, ident: int) -> bytes | None:
+        return r.hget(keys.proc(role, ident), "state")
+
+    r.rpush(keys.control("actor", 0), "pause")
+    wait_for(lambda: state("actor", 0) == b"paused", 30, what="actor 0 to pause")
+    assert state("actor", 1) == b"running"
+    r.rpush(keys.control("actor", 0), "resume")
+    wait_for(lambda: state("actor", 0) == b"running", 30, what="actor 0 to resume")
+
+    def commits() -> int:
+        return sum(1 for _, f in r.xrange(keys.events) if f.get(b"kind") == b"checkpoint_commit")
+
+    assert commits() == 0, "checkpoint.every_s = 0 still checkpointed on its own"
+    r.rpush(keys.control("learner", 0), "checkpoint")
+    wait_for(lambda: commits() >= 1, 60, what="the requested checkpoint to commit")
+
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(EXIT_AFTER_SIGTERM_S) == 0
+    assert_all_gone(cluster)
