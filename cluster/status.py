@@ -12,15 +12,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import redis
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 from cluster import config as config_mod
-from cluster.errors import UserError
+from cluster.errors import ProtocolError, UserError
 from cluster.keys import Keys
 from cluster.redisconn import connect
+from cluster.version import Version
 
 COLUMNS = (
     ("state", "state"),
@@ -34,8 +36,8 @@ COLUMNS = (
 )
 
 
-def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
-    """Rows (one per role process in cluster.json) and whether every one is alive."""
+def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool, str]:
+    """Rows (one per role process in cluster.json), whether every one is alive, policy lag."""
     run_dir = Path(run_dir)
     try:
         cluster = json.loads((run_dir / "cluster.json").read_text())
@@ -65,11 +67,40 @@ def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool]:
         healthy &= alive
         beat = now - float(fields["updated_at"]) if "updated_at" in fields else None
         rows.append({"role": role, "id": ident, "alive": alive, "heartbeat_age_s": beat, **fields})
-    return rows, healthy
+    return rows, healthy, policy_lag(r, keys)
 
 
-def render(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="canopy status")
+def policy_lag(r: redis.Redis, keys: Keys) -> str:
+    """Lag of every actor behind the newest version, from `model:latest` and `ledger:actors`.
+
+    Within one epoch the lag is in learner steps; an actor still on an older epoch's version
+    is counted apart (steps of different epochs do not compare).
+    """
+    latest_raw, acting = r.get(keys.model_latest), r.hgetall(keys.ledger_actors)
+    if latest_raw is None or not acting:
+        return "policy lag: no version published or no actor acting yet"
+    latest = Version.parse(latest_raw)
+    lags, older_epoch = [], 0
+    for raw in acting.values():
+        try:
+            v = Version.parse(raw)
+        except ProtocolError:
+            continue
+        if v.epoch == latest.epoch:
+            lags.append(max(0, latest.step - v.step))
+        else:
+            older_epoch += 1
+    text = f"policy lag behind {latest} over {len(acting)} actors (learner steps)"
+    if lags:
+        q = np.percentile(lags, [0, 50, 90, 100])
+        text += f": min {q[0]:.0f}, p50 {q[1]:.0f}, p90 {q[2]:.0f}, max {q[3]:.0f}"
+    if older_epoch:
+        text += f"; {older_epoch} on an older epoch"
+    return text
+
+
+def render(rows: list[dict[str, Any]], caption: str = "") -> Table:
+    table = Table(title="canopy status", caption=caption or None)
     for name in ("role", "id", "alive", "beat", *(c for c, _ in COLUMNS)):
         table.add_column(name)
     for row in rows:
@@ -82,16 +113,16 @@ def render(rows: list[dict[str, Any]]) -> Table:
 def main(run_dir: str, watch: bool) -> int:
     # Piped output (probes, logs) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
-    rows, healthy = read(run_dir)
+    rows, healthy, lag = read(run_dir)
     if not watch:
-        console.print(render(rows))
+        console.print(render(rows, lag))
         return 0 if healthy else 1
-    with Live(render(rows), console=console, refresh_per_second=1) as live:
+    with Live(render(rows, lag), console=console, refresh_per_second=1) as live:
         try:
             while True:
                 time.sleep(1)
-                rows, healthy = read(run_dir)
-                live.update(render(rows))
+                rows, healthy, lag = read(run_dir)
+                live.update(render(rows, lag))
         except KeyboardInterrupt:
             pass
     return 0 if healthy else 1

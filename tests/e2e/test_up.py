@@ -211,6 +211,7 @@ def test_sigterm_stops_a_running_up_within_30_s_and_leaves_no_process(canopy_up)
     status = canopy_cli("status", str(run.run_dir))
     assert status.returncode == 0, status.stdout + status.stderr
     assert "learner" in status.stdout
+    assert "policy lag" in status.stdout
     healthy = canopy_cli("health", "learner", "0", "--config", cluster["config"])
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
 
