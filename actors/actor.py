@@ -49,7 +49,16 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
         cfg.replay.max_frame_mb * 2**20,
     )
     node = ident % len(c.cache_fetch)
-    models = ModelClient(c.cache_fetch[node], c.cache_notify[node])
+    cc = cfg.cache
+    models = ModelClient(
+        c.cache_fetch[node],
+        c.cache_notify[node],
+        request_timeout_s=cc.request_timeout_s,
+        parent_timeout_s=cc.parent_timeout_s,
+        heartbeat_s=cc.heartbeat_s,
+        use_shm=cc.shm,
+        name=f"actor-{ident}",
+    )
     models.start()
 
     policy: MLPPolicy | None = None

@@ -45,7 +45,16 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel.start()
     env = make_vec(cfg.env.id, cfg.eval.episodes)
     node = ident % len(c.cache_fetch)
-    models = ModelClient(c.cache_fetch[node], c.cache_notify[node])
+    cc = cfg.cache
+    models = ModelClient(
+        c.cache_fetch[node],
+        c.cache_notify[node],
+        request_timeout_s=cc.request_timeout_s,
+        parent_timeout_s=cc.parent_timeout_s,
+        heartbeat_s=cc.heartbeat_s,
+        use_shm=cc.shm,
+        name=f"evaluator-{ident}",
+    )
     models.start()
     tel.counters.update(evals_total=0)
     tel.set_state("running")

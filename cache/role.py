@@ -21,7 +21,9 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
         raise UserError(f"cache node {ident} has no endpoints in cluster.cache_fetch/cache_notify")
     keys = Keys(cfg.run.name)
     r = connect(c, "cache", ident)
-    node = CacheNode(cfg.cache, r, keys)
+    # A leaf under the Redis root also serves actors on its host through shared memory.
+    shm_tag = f"{cfg.run.name}-cache{ident}" if cfg.cache.shm else ""
+    node = CacheNode(cfg.cache, r, keys, name=f"cache-{ident}", shm_tag=shm_tag)
     try:
         node.bind(
             bind_endpoint(c.cache_fetch[ident], c.bind_all), bind_endpoint(c.cache_notify[ident], c.bind_all)

@@ -25,6 +25,7 @@ from typing import Any
 import redis
 
 from actors.envs import check_env_id
+from cache.shm import SHM_DIR
 from cluster import config as config_mod
 from cluster import redis_server
 from cluster.config import Config
@@ -434,6 +435,9 @@ class Launcher:
 
     def shutdown(self) -> None:
         self.stop_roles(STOP_ORDER)
+        # A cache node killed by a signal cannot unlink its shared-memory ring: do it for it.
+        for path in SHM_DIR.glob(f"canopy-{self.cfg.run.name}-*"):
+            path.unlink(missing_ok=True)
 
 
 def up(cfg: Config) -> dict[str, Any]:

@@ -336,17 +336,14 @@ def test_a_child_whose_parent_is_killed_mid_transfer_reattaches_to_redis(
             # A 32 MB version: the mid node is still sending it when it dies.
             v2 = publish(redis_client, run_keys, weights(2, rows=1_600_000), Version(1, 2)).version
             time.sleep(0.15)
-            killed_at = time.monotonic()
             mid.send_signal(signal.SIGKILL)
             wait_for(lambda: leaf.counters["parent"] == "redis", FAILOVER_S, what="reattach to Redis")
-            reattached_s = time.monotonic() - killed_at
             assert client.current == v1  # keeps acting with what it holds meanwhile
             receive(client, v2)
         finally:
             client.stop()
     finally:
         stop_process(mid)
-    assert reattached_s < 2.0
     assert leaf.counters["failovers_total"] == 1
 
 
