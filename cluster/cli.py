@@ -80,7 +80,7 @@ def _status(args: argparse.Namespace) -> int:
 def _health(args: argparse.Namespace) -> int:
     from cluster import status
 
-    return status.health(args.config, args.role, args.id)
+    return status.health(args.config, args.role, args.id, args.allow_standby)
 
 
 def _plot(args: argparse.Namespace) -> int:
@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     hl.add_argument("role")
     hl.add_argument("id", type=int)
     hl.add_argument("--config", required=True)
+    hl.add_argument(
+        "--allow-standby", action="store_true", help="a warm standby counts as healthy (liveness)"
+    )
     hl.set_defaults(func=_health)
 
     pl = sub.add_parser("plot", help="PNG of learning curves and throughput of one or more runs")

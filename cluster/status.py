@@ -128,8 +128,12 @@ def main(run_dir: str, watch: bool) -> int:
     return 0 if healthy else 1
 
 
-def health(config_file: str, role: str, ident: int) -> int:
-    """Exit code for liveness probes: 0 when `role ident` has a fresh heartbeat and is running."""
+def health(config_file: str, role: str, ident: int, allow_standby: bool = False) -> int:
+    """Exit code for probes: 0 when `role ident` has a fresh heartbeat and is running.
+
+    With `allow_standby`, a warm standby learner counts as healthy too (liveness), while
+    without it only the learner holding the lease does (readiness).
+    """
     cfg = config_mod.load(config_file)
     keys = Keys(cfg.run.name)
     r = connect(cfg.cluster, "health", 0)
@@ -139,9 +143,10 @@ def health(config_file: str, role: str, ident: int) -> int:
     except redis.RedisError as exc:
         print(f"{role} {ident}: unhealthy (Redis root unreachable: {exc})")
         return 1
-    if state != b"running" or deadline is None or deadline < time.time():
+    healthy_states = (b"running", b"standby") if allow_standby else (b"running",)
+    if state not in healthy_states or deadline is None or deadline < time.time():
         shown = state.decode() if state else "no stats hash"
         print(f"{role} {ident}: unhealthy ({shown})")
         return 1
-    print(f"{role} {ident}: healthy")
+    print(f"{role} {ident}: healthy ({state.decode()})")
     return 0

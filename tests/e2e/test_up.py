@@ -214,6 +214,10 @@ def test_sigterm_stops_a_running_up_within_30_s_and_leaves_no_process(canopy_up)
     assert "policy lag" in status.stdout
     healthy = canopy_cli("health", "learner", "0", "--config", cluster["config"])
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    standby = canopy_cli("health", "learner", "1", "--config", cluster["config"])
+    assert standby.returncode == 1, "a standby is not ready: " + standby.stdout
+    live = canopy_cli("health", "learner", "1", "--config", cluster["config"], "--allow-standby")
+    assert live.returncode == 0, live.stdout + live.stderr
 
     run.proc.send_signal(signal.SIGTERM)
     code = run.wait(EXIT_AFTER_SIGTERM_S)
