@@ -16,7 +16,7 @@ from gymnasium.vector import AutoresetMode
 from actors.adder import NStepAdder
 from actors.envs import make_vec, seed_base
 from actors.policy import MLPPolicy, epsilon_ladder
-from cache.client import ModelClient
+from cache.client import leaf_client
 from cluster.config import Config
 from cluster.keys import Keys
 from cluster.redisconn import connect
@@ -48,18 +48,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
         a.inflight_chunks,
         cfg.replay.max_frame_mb * 2**20,
     )
-    node = ident % len(c.cache_fetch)
-    cc = cfg.cache
-    models = ModelClient(
-        c.cache_fetch[node],
-        c.cache_notify[node],
-        request_timeout_s=cc.request_timeout_s,
-        parent_timeout_s=cc.parent_timeout_s,
-        heartbeat_s=cc.heartbeat_s,
-        use_shm=cc.shm,
-        name=f"actor-{ident}",
-    )
-    models.start()
+    models = leaf_client(c, cfg.cache, "actor", ident)
 
     policy: MLPPolicy | None = None
     version = NO_VERSION
@@ -68,7 +57,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     counters.update(env_steps_total=0, episodes_total=0, episode_return_mean=0.0, policy_version=str(version))
     obs, _ = env.reset(seed=seed_base(cfg.run.seed, ident, a.envs))
     tel.set_state("running")
-    tel.event("start", shard=shard_for(ident, len(c.replay)), cache_node=node)
+    tel.event("start", shard=shard_for(ident, len(c.replay)), cache_node=models.fetch_endpoint)
     try:
         paused = False
         while not stop.is_set():

@@ -15,7 +15,7 @@ import numpy as np
 
 from actors.envs import make_vec
 from actors.policy import MLPPolicy
-from cache.client import ModelClient
+from cache.client import leaf_client
 from cluster.config import Config
 from cluster.keys import Keys
 from cluster.redisconn import connect
@@ -44,18 +44,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel = Telemetry(r, keys, "evaluator", ident, cfg.run.heartbeat_s)
     tel.start()
     env = make_vec(cfg.env.id, cfg.eval.episodes)
-    node = ident % len(c.cache_fetch)
-    cc = cfg.cache
-    models = ModelClient(
-        c.cache_fetch[node],
-        c.cache_notify[node],
-        request_timeout_s=cc.request_timeout_s,
-        parent_timeout_s=cc.parent_timeout_s,
-        heartbeat_s=cc.heartbeat_s,
-        use_shm=cc.shm,
-        name=f"evaluator-{ident}",
-    )
-    models.start()
+    models = leaf_client(c, cfg.cache, "evaluator", ident)
     tel.counters.update(evals_total=0)
     tel.set_state("running")
     last = 0.0

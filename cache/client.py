@@ -26,6 +26,7 @@ import zmq
 from cache import blob, protocol
 from cache.shm import ShmReader
 from cluster import wire
+from cluster.config import CacheConfig, ClusterConfig
 from cluster.errors import ProtocolError
 from cluster.version import NO_VERSION, Version
 
@@ -369,3 +370,23 @@ class ModelClient:
                 core.tick()
         finally:
             core.close()
+
+
+def leaf_client(cluster: ClusterConfig, cache: CacheConfig, role: str, ident: int) -> ModelClient:
+    """The started ModelClient of process `role ident`, attached to its leaf node (id mod nodes).
+
+    Example:
+        models = leaf_client(cfg.cluster, cfg.cache, "actor", 3)
+    """
+    node = ident % len(cluster.cache_fetch)
+    client = ModelClient(
+        cluster.cache_fetch[node],
+        cluster.cache_notify[node],
+        request_timeout_s=cache.request_timeout_s,
+        parent_timeout_s=cache.parent_timeout_s,
+        heartbeat_s=cache.heartbeat_s,
+        use_shm=cache.shm,
+        name=f"{role}-{ident}",
+    )
+    client.start()
+    return client

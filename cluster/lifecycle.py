@@ -12,6 +12,11 @@ import os
 import signal
 import sys
 import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from cluster.errors import DeadlineExceeded
 
 PR_SET_PDEATHSIG = 1
 
@@ -37,3 +42,15 @@ def stop_event() -> threading.Event:
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
     return event
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); DeadlineExceeded after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)

@@ -22,7 +22,9 @@ import pytest
 import redis
 
 from cluster.config import ClusterConfig
+from cluster.errors import DeadlineExceeded
 from cluster.keys import Keys
+from cluster.lifecycle import wait_until
 from cluster.redisconn import connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,14 +35,10 @@ def wait_for(
     predicate: Callable[[], Any], timeout: float, interval: float = 0.01, what: str = "condition"
 ) -> Any:
     """Poll `predicate` until it returns something truthy (returned) or fail after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+    try:
+        return wait_until(predicate, timeout, what, interval)
+    except DeadlineExceeded as exc:
+        raise AssertionError(str(exc)) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

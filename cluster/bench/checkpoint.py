@@ -49,6 +49,7 @@ from cluster import config as config_mod
 from cluster.bench import report
 from cluster.config import Config
 from cluster.keys import Keys
+from cluster.lifecycle import wait_until
 from cluster.ports import free_ports
 from cluster.redisconn import connect
 from cluster.version import Version
@@ -138,7 +139,7 @@ def cluster(args: argparse.Namespace, workdir: Path) -> Iterator[Cluster]:
         for i in range(args.shards):
             c.spawn("redis", i)
         for r in c.clients():
-            _wait(lambda r=r: _pings(r), 15, "a redis shard to answer")
+            wait_until(lambda r=r: _pings(r), 15, "a redis shard to answer")
             r.close()
         yield c
     finally:
@@ -150,17 +151,6 @@ def _pings(r: redis.Redis) -> bool:
         return bool(r.ping())
     except redis.ConnectionError:
         return False
-
-
-def _wait(predicate: Any, timeout: float, what: str, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- training arms ---------------------------------------------------------------------
@@ -318,7 +308,7 @@ def recovery_trial(c: Cluster, r: redis.Redis, keys: Keys, warm: bool) -> dict[s
     primary = c.spawn("learner", 0)
     standby = None
     try:
-        first = _wait(
+        first = wait_until(
             lambda: _newer(r, keys, before.epoch if before else 0),
             START_TIMEOUT_S,
             "the learner's first version",
@@ -326,7 +316,7 @@ def recovery_trial(c: Cluster, r: redis.Redis, keys: Keys, warm: bool) -> dict[s
         if warm:
             # Started once the primary holds the lease, so the primary is the one killed.
             standby = c.spawn("learner", 1, "--standby")
-            _wait(
+            wait_until(
                 lambda: r.hget(keys.proc("learner", 1), "state") == b"standby",
                 START_TIMEOUT_S,
                 "the standby to be built",
@@ -337,7 +327,7 @@ def recovery_trial(c: Cluster, r: redis.Redis, keys: Keys, warm: bool) -> dict[s
         t_kill = time.monotonic()
         primary.wait(timeout=10)
         successor = standby if standby is not None else c.spawn("learner", 0)
-        after = _wait(
+        after = wait_until(
             lambda: _newer(r, keys, first.epoch), RECOVERY_TIMEOUT_S, "a version of a newer epoch", 0.002
         )
         seconds = time.monotonic() - t_kill
@@ -361,7 +351,7 @@ def recovery_trial(c: Cluster, r: redis.Redis, keys: Keys, warm: bool) -> dict[s
             if p.args[3] == "learner" and p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
-        _wait(lambda: not r.exists(keys.lease), 10, "the lease to expire")
+        wait_until(lambda: not r.exists(keys.lease), 10, "the lease to expire")
 
 
 # ---- main --------------------------------------------------------------------------------
