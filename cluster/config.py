@@ -64,6 +64,10 @@ class ReplayConfig:
     importance_exponent: float = 0.4  # beta at the start, annealed linearly ...
     importance_exponent_final: float = 1.0  # ... to this ...
     importance_anneal_updates: int = 100_000  # ... over this many learner batches
+    # Snapshots (replay/snapshot.py): a shard writes its tables under
+    # <snapshot_dir>/shard-<id>/ this often and restores the newest one at start.
+    snapshot_dir: str = ""  # empty: no snapshots; `canopy up` uses RUN_DIR/replay
+    snapshot_interval_s: float = 60.0
 
 
 @dataclass
@@ -177,6 +181,7 @@ _MINIMUMS: dict[str, float] = {
     "replay.importance_exponent": 0,
     "replay.importance_exponent_final": 0,
     "replay.importance_anneal_updates": 1,
+    "replay.snapshot_interval_s": 1.0,
     "cache.nodes": 1,
     "cache.keep_versions": 1,
     "cache.poll_s": 0.05,
