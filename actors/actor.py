@@ -1,4 +1,4 @@
-"""`canopy actor --id N`: step a vector env, act epsilon-greedily, stream n-step transitions.
+"""`canopy actor --id N`: step a vector env, act and explore, stream n-step transitions.
 
 build (env, clients) -> run (act, step, add, insert; swap weights when a version lands)
 -> report (counters in the stats hash). Inserts block only when the replay shard's rate
@@ -13,16 +13,19 @@ from collections import deque
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from actors.adder import NStepAdder
+from actors.adder import FrameAdder, NStepAdder
 from actors.envs import make_vec, seed_base
-from actors.policy import MLPPolicy, epsilon_ladder
+from actors.explore import Explorer, initial_priorities, ladder
+from actors.policy import limit_blas_threads, policy_from_arrays
 from cache.client import leaf_client
 from cluster.config import Config
+from cluster.errors import ProtocolError
 from cluster.keys import Keys
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 from cluster.version import NO_VERSION
-from replay.client import InsertClient, shard_for
+from replay.client import InsertClient
+from replay.membership import RedisMembers
 
 INSERT_TIMEOUT_S = 60.0
 PAUSE_POLL_S = 0.1
@@ -35,29 +38,40 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel = Telemetry(r, keys, "actor", ident, cfg.run.heartbeat_s, commands=("pause", "resume"))
     tel.start()
 
-    env = make_vec(cfg.env.id, a.envs)
-    n_actions = int(env.single_action_space.n)
-    slots = a.count * a.envs
-    eps = np.array(
-        [epsilon_ladder(ident * a.envs + j, slots, a.eps_base, a.eps_alpha) for j in range(a.envs)]
-    )
+    limit_blas_threads()
+    env = make_vec(cfg.env.id, a.envs, cfg.env)
     rng = np.random.default_rng([cfg.run.seed, ident])
-    adder = NStepAdder(a.envs, cfg.learner.n_step, cfg.learner.gamma, AutoresetMode.NEXT_STEP)
-    inserter = InsertClient(
-        c.replay[shard_for(ident, len(c.replay))],
-        a.inflight_chunks,
-        cfg.replay.max_frame_mb * 2**20,
-    )
+    eps = ladder(ident, a.envs, a.count, a.eps_base, a.eps_alpha)
+    explorer = Explorer(env.single_action_space, a.envs, rng, eps, a.action_noise)
+    space = env.single_observation_space
+    pixels = space.dtype == np.uint8 and len(space.shape) == 3  # stacked frames: send each once
+    if pixels:
+        adder = FrameAdder(a.envs, cfg.learner.n_step, cfg.learner.gamma, AutoresetMode.NEXT_STEP, ident)
+    else:
+        adder = NStepAdder(a.envs, cfg.learner.n_step, cfg.learner.gamma, AutoresetMode.NEXT_STEP)
+    # Only Q-value policies can price their own data (td3's actor has no critic), and
+    # pixel chunks carry frame keys, not the stacks a forward pass needs.
+    prioritized = cfg.replay.sampler == "prioritized" and explorer.discrete and not pixels
+    # The shard follows replay membership in Redis (rendezvous hash of this actor's id).
+    members = RedisMembers(r, keys, cfg.replay.member_ttl_s / 3, fallback=c.replay)
+    inserter = InsertClient(members, a.inflight_chunks, cfg.replay.max_frame_mb * 2**20, key=ident)
     models = leaf_client(c, cfg.cache, "actor", ident)
 
-    policy: MLPPolicy | None = None
+    policy = None
+    lost_seen = 0
     version = NO_VERSION
     recent_returns: deque[float] = deque(maxlen=20)
     counters = tel.counters
-    counters.update(env_steps_total=0, episodes_total=0, episode_return_mean=0.0, policy_version=str(version))
+    counters.update(
+        env_steps_total=0,
+        episodes_total=0,
+        episode_return_mean=0.0,
+        policy_version=str(version),
+        frame_chain_restarts_total=0,
+    )
     obs, _ = env.reset(seed=seed_base(cfg.run.seed, ident, a.envs))
     tel.set_state("running")
-    tel.event("start", shard=shard_for(ident, len(c.replay)), cache_node=models.fetch_endpoint)
+    tel.event("start", shard=inserter.shard, cache_node=models.fetch_endpoint)
     try:
         paused = False
         while not stop.is_set():
@@ -70,15 +84,12 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             update = models.poll()
             if update is not None:
                 version, manifest, arrays = update
-                policy = MLPPolicy.from_arrays(manifest.arch, arrays)
+                policy = policy_from_arrays(manifest.arch, arrays)
                 counters["policy_version"] = str(version)
                 r.hset(keys.ledger_actors, str(ident), str(version))
 
-            actions = rng.integers(n_actions, size=a.envs)
-            if policy is not None:
-                greedy = policy.q_values(obs).argmax(axis=1)
-                actions = np.where(rng.random(a.envs) < eps, actions, greedy)
-            next_obs, rewards, terminated, truncated, info = env.step(actions)
+            actions, env_actions = explorer.act(policy, obs)
+            next_obs, rewards, terminated, truncated, info = env.step(env_actions)
             adder.add(obs, actions, rewards, next_obs, terminated, truncated, info, version.packed())
             obs = next_obs
 
@@ -91,11 +102,30 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             counters["env_steps_total"] += a.envs
             chunk = adder.take(a.chunk)
             if chunk is not None:
-                inserter.insert(chunk, timeout=INSERT_TIMEOUT_S, stop=stop)
-                counters["insert_wait_seconds_total"] = inserter.wait_s_total
+                if prioritized and policy is not None:
+                    chunk["priority"] = initial_priorities(policy, chunk)
+                try:
+                    inserter.insert(chunk, timeout=INSERT_TIMEOUT_S, stop=stop)
+                except ProtocolError:
+                    if not pixels:
+                        raise
+                    adder.restart(obs)  # the shard lacks frames this chunk builds on
+                    counters["frame_chain_restarts_total"] += 1
+                if pixels and inserter.moves_total + inserter.chunks_dropped_total != lost_seen:
+                    # A new shard, or chunks dropped on the way: frames it needs are gone.
+                    lost_seen = inserter.moves_total + inserter.chunks_dropped_total
+                    adder.restart(obs)
+                    counters["frame_chain_restarts_total"] += 1
+                counters.update(
+                    insert_wait_seconds_total=inserter.wait_s_total,
+                    replay_shard=inserter.shard,
+                    replay_moves_total=inserter.moves_total,
+                    replay_chunks_dropped_total=inserter.chunks_dropped_total,
+                )
     finally:
         models.stop()
         inserter.close()
+        members.close()
         env.close()
         tel.event("stop")
         tel.close()

@@ -14,7 +14,8 @@ import time
 import numpy as np
 
 from actors.envs import make_vec
-from actors.policy import MLPPolicy
+from actors.explore import Explorer
+from actors.policy import limit_blas_threads, policy_from_arrays
 from cache.client import leaf_client
 from cluster.config import Config
 from cluster.keys import Keys
@@ -24,14 +25,15 @@ from cluster.telemetry import Telemetry
 EVAL_SEED_OFFSET = 10**9  # evaluation seeds never overlap the actors' training seeds
 
 
-def evaluate(env, policy: MLPPolicy, seed: int) -> np.ndarray:
+def evaluate(env, policy, seed: int) -> np.ndarray:
     """Returns of the first episode of every sub-env, acting greedily."""
     n = env.num_envs
+    explorer = Explorer(env.single_action_space, n, np.random.default_rng(seed))
     obs, _ = env.reset(seed=seed)
     returns = np.zeros(n)
     done = np.zeros(n, dtype=bool)
     while not done.all():
-        obs, rewards, terminated, truncated, _ = env.step(policy.q_values(obs).argmax(axis=1))
+        obs, rewards, terminated, truncated, _ = env.step(explorer.greedy(policy, obs))
         returns += np.where(done, 0.0, rewards)
         done |= terminated | truncated
     return returns
@@ -43,7 +45,8 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     r = connect(c, "evaluator", ident)
     tel = Telemetry(r, keys, "evaluator", ident, cfg.run.heartbeat_s)
     tel.start()
-    env = make_vec(cfg.env.id, cfg.eval.episodes)
+    limit_blas_threads()
+    env = make_vec(cfg.env.id, cfg.eval.episodes, cfg.env)
     models = leaf_client(c, cfg.cache, "evaluator", ident)
     tel.counters.update(evals_total=0)
     tel.set_state("running")
@@ -57,7 +60,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             stop.wait(max(0.0, last + cfg.eval.min_interval_s - time.monotonic()))
             last = time.monotonic()
             seed = EVAL_SEED_OFFSET + cfg.run.seed * 10**6 + tel.counters["evals_total"] * env.num_envs
-            returns = evaluate(env, MLPPolicy.from_arrays(manifest.arch, arrays), seed)
+            returns = evaluate(env, policy_from_arrays(manifest.arch, arrays), seed)
             mean = float(returns.mean())
             tel.counters.update(
                 evals_total=tel.counters["evals_total"] + 1,

@@ -15,6 +15,7 @@ rebuild and check before any policy sees it.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -49,11 +50,12 @@ class Manifest:
     params: str = ""  # codec parameters as JSON (int8delta: levels, per-tensor lo/step)
     decoded_digest: str = ""  # xxh3 of the decoded float32 blob; equals digest for raw
     parent: str = ""  # the version this learner published before this one ("" if none)
+    chunk_digests: tuple[str, ...] = ()  # xxh3 of each payload chunk: nodes check before forwarding
 
     @property
     def decoded_size(self) -> int:
         _name, dtype, shape, offset = self.layout[-1]
-        return offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return offset + math.prod(shape) * np.dtype(dtype).itemsize
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -72,6 +74,7 @@ class Manifest:
             "params": self.params,
             "decoded_digest": self.decoded_digest or self.digest,
             "parent": self.parent,
+            "chunk_digests": json.dumps(list(self.chunk_digests)),
         }
 
     @classmethod
@@ -96,6 +99,7 @@ class Manifest:
                 params=f.get("params", ""),
                 decoded_digest=f.get("decoded_digest") or f["digest"],
                 parent=f.get("parent", ""),
+                chunk_digests=tuple(json.loads(f.get("chunk_digests") or "[]")),
             )
         except (KeyError, ValueError, TypeError) as exc:
             raise ProtocolError(f"malformed model manifest: {type(exc).__name__} {exc}") from None
@@ -107,10 +111,15 @@ class Manifest:
         for name, dtype, shape, offset in m.layout:
             if dtype not in ALLOWED_DTYPES or offset != end:
                 raise ProtocolError(f"model layout entry {name!r} is inconsistent")
-            end = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            end = offset + math.prod(shape) * np.dtype(dtype).itemsize
         ratio = {"raw": 1, "bf16": 2, "int8delta": 4}[m.codec]
         if end != m.size * ratio:
             raise ProtocolError(f"model layout covers {end} bytes, {m.codec} payload is {m.size}")
+        if m.chunk_digests and (
+            len(m.chunk_digests) != m.chunks
+            or not all(isinstance(d, str) and len(d) == 16 for d in m.chunk_digests)
+        ):
+            raise ProtocolError(f"model {m.version}: chunk digests do not match its {m.chunks} chunks")
         if m.codec != "raw":
             codecs.spans_of(m.layout)  # lossy codecs carry float32 tensors only
         if m.codec == "int8delta":
@@ -160,20 +169,37 @@ def pack(
         params=json.dumps(enc.params) if enc.params else "",
         decoded_digest=digest if enc.codec == "raw" else xxhash.xxh3_64_hexdigest(enc.decoded),
         parent=str(previous) if previous is not None and previous < version else "",
+        chunk_digests=tuple(xxhash.xxh3_64_hexdigest(c) for c in chunks),
     )
     return manifest, chunks
 
 
-def check_payload(manifest: Manifest, chunks: list[bytes | memoryview]) -> bytes:
-    """The payload joined, after checking chunk count, total size and payload digest."""
+def check_chunks(manifest: Manifest, chunks: list[bytes | memoryview]) -> None:
+    """Check chunk count, total size and the payload digest without joining the chunks."""
     if len(chunks) != manifest.chunks:
         raise ProtocolError(f"model {manifest.version}: {len(chunks)} chunks, expected {manifest.chunks}")
-    blob = b"".join(chunks)
-    if len(blob) != manifest.size:
-        raise ProtocolError(f"model {manifest.version}: {len(blob)} bytes, expected {manifest.size}")
-    if xxhash.xxh3_64_hexdigest(blob) != manifest.digest:
+    size = sum(len(c) for c in chunks)
+    if size != manifest.size:
+        raise ProtocolError(f"model {manifest.version}: {size} bytes, expected {manifest.size}")
+    digest = xxhash.xxh3_64()
+    for c in chunks:
+        digest.update(c)
+    if digest.hexdigest() != manifest.digest:
         raise ProtocolError(f"model {manifest.version}: digest mismatch, refusing to load it")
-    return blob
+
+
+def check_payload(manifest: Manifest, chunks: list[bytes | memoryview]) -> bytes:
+    """The payload joined, after checking chunk count, total size and payload digest."""
+    check_chunks(manifest, chunks)
+    return b"".join(chunks)
+
+
+def check_chunk(manifest: Manifest, i: int, chunk: bytes | memoryview) -> None:
+    """Refuse chunk i before it is passed on (cut-through); the whole digest is checked at the end."""
+    if not 0 <= i < manifest.chunks or len(chunk) > CHUNK_BYTES:
+        raise ProtocolError(f"model {manifest.version}: chunk {i} out of range or over {CHUNK_BYTES} bytes")
+    if manifest.chunk_digests and xxhash.xxh3_64_hexdigest(chunk) != manifest.chunk_digests[i]:
+        raise ProtocolError(f"model {manifest.version}: chunk {i} digest mismatch, refusing to pass it on")
 
 
 def decode(manifest: Manifest, chunks: list[bytes | memoryview], base: bytes | None = None) -> bytes:
@@ -181,7 +207,11 @@ def decode(manifest: Manifest, chunks: list[bytes | memoryview], base: bytes | N
 
     `base` is the decoded blob of the keyframe `manifest.base` (int8delta only).
     """
-    payload = check_payload(manifest, chunks)
+    return decode_payload(manifest, check_payload(manifest, chunks), base)
+
+
+def decode_payload(manifest: Manifest, payload: bytes, base: bytes | None = None) -> bytes:
+    """As `decode`, for a payload whose digest the caller has checked already."""
     if manifest.codec == "raw":
         return payload
     if manifest.codec == "bf16":
@@ -200,9 +230,7 @@ def decode(manifest: Manifest, chunks: list[bytes | memoryview], base: bytes | N
 def arrays_of(manifest: Manifest, blob: bytes | memoryview) -> dict[str, np.ndarray]:
     """Named read-only array views on a decoded blob (no copy)."""
     return {
-        name: np.frombuffer(
-            blob, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offset
-        ).reshape(shape)
+        name: np.frombuffer(blob, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
         for name, dtype, shape, offset in manifest.layout
     }
 
@@ -244,14 +272,29 @@ def delete(r: redis.Redis, keys: Keys, manifest: Manifest) -> None:
     r.delete(keys.model_manifest(v), *(keys.model_chunk(v, i) for i in range(manifest.chunks)))
 
 
-def read(r: redis.Redis, keys: Keys, version: Version) -> tuple[Manifest, list[bytes]]:
-    """Fetch a version's manifest and chunks from Redis; raises ProtocolError if absent or bad."""
+def read_manifest(r: redis.Redis, keys: Keys, version: Version) -> Manifest:
+    """A version's checked manifest from Redis; raises ProtocolError if absent or bad."""
     fields = r.hgetall(keys.model_manifest(version))
     if not fields:
         raise ProtocolError(f"model {version} is not in Redis (expired or never published)")
     manifest = Manifest.from_fields(fields)
     if manifest.version != version:
         raise ProtocolError(f"manifest under {version} names {manifest.version}")
+    return manifest
+
+
+def read_chunk(r: redis.Redis, keys: Keys, manifest: Manifest, i: int) -> bytes:
+    """Chunk i of a version from Redis, checked against its chunk digest."""
+    chunk = r.get(keys.model_chunk(manifest.version, i))
+    if chunk is None:
+        raise ProtocolError(f"model {manifest.version} is missing chunk {i} in Redis")
+    check_chunk(manifest, i, chunk)
+    return chunk
+
+
+def read(r: redis.Redis, keys: Keys, version: Version) -> tuple[Manifest, list[bytes]]:
+    """Fetch a version's manifest and chunks from Redis; raises ProtocolError if absent or bad."""
+    manifest = read_manifest(r, keys, version)
     chunks = r.mget([keys.model_chunk(version, i) for i in range(manifest.chunks)])
     if any(c is None for c in chunks):
         raise ProtocolError(f"model {version} is missing chunks in Redis")

@@ -93,11 +93,18 @@ class ClientCore:
         self._last_seq: int | None = None
         self._next_hb = 0.0
         self._behind = False  # set at failover, cleared once the new parent's newest is held
+        self._answered = False  # the parent answered our hello
+        self.assembly = protocol.Assembly()  # the version reply streaming in, chunk by chunk
 
     @property
     def stale(self) -> bool:
         """True while the parent is silent: the version held may be behind the learner."""
         return self._behind or time.monotonic() - self._last_heard > self.parent_timeout_s
+
+    @property
+    def attached(self) -> bool:
+        """The parent answered our hello and we heard one of its notifications."""
+        return self._answered and self._last_seq is not None
 
     def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
         assert self.sub is not None and self.req is not None
@@ -231,23 +238,34 @@ class ClientCore:
         self._sent_at, self._asked = time.monotonic(), self.wanted
 
     def _on_reply(self, frames: list) -> Update | None:
-        self._sent_at = None
         try:
-            msg = wire.decode(frames[:1], protocol.MAX_REQUEST_BYTES) if len(frames) == 1 else None
-            if msg is not None and msg.op == "hello":
+            msg = wire.decode(frames, protocol.MAX_CHUNK_FRAME)
+            if msg.op in ("version", "chunk"):
+                self._sent_at = time.monotonic()  # the stream is progressing
+                if not self.assembly.feed_message(msg):
+                    return None
+                manifest, chunks = self.assembly.manifest, self.assembly.chunks
+                self.assembly.reset()
+                self._sent_at = None
+                assert manifest is not None
+                return self._on_version(manifest, chunks)
+            self._sent_at = None
+            if msg.op == "hello":
                 self._last_heard = time.monotonic()
+                self._answered = True
                 tag = protocol.header_str(msg.header, "shm")
                 reader = int(msg.header.get("reader", -1))
                 same_host = protocol.header_str(msg.header, "host") == protocol.HOST
                 self._shm_offer = (tag, reader) if same_host and reader >= 0 else ("", -1)
                 text = protocol.header_str(msg.header, "version")
                 return self._consider(Version.parse(text) if text else None)
-            if msg is not None and msg.op == "error":
+            if msg.op == "error":
+                self.assembly.reset()
                 return None  # unknown_version: the next notification brings it
-            manifest, chunks = protocol.parse_version(frames)
-            return self._on_version(manifest, chunks)
+            raise ProtocolError(f"unexpected reply {msg.op!r}")
         except (ProtocolError, ValueError, TypeError, KeyError):
             self.rejected_total += 1
+            self._sent_at = None
             return None
         finally:
             if self._sent_at is None:

@@ -7,12 +7,15 @@ children are nodes or actors, all speaking cache/protocol.py. Two threads:
 - upstream: follows the parent (Redis: `model:notify` plus a re-read of `model:latest`
   every `poll_s`; node: its notify socket) and fetches each version the tree wants
   exactly once (single flight: one fetcher, and a version in flight or held is never
-  fetched again, however many children ask). It checks the payload digest before
-  anything is passed on, and sends its own heartbeats to a node parent. A parent silent
+  fetched again, however many children ask). Chunks are fetched one by one and each is
+  checked against its digest in the manifest, then handed to the serve thread at once
+  (cut-through); the whole payload digest is checked before the version counts as held.
+  It sends its own heartbeats to a node parent. A parent silent
   for `parent_timeout_s` is replaced by the next entry of `parents` (grandparent,
   sibling, Redis), and the node catches up from the new parent's notify/hello.
-- serve: answers children on the ROUTER, parks `get`s for versions in flight and answers
-  them when the version lands, and announces on the PUB: a new seq per landed version,
+- serve: answers children on the ROUTER, streams each chunk of a version in flight to
+  every child that asked for it as soon as the chunk is in (children asking mid-flight get
+  the chunks so far, then the rest), and announces on the PUB: a new seq per landed version,
   the same seq again every `heartbeat_s` (clone pattern: a late or restarted child needs
   no resend to everyone, the next beat names the newest version).
 
@@ -42,6 +45,7 @@ from cluster.version import Version
 
 MAX_REQUEST_BYTES = protocol.MAX_REQUEST_BYTES
 MAX_PARKED = 100_000
+STARTUP_GRACE_S = 10.0  # how long a node waits for the first word of its first node parent
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,16 @@ class Parent:
 @dataclass
 class Entry:
     manifest: blob.Manifest
-    frames: list  # the `version` reply, ready to send to any child
-    decoded: bytes | None = None  # raw keyframes only: the base of later int8delta versions
+    messages: list[list]  # the `version` reply (header, then chunks), ready for any child
+    raw: list | None = None  # a raw version's chunks: the base of later int8delta versions
+
+
+@dataclass
+class Partial:
+    """A version arriving from upstream: the chunks checked so far (upstream appends)."""
+
+    manifest: blob.Manifest
+    chunks: list
 
 
 @dataclass
@@ -97,12 +109,16 @@ class CacheNode:
         self.wanted: queue.Queue[Version] = queue.Queue()
         self.in_flight: set[Version] = set()  # asked of upstream, not landed or failed yet
         self.parked: dict[Version, list[Parked]] = {}
+        self.partial: dict[Version, Partial] = {}  # shared with upstream, under `lock`
+        self.streams: dict[Version, dict[bytes, int]] = {}  # child -> chunks sent so far
+        self.announced: set[Version] = set()  # arriving versions already announced
         self.children: dict[bytes, float] = {}
         self.seq = 0
         self.shm_tag = shm_tag
         self.shm: ShmWriter | None = None
         self.next_reader = 0
         self.parent_index = 0
+        self._heard_a_parent = False
         self.counters: dict = {
             "versions_fetched_total": 0,
             "upstream_fetches_total": 0,
@@ -148,7 +164,7 @@ class CacheNode:
                 events = dict(poller.poll(50))
                 if wake in events:
                     while wake.poll(0):
-                        self._landed(wake.recv_string())
+                        self._on_upstream(wake.recv_string())
                 if self.fetch_sock in events:
                     for _ in range(1024):
                         try:
@@ -187,10 +203,30 @@ class CacheNode:
     def _shm_name(self) -> str:
         return self.shm.tag if self.shm is not None else ""
 
-    def _landed(self, note: str) -> None:
+    def _on_upstream(self, note: str) -> None:
+        """A note from the upstream thread: `chunk V` (one more chunk in), `landed V`,
+        `failed V`, or `lost V` (the parent went away mid-transfer: parked children keep
+        waiting for the next parent, streaming ones are told to ask again)."""
         kind, _, text = note.partition(" ")
         version = Version.parse(text)
-        waiting = self.parked.pop(version, [])
+        if kind == "chunk":
+            if version not in self.announced:  # child nodes may start streaming it now
+                self.announced.add(version)
+                newest = self.newest()
+                self.notify_sock.send_multipart(
+                    protocol.notify(
+                        str(newest) if newest else "", self.seq, self.name, self._shm_name(), str(version)
+                    )
+                )
+            parked = self.parked.pop(version, [])
+            if all(self._start_stream(p.ident, version) for p in parked):
+                self._stream(version)
+            else:  # landed meanwhile: the `landed` note that follows answers them
+                self.parked[version] = parked
+            return
+        self.announced.discard(version)
+        waiting = [p.ident for p in self.parked.pop(version, [])] if kind != "lost" else []
+        streaming = self.streams.pop(version, {})
         if kind == "landed":
             self.seq += 1
             if version == self.newest():
@@ -199,20 +235,48 @@ class CacheNode:
                 )
             with self.lock:
                 entry = self.versions.get(version)
-            for p in waiting:
-                self._send_version(p.ident, entry)
+            for ident, sent in streaming.items():
+                self._send_version(ident, entry, sent)
+            for ident in waiting:
+                self._send_version(ident, entry)
         else:
-            for p in waiting:
+            for ident in [*streaming, *waiting]:
                 self.fetch_sock.send_multipart(
-                    [p.ident, *wire.error_reply("unknown_version", f"upstream does not hold {version}")]
+                    [ident, *wire.error_reply("unknown_version", f"upstream does not hold {version}")]
                 )
 
-    def _send_version(self, ident: bytes, entry: Entry | None) -> None:
+    def _start_stream(self, ident: bytes, version: Version) -> bool:
+        """Send the version header to a child; False when the version is no longer arriving."""
+        with self.lock:
+            partial = self.partial.get(version)
+        if partial is None:
+            return False
+        self.fetch_sock.send_multipart([ident, *protocol.version_header(partial.manifest)])
+        self.streams.setdefault(version, {})[ident] = 0
+        return True
+
+    def _stream(self, version: Version) -> None:
+        """Send every streaming child of `version` the chunks it lacks of those in so far."""
+        with self.lock:
+            partial = self.partial.get(version)
+            chunks = list(partial.chunks) if partial is not None else []
+        for ident, sent in self.streams.get(version, {}).items():
+            for i in range(sent, len(chunks)):
+                self._send(ident, protocol.chunk_message(version, i, chunks[i]), len(chunks[i]))
+            self.streams[version][ident] = max(sent, len(chunks))
+
+    def _send(self, ident: bytes, msg: list, nbytes: int = 0) -> None:
+        self.fetch_sock.send_multipart([ident, *msg], copy=False)
+        self.counters["served_bytes_total"] += nbytes
+
+    def _send_version(self, ident: bytes, entry: Entry | None, sent: int = -1) -> None:
+        """The whole reply, or (sent >= 0) the chunks after the `sent` a stream already had."""
         if entry is None:
             self.fetch_sock.send_multipart([ident, *wire.error_reply("unknown_version", "evicted")])
             return
-        self.fetch_sock.send_multipart([ident, *entry.frames], copy=False)
-        self.counters["served_bytes_total"] += entry.manifest.size
+        sizes = [0, *(len(c[-1]) for c in entry.messages[1:])]
+        for i in range(sent + 1, len(entry.messages)):
+            self._send(ident, entry.messages[i], sizes[i])
 
     def _expire_parked(self, now: float) -> None:
         for version in list(self.parked):
@@ -266,8 +330,11 @@ class CacheNode:
                 raise ProtocolError(f"unknown op {msg.op!r}")
             with self.lock:
                 entry = self.versions.get(version) if version else None
+                arriving = version in self.partial
             if entry is not None:
                 self._send_version(ident, entry)
+            elif arriving and self._start_stream(ident, version):
+                self._stream(version)  # cut-through: the chunks so far now, the rest as they come
             elif msg.op == "get" and sum(map(len, self.parked.values())) < MAX_PARKED:
                 # Single flight: park the child; one upstream fetch serves every parked child.
                 self.parked.setdefault(version, []).append(
@@ -337,27 +404,43 @@ class CacheNode:
                 elif newest is not None and version < newest and not parked:
                     ok = False  # superseded before we got to it, and no child is waiting
                 else:
-                    manifest, frames, chunks = fetch(version)
-                    self._store(manifest, frames, chunks)
+                    manifest, chunks = fetch(version, wake)
+                    self._store(manifest, chunks)
                     ok = True
             except (redis.RedisError, ProtocolError, zmq.ZMQError) as exc:
                 self.counters["upstream_errors_total"] += 1
                 self.counters["last_upstream_error"] = str(exc)[:200]
             except ParentLost:
-                # Ask again of the next parent; parked children keep waiting meanwhile.
+                # Ask again of the next parent; parked children keep waiting meanwhile (those
+                # already streaming get an error and ask again).
+                with self.lock:
+                    self.partial.pop(version, None)
+                wake.send_string(f"lost {version}")
                 for v in wanted:
                     self.wanted.put(v)
                 raise
             with self.lock:
                 self.in_flight.discard(version)
+                self.partial.pop(version, None)
             wake.send_string(f"{'landed' if ok else 'failed'} {version}")
             wanted.discard(version)
 
-    def _store(self, manifest: blob.Manifest, frames: list, chunks: list) -> None:
-        payload = blob.check_payload(manifest, chunks)  # never pass on a corrupt version
+    def _begin(self, manifest: blob.Manifest) -> None:
+        with self.lock:
+            self.partial[manifest.version] = Partial(manifest, [])
+
+    def _add_chunk(self, manifest: blob.Manifest, chunk: bytes | memoryview, wake: zmq.Socket) -> None:
+        """One more checked chunk: the serve thread passes it on right away (cut-through)."""
+        with self.lock:
+            self.partial[manifest.version].chunks.append(chunk)
+        wake.send_string(f"chunk {manifest.version}")
+
+    def _store(self, manifest: blob.Manifest, chunks: list) -> None:
+        blob.check_chunks(manifest, chunks)  # never hold a corrupt version
         self.counters["upstream_fetches_total"] += 1
         self.counters["upstream_bytes_total"] += manifest.size
-        entry = Entry(manifest, frames, payload if manifest.codec == "raw" else None)
+        messages = protocol.version_messages(manifest, chunks)
+        entry = Entry(manifest, messages, chunks if manifest.codec == "raw" else None)
         if self.shm_tag:
             self._to_shm(entry, chunks)
         with self.lock:
@@ -368,6 +451,7 @@ class CacheNode:
             newest = next(reversed(self.versions))
         self.counters["versions_fetched_total"] += 1
         self.counters["policy_version"] = str(newest)
+        self.counters["landed_at"] = time.time()  # when the newest fetch completed (bench tiers)
 
     def _evict(self) -> None:
         """Keep the newest `keep_versions`, plus the keyframe the newest int8delta needs."""
@@ -382,21 +466,23 @@ class CacheNode:
 
     def _to_shm(self, entry: Entry, chunks: list) -> None:
         m = entry.manifest
-        base = None
-        if m.codec == "int8delta":
-            with self.lock:
-                keyframe = self.versions.get(Version.parse(m.base))
-            base = keyframe.decoded if keyframe is not None else None
-        try:
-            decoded = blob.decode(m, chunks, base)
-        except ProtocolError:
-            self.counters["shm_skipped_total"] += 1  # children fetch it over the socket instead
-            return
-        if self.shm is None or self.shm.capacity < len(decoded):
+        data: list | bytes = chunks  # raw and checked: straight into the slot, no joined copy
+        if m.codec != "raw":
+            base = None
+            if m.codec == "int8delta":
+                with self.lock:
+                    keyframe = self.versions.get(Version.parse(m.base))
+                base = b"".join(keyframe.raw) if keyframe is not None and keyframe.raw else None
+            try:
+                data = blob.decode_payload(m, b"".join(chunks), base)
+            except ProtocolError:
+                self.counters["shm_skipped_total"] += 1  # children fetch it over the socket instead
+                return
+        if self.shm is None or self.shm.capacity < m.decoded_size:
             if self.shm is not None:
                 self.shm.close()
-            self.shm = ShmWriter(f"{self.shm_tag}-{m.version}", len(decoded), self.cfg.shm_slots)
-        if not self.shm.publish(m, decoded):
+            self.shm = ShmWriter(f"{self.shm_tag}-{m.version}", m.decoded_size, self.cfg.shm_slots)
+        if not self.shm.publish(m, data):
             self.counters["shm_skipped_total"] += 1
 
     def _follow_redis(self, parent: Parent, stop: threading.Event, wake: zmq.Socket) -> None:
@@ -431,10 +517,15 @@ class CacheNode:
             with contextlib.suppress(redis.RedisError):
                 pubsub.close()
 
-    def _fetch_redis(self, version: Version) -> tuple[blob.Manifest, list, list]:
+    def _fetch_redis(self, version: Version, wake: zmq.Socket) -> tuple[blob.Manifest, list]:
         assert self.r is not None
-        manifest, chunks = blob.read(self.r, self.keys, version)
-        return manifest, protocol.version_frames(manifest, chunks), chunks
+        manifest = blob.read_manifest(self.r, self.keys, version)
+        self._begin(manifest)
+        chunks = []
+        for i in range(manifest.chunks):
+            chunks.append(blob.read_chunk(self.r, self.keys, manifest, i))
+            self._add_chunk(manifest, chunks[-1], wake)
+        return manifest, chunks
 
     def _follow_node(self, parent: Parent, stop: threading.Event, wake: zmq.Socket) -> None:
         self._sub = self.ctx.socket(zmq.SUB)
@@ -445,13 +536,17 @@ class CacheNode:
         self._req = self._dealer(parent)
         self._last_heard = time.monotonic()
         self._last_seq: int | None = None
+        # A parent never heard from may still be starting (nodes of a tree start together).
+        patience = self.cfg.parent_timeout_s if self._heard_a_parent else STARTUP_GRACE_S
         next_hb = 0.0
         try:
             while not stop.is_set():
                 if self._sub.poll(50):
                     self._read_notifies()
+                    if self._last_seq is not None:
+                        self._heard_a_parent, patience = True, self.cfg.parent_timeout_s
                 now = time.monotonic()
-                if now - self._last_heard > self.cfg.parent_timeout_s:
+                if now - self._last_heard > patience:
                     return  # parent silent: fail over
                 if now >= next_hb:
                     self._req.send_multipart(wire.encode({"op": "hb", "child": self.name}))
@@ -466,7 +561,10 @@ class CacheNode:
     def _read_notifies(self) -> None:
         while True:
             try:
-                _, version, seq = protocol.recv_notify(self._sub)
+                msg, version, seq = protocol.recv_notify(self._sub)
+                arriving = protocol.header_str(msg.header, "arriving")
+                if arriving:  # the parent is receiving it: ask now and get it streamed
+                    self._want_newer(Version.parse(arriving))
             except zmq.Again:
                 return
             except ProtocolError:
@@ -486,17 +584,29 @@ class CacheNode:
         sock.connect(parent.fetch)
         return sock
 
-    def _fetch_node(self, version: Version) -> tuple[blob.Manifest, list, list]:
+    def _fetch_node(self, version: Version, wake: zmq.Socket) -> tuple[blob.Manifest, list]:
         self._req.send_multipart(wire.encode({"op": "get", "version": str(version)}))
+        assembly, passed = protocol.Assembly(), 0
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while time.monotonic() < deadline:
-            if self._req.poll(50):
-                frames = self._req.recv_multipart(copy=False)
-                manifest, chunks = protocol.parse_version(frames)
-                if manifest.version != version:
-                    continue  # a late reply to an earlier request
-                # Forward the very frames we received: no re-encoding, no copy.
-                return manifest, frames, chunks
+            wait_ms = 50
+            while self._req.poll(wait_ms):  # wait for one message, then take all that queued
+                wait_ms = 0
+                assembly.feed(self._req.recv_multipart(copy=False))
+                m = assembly.manifest
+                if m is None:
+                    continue
+                if m.version != version:
+                    assembly.reset()  # a late reply to an earlier request
+                    continue
+                if not passed:
+                    self._begin(m)
+                for chunk in assembly.chunks[passed:]:  # pass on the very buffers received
+                    self._add_chunk(m, chunk, wake)
+                passed = len(assembly.chunks)
+                deadline = time.monotonic() + self.cfg.request_timeout_s  # it is progressing
+                if assembly.complete:
+                    return m, assembly.chunks
             self._read_notifies()  # heartbeats keep arriving during a long transfer
             if time.monotonic() - self._last_heard > self.cfg.parent_timeout_s:
                 raise ParentLost(f"parent went silent while sending {version}")

@@ -3,19 +3,28 @@
 Every tier speaks the same two-socket clone pattern (zguide ch. 5), so a node's parent
 may be another node and a child may be a node or an actor:
 
-    notify (PUB -> SUB):  {op: notify, version, seq, node, host, shm}
+    notify (PUB -> SUB):  {op: notify, version, seq, node, host, shm, arriving}
         sent when a version lands (seq + 1) and again every heartbeat period with the
         same seq: late joiners and children that missed one catch up from the next
-        beat, and a silent parent is a dead parent.
+        beat, and a silent parent is a dead parent. `arriving` names a version whose
+        first chunk just came in (same seq): child nodes ask for it at once and get it
+        streamed (cut-through); actors wait for `version`, which is complete and, on
+        their host, already in shared memory.
     fetch (DEALER -> ROUTER):
         {op: hello}             -> {op: hello, version, seq, node, host, shm, reader}
-        {op: get, version}      -> {op: version, manifest} + one frame per chunk
+        {op: get, version}      -> {op: version, manifest}, then one message per chunk:
+                                   {op: chunk, version, i} + the chunk's raw frame
         {op: latest}            -> the newest version, as for get
         {op: hb, child}         -> no reply: the child's heartbeat to its parent
     errors: {op: error, code: bad_request | unknown_version | upstream, message}
 
 `version` strings are `<epoch>.<step>`; `shm` names the host's shared-memory ring
 (cache/shm.py) and `reader` the pin cells given to this child, or "" / -1 for none.
+
+Chunks travel as separate messages so a node can pass chunk i on while chunk i+1 is
+still arriving from its parent (cut-through): a tier adds about one chunk's transfer
+time, not one model's. Each chunk is checked against its digest in the manifest before
+it is passed on (`Assembly`), and the whole payload digest once the last one is in.
 """
 
 from __future__ import annotations
@@ -34,13 +43,22 @@ from cluster.version import Version
 
 MAX_REQUEST_BYTES = 4096
 MAX_NOTIFY_BYTES = 4096
-MAX_REPLY_BYTES = blob.MAX_BLOB_BYTES
+MAX_CHUNK_FRAME = blob.CHUNK_BYTES
+MAX_REPLY_BYTES = blob.CHUNK_BYTES + wire.MAX_HEADER_BYTES  # one message: a chunk and its header
 HOST = socket.gethostname()
 
 
-def notify(version: str, seq: int, node: str, shm: str) -> list:
+def notify(version: str, seq: int, node: str, shm: str, arriving: str = "") -> list:
     return wire.encode(
-        {"op": "notify", "version": version, "seq": seq, "node": node, "host": HOST, "shm": shm}
+        {
+            "op": "notify",
+            "version": version,
+            "seq": seq,
+            "node": node,
+            "host": HOST,
+            "shm": shm,
+            "arriving": arriving,
+        }
     )
 
 
@@ -58,34 +76,71 @@ def recv_notify(sock: zmq.Socket) -> tuple[wire.Message, Version | None, int]:
     return msg, (Version.parse(text) if text else None), seq
 
 
-def version_frames(manifest: blob.Manifest, chunks: Sequence[bytes | memoryview]) -> list:
-    """The reply to `get`: the manifest in the header, each chunk as its own raw frame."""
+def version_messages(manifest: blob.Manifest, chunks: Sequence[bytes | memoryview]) -> list[list]:
+    """The reply to `get`: the manifest message, then one message per chunk."""
+    return [version_header(manifest), *(chunk_message(manifest.version, i, c) for i, c in enumerate(chunks))]
+
+
+def version_header(manifest: blob.Manifest) -> list:
+    return wire.encode({"op": "version", "manifest": manifest.to_fields()})
+
+
+def chunk_message(version: Version, i: int, chunk: bytes | memoryview) -> list:
     return wire.encode(
-        {"op": "version", "manifest": manifest.to_fields()},
-        {f"c{i}": np.frombuffer(c, dtype=np.uint8) for i, c in enumerate(chunks)},
+        {"op": "chunk", "version": str(version), "i": i}, {"c": np.frombuffer(chunk, np.uint8)}
     )
 
 
-def parse_version(frames: Sequence[zmq.Frame | bytes]) -> tuple[blob.Manifest, list[memoryview]]:
-    """Manifest and chunk views of a `version` reply; raises ProtocolError on anything else.
+class Assembly:
+    """The receiving side of one streamed `version` reply, a message at a time.
 
-    Checks the manifest schema and the chunk count only: callers check the digest.
+    Example:
+        a = Assembly()
+        while not a.feed(sock.recv_multipart(copy=False)): ...
+        manifest, chunks = a.manifest, a.chunks   # every chunk checked; digest not yet
+
+    `feed` returns True once every chunk is in. A `version` message (re)starts the
+    assembly; chunks of another version are stale replies and are ignored. Raises
+    ProtocolError on an error reply, a chunk out of order, or a chunk whose digest is
+    wrong (the assembly is then reset).
     """
-    msg = wire.decode(frames, MAX_REPLY_BYTES)
-    if msg.op == "error":
-        raise ProtocolError(f"{msg.header.get('code')}: {msg.header.get('message')}")
-    if msg.op != "version":
-        raise ProtocolError(f"expected a version reply, got {msg.op!r}")
-    manifest = blob.Manifest.from_fields(msg.header.get("manifest") or {})
-    try:
-        chunks = [msg.arrays[f"c{i}"].data for i in range(manifest.chunks)]
-    except KeyError:
-        raise ProtocolError(f"model {manifest.version}: reply lacks chunks") from None
-    if len(msg.arrays) != manifest.chunks:
-        raise ProtocolError(
-            f"model {manifest.version}: {len(msg.arrays)} chunk frames, expected {manifest.chunks}"
-        )
-    return manifest, chunks
+
+    def __init__(self) -> None:
+        self.manifest: blob.Manifest | None = None
+        self.chunks: list[memoryview] = []
+
+    @property
+    def complete(self) -> bool:
+        return self.manifest is not None and len(self.chunks) == self.manifest.chunks
+
+    def reset(self) -> None:
+        self.manifest, self.chunks = None, []
+
+    def feed(self, frames: Sequence[zmq.Frame | bytes]) -> bool:
+        return self.feed_message(wire.decode(frames, MAX_CHUNK_FRAME))
+
+    def feed_message(self, msg: wire.Message) -> bool:
+        if msg.op == "error":
+            self.reset()
+            raise ProtocolError(f"{msg.header.get('code')}: {msg.header.get('message')}")
+        if msg.op == "version":
+            self.manifest, self.chunks = blob.Manifest.from_fields(msg.header.get("manifest") or {}), []
+            return False
+        if msg.op != "chunk":
+            raise ProtocolError(f"expected a version or chunk reply, got {msg.op!r}")
+        if self.manifest is None or header_str(msg.header, "version") != str(self.manifest.version):
+            return False  # a late chunk of an earlier request
+        i, data = msg.header.get("i"), msg.arrays.get("c")
+        if i != len(self.chunks) or data is None or len(msg.arrays) != 1:
+            self.reset()
+            raise ProtocolError(f"chunk {i!r} out of order or malformed")
+        try:
+            blob.check_chunk(self.manifest, i, data.data)
+        except ProtocolError:
+            self.reset()
+            raise
+        self.chunks.append(data.data)
+        return self.complete
 
 
 def header_str(header: dict[str, Any], key: str, limit: int = 200) -> str:

@@ -1,4 +1,8 @@
-"""`canopy cache --id N`: run cache node N under the Redis root."""
+"""`canopy cache --id N`: run cache node N of the tree that cache/topology.py plans.
+
+Node N's parent is the node the planner's breadth-first numbering puts above it (the
+Redis root for the top tier); its ancestors and then the Redis root are its fallbacks.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ import threading
 
 import zmq
 
-from cache.node import CacheNode
+from cache import topology
+from cache.node import CacheNode, Parent
 from cluster.config import Config
 from cluster.errors import UserError
 from cluster.keys import Keys
@@ -21,9 +26,11 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
         raise UserError(f"cache node {ident} has no endpoints in cluster.cache_fetch/cache_notify")
     keys = Keys(cfg.run.name)
     r = connect(c, "cache", ident)
-    # A leaf under the Redis root also serves actors on its host through shared memory.
+    fanout = cfg.cache.fanout or topology.for_config(cfg).fanout
+    parents = [Parent(c.cache_fetch[p], c.cache_notify[p]) for p in topology.parents_of(ident, fanout)]
+    # Every node also serves the actors of its host through shared memory.
     shm_tag = f"{cfg.run.name}-cache{ident}" if cfg.cache.shm else ""
-    node = CacheNode(cfg.cache, r, keys, name=f"cache-{ident}", shm_tag=shm_tag)
+    node = CacheNode(cfg.cache, r, keys, parents=[*parents, Parent()], name=f"cache-{ident}", shm_tag=shm_tag)
     try:
         node.bind(
             bind_endpoint(c.cache_fetch[ident], c.bind_all), bind_endpoint(c.cache_notify[ident], c.bind_all)

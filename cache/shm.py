@@ -18,6 +18,7 @@ readers fetch it over the socket instead.
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -74,10 +75,13 @@ class ShmWriter:
         self.next_reader += 1
         return self.next_reader - 1
 
-    def publish(self, manifest: blob.Manifest, decoded: bytes | memoryview) -> bool:
-        """Write a checked, decoded version into a free slot and make it current."""
-        if len(decoded) > self.capacity:
-            raise ValueError(f"version of {len(decoded)} bytes exceeds the slot capacity {self.capacity}")
+    def publish(self, manifest: blob.Manifest, decoded: bytes | memoryview | list) -> bool:
+        """Write a checked, decoded version (one buffer, or its chunks in order) into a free
+        slot and make it current."""
+        parts = decoded if isinstance(decoded, list) else [decoded]
+        size = sum(len(p) for p in parts)
+        if size > self.capacity:
+            raise ValueError(f"version of {size} bytes exceeds the slot capacity {self.capacity}")
         current = int(self.head[3])
         order = sorted((i for i in range(self.slots) if i != current), key=self.slot_version)
         for i in order:
@@ -91,10 +95,12 @@ class ShmWriter:
                 continue
             meta = json.dumps(manifest.to_fields()).encode()
             start = self.data0 + i * self.capacity
-            self._data_map[start : start + len(decoded)] = decoded
+            for p in parts:
+                self._data_map[start : start + len(p)] = p
+                start += len(p)
             m0 = self.meta0 + i * META_BYTES
             self._data_map[m0 : m0 + len(meta)] = meta
-            self.head[5 + 3 * i] = len(decoded)
+            self.head[5 + 3 * i] = size
             self.head[6 + 3 * i] = len(meta)
             self.head[4 + 3 * i] = manifest.version.packed()
             self.head[3] = i
@@ -143,8 +149,7 @@ class ShmReader:
             if int(self.head[4 + 3 * i]) != packed:  # the writer got there first
                 break
             m0 = HEADER + i * META_BYTES
-            meta = json.loads(bytes(self._data_map[m0 : m0 + int(self.head[6 + 3 * i])]))
-            manifest = blob.Manifest.from_fields(meta)
+            manifest = _manifest(bytes(self._data_map[m0 : m0 + int(self.head[6 + 3 * i])]))
             start = self.data0 + i * self.capacity
             view = memoryview(self._data_map)[start : start + int(self.head[5 + 3 * i])]
             return manifest, blob.arrays_of(manifest, view)
@@ -159,6 +164,15 @@ class ShmReader:
         del self.head, self.pins
         self._pins_map.close()
         # The data map may still back views a policy holds; it is released with them.
+
+
+@functools.lru_cache(maxsize=64)
+def _manifest(meta: bytes) -> blob.Manifest:
+    """Parse and check a slot's manifest once per process, however many readers take it."""
+    try:
+        return blob.Manifest.from_fields(json.loads(meta))
+    except ValueError:
+        raise ProtocolError("shared-memory slot holds a malformed manifest") from None
 
 
 def _map(path: Path, size: int, create: bool) -> mmap.mmap:

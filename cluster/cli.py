@@ -1,11 +1,21 @@
 """The `canopy` command: one table of subcommands, user errors printed as one line.
 
 canopy up [--env ID] [--set k=v ...]          the embedded local cluster
+canopy up --resume RUN_DIR                    continue a stopped run where it left off
 canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
 canopy bench e2e --env ID --seeds N --json FILE
 canopy bench broadcast --actors N --model-mb M --json FILE
 canopy bench checkpoint --state-mb 128 --json FILE
+canopy bench learner --json FILE
+canopy bench actors --json FILE
+canopy bench soak --actors 1000 --minutes 10 --json FILE
+canopy cache plan --hosts H --actors N --model-mb M   fan-out and depth of the cache tree
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
+canopy keys DIR                                 CURVE keys for ZeroMQ across hosts
+canopy check-env ID                             gymnasium checks, spaces, stepping speed
+canopy export RUN_DIR --out FILE [--format F]    the policy as safetensors or TorchScript
+canopy eval RUN_DIR|FILE --episodes N [--video F.gif]
+canopy hosts plan CONFIG [--place ROLE=HOST]    role commands per host (bare metal)
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from cluster import config as config_mod
 from cluster.errors import CanopyError, ConfigError, DeadlineExceeded, UserError
@@ -29,15 +40,18 @@ ROLES = {
 
 
 def _role_command(args: argparse.Namespace) -> int:
-    from cluster import lifecycle
+    from cluster import curve, lifecycle
 
     lifecycle.watch_parent()
+    if args.config is None:  # optional only so that `canopy cache plan` parses
+        raise UserError(f"canopy {args.role} needs --config FILE (a run's config.toml)")
     cfg = config_mod.load(args.config, args.set)
     if args.role == "redis":
         from cluster.redis_server import exec_server
 
         exec_server(cfg, args.id)
         return 0  # not reached: exec replaced this process
+    curve.use(curve.load(cfg.cluster))  # every ZeroMQ socket of this role follows it
     stop = lifecycle.stop_event()
     extra = {"standby": True} if getattr(args, "standby", False) else {}
     importlib.import_module(ROLES[args.role]).run(cfg, args.id, stop, **extra)
@@ -48,6 +62,31 @@ def _up(args: argparse.Namespace) -> int:
     from cluster.launcher import up
 
     overrides = list(args.set)
+    config_path = args.config
+    if args.resume is not None:
+        config_path = Path(args.resume) / "config.toml"
+        if not config_path.is_file():
+            raise UserError(
+                f"cannot resume {args.resume}: no config.toml there (not a canopy up run directory)"
+            )
+        # The run's own resolved config: same run name, same keys, same directories. Flags
+        # that repeat it are fine (scripts/up.sh always passes --env), others are refused.
+        saved = config_mod.load(config_path)
+        clash = [
+            flag
+            for flag, given, kept in (
+                ("--config", args.config, None),
+                ("--run-dir", args.run_dir, None),
+                ("--env", args.env, saved.env.id),
+                ("--seed", args.seed, saved.run.seed),
+            )
+            if given is not None and given != kept
+        ]
+        if clash:
+            raise UserError(
+                f"--resume takes the run's own config: drop {', '.join(clash)} (--set still works)"
+            )
+        args.run_dir = str(Path(args.resume).resolve())
     for flag, key in (
         ("env", "env.id"),
         ("seed", "run.seed"),
@@ -58,7 +97,7 @@ def _up(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    summary = up(config_mod.load(args.config, overrides))
+    summary = up(config_mod.load(config_path, overrides), resume=args.resume is not None)
     keys = (
         "solved",
         "time_to_solve_s",
@@ -99,6 +138,18 @@ def _bench(args: argparse.Namespace) -> int:
         from cluster.bench import broadcast
 
         return broadcast.main(args)
+    if args.bench == "actors":
+        from cluster.bench import actors
+
+        return actors.main(args)
+    if args.bench == "soak":
+        from cluster.bench import soak
+
+        return soak.main(args)
+    if args.bench == "learner":
+        from cluster.bench import learner
+
+        return learner.main(args)
     if args.bench == "checkpoint":
         from cluster.bench import checkpoint
 
@@ -106,6 +157,50 @@ def _bench(args: argparse.Namespace) -> int:
     from cluster.bench import e2e
 
     return e2e.main(args)
+
+
+def _hosts_plan(args: argparse.Namespace) -> int:
+    from cluster import hostplan
+
+    cfg = config_mod.load(args.config)
+    hosts = hostplan.plan(cfg, args.config, hostplan.parse_placement(args.place))
+    print(hostplan.render(hosts, args.json))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from learner.export import export
+
+    print(f"wrote {export(args.run_dir, args.out, args.format, args.version)}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from learner.export import evaluate
+
+    if args.episodes < 1:
+        raise UserError("--episodes must be at least 1")
+    print(json.dumps(evaluate(args.source, args.episodes, args.seed, args.env, args.video)))
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from cluster import curve
+
+    d = curve.generate(args.dir)
+    print(f"CURVE keys in {d}: set cluster.curve_dir = {str(d)!r} on every host (keep *.key_secret private)")
+    return 0
+
+
+def _cache_plan(args: argparse.Namespace) -> int:
+    from cache import topology
+
+    try:
+        plan = topology.plan(topology.from_cli(args))
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    print(json.dumps(plan.to_dict()) if args.json else plan.describe())
+    return 0
 
 
 def _checkpoint_plan(args: argparse.Namespace) -> int:
@@ -135,14 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--time-limit", type=float, help="stop after this many seconds")
     up.add_argument("--run-dir", help="where cluster.json, summary.json and logs go")
     up.add_argument("--seed", type=int)
+    up.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue a stopped run: its config, checkpoints and replay"
+    )
     up.set_defaults(func=_up)
 
     for role in ("redis", *ROLES):
         p = sub.add_parser(role, help=f"run one {role} process")
-        p.add_argument("--config", required=True)
+        p.add_argument("--config", required=role != "cache")
         p.add_argument("--id", type=int, default=0)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.set_defaults(func=_role_command, role=role)
+        if role == "cache":
+            from cache.topology import add_plan_parser
+
+            add_plan_parser(p.add_subparsers(dest="cache", required=False), _cache_plan)
         if role == "learner":
             p.add_argument(
                 "--standby", action="store_true", help="wait warm until the active learner's lease expires"
@@ -152,6 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("run_dir", help="the run directory (holds cluster.json)")
     st.add_argument("--watch", action="store_true", help="refresh every second")
     st.set_defaults(func=_status)
+
+    hosts = sub.add_parser("hosts", help="bare-metal clusters: which role commands run on which host")
+    hosts_sub = hosts.add_subparsers(dest="hosts", required=True)
+    hp = hosts_sub.add_parser("plan", help="print the role commands of CONFIG per host, in start order")
+    hp.add_argument("config", help="cluster TOML whose [cluster] section lists every address")
+    hp.add_argument(
+        "--place",
+        action="append",
+        default=[],
+        metavar="ROLE=HOST[,HOST...]",
+        help="hosts for learner, evaluator or actor (round-robin by id)",
+    )
+    hp.add_argument("--json", action="store_true", help="print JSON: {hosts: [{host, commands}]}")
+    hp.set_defaults(func=_hosts_plan)
 
     ckpt = sub.add_parser("checkpoint", help="learner checkpoints in replicated Redis shards")
     ckpt_sub = ckpt.add_subparsers(dest="checkpoint", required=True)
@@ -170,6 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-standby", action="store_true", help="a warm standby counts as healthy (liveness)"
     )
     hl.set_defaults(func=_health)
+
+    ce = sub.add_parser("check-env", help="can canopy run this gymnasium env, and how fast?")
+    ce.add_argument("env_id", metavar="ID")
+    ce.set_defaults(func=lambda a: importlib.import_module("actors.check_env").main(a.env_id))
+
+    ex = sub.add_parser("export", help="a run's newest policy as safetensors or TorchScript")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--out", required=True, help="file to write")
+    ex.add_argument("--format", default="safetensors", help="safetensors | torchscript")
+    ex.add_argument("--version", default="", help="a version id instead of the newest")
+    ex.set_defaults(func=_export)
+
+    ev = sub.add_parser("eval", help="greedy episodes with a run's newest policy or an exported file")
+    ev.add_argument("source", metavar="RUN_DIR|FILE")
+    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--env", default="", help="env id (default: the run's or the file's)")
+    ev.add_argument("--video", default="", help="GIF of the first episode")
+    ev.set_defaults(func=_eval)
+
+    ky = sub.add_parser("keys", help="CURVE keys for ZeroMQ sockets; set cluster.curve_dir to DIR")
+    ky.add_argument("dir", metavar="DIR")
+    ky.set_defaults(func=_keys)
 
     pl = sub.add_parser("plot", help="PNG of learning curves and throughput of one or more runs")
     pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -196,12 +335,32 @@ def build_parser() -> argparse.ArgumentParser:
     bc.add_argument("--versions", type=int, default=3)
     bc.add_argument("--codec", default="raw", choices=("raw", "bf16", "int8delta"))
     bc.add_argument("--keyframe-every", type=int, default=16)
+    bc.add_argument("--netns", action="store_true", help="one network namespace per host (root only)")
+    bc.add_argument("--rate-mbit", type=float, default=0.0, help="with --netns: each host's link rate")
     bc.add_argument("--json", required=True)
     bc.set_defaults(func=_bench)
     rb = bench_sub.add_parser("replay", help="replay shard throughput across processes vs numpy and ZeroMQ")
     rb.add_argument("--json", required=True, help="file for the result")
-    rb.add_argument("--atari-items", type=int, default=5000, help="Atari-size transitions per shard")
+    rb.add_argument("--atari-items", type=int, default=20000, help="Atari-size transitions per shard")
+    rb.add_argument("--snapshot-items", type=int, default=20000, help="Atari transitions when snapshotting")
     rb.set_defaults(func=_bench)
+    lb = bench_sub.add_parser("learner", help="DQN updates/s (MLP and Nature CNN) vs bare PyTorch")
+    lb.add_argument("--json", required=True, help="file to write the results to")
+    lb.add_argument("--seconds", type=float, default=5.0, help="timing window per workload")
+    lb.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    lb.set_defaults(func=_bench)
+    ab = bench_sub.add_parser("actors", help="actor env steps/s vs random vector-env stepping")
+    ab.add_argument("--json", required=True, help="file to write the results to")
+    ab.add_argument("--seconds", type=float, default=5.0, help="timing window per workload")
+    ab.add_argument("--envs", type=int, nargs="+", default=[8, 32], help="vector env sizes")
+    ab.set_defaults(func=_bench)
+    sk = bench_sub.add_parser("soak", help="a long canopy up under simulated actors: errors, RSS growth")
+    sk.add_argument("--json", required=True, help="file to write the results to")
+    sk.add_argument("--actors", type=int, default=1000, help="simulated actors")
+    sk.add_argument("--minutes", type=float, default=10.0)
+    sk.add_argument("--processes", type=int, default=8, help="worker processes for the actors")
+    sk.add_argument("--period", type=float, default=1.0, help="seconds between a simulated actor's inserts")
+    sk.set_defaults(func=_bench)
     ck = bench_sub.add_parser("checkpoint", help="cost of checkpointing to Redis shards; recovery time")
     ck.add_argument("--state-mb", type=float, default=128.0, help="state size (online+target+Adam)")
     ck.add_argument("--duration", type=float, default=60.0, help="seconds of training per arm")

@@ -35,12 +35,21 @@ class RunConfig:
 @dataclass
 class EnvConfig:
     id: str = "CartPole-v1"
+    # Atari (ALE/... ids, with ale-py installed): the standard preprocessing of
+    # actors/envs.py. Frames are grey 84x84, max-pooled over the last two of each skip.
+    frame_skip: int = 4
+    frame_stack: int = 4
+    sticky_actions: float = 0.25  # repeat_action_probability (Machado et al. 2018)
+    noop_max: int = 30  # random no-ops at reset
 
 
 @dataclass
 class RedisConfig:
     shards: int = 2
     maxmemory_mb: int = 2048
+    # Append-only file in RUN_DIR/redis-<i>, fsynced every second (cluster/redis_server.py):
+    # a crashed shard or a stopped run comes back with its data (`canopy up --resume`).
+    persist: bool = True
 
 
 @dataclass
@@ -68,6 +77,14 @@ class ReplayConfig:
     # <snapshot_dir>/shard-<id>/ this often and restores the newest one at start.
     snapshot_dir: str = ""  # empty: no snapshots; `canopy up` uses RUN_DIR/replay
     snapshot_interval_s: float = 60.0
+    # Pixel tables (replay/frames.py): inserts carrying `frame` columns store each frame once
+    # and rebuild stacks of `frame_stack` frames at sample time; a frame may be referenced by
+    # later inserts until `frame_window` newer frames have reached the shard.
+    frame_stack: int = 4
+    frame_window: int = 65_536
+    # Membership (replay/membership.py): a shard refreshes its deadline every third of this;
+    # clients rehash when a shard has missed it (killed) or left.
+    member_ttl_s: float = 3.0
 
 
 @dataclass
@@ -90,6 +107,13 @@ class CacheConfig:
 class LearnerConfig:
     device: str = "auto"  # auto | cpu | cuda
     hidden: list[int] = field(default_factory=lambda: [128, 128])
+    dueling: bool = False  # value + advantage heads (learner/network.py); actors see a plain mlp
+    # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py)
+    algorithm: str = "dqn"
+    tau: float = 0.005  # td3: Polyak rate of the target networks
+    policy_delay: int = 2  # td3: critic updates per actor update
+    target_noise: float = 0.2  # td3: std of the target policy smoothing noise (actions in [-1, 1])
+    noise_clip: float = 0.5  # td3: ... clipped to this
     batch_size: int = 256
     lr: float = 1e-3
     gamma: float = 0.99
@@ -110,6 +134,7 @@ class ActorConfig:
     inflight_chunks: int = 4  # unacknowledged inserts before the actor waits (backpressure)
     eps_base: float = 0.4  # Ape-X ladder: slot i of N acts with eps_base ** (1 + alpha * i / (N-1))
     eps_alpha: float = 7.0
+    action_noise: float = 0.1  # Box actions: std of the Gaussian exploration noise, actions in [-1, 1]
 
 
 @dataclass
@@ -132,6 +157,9 @@ class CheckpointConfig:
     lease_ttl_s: float = 1.0  # the active learner's lease; a standby takes over when it expires
     standby: bool = True  # `canopy up` runs a warm standby learner
     restart_backoff_s: float = 1.0  # `canopy up` restarts a dead role after this, doubling to 30 s
+    # The writer checks the shards this often between checkpoints and re-replicates when one
+    # died or came back empty, so R copies return even when no checkpoint is being written.
+    repair_every_s: float = 5.0
 
 
 @dataclass
@@ -146,6 +174,10 @@ class ClusterConfig:
     replay: list[str] = field(default_factory=list)  # ZeroMQ endpoint per replay shard
     cache_fetch: list[str] = field(default_factory=list)  # ROUTER endpoint per cache node
     cache_notify: list[str] = field(default_factory=list)  # PUB endpoint per cache node
+    curve_dir: str = ""  # CURVE keys from `canopy keys DIR` (cluster/curve.py); empty: plain tcp
+    # Least-privilege Redis users, one per role (cluster/acl.py), each with its password in
+    # redis.<role>.password beside password_file; off: every role connects as redis_user.
+    role_users: bool = False
 
 
 @dataclass
@@ -165,6 +197,10 @@ class Config:
 # Lower bounds checked by `verify`; every other number only has to have the right type.
 _MINIMUMS: dict[str, float] = {
     "run.heartbeat_s": 0.1,
+    "env.frame_skip": 1,
+    "env.frame_stack": 1,
+    "env.sticky_actions": 0,
+    "env.noop_max": 0,
     "redis.shards": 1,
     "redis.maxmemory_mb": 16,
     "replay.shards": 1,
@@ -182,10 +218,19 @@ _MINIMUMS: dict[str, float] = {
     "replay.importance_exponent_final": 0,
     "replay.importance_anneal_updates": 1,
     "replay.snapshot_interval_s": 1.0,
+    "replay.frame_stack": 1,
+    "replay.frame_window": 16,
+    "replay.member_ttl_s": 0.3,
     "cache.nodes": 1,
     "cache.keep_versions": 1,
     "cache.poll_s": 0.05,
+    "cache.fanout": 0,
     "learner.batch_size": 1,
+    "learner.tau": 0,
+    "learner.policy_delay": 1,
+    "learner.target_noise": 0,
+    "learner.noise_clip": 0,
+    "actors.action_noise": 0,
     "learner.lr": 0,
     "learner.n_step": 1,
     "learner.target_update_period": 1,
@@ -205,9 +250,11 @@ _MINIMUMS: dict[str, float] = {
     "checkpoint.rate_mb_s": 0,
     "checkpoint.lease_ttl_s": 0.2,
     "checkpoint.restart_backoff_s": 0,
+    "checkpoint.repair_every_s": 0.1,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
+    "learner.algorithm": ("dqn", "td3"),
     "checkpoint.placement": ("auto", "group", "ring"),
     "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
     "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),

@@ -13,7 +13,8 @@ class ConfigError(UserError):
     """The config tree has unknown keys or bad values; `problems` lists every one."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
+        # One line each, whatever a key or value a user typed holds.
+        self.problems = [" ".join(p.splitlines()) for p in problems]
         super().__init__("; ".join(problems))
 
 

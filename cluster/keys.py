@@ -28,6 +28,16 @@ class Keys:
         """Sorted set: member = id, score = liveness deadline (unix seconds)."""
         return f"{self.prefix}alive:{role}"
 
+    @property
+    def replay_members(self) -> str:
+        """Sorted set: member = replay shard id, score = liveness deadline (Redis clock, unix s)."""
+        return f"{self.prefix}replay:members"
+
+    @property
+    def replay_endpoints(self) -> str:
+        """Hash: replay shard id -> the ZeroMQ endpoint clients connect to."""
+        return f"{self.prefix}replay:endpoints"
+
     def control(self, role: str, ident: int) -> str:
         """List: operator commands for one process (RPUSH; taken once per heartbeat)."""
         return f"{self.prefix}control:{role}:{ident}"

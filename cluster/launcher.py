@@ -3,8 +3,15 @@
 build (ports, password, resolved config) -> init (Redis shards, then every role through
 the same `canopy <role> --config --id` commands operators run; cluster.json once all are
 up) -> run (progress line, metrics.jsonl, watch for a solving evaluation, a time limit,
-a dead child or a signal) -> report (final greedy evaluation, summary.json).
+a dead child or a signal; restart any role that dies, Redis shards included) -> report
+(final greedy evaluation, a final snapshot of every replay shard, summary.json).
 Children die with the launcher even if it crashes (cluster/lifecycle.py).
+
+Resume (`canopy up --resume RUN_DIR`): the run's resolved config is loaded back, the Redis
+shards start on their append-only files in RUN_DIR/redis-<i> (cluster/redis_server.py) and
+the replay shards on their snapshots in RUN_DIR/replay (`replay.snapshot_dir`), so the
+learner restores its newest checkpoint under a new, larger epoch and trains on the replay
+contents it left. Only the addresses are new: ports are picked again.
 """
 
 from __future__ import annotations
@@ -23,18 +30,24 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import zmq
 
 from actors.envs import check_env_id
+from cache import topology
 from cache.shm import SHM_DIR
+from cluster import acl, curve, redis_server, tboard, wire
 from cluster import config as config_mod
-from cluster import redis_server
 from cluster.config import Config
-from cluster.errors import UserError
+from cluster.errors import DeadlineExceeded, ProtocolError, UserError
+from cluster.hostplan import role_command
 from cluster.keys import Keys
 from cluster.ports import free_ports
-from cluster.redisconn import connect
+from cluster.progress import RunProgress, waiting
+from cluster.redisconn import connect, role_password_file
 
 START_TIMEOUT_S = 90.0
+REDIS_START_TIMEOUT_S = 60.0  # a shard loads its append-only file before it answers
+SNAPSHOT_TIMEOUT_S = 60.0  # the final replay snapshot of a clean stop
 STOP_TIMEOUT_S = 10.0
 FINAL_EVAL_TIMEOUT_S = 60.0
 # Stop order: producers first, so nobody waits on a role that is already gone.
@@ -69,8 +82,9 @@ class Child:
 
 
 class Launcher:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, resume: bool = False):
         self.cfg = cfg
+        self.resume = resume
         self.children: list[Child] = []
         self.t0 = time.monotonic()
         self.started_at = time.time()
@@ -87,6 +101,8 @@ class Launcher:
         if not cfg.run.name:
             cfg.run.name = time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
         run_dir = Path(cfg.run.dir or Path("runs") / cfg.run.name).resolve()
+        if self.resume:
+            check_resumable(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "logs").mkdir(exist_ok=True)
         cfg.run.dir = str(run_dir)
@@ -98,11 +114,17 @@ class Launcher:
         c.replay = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.replay.shards)]
         c.cache_fetch = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.cache.nodes)]
         c.cache_notify = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.cache.nodes)]
-        password_file = run_dir / "redis.password"
-        fd = os.open(password_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(24))
-        c.password_file = str(password_file)
+        # The planner's fan-out, written into config.toml so every node builds the same tree.
+        cfg.cache.fanout = cfg.cache.fanout or topology.for_config(cfg).fanout
+        if not cfg.replay.snapshot_dir:
+            cfg.replay.snapshot_dir = str(run_dir / "replay")
+        c.password_file = str(run_dir / "redis.password")
+        c.role_users = True  # every role its own least-privilege Redis user (cluster/acl.py)
+        for path in [Path(c.password_file)] + [role_password_file(c, role) for role in acl.ROLES]:
+            if not (self.resume and path.exists()):  # operators of a resumed run keep theirs
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w") as f:
+                    f.write(secrets.token_urlsafe(24))
         self.config_path = run_dir / "config.toml"
         config_mod.save(cfg, self.config_path)
         self.run_dir = run_dir
@@ -113,17 +135,7 @@ class Launcher:
         self, role: str, ident: int, endpoints: dict[str, str] | None = None, args: tuple[str, ...] = ()
     ) -> Child:
         log = self.run_dir / "logs" / f"{role}-{ident}.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            role,
-            "--config",
-            str(self.config_path),
-            "--id",
-            str(ident),
-            *args,
-        ]
+        cmd = role_command(role, ident, str(self.config_path), args, (sys.executable, "-m", "cluster.cli"))
         env = {**os.environ, "CANOPY_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:  # append: a restarted role keeps its predecessor's log
             # Own session: a terminal's Ctrl-C reaches only the launcher, which stops
@@ -140,6 +152,15 @@ class Launcher:
         for i, addr in enumerate(c.redis):
             self.spawn("redis", i, {"redis": addr})
         self.r = self._wait_redis()
+        # A resumed run's stream holds the earlier runs' events: read only this one's.
+        newest = self.r.xrevrange(self.keys.events, count=1)
+        self.events_from = newest[0][0] if newest else "0-0"
+        if self.resume:
+            # Stats hashes of roles killed with the stopped run outlive it by a TTL, still
+            # saying `running`: gone, so `_wait_running` waits for this run's roles.
+            counts = {"replay": cfg.replay.shards, "cache": cfg.cache.nodes, "learner": 2}
+            counts |= {"evaluator": 1, "actor": cfg.actors.count}
+            self.r.delete(*(self.keys.proc(role, i) for role, n in counts.items() for i in range(n)))
         for i, e in enumerate(c.replay):
             self.spawn("replay", i, {"replay": e})
         for i in range(cfg.cache.nodes):
@@ -158,17 +179,18 @@ class Launcher:
         clients = [
             connect(self.cfg.cluster, "launcher", 0, shard=i) for i in range(len(self.cfg.cluster.redis))
         ]
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + REDIS_START_TIMEOUT_S
         for child, client in zip(self.children, clients, strict=True):
             while True:
                 self._check_alive()
                 try:
                     client.ping()
                     break
-                except redis.ConnectionError:
+                except redis.ConnectionError:  # BusyLoadingError too: still reading its AOF
                     if time.monotonic() > deadline:
                         raise UserError(
-                            f"redis shard {child.ident} did not answer within 15s: {child.log_tail()}"
+                            f"redis shard {child.ident} did not answer within "
+                            f"{REDIS_START_TIMEOUT_S:.0f}s: {child.log_tail()}"
                         ) from None
                     time.sleep(0.02)
         return clients[0]
@@ -278,10 +300,11 @@ class Launcher:
     def monitor(self, stop_flag: list[bool]) -> None:
         cfg = self.cfg
         self.solve: dict[str, Any] | None = None
-        last_event = "0-0"
+        last_event = self.events_from
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
-        interactive = sys.stderr.isatty()
-        last_print = last_row = 0.0
+        scalars = tboard.open_log(self.run_dir, self.started_at)  # None without tensorboard
+        progress = RunProgress(cfg.run.time_limit_s)
+        last_row = 0.0
         try:
             while not stop_flag[0]:
                 self._heal()
@@ -297,16 +320,15 @@ class Launcher:
                 if self.solve is None and time.monotonic() - last_row < 1.0:
                     continue  # events can arrive many times a second; one metrics row per second
                 last_row = time.monotonic()
-                snap = self.snapshot()
+                try:
+                    snap = self.snapshot()
+                except redis.ConnectionError:
+                    continue  # the root shard died between two reads; _heal restarts it
                 metrics.write(json.dumps(snap) + "\n")
                 metrics.flush()
-                line = _progress_line(snap)
-                if interactive:
-                    sys.stderr.write("\r\x1b[2K" + line)
-                    sys.stderr.flush()
-                elif time.monotonic() - last_print > 5:
-                    print(line, file=sys.stderr, flush=True)
-                    last_print = time.monotonic()
+                if scalars is not None:
+                    scalars.write(snap)
+                progress.update(snap["wall_s"], _progress_line(snap))
                 if self.solve is not None:
                     self.stop_reason = "solved"
                     break
@@ -317,8 +339,9 @@ class Launcher:
                 self.stop_reason = "signal"
         finally:
             metrics.close()
-            if interactive:
-                sys.stderr.write("\n")
+            if scalars is not None:
+                scalars.close()
+            progress.close()
 
     def _on_event(self, event: dict[str, str]) -> None:
         if event.get("kind") != "eval" or self.solve is not None:
@@ -377,6 +400,24 @@ class Launcher:
                     ch.proc.kill()
                     ch.proc.wait()
 
+    def snapshot_replay(self) -> list[dict[str, Any]]:
+        """Ask every replay shard for a snapshot now (actors and learner stopped: nothing moves).
+
+        Each entry is the shard's reply header (or `error`), kept in summary.json so a
+        resumed run can be checked against what was saved.
+        """
+        out = []
+        for ch in self._role("replay"):
+            if ch.proc.poll() is not None:
+                out.append({"id": ch.ident, "error": f"not running (exit code {ch.proc.returncode})"})
+                continue
+            try:
+                reply = replay_request(ch.endpoints["replay"], {"op": "snapshot"}, SNAPSHOT_TIMEOUT_S)
+            except (DeadlineExceeded, ProtocolError) as exc:
+                reply = {"error": str(exc)}
+            out.append({"id": ch.ident, **reply})
+        return out
+
     def final_eval(self) -> dict[str, Any]:
         """Greedy evaluation of the last published version, by the evaluator process."""
         latest = self.r.get(self.keys.model_latest)
@@ -384,7 +425,7 @@ class Launcher:
             return {}
         latest = latest.decode()
         deadline = time.monotonic() + FINAL_EVAL_TIMEOUT_S
-        last_id = "0-0"
+        last_id = self.events_from
         found: dict[str, str] = {}
         while time.monotonic() < deadline and not found:
             for _, items in self.r.xread({self.keys.events: last_id}, count=1000, block=500) or []:
@@ -401,7 +442,13 @@ class Launcher:
             "final_eval_episodes": int(found["episodes"]),
         }
 
-    def summary(self, final: dict[str, Any], learner: dict[str, str], last: dict[str, Any]) -> dict[str, Any]:
+    def summary(
+        self,
+        final: dict[str, Any],
+        learner: dict[str, str],
+        last: dict[str, Any],
+        replay_snapshots: list[dict[str, Any]],
+    ) -> dict[str, Any]:
         import gymnasium
         import torch
 
@@ -413,6 +460,7 @@ class Launcher:
             "stop_at_return": self.cfg.run.stop_at_return,
             "solved": self.solve is not None,
             "stop_reason": self.stop_reason,
+            "resumed": self.resume,
             "time_to_solve_s": solve.get("time_to_solve_s"),
             "env_steps_to_solve": solve.get("env_steps_to_solve"),
             "solve_version": solve.get("solve_version"),
@@ -421,6 +469,8 @@ class Launcher:
             "versions_published": int(learner.get("versions_published_total", 0)),
             "updates": int(learner.get("updates_total", 0)),
             "env_steps": last.get("env_steps"),
+            "epoch": int(learner.get("epoch", 0)),
+            "replay_snapshots": replay_snapshots,
             "wall_s": round(time.monotonic() - self.t0, 3),
             "started_at": self.started_at,
             "versions": {
@@ -440,9 +490,13 @@ class Launcher:
             path.unlink(missing_ok=True)
 
 
-def up(cfg: Config) -> dict[str, Any]:
-    """Run a local cluster until solved, out of time, or signalled; returns summary.json's content."""
-    launcher = Launcher(cfg)
+def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    """Run a local cluster until solved, out of time, or signalled; returns summary.json's content.
+
+    `resume`: `cfg` is the config.toml of a stopped run (see the module docstring).
+    """
+    curve.use(curve.load(cfg.cluster))  # for its own requests to the replay shards
+    launcher = Launcher(cfg, resume)
     launcher.prepare()
     stop_flag = [False]
 
@@ -451,21 +505,67 @@ def up(cfg: Config) -> dict[str, Any]:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        print(f"canopy: run {cfg.run.name} in {launcher.run_dir}", file=sys.stderr)
-        launcher.start()
+        verb = "resuming run" if resume else "run"
+        print(f"canopy: {verb} {cfg.run.name} in {launcher.run_dir}", file=sys.stderr)
+        with waiting("starting every role"):
+            launcher.start()
         print(f"canopy: all roles up in {time.monotonic() - launcher.t0:.1f}s", file=sys.stderr)
         launcher.monitor(stop_flag)
         last = launcher.snapshot()
         launcher.stop_roles(("actor", "learner"))
-        final = launcher.final_eval()
+        with waiting("final greedy evaluation of the last version"):
+            final = launcher.final_eval()
         learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", launcher.active_learner())))
-        summary = launcher.summary(final, learner, last)
+        summary = launcher.summary(final, learner, last, launcher.snapshot_replay())
         _write_json(launcher.run_dir / "summary.json", summary)
         return summary
     finally:
         launcher.shutdown()
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+def check_resumable(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run that is still running, or one that left nothing to resume from."""
+    cluster_json = run_dir / "cluster.json"
+    if cluster_json.exists():
+        doc = json.loads(cluster_json.read_text())
+        pids = [e["pid"] for e in doc.get("redis", [])]
+        pids += [e["pid"] for entries in doc.get("roles", {}).values() for e in entries]
+        for pid in pids:
+            if _is_canopy_process(pid):
+                raise UserError(f"run {cfg.run.name} is still running (pid {pid}): stop it before --resume")
+    if cfg.redis.persist and not any(run_dir.glob("redis-0/appendonlydir/*")):
+        raise UserError(
+            f"nothing to resume in {run_dir}: no Redis data in redis-0/ "
+            "(was the run started with redis.persist = false?)"
+        )
+
+
+def _is_canopy_process(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"cluster.cli" in cmdline or b"redis-server" in cmdline
+
+
+def replay_request(endpoint: str, header: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One request to a replay shard; its reply header (`error` for an error reply)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    curve.connect(sock, endpoint)
+    try:
+        sock.send_multipart(wire.encode({**header, "req": 0}))
+        if not sock.poll(int(timeout * 1000)):
+            raise DeadlineExceeded(f"replay shard {endpoint} did not answer {header['op']} in {timeout:.0f}s")
+        msg = wire.decode(sock.recv_multipart(), 1 << 20)
+    finally:
+        sock.close(0)
+    reply = {k: v for k, v in msg.header.items() if k not in ("req", "arrays")}
+    if msg.op == "error":
+        return {"error": str(reply.get("message", reply))}
+    return reply
 
 
 def machine_facts() -> dict[str, Any]:

@@ -1,9 +1,21 @@
-"""`canopy redis --id N`: run Redis shard N as a real `redis-server`, no disk persistence.
+"""`canopy redis --id N`: run Redis shard N as a real `redis-server`, persisted in the run directory.
 
-The shard's config file (mode 600, in the run directory) turns the default user off and
-creates the operator user `cluster.redis_user` with the generated password, so the
-password never appears on a command line. The process then *becomes* redis-server
-(exec), so its pid is the one in cluster.json.
+Persistence (`redis.persist`, on by default): an append-only file under
+`<run dir>/redis-<id>/appendonlydir`, fsynced once a second by Redis's background thread,
+no RDB snapshots. Why this and not an RDB saved at shutdown: a shard killed with -9 (or by
+the launcher's death signal) comes back with all but the last second of writes, so the
+epoch counter, the lease history and every committed checkpoint survive a crash, not only
+a clean stop; and the training path pays only a write into the page cache per command
+(no fsync per write, as `appendfsync always` would, and no fork of the whole dataset every
+few changes, as periodic RDB saves would). The AOF is compacted by Redis's own rewrite
+when it doubles; during a rewrite fsyncs pause (`no-appendfsync-on-rewrite`) so a busy
+disk never stalls a checkpoint write. `canopy up --resume` starts the shards on the same
+directories, so they load their data back.
+
+The shard's config file (mode 600, in the run directory) turns the default user off (no
+connection can use it) and creates the operator user `cluster.redis_user` with the
+generated password, so the password never appears on a command line. The process then
+*becomes* redis-server (exec), so its pid is the one in cluster.json.
 """
 
 from __future__ import annotations
@@ -14,10 +26,17 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from cluster import acl
 from cluster.config import Config
 from cluster.errors import UserError
-from cluster.redisconn import read_password
+from cluster.redisconn import read_password, role_password_file
 
+PERSIST = [
+    "appendonly yes",
+    "appendfsync everysec",
+    "aof-use-rdb-preamble yes",
+    "no-appendfsync-on-rewrite yes",
+]
 INSTALL_HINT = "install it with `apt-get install redis-server` (Debian/Ubuntu) or put it on PATH"
 
 
@@ -46,14 +65,21 @@ def write_conf(cfg: Config, ident: int) -> Path:
         f"bind {'* -::*' if cfg.cluster.bind_all else host}",
         "protected-mode yes",
         'save ""',
-        "appendonly no",
+        *(PERSIST if cfg.redis.persist else ["appendonly no"]),
         f"maxmemory {cfg.redis.maxmemory_mb}mb",
         "maxmemory-policy noeviction",
         f"dir {workdir}",
         "daemonize no",
-        "user default off",
+        # Off, so no connection can use it; but with every permission, because Redis 7
+        # replays an AOF's MULTI/EXEC (every Lua script's writes) as the default user and
+        # would drop them with NOPERM (redis/redis#14541) otherwise.
+        "user default off resetpass ~* &* +@all",
         f"user {cfg.cluster.redis_user} on >{read_password(cfg.cluster)} ~* &* +@all",
     ]
+    if cfg.cluster.role_users:
+        for role in acl.ROLES:
+            password = read_password(cfg.cluster, role_password_file(cfg.cluster, role))
+            lines.append(acl.user_line(role, cfg.run.name, password))
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")

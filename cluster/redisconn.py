@@ -9,13 +9,36 @@ import redis
 from cluster.config import ClusterConfig
 from cluster.errors import UserError
 
+# Processes that are not roles but only read (status, probes, export) use the read-only user.
+READERS = {"status": "status", "health": "status", "export": "status"}
 
-def read_password(cluster: ClusterConfig) -> str:
+
+def role_password_file(cluster: ClusterConfig, user: str) -> Path:
+    """Where the password of a role's Redis user lives: beside `cluster.password_file`."""
+    return Path(cluster.password_file).with_name(f"redis.{user}.password")
+
+
+def credentials(cluster: ClusterConfig, role: str) -> tuple[str, Path]:
+    """(Redis user, password file) for a process of `role`.
+
+    With `cluster.role_users`, each role has its own least-privilege user (cluster/acl.py);
+    anything else (the launcher, benchmarks, tests) is an operator and uses `redis_user`.
+    """
+    from cluster import acl
+
+    user = READERS.get(role, role)
+    if cluster.role_users and user in acl.ROLES:
+        return user, role_password_file(cluster, user)
+    return cluster.redis_user, Path(cluster.password_file)
+
+
+def read_password(cluster: ClusterConfig, path: str | Path | None = None) -> str:
+    path = Path(path or cluster.password_file)
     try:
-        return Path(cluster.password_file).read_text().strip()
+        return path.read_text().strip()
     except OSError as exc:
         raise UserError(
-            f"cannot read the Redis password file {cluster.password_file!r} ({exc.strerror}): "
+            f"cannot read the Redis password file {str(path)!r} ({exc.strerror}): "
             "set cluster.password_file to the file canopy up wrote"
         ) from None
 
@@ -30,11 +53,12 @@ def connect(cluster: ClusterConfig, role: str, ident: int | str, shard: int = 0)
     if not cluster.redis:
         raise UserError("cluster.redis is empty: list the Redis shards as host:port")
     host, _, port = cluster.redis[shard].rpartition(":")
+    user, password_file = credentials(cluster, role)
     return redis.Redis(
         host=host,
         port=int(port),
-        username=cluster.redis_user,
-        password=read_password(cluster),
+        username=user,
+        password=read_password(cluster, password_file),
         client_name=f"canopy:{role}:{ident}",
         socket_timeout=10,
         socket_connect_timeout=5,

@@ -7,6 +7,7 @@ Exits 1 when a role listed in cluster.json has no live stats hash or is past its
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,18 +27,27 @@ from cluster.version import Version
 
 COLUMNS = (
     ("state", "state"),
+    ("rate/s", "rate"),
     ("env steps", "env_steps_total"),
     ("updates", "updates_total"),
     ("version", "policy_version"),
+    ("lag", "lag"),
     ("return", "episode_return_mean"),
     ("eval", "eval_return"),
     ("items", "items"),
     ("rejected", "rejected_total"),
+    ("rss MB", "rss_mb"),
 )
+# The counter whose mean rate since the process started is each role's "rate/s".
+RATE_OF = {"actor": "env_steps_total", "learner": "updates_total", "replay": "inserts_total"}
+MAX_CKPT_DOC_BYTES = 4 << 20
 
 
 def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool, str]:
-    """Rows (one per role process in cluster.json), whether every one is alive, policy lag."""
+    """Rows (one per role process in cluster.json), whether every one is alive, a caption.
+
+    The caption holds the policy lag of the actors and the age of the newest checkpoint.
+    """
     run_dir = Path(run_dir)
     try:
         cluster = json.loads((run_dir / "cluster.json").read_text())
@@ -60,14 +70,85 @@ def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool, str]:
             f"cannot read the run's Redis root {cfg.cluster.redis[0]} ({exc}): is the run up?"
         ) from None
     now = time.time()
-    rows, healthy = [], True
-    for (role, ident), stats, deadline in zip(procs, replies[::2], replies[1::2], strict=True):
-        fields = {k.decode(): v.decode() for k, v in stats.items()}
-        alive = bool(fields) and deadline is not None and deadline >= now
-        healthy &= alive
-        beat = now - float(fields["updated_at"]) if "updated_at" in fields else None
-        rows.append({"role": role, "id": ident, "alive": alive, "heartbeat_age_s": beat, **fields})
-    return rows, healthy, policy_lag(r, keys)
+    rows = [
+        row(role, ident, stats, deadline, now)
+        for (role, ident), stats, deadline in zip(procs, replies[::2], replies[1::2], strict=True)
+    ]
+    add_lag(rows, r.get(keys.model_latest), r.hgetall(keys.ledger_actors))
+    caption = f"{policy_lag(r, keys)}\n{checkpoint_age(r, keys, now)}"
+    return rows, all(x["alive"] for x in rows), caption
+
+
+def row(
+    role: str, ident: int, stats: dict[bytes, bytes], deadline: float | None, now: float
+) -> dict[str, Any]:
+    """One process's table row from its stats hash and liveness deadline.
+
+    Anyone who can write to Redis can write these keys: odd bytes are shown replaced, an
+    unreadable heartbeat time as unknown, and neither makes the status reader fail.
+    """
+    fields = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in stats.items()}
+    alive = bool(fields) and deadline is not None and deadline >= now
+    try:
+        beat: float | None = now - float(fields["updated_at"])
+    except (KeyError, ValueError):
+        beat = None
+    out: dict[str, Any] = {**fields, "role": role, "id": ident, "alive": alive, "heartbeat_age_s": beat}
+    started, updated = _number(fields.get("started_at")), _number(fields.get("updated_at"))
+    count = _number(fields.get(RATE_OF.get(role, "")))
+    if None not in (started, updated, count) and updated > started:
+        out["rate"] = f"{count / (updated - started):,.0f}"
+    rss = _number(fields.get("rss_bytes"))
+    if rss is not None:
+        out["rss_mb"] = f"{rss / 2**20:,.0f}"
+    return out
+
+
+def add_lag(rows: list[dict[str, Any]], latest_raw: bytes | None, ledger: dict[bytes, bytes]) -> None:
+    """Each actor's lag behind `model:latest`, in learner steps (only within one epoch).
+
+    The version an actor acts with comes from `ledger:actors`, written as it switches, the
+    same source as the caption; its stats hash can be a heartbeat older.
+    """
+    try:
+        latest = Version.parse(latest_raw) if latest_raw is not None else None
+    except ProtocolError:
+        return
+    for entry in rows:
+        if latest is None or entry["role"] != "actor":
+            continue
+        try:
+            acting = Version.parse(ledger.get(str(entry["id"]).encode(), b""))
+        except ProtocolError:
+            continue
+        entry["lag"] = str(max(0, latest.step - acting.step)) if acting.epoch == latest.epoch else "epoch"
+
+
+def checkpoint_age(r: redis.Redis, keys: Keys, now: float) -> str:
+    """How old the newest committed checkpoint is, from `ckpt:index` and its manifest."""
+    newest = r.zrevrange(keys.ckpt_index, 0, 0)
+    if not newest:
+        return "checkpoint: none committed yet"
+    ckpt = newest[0].decode(errors="replace")
+    manifest = keys.ckpt_manifest(ckpt)
+    if r.hstrlen(manifest, "doc") > MAX_CKPT_DOC_BYTES:
+        return f"checkpoint {ckpt}: manifest over {MAX_CKPT_DOC_BYTES >> 20} MiB, not read"
+    try:
+        created = _number(json.loads(r.hget(manifest, "doc") or b"{}").get("created_at"))
+    except (ValueError, AttributeError):
+        created = None
+    if created is None:
+        return f"checkpoint {ckpt}: manifest has no creation time"
+    return f"checkpoint {ckpt}: {now - created:.1f}s old, {r.zcard(keys.ckpt_index)} committed"
+
+
+def _number(text: str | None) -> float | None:
+    """A finite float from an untrusted field, else None."""
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def policy_lag(r: redis.Redis, keys: Keys) -> str:
@@ -79,7 +160,10 @@ def policy_lag(r: redis.Redis, keys: Keys) -> str:
     latest_raw, acting = r.get(keys.model_latest), r.hgetall(keys.ledger_actors)
     if latest_raw is None or not acting:
         return "policy lag: no version published or no actor acting yet"
-    latest = Version.parse(latest_raw)
+    try:
+        latest = Version.parse(latest_raw)
+    except ProtocolError:
+        return f"policy lag: model:latest holds no version id ({latest_raw[:40]!r})"
     lags, older_epoch = [], 0
     for raw in acting.values():
         try:

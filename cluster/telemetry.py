@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import resource
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any
 
 import redis
 
+from cluster import curve
 from cluster.keys import Keys
 
 EVENTS_MAXLEN = 10_000
@@ -79,7 +81,13 @@ class Telemetry:
     def flush(self, take_commands: bool = True) -> None:
         ttl = max(1, round(3 * self.period_s))
         key = self.keys.proc(self.role, self.ident)
-        mapping = {**self._static, "state": self.state, "updated_at": round(time.time(), 3)}
+        mapping = {
+            **self._static,
+            "state": self.state,
+            "updated_at": round(time.time(), 3),
+            "rss_bytes": rss_bytes(),
+            "curve_refused_total": curve.refused_total(),  # peers without an authorized key
+        }
         mapping.update({k: _scalar(v) for k, v in dict(self.counters).items()})
         try:
             pipe = self.r.pipeline(transaction=False)
@@ -111,6 +119,15 @@ class Telemetry:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             self.flush()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _scalar(value: Any) -> Any:

@@ -9,27 +9,94 @@ import torch
 from torch import nn
 
 ARCH = "mlp"
+CNN_ARCH = "nature_cnn"
 
 
 class QNetwork(nn.Module):
-    """MLP from a flat observation to one Q-value per action.
+    """MLP from a flat observation to one Q-value per action, optionally dueling.
 
     Example:
         net = QNetwork(obs_size=4, n_actions=2, hidden=[128, 128])
         q = net(torch.zeros(32, 4))  # [32, 2]
+
+    Dueling (Wang et al. 2016): the last hidden layer feeds a state value V(s) and
+    advantages A(s, a), combined as Q = V + A - mean_a A. Both heads are linear in the
+    same features h, so Q is too: Q_a = (w_V + W_A[a] - mean_b W_A[b]) . h + (b_V + b_A[a]
+    - mean_b b_A[b]). `export` folds the heads into that one linear layer, so actors run
+    a dueling network as the plain `mlp` they know, with exactly the learner's Q-values.
     """
 
-    def __init__(self, obs_size: int, n_actions: int, hidden: list[int]):
+    def __init__(self, obs_size: int, n_actions: int, hidden: list[int], dueling: bool = False):
         super().__init__()
-        sizes = [obs_size, *hidden, n_actions]
+        self.dueling = dueling
+        sizes = [obs_size, *hidden] if dueling else [obs_size, *hidden, n_actions]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        if dueling:
+            self.value = nn.Linear(sizes[-1], 1)
+            self.advantage = nn.Linear(sizes[-1], n_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.flatten(1).float()
-        for layer in self.layers[:-1]:
+        if not self.dueling:
+            for layer in self.layers[:-1]:
+                x = torch.relu(layer(x))
+            return self.layers[-1](x)
+        for layer in self.layers:
             x = torch.relu(layer(x))
-        return self.layers[-1](x)
+        a = self.advantage(x)
+        # Subtracting the mean advantage makes V and A identifiable (any constant could
+        # otherwise move between them) without changing which action is best.
+        return self.value(x) + a - a.mean(dim=1, keepdim=True)
 
     def export(self) -> dict[str, np.ndarray]:
         """Weights as named float32 arrays in layer order, for publishing to actors."""
-        return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self.state_dict().items()}
+        arrays = {}
+        for i, layer in enumerate(self.layers):
+            arrays[f"layers.{i}.weight"] = _np(layer.weight)
+            arrays[f"layers.{i}.bias"] = _np(layer.bias)
+        if self.dueling:
+            w_a, b_a = _np(self.advantage.weight), _np(self.advantage.bias)
+            n = len(self.layers)
+            arrays[f"layers.{n}.weight"] = _np(self.value.weight) + w_a - w_a.mean(axis=0, keepdims=True)
+            arrays[f"layers.{n}.bias"] = _np(self.value.bias) + b_a - b_a.mean()
+        return arrays
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32).numpy()
+
+
+class NatureCNN(nn.Module):
+    """The Atari Q-network of Mnih et al. (2015): 3 conv layers and a 512-unit layer.
+
+    Input: stacked frames, uint8 [batch, 4, 84, 84]; scaled to [0, 1] inside, so replay
+    and the wire carry bytes, not floats (4x less memory and bandwidth).
+    """
+
+    def __init__(self, frames: int, n_actions: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(frames, 32, 8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.head = nn.Sequential(nn.Linear(64 * 7 * 7, 512), nn.ReLU(), nn.Linear(512, n_actions))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(obs.float() / 255.0))
+
+    def export(self) -> dict[str, np.ndarray]:
+        """Weights for actors/policy.py's NatureCNNPolicy (parameter names are the contract)."""
+        return {k: _np(v) for k, v in self.state_dict().items()}
+
+
+def build(obs_shape: tuple[int, ...], obs_dtype: str, n_actions: int, hidden: list[int], dueling: bool):
+    """The Q-network for an observation space and its architecture name for actors:
+    the Nature CNN for stacked uint8 frames, an MLP on the flattened observation else."""
+    if obs_dtype == "uint8" and len(obs_shape) == 3 and obs_shape[1:] == (84, 84):
+        return NatureCNN(obs_shape[0], n_actions), CNN_ARCH
+    return QNetwork(int(np.prod(obs_shape)), n_actions, hidden, dueling=dueling), ARCH

@@ -11,30 +11,34 @@ A learner that loses its lease stops: it can neither publish nor commit (fencing
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import time
 
 import numpy as np
+import redis
 import torch
 
-from actors.envs import spaces
+from actors.envs import env_spec
 from cache.codecs import Encoder
 from cluster.config import Config, to_dict
-from cluster.errors import DeadlineExceeded
+from cluster.errors import DeadlineExceeded, ProtocolError
 from cluster.keys import Keys
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
-from learner.algorithms.dqn import DQN, Batch
+from cluster.version import Version
+from learner import algorithms
+from learner.algorithms.dqn import Batch
 from learner.checkpoint.lease import Fenced, Lease
 from learner.checkpoint.placement import make_plan, shard_hosts_of
 from learner.checkpoint.prefetch import Prefetcher
-from learner.checkpoint.state import Capturer, restore
+from learner.checkpoint.state import Capturer, load_sampler_state, restore, sampler_state
 from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
-from learner.network import ARCH, QNetwork
 from learner.publisher import Publisher
-from replay.client import SampleClient
+from replay.client import SampleClient, TensorBatch
+from replay.membership import RedisMembers
 
 SAMPLE_TIMEOUT_S = 120.0
 PRIORITY_EPS = 1e-3  # keeps every item sampleable after a near-zero TD error
@@ -69,11 +73,9 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     device = pick_device(lc.device)
     if device.type == "cpu":
         torch.set_num_threads(lc.threads)
-    obs_size, n_actions = spaces(cfg.env.id)
-    net = QNetwork(obs_size, n_actions, lc.hidden).to(device)
-    algo = DQN(net, lc)
+    algo, arch = algorithms.make(env_spec(cfg.env.id, cfg.env), lc, device)
     store = make_store(cfg, ident)
-    lease = Lease(r, keys, ident, ck.lease_ttl_s)
+    lease = Lease(r, keys, ident, ck.lease_ttl_s, epoch_floor=lambda: _newest_epoch(store))
     if standby or lease.holder() is not None:
         tel.set_state("standby")
     # A standby keeps the newest checkpoint read and verified while it waits (warm state).
@@ -81,7 +83,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     try:
         if standby:
             # A standby only takes over: it leaves a fresh run's first lease to the primary.
-            while not r.exists(keys.epoch) and not stop.wait(0.05):
+            while not _run_started(r, keys, store) and not stop.wait(0.05):
                 pass
         lease.acquire(timeout=None, stop=stop)
     except DeadlineExceeded:
@@ -117,12 +119,22 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     encoder = Encoder(cfg.cache.codec, cfg.cache.codec_levels, cfg.cache.keyframe_every)
     publisher = Publisher(r, keys, ident, lc.keep_versions, lease=lease, encoder=encoder)
     # The lease's local deadline guards every commit, and every publish below.
-    writer = Writer(store, ident, tel.event, on_fenced=stop.set, guard=lease.check)
+    writer = Writer(
+        store,
+        ident,
+        tel.event,
+        on_fenced=stop.set,
+        guard=lease.check,
+        token=lease.token,
+        repair_every_s=ck.repair_every_s if ck.enabled else 0.0,
+    )
     capturer = Capturer(pin=device.type == "cuda")
     rc = cfg.replay
     prioritized = rc.sampler == "prioritized"
+    # Every live replay shard, following membership in Redis as shards come and go.
+    members = RedisMembers(r, keys, rc.member_ttl_s / 3, fallback=cfg.cluster.replay)
     sampler = SampleClient(
-        cfg.cluster.replay,
+        members,
         lc.batch_size,
         lc.samples_in_flight,
         rc.max_frame_mb * 2**20,
@@ -131,6 +143,11 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         anneal_batches=rc.importance_anneal_updates,
         seed=cfg.run.seed * 1000 + ident,
     )
+    if "sampler" in counters:
+        try:
+            load_sampler_state(sampler, counters["sampler"])  # the next batch is drawn as before the stop
+        except ProtocolError as exc:  # trains on with a fresh draw order rather than not at all
+            tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
     c = tel.counters
     c.update(
         updates_total=algo.updates,
@@ -147,7 +164,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     version = None
     try:
         lease.check()
-        version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=parent)
+        version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=parent)
         c["versions_published_total"] += 1
         c["policy_version"] = str(version)
         tel.set_state("running")
@@ -155,11 +172,16 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         period = ck.every_s if ck.every_s > 0 else math.inf  # 0: only on demand
         next_ckpt = time.monotonic() + period
         deferred = False
+        # On `device` (zero-copy on CPU); the iterator ends as soon as `stop` is set.
+        batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
         while not stop.is_set():
             t0 = time.monotonic()
-            arrays = sampler.next(timeout=SAMPLE_TIMEOUT_S)
+            batch = next(batches, None)
+            if batch is None:
+                break
+            arrays = batch.arrays
             c["sample_wait_seconds_total"] += time.monotonic() - t0
-            stats = algo.update(_to_batch(arrays, device, prioritized))
+            stats = algo.update(_to_batch(batch, prioritized))
             if prioritized:
                 # New priorities go back fire-and-forget; the shard drops any for slots
                 # overwritten since (their generation moved on).
@@ -171,10 +193,11 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 # How old the data is, in learner steps (only comparable within one epoch).
                 data_steps = arrays["version"] & 0xFFFFFFFF
                 c["policy_lag_mean"] = float(version.step - data_steps.mean())
+                c["replay_shards"] = len(sampler.shards)
             if algo.updates % lc.publish_every == 0:
                 lineage = writer.last_committed or parent
                 lease.check()  # no round trip: a learner resumed past its TTL stops here
-                version = publisher.publish(net.export(), step=algo.updates, arch=ARCH, checkpoint=lineage)
+                version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=lineage)
                 c["versions_published_total"] += 1
                 c["policy_version"] = str(version)
             if not tel.commands.empty() and tel.commands.get() == "checkpoint":
@@ -197,6 +220,10 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 deferred = False
     except Fenced as exc:
         tel.event("fence", what="publish", message=str(exc))
+    except redis.ConnectionError as exc:
+        # The root shard is gone, and the lease with it: stop rather than crash; the launcher
+        # brings the root back and a standby takes over under a newer epoch.
+        tel.event("fence", what="root", message=str(exc)[:300])
     finally:
         if lease.lost.is_set():
             tel.event("fence", what="lease", epoch=lease.epoch)
@@ -204,6 +231,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             writer.close(timeout=10.0)
         lease.stop()
         sampler.close()
+        members.close()
         tel.event("stop", updates=algo.updates, version=str(version))
         tel.close("fenced" if lease.lost.is_set() else "stopped")
 
@@ -215,19 +243,24 @@ def _state_counters(epoch: int, c: dict, sampler: SampleClient) -> dict:
         "versions_published_total": c["versions_published_total"],
         "replay_not_ready_total": sampler.not_ready_total,
         "sample_wait_seconds_total": c["sample_wait_seconds_total"],
+        "sampler": sampler_state(sampler),
     }
 
 
-def _to_batch(arrays: dict[str, np.ndarray], device: torch.device, weighted: bool = False) -> Batch:
-    def t(name: str) -> torch.Tensor:
-        # Frames from the socket are read-only; np.require copies them into writable memory.
-        return torch.from_numpy(np.require(arrays[name], requirements="W")).to(device, non_blocking=True)
+def _newest_epoch(store: CheckpointStore) -> int:
+    """The newest epoch any committed checkpoint on any shard names: the next epoch's floor."""
+    return max((Version.parse(ckpt).epoch for ckpt in store.committed()), default=0)
 
-    return Batch(
-        obs=t("obs"),
-        action=t("action"),
-        reward=t("reward"),
-        next_obs=t("next_obs"),
-        discount=t("discount"),
-        weight=t("weight") if weighted else None,
-    )
+
+def _run_started(r: redis.Redis, keys: Keys, store: CheckpointStore) -> bool:
+    """A primary took the lease before: the epoch counter exists, or (the root shard came
+    back without its data) some shard still holds a committed checkpoint."""
+    with contextlib.suppress(redis.RedisError):
+        return bool(r.exists(keys.epoch)) or bool(store.committed())
+    return False
+
+
+def _to_batch(batch: TensorBatch, weighted: bool) -> Batch:
+    t = batch.tensors
+    weight = t["weight"] if weighted else None
+    return Batch(t["obs"], t["action"], t["reward"], t["next_obs"], t["discount"], weight)

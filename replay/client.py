@@ -1,8 +1,11 @@
 """Clients of the replay shards: actors insert chunks, learners stream sampled batches.
 
-Actors talk to one shard, picked by a stable hash of their id. Learners talk to every
-shard and keep several sample requests in flight on each, so a batch is usually already
-waiting when the training step asks for it.
+Place in the data flow: an actor's InsertClient writes to one shard, picked by rendezvous
+hashing of the actor id over the live shards (replay/membership.py) and moved when that
+set changes. A learner's SampleClient talks to every live shard, keeps several sample
+requests in flight on each (so a batch is usually already waiting when the training step
+asks), and hands batches over as numpy arrays or as torch tensors on the learner's device.
+Both take either fixed endpoints (tests, benchmarks) or a `Members` view that follows Redis.
 """
 
 from __future__ import annotations
@@ -11,109 +14,213 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import xxhash
 import zmq
 
-from cluster import wire
+from cluster import curve, wire
 from cluster.errors import DeadlineExceeded, ProtocolError
+from replay.membership import Members, shard_for
 
-STOP_CHECK_S = 0.2  # how often a blocked insert looks at its stop event
+if TYPE_CHECKING:
+    import torch
 
-
-def shard_for(actor_id: int, shards: int) -> int:
-    """Stable shard choice for an actor: the same id maps to the same shard on every host."""
-    return xxhash.xxh64_intdigest(f"actor:{actor_id}".encode()) % shards
+STOP_CHECK_S = 0.2  # how often a blocked call looks at its stop event and at membership
+DRAIN_S = 5.0  # how long acks are still awaited from a live shard this client moved away from
+TRAIN_FIELDS = ("obs", "action", "reward", "next_obs", "discount", "weight")
 
 
 def _dealer(ctx: zmq.Context, endpoint: str, max_frame: int) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
-    sock.connect(endpoint)
+    curve.connect(sock, endpoint)
     return sock
+
+
+@dataclass
+class _Link:
+    """The socket to one shard and the chunks it has not acknowledged yet."""
+
+    shard: int
+    endpoint: str
+    sock: zmq.Socket
+    inflight: int = 0
+    drain_until: float = 0.0
 
 
 class InsertClient:
     """Sends transition chunks to one shard with at most `inflight` unacknowledged.
 
+    `target` is one endpoint, or a `Members` view: then the client writes to
+    `shard_for(key, live shard ids)` and moves as soon as that answer changes (checked on
+    every call, and every STOP_CHECK_S while a call waits). Chunks in flight when it moves:
+    if the old shard is still live (a joining shard took this actor), its acks are awaited
+    for DRAIN_S more; if it left or died they are dropped and counted in
+    `chunks_dropped_total`, not resent: the dead shard's table is lost with it anyway, so
+    a few chunks more change nothing for an off-policy learner, and a shard that only
+    looked dead may have stored them (a resend would duplicate items).
+
     Example:
         client = InsertClient("tcp://127.0.0.1:5555", inflight=4)
+        client = InsertClient(RedisMembers(r, keys, poll_s=1.0), inflight=4, key=actor_id)
         client.insert({"obs": obs, "action": actions, ...}, timeout=30)
     """
 
-    def __init__(self, endpoint: str, inflight: int, max_frame: int = 64 * 2**20, table: str | None = None):
-        self.endpoint = endpoint
+    def __init__(
+        self,
+        target: str | Members,
+        inflight: int,
+        max_frame: int = 64 * 2**20,
+        table: str | None = None,
+        key: int = 0,
+    ):
+        self.members = Members([target]) if isinstance(target, str) else target
+        self.key = key
         self.table = table
         self.inflight_limit = inflight
         self.max_frame = max_frame
-        self.sock = _dealer(zmq.Context.instance(), endpoint, max_frame)
+        self.ctx = zmq.Context.instance()
         self.seq = itertools.count()
-        self.inflight = 0
+        self.link: _Link | None = None
+        self.draining: list[_Link] = []
+        self.generation = -1
         self.errors_total = 0
         self.wait_s_total = 0.0
+        self.moves_total = 0
+        self.chunks_dropped_total = 0
+        self._follow()
+
+    @property
+    def shard(self) -> int | None:
+        """The shard id written to now (None while no shard is live)."""
+        return self.link.shard if self.link else None
+
+    @property
+    def endpoint(self) -> str | None:
+        """The endpoint of that shard."""
+        return self.link.endpoint if self.link else None
+
+    @property
+    def inflight(self) -> int:
+        """Chunks the current shard has not acknowledged yet."""
+        return self.link.inflight if self.link else 0
 
     def insert(
         self, arrays: dict[str, np.ndarray], timeout: float, stop: threading.Event | None = None
     ) -> None:
         """Queue one chunk; blocks (up to `timeout`) while the shard is `inflight` chunks behind.
 
-        When `stop` is set during that wait the chunk is dropped and the call returns, so a
-        stopping actor never hangs on a shard that is gone.
+        Also waits, within the same `timeout`, while no shard is live. When `stop` is set
+        during a wait the chunk is dropped and the call returns, so a stopping actor never
+        hangs on a shard that is gone.
         """
-        self._collect(block=False, timeout=0)
-        if self.inflight >= self.inflight_limit:
+        self._follow()
+        self._collect()
+        if self.link is None or self.link.inflight >= self.inflight_limit:
             start = time.monotonic()
             deadline = start + timeout
-            while self.inflight >= self.inflight_limit:
+            while self.link is None or self.link.inflight >= self.inflight_limit:
                 if stop is not None and stop.is_set():
                     return
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise DeadlineExceeded(
-                        f"replay shard {self.endpoint} acknowledged nothing in {timeout:.0f}s"
-                    )
-                if self.sock.poll(int(min(remaining, STOP_CHECK_S) * 1000)):
-                    self._collect(block=False, timeout=0)
+                    raise DeadlineExceeded(self._stuck(timeout))
+                self._wait(min(remaining, STOP_CHECK_S))
             self.wait_s_total += time.monotonic() - start
         header = {"op": "insert", "req": next(self.seq), "n": len(next(iter(arrays.values())))}
         if self.table:
             header["table"] = self.table
-        self.sock.send_multipart(wire.encode(header, arrays), copy=False)
-        self.inflight += 1
+        self.link.sock.send_multipart(wire.encode(header, arrays), copy=False)
+        self.link.inflight += 1
 
     def flush(self, timeout: float) -> None:
-        while self.inflight:
-            self._collect(block=True, timeout=timeout)
+        """Wait (up to `timeout`) until the current shard acknowledged every chunk."""
+        deadline = time.monotonic() + timeout
+        self._collect()
+        while self.link is not None and self.link.inflight:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DeadlineExceeded(self._stuck(timeout))
+            self._wait(min(remaining, STOP_CHECK_S))
 
     def close(self) -> None:
-        self.sock.close(0)
+        for link in [self.link, *self.draining]:
+            if link is not None:
+                link.sock.close(0)
 
-    def _collect(self, block: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.inflight:
-            wait_ms = max(0, int((deadline - time.monotonic()) * 1000)) if block else 0
-            if not self.sock.poll(wait_ms):
-                if block:
-                    raise DeadlineExceeded(
-                        f"replay shard {self.endpoint} acknowledged nothing in {timeout:.0f}s"
-                    )
+    def _wait(self, seconds: float) -> None:
+        """Wait for an ack (or sleep while no shard is live), then follow membership."""
+        if self.link is not None:
+            self.link.sock.poll(int(seconds * 1000))
+        else:
+            time.sleep(seconds)
+        self._follow()
+        self._collect()
+
+    def _stuck(self, timeout: float) -> str:
+        if self.link is None:
+            return (
+                f"no live replay shard for {timeout:.0f}s: start one (canopy replay --id N) "
+                "or check that the shards reach Redis"
+            )
+        return f"replay shard {self.link.endpoint} acknowledged nothing in {timeout:.0f}s"
+
+    def _follow(self) -> None:
+        generation, live = self.members.view
+        if generation == self.generation:
+            return
+        self.generation = generation
+        shard = shard_for(self.key, live) if live else None
+        old = self.link
+        if old is not None and shard == old.shard and live[shard] == old.endpoint:
+            return
+        if old is not None:
+            self.moves_total += 1
+            if live.get(old.shard) == old.endpoint and old.inflight:
+                old.drain_until = time.monotonic() + DRAIN_S
+                self.draining.append(old)
+            else:
+                self.chunks_dropped_total += old.inflight
+                old.sock.close(0)
+        self.link = None
+        if shard is not None:
+            self.link = _Link(shard, live[shard], _dealer(self.ctx, live[shard], self.max_frame))
+
+    def _collect(self) -> None:
+        """Take every ack already queued, from the current shard and from those drained."""
+        if self.link is not None:
+            self._take(self.link)
+        now = time.monotonic()
+        for link in list(self.draining):
+            self._take(link)
+            if not link.inflight or now > link.drain_until:
+                self.chunks_dropped_total += link.inflight
+                link.sock.close(0)
+                self.draining.remove(link)
+
+    def _take(self, link: _Link) -> None:
+        while link.inflight:
+            try:
+                frames = link.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
                 return
-            msg = wire.decode(self.sock.recv_multipart(), self.max_frame)
-            self.inflight -= 1
+            msg = wire.decode(frames, self.max_frame)
+            link.inflight -= 1
             if msg.op == "error":
                 self.errors_total += 1
                 if msg.header.get("code") == "bad_request":
                     raise ProtocolError(f"replay shard refused an insert: {msg.header['message']}")
-            block = False  # one reply frees a slot; take the rest only if already there
 
 
 @dataclass
 class _Shard:
+    endpoint: str
     sock: zmq.Socket
+    awaited: bool  # a member when the client started: the first draw waits for its total
     ready: deque = field(default_factory=deque)  # decoded (header, arrays), at most `inflight`
     total: float = 0.0  # latest sampling-weight total the shard reported; 0: not sampleable now
     size: int = 0
@@ -121,26 +228,45 @@ class _Shard:
     heard: bool = False  # answered at least once: its total is known (0 when not ready)
 
 
+@dataclass
+class TensorBatch:
+    """One batch: the training fields as tensors on the learner's device, every field as numpy.
+
+    `arrays` keeps what stays on the host: `shard`, `slot`, `gen` (the items' addresses for
+    `update_priorities`), `prob`, `global_size`, `version`, ...
+    """
+
+    tensors: dict[str, torch.Tensor]
+    arrays: dict[str, np.ndarray]
+
+
 class SampleClient:
-    """Streams batches from every shard, `inflight` requests outstanding per shard.
+    """Streams batches from every live shard, `inflight` requests outstanding per shard.
 
     Global prioritisation: each batch comes whole from one shard, picked with probability
     total_s / sum(total) (the shard's share of total priority; its item count for uniform
     tables), so an item's chance to be in a batch is w_i / sum(total) whichever shard holds
-    it. Every batch carries `shard`, `slot`, `gen` (its items' addresses for
+    it. Every batch carries `shard` (the shard id), `slot`, `gen` (its items' addresses for
     `update_priorities`), `prob` (global probability) and `weight` (importance weight
     (N P_i)^-beta normalised by the largest possible weight in the whole cluster), and
     `global_size` (N). beta anneals linearly from `is_exponent` to `is_exponent_final`.
 
+    Membership: with a `Members` view the client follows the live set. A shard that leaves
+    is dropped with the batches it had sent (they belong to a draw over a set of shards that
+    no longer exists); a shard that joins enters the draw once it has reported its total.
+    Every batch's `prob`, `weight` and `global_size` are those of the set it was drawn from.
+
     Example:
         sampler = SampleClient(["tcp://127.0.0.1:5555"], batch=256, inflight=4)
-        arrays = sampler.next(timeout=30)  # dict of numpy arrays, plus slot/gen/weight
-        sampler.update_priorities(arrays["shard"][0], arrays["slot"], arrays["gen"], td_abs)
+        for batch in sampler.tensor_batches("cpu", timeout=30):
+            loss = train_step(batch.tensors)
+            a = batch.arrays
+            sampler.update_priorities(a["shard"][0], a["slot"], a["gen"], td_abs)
     """
 
     def __init__(
         self,
-        endpoints: list[str],
+        target: Sequence[str] | Members,
         batch: int,
         inflight: int,
         max_frame: int = 256 * 2**20,
@@ -150,58 +276,90 @@ class SampleClient:
         anneal_batches: int = 100_000,
         seed: int = 0,
     ):
-        ctx = zmq.Context.instance()
+        self.members = target if isinstance(target, Members) else Members(target)
+        self.ctx = zmq.Context.instance()
         self.batch = batch
+        self.inflight = inflight
         self.max_frame = max_frame
         self.table = table
         self.beta0, self.beta1, self.anneal = is_exponent, is_exponent_final, max(1, anneal_batches)
-        self.shards = [_Shard(_dealer(ctx, e, max_frame)) for e in endpoints]
-        self.by_sock = {id(s.sock): i for i, s in enumerate(self.shards)}
+        self.shards: dict[int, _Shard] = {}
+        self.by_sock: dict[int, int] = {}  # id(socket) -> shard id
         self.poller = zmq.Poller()
-        for s in self.shards:
-            self.poller.register(s.sock, zmq.POLLIN)
         self.req = itertools.count()
         self.rng = np.random.default_rng(seed)
+        self.generation = -1
         self.batches = 0
         self.not_ready_total = 0
-        for s in self.shards:
-            for _ in range(inflight):
-                self._request(s.sock)
+        self.shard_changes_total = 0
+        self.priority_updates_dropped_total = 0
+        self._follow()
 
     @property
     def beta(self) -> float:
         frac = min(1.0, self.batches / self.anneal)
         return self.beta0 + (self.beta1 - self.beta0) * frac
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        """Endless batches for a training loop; each waits at most 60 s (DeadlineExceeded)."""
-        while True:
-            yield self.next(timeout=60.0)
+    def tensor_batches(
+        self,
+        device: torch.device | str,
+        timeout: float,
+        stop: threading.Event | None = None,
+        names: Sequence[str] = TRAIN_FIELDS,
+    ) -> Iterator[TensorBatch]:
+        """Batches for a training loop, `names` as tensors on `device` (see `to_tensors`).
 
-    def next(self, timeout: float) -> dict[str, np.ndarray]:
-        """The next batch, from a shard drawn by its share of total priority."""
+        Each batch waits at most `timeout` s; past it the iterator raises DeadlineExceeded.
+        It ends once `stop` is set, even mid-wait.
+        """
+        while (arrays := self.next(timeout, stop)) is not None:
+            yield TensorBatch(to_tensors(arrays, device, names), arrays)
+
+    def next(self, timeout: float, stop: threading.Event | None = None) -> dict[str, np.ndarray] | None:
+        """The next batch as numpy arrays, from a shard drawn by its share of total priority.
+
+        Returns None once `stop` is set, so a stopping learner never waits out `timeout` on
+        shards whose rate limiters hold it back (the actors stop first).
+        """
         deadline = time.monotonic() + timeout
-        self._receive(0)
         while True:
-            totals = np.array([s.total for s in self.shards])
-            # Global probabilities need every shard's total: wait until each has answered once.
-            if totals.sum() > 0 and all(s.heard for s in self.shards):
-                # The draw must not depend on which shard happens to have a batch ready.
-                i = int(self.rng.choice(len(self.shards), p=totals / totals.sum()))
-                shard = self.shards[i]
-                while not shard.ready and shard.total > 0:
-                    self._receive(self._remaining_ms(deadline, timeout))
-                if shard.ready:
+            if stop is not None and stop.is_set():
+                return None
+            self._follow()
+            self._receive(0)
+            drawable = {sid: s for sid, s in self.shards.items() if s.heard and s.total > 0}
+            # The first draw needs the total of every shard there was at the start.
+            waiting = any(s.awaited and not s.heard for s in self.shards.values())
+            if drawable and not waiting:
+                ids = list(drawable)
+                totals = np.array([drawable[i].total for i in ids])
+                sid = ids[int(self.rng.choice(len(ids), p=totals / totals.sum()))]
+                shard = drawable[sid]
+                # The draw must not depend on which shard happens to have a batch ready: wait
+                # for this one until it serves, its limiter holds it, or it leaves.
+                while not shard.ready and shard.total > 0 and self.shards.get(sid) is shard:
+                    if stop is not None and stop.is_set():
+                        return None
+                    self._receive(self._slice_ms(deadline, timeout))
+                    self._follow()
+                if shard.ready and shard.total > 0 and self.shards.get(sid) is shard:
                     # Ask again only for what was consumed: requests in flight plus batches
                     # waiting stay at `inflight` per shard, so nothing is sampled unused
                     # (which would also fool the shard's samples-per-insert limiter).
                     self._request(shard.sock)
-                    return self._finish(i, *shard.ready.popleft())
-                continue  # the drawn shard went not-ready meanwhile: draw again
-            self._receive(self._remaining_ms(deadline, timeout))  # nothing known yet
+                    return self._finish(sid, *shard.ready.popleft())
+                continue  # the drawn shard went not-ready or left meanwhile: draw again
+            self._receive(self._slice_ms(deadline, timeout))
 
     def update_priorities(self, shard: int, slot: np.ndarray, gen: np.ndarray, priority: np.ndarray) -> None:
-        """Send new priorities for items of one shard (fire-and-forget; stale ones are dropped there)."""
+        """Send new priorities for items of one shard (fire-and-forget; stale ones are dropped there).
+
+        Updates for a shard that has left are dropped here (counted): its items are gone.
+        """
+        target = self.shards.get(int(shard))
+        if target is None:
+            self.priority_updates_dropped_total += len(slot)
+            return
         arrays = {
             "slot": np.asarray(slot, np.int64),
             "gen": np.asarray(gen, np.int64),
@@ -210,17 +368,45 @@ class SampleClient:
         header = {"op": "priority", "req": next(self.req), "noreply": True}
         if self.table:
             header["table"] = self.table
-        self.shards[int(shard)].sock.send_multipart(wire.encode(header, arrays), copy=False)
+        target.sock.send_multipart(wire.encode(header, arrays), copy=False)
 
     def close(self) -> None:
-        for s in self.shards:
+        for s in self.shards.values():
             s.sock.close(0)
 
-    def _remaining_ms(self, deadline: float, timeout: float) -> int:
+    def _slice_ms(self, deadline: float, timeout: float) -> int:
+        """How long the next wait may be: short enough to notice membership changes."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise DeadlineExceeded(f"no replay batch within {timeout:.0f}s")
-        return int(remaining * 1000) + 1
+            raise DeadlineExceeded(
+                f"no replay batch within {timeout:.0f}s from shards {sorted(self.shards)}: "
+                "check that the shards are up and that actors insert"
+            )
+        return int(min(remaining, STOP_CHECK_S) * 1000) + 1
+
+    def _follow(self) -> None:
+        generation, live = self.members.view
+        if generation == self.generation:
+            return
+        self.generation = generation
+        for sid, shard in list(self.shards.items()):
+            if live.get(sid) != shard.endpoint:
+                self.poller.unregister(shard.sock)
+                del self.by_sock[id(shard.sock)]
+                shard.sock.close(0)
+                del self.shards[sid]
+                self.shard_changes_total += 1
+        for sid, endpoint in live.items():
+            if sid in self.shards:
+                continue
+            sock = _dealer(self.ctx, endpoint, self.max_frame)
+            self.shards[sid] = _Shard(endpoint, sock, awaited=self.batches == 0)
+            self.by_sock[id(sock)] = sid
+            self.poller.register(sock, zmq.POLLIN)
+            for _ in range(self.inflight):
+                self._request(sock)
+            if self.batches:
+                self.shard_changes_total += 1
 
     def _receive(self, wait_ms: int) -> None:
         """Take every reply already queued (waiting up to `wait_ms` for the first one).
@@ -248,9 +434,9 @@ class SampleClient:
                 else:
                     raise ProtocolError(f"replay shard refused a sample: {msg.header.get('message')}")
 
-    def _finish(self, i: int, header: dict, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _finish(self, sid: int, header: dict, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = dict(arrays)
-        live = [s for s in self.shards if s.total > 0]
+        live = [s for s in self.shards.values() if s.total > 0]
         total = sum(s.total for s in live)
         size = sum(s.size for s in live)
         # The item's own weight w_i = prob * (its shard's total when it was drawn).
@@ -260,7 +446,7 @@ class SampleClient:
         # (N P_i)^-beta / (N P_min)^-beta: N cancels; the largest weight belongs to P_min.
         out["prob"] = prob
         out["weight"] = (np.minimum(p_min / prob, 1.0) ** beta).astype(np.float32)
-        out["shard"] = np.full(len(prob), i, np.int64)
+        out["shard"] = np.full(len(prob), sid, np.int64)
         out["global_size"] = np.asarray(size, np.int64)
         self.batches += 1
         return out
@@ -270,6 +456,28 @@ class SampleClient:
         if self.table:
             header["table"] = self.table
         sock.send_multipart(wire.encode(header))
+
+
+def to_tensors(
+    arrays: dict[str, np.ndarray], device: torch.device | str, names: Sequence[str] = TRAIN_FIELDS
+) -> dict[str, torch.Tensor]:
+    """The named arrays as torch tensors on `device`, with at most one host copy.
+
+    CPU: `torch.from_numpy` views the received frames themselves (zero-copy; frames taken
+    with copy=False are this process's own writable memory). CUDA: one copy into page-locked
+    memory, then an asynchronous copy to the GPU that overlaps the previous step's kernels;
+    the pinned blocks come from torch's caching host allocator, which does not hand a block
+    out again before the copy reading it has finished.
+    """
+    import torch  # here, not at the top: actors import this module and never load torch
+
+    device = torch.device(device)
+    out = {}
+    for name in names:
+        a = arrays[name]
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        out[name] = t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return out
 
 
 def request_stats(endpoint: str, timeout: float = 5.0) -> dict:

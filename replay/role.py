@@ -1,4 +1,9 @@
-"""`canopy replay --id N`: run replay shard N, bound to `cluster.replay[N]`."""
+"""`canopy replay --id N`: run replay shard N, bound to `cluster.replay[N]`.
+
+With `replay.snapshot_dir` set, the shard first restores the newest valid snapshot under
+`<snapshot_dir>/shard-<N>/` (replay/snapshot.py), snapshots itself every
+`replay.snapshot_interval_s`, and writes a last one when SIGTERM stops it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from cluster.keys import Keys
 from cluster.ports import bind_endpoint
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
+from replay import snapshot
+from replay.membership import join
 from replay.server import ReplayServer
 
 
@@ -19,7 +26,8 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     endpoint = _endpoint(cfg, ident)
     r = connect(cfg.cluster, "replay", ident)
     tel = Telemetry(r, Keys(cfg.run.name), "replay", ident, cfg.run.heartbeat_s)
-    server = ReplayServer(cfg.replay, seed=cfg.run.seed * 1000 + ident)
+    snap_dir = snapshot.shard_dir(cfg.replay.snapshot_dir, ident) if cfg.replay.snapshot_dir else None
+    server = ReplayServer(cfg.replay, seed=cfg.run.seed * 1000 + ident, snapshot_dir=snap_dir)
     try:
         server.bind(bind_endpoint(endpoint, cfg.cluster.bind_all))
     except zmq.ZMQError as exc:
@@ -31,7 +39,12 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel.start()
     tel.set_state("running")
     tel.event("start", endpoint=endpoint)
+    if server.restored is not None:
+        items = server.stats()["items"]
+        snapshot.log(f"replay: shard {ident} restored {server.restored} ({items} items)")
+        tel.event("restore", path=str(server.restored), items=items)
     try:
+        join(r, Keys(cfg.run.name), ident, endpoint, cfg.replay.member_ttl_s, stop)  # clients find it
         server.serve(stop)
     finally:
         tel.event("stop")

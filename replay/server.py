@@ -12,30 +12,46 @@ Protocol (wire.py frames; every request may carry `req`, echoed in the reply, an
     priority                           + slot (i8), gen (i8), priority (f8)
                                        -> updated {applied, dropped}
     configure {samples_per_insert?, min_size?, error_buffer?} -> configured {limiter}
+    snapshot                           -> snapshot {ok, seq, path, seconds, pause_ms (fork),
+                                          request_max_ms (longest request served meanwhile)}, sent
+                                          when a snapshot that began after the request is
+                                          on disk (error `snapshots_off` without a directory)
     stats                              -> stats {...}
+Pixel tables take `frame`, `frame_key`, `frame_prev` columns and frame keys as obs and
+next_obs (replay/frames.py); their samples carry the rebuilt uint8 stacks.
 Anything malformed gets `error {code, message}` and bumps `rejected_total`; the shard keeps
 serving. Requests the rate limiter holds back are parked per table (bounded in all by
 `max_pending`) and answered as soon as they may proceed; parked samples time out with
 `not_ready`.
+
+Snapshots (replay/snapshot.py), when a directory is given: at construction the shard loads
+the newest valid snapshot there (tables, per-slot metadata, limiter state); then it forks
+a writer every `snapshot_interval_s`, on request, and once more when `serve` stops.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import zmq
 
-from cluster import wire
+from cluster import curve, wire
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
+from replay import snapshot
 from replay.limiter import RateLimiter
 from replay.table import Table
 
 MAIN = "main"
+MAX_LIMITER_VALUE = 1e15  # items: far beyond any table, far inside int64 and float precision
+_SNDMORE = int(zmq.SNDMORE)
+FINAL_SNAPSHOT_TIMEOUT_S = 300.0  # a stopping shard waits this long for its last snapshot
 
 
 @dataclass
@@ -96,25 +112,21 @@ class ReplayServer:
         server = ReplayServer(ReplayConfig(min_size=1))
         endpoint = server.bind("tcp://127.0.0.1:0")
         threading.Thread(target=server.serve, args=(stop,), daemon=True).start()
+
+    `snapshot_dir` (the shard's own, e.g. snapshot.shard_dir(cfg.snapshot_dir, id)) turns
+    snapshots on; `restored` is then the path of the snapshot loaded at start, or None.
     """
 
-    def __init__(self, cfg: ReplayConfig, seed: int = 0, ctx: zmq.Context | None = None):
+    def __init__(
+        self,
+        cfg: ReplayConfig,
+        seed: int = 0,
+        ctx: zmq.Context | None = None,
+        snapshot_dir: Path | None = None,
+    ):
         self.cfg = cfg
-        self.tables: dict[str, _Slot] = {}
-        specs = table_specs(cfg)
-        for i, spec in enumerate(specs):
-            table = Table(
-                spec["capacity"],
-                sampler=spec["sampler"],
-                remover=spec["remover"],
-                max_times_sampled=spec["max_times_sampled"],
-                priority_exponent=cfg.priority_exponent,
-                max_bytes=int(cfg.capacity_mb * 2**20 / len(specs)),  # the shard's budget, split
-                name=spec["name"],
-                seed=seed * 7919 + i,
-            )
-            limiter = RateLimiter(cfg.samples_per_insert, cfg.min_size, cfg.error_buffer)
-            self.tables[spec["name"]] = _Slot(table, limiter)
+        self.seed = seed
+        self.tables = self._build_tables()
         self.rng = np.random.default_rng(seed)
         self.max_frame = cfg.max_frame_mb * 2**20
         self.ctx = ctx or zmq.Context.instance()
@@ -135,6 +147,37 @@ class ReplayServer:
             "limiter_diff": 0.0,
         }
         self._rate_mark = (time.monotonic(), 0, 0)
+        self.snaps: snapshot.Snapshotter | None = None
+        self.restored: Path | None = None
+        self.snapshot_waiters: list[tuple[bytes, wire.Message]] = []  # for the next snapshot
+        self.snapshot_writing: list[tuple[bytes, wire.Message]] = []  # for the one being written
+        self.snapshot_request_ms = 0.0  # longest request handled while the running one is written
+        if snapshot_dir is not None:
+            self.restored = snapshot.load_newest(snapshot_dir, self._accept_snapshot, snapshot.log)
+            self.snaps = snapshot.Snapshotter(snapshot_dir)
+            self.next_snapshot = time.monotonic() + cfg.snapshot_interval_s
+            self.counters.update(snapshots_total=0, snapshot_failures_total=0, snapshot_pause_ms_max=0.0)
+
+    def _build_tables(self) -> dict[str, _Slot]:
+        cfg = self.cfg
+        tables: dict[str, _Slot] = {}
+        specs = table_specs(cfg)
+        for i, spec in enumerate(specs):
+            table = Table(
+                spec["capacity"],
+                sampler=spec["sampler"],
+                remover=spec["remover"],
+                max_times_sampled=spec["max_times_sampled"],
+                priority_exponent=cfg.priority_exponent,
+                max_bytes=int(cfg.capacity_mb * 2**20 / len(specs)),  # the shard's budget, split
+                name=spec["name"],
+                seed=self.seed * 7919 + i,
+                frame_stack=cfg.frame_stack,
+                frame_window=cfg.frame_window,
+            )
+            limiter = RateLimiter(cfg.samples_per_insert, cfg.min_size, cfg.error_buffer)
+            tables[spec["name"]] = _Slot(table, limiter)
+        return tables
 
     @property
     def table(self) -> Table:
@@ -146,7 +189,7 @@ class ReplayServer:
         return self.tables[MAIN].limiter
 
     def bind(self, endpoint: str) -> str:
-        self.sock.bind(endpoint)
+        curve.bind(self.sock, endpoint)
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def serve(self, stop: threading.Event) -> None:
@@ -161,11 +204,22 @@ class ReplayServer:
                         frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    self._handle(frames)
+                    if self.snaps is not None and self.snaps.running:  # what a snapshot costs
+                        t0 = time.perf_counter()
+                        self._handle(frames)
+                        self.snapshot_request_ms = max(
+                            self.snapshot_request_ms, (time.perf_counter() - t0) * 1e3
+                        )
+                    else:
+                        self._handle(frames)
             self._serve_parked()
+            if self.snaps is not None:
+                self._snapshot_tick()
             if time.monotonic() > next_stats:  # keep the telemetry view of derived fields fresh
                 self.stats()
                 next_stats = time.monotonic() + 0.5
+        if self.snaps is not None:
+            self._final_snapshot()
         self.sock.close(0)
 
     # -- requests -------------------------------------------------------------------------
@@ -187,6 +241,15 @@ class ReplayServer:
                 self._update_priorities(ident, msg)
             elif op == "configure":
                 self._configure(ident, msg)
+            elif op == "snapshot":
+                if self.snaps is None:
+                    self._reply(
+                        ident, msg, _error("snapshots_off", "set replay.snapshot_dir to take snapshots")
+                    )
+                elif len(self.snapshot_waiters) >= self.cfg.max_pending:
+                    self._reply(ident, msg, _error("busy", "too many snapshot requests waiting; retry later"))
+                else:  # answered by _snapshot_tick once a snapshot taken from now on is written
+                    self.snapshot_waiters.append((ident, msg))
             elif op == "stats":
                 self._reply(ident, msg, {"op": "stats", **self.stats()})
             else:
@@ -253,7 +316,11 @@ class ReplayServer:
             "min_weight": s.min_weight,
             "req": msg.header.get("req"),
         }
-        self.sock.send_multipart([ident, *wire.encode(header, arrays)], copy=False)
+        frames = [ident, *wire.encode(header, arrays)]
+        send = self.sock.send  # int flags: send_multipart spends microseconds on enum arithmetic
+        for frame in frames[:-1]:
+            send(frame, _SNDMORE, copy=False)
+        send(frames[-1], 0, copy=False)
 
     def _update_priorities(self, ident: bytes, msg: wire.Message) -> None:
         slot = self._slot(msg)
@@ -281,8 +348,9 @@ class ReplayServer:
             "error_buffer": h.get("error_buffer", old.max_diff - old.spi * old.min_size),
         }
         for key, v in values.items():
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                raise ProtocolError(f"configure: {key} must be a number >= 0")
+            # Bounded too: the limiter's state goes back out in msgpack (64-bit at most).
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= MAX_LIMITER_VALUE:
+                raise ProtocolError(f"configure: {key} must be a number in [0, {MAX_LIMITER_VALUE:g}]")
         if values["min_size"] < 1 or int(values["min_size"]) != values["min_size"]:
             raise ProtocolError("configure: min_size must be an integer >= 1")
         new = RateLimiter(
@@ -343,7 +411,108 @@ class ReplayServer:
         for name, slot in self.tables.items():
             for key, value in {**slot.table.stats(), **_limiter_view(slot.limiter)}.items():
                 self.counters[f"{name}_{key}"] = value
+        self.counters["rss_bytes"] = rss = _rss_bytes()
+        if self.counters["items"]:  # the whole process, per stored item: what capacity planning needs
+            self.counters["rss_bytes_per_item"] = round(rss / self.counters["items"], 1)
         return dict(self.counters)
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def snapshot_state(self) -> tuple[dict, snapshot.Groups]:
+        """Every table and limiter as (JSON state, arrays per table): what a snapshot holds."""
+        state: dict = {"tables": {}, "limiters": {}}
+        groups: snapshot.Groups = {}
+        for name, slot in self.tables.items():
+            state["tables"][name], groups[name] = slot.table.export()
+            lim = slot.limiter
+            state["limiters"][name] = {
+                "samples_per_insert": lim.spi,
+                "min_size": lim.min_size,
+                "error_buffer": lim.max_diff - lim.spi * lim.min_size,
+                "inserted": lim.inserted,
+                "sampled": lim.sampled,
+            }
+        return state, groups
+
+    def _accept_snapshot(self, state: dict, groups: snapshot.Groups) -> None:
+        """Load a snapshot into fresh tables; nothing changes unless all of it loads."""
+        if not isinstance(state, dict) or not isinstance(state.get("tables"), dict):
+            raise ValueError("its state is not a map of tables")
+        if set(state["tables"]) != set(self.tables):
+            raise ValueError(
+                f"it holds tables {sorted(state['tables'])}, this shard has {sorted(self.tables)}"
+            )
+        fresh = self._build_tables()
+        try:
+            for name, slot in fresh.items():
+                slot.table.load(state["tables"][name], groups.get(name, {}))
+                lim = state["limiters"][name]
+                slot.limiter = RateLimiter(
+                    float(lim["samples_per_insert"]), int(lim["min_size"]), float(lim["error_buffer"])
+                )
+                slot.limiter.inserted, slot.limiter.sampled = int(lim["inserted"]), int(lim["sampled"])
+        except (KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ValueError(f"its state does not fit this shard ({type(exc).__name__}: {exc})") from None
+        self.tables = fresh
+
+    def _snapshot_tick(self) -> None:
+        outcome = self.snaps.poll()
+        if outcome is not None:
+            self._snapshot_done(outcome)
+        if not self.snaps.running and (self.snapshot_waiters or time.monotonic() >= self.next_snapshot):
+            self._start_snapshot()
+
+    def _start_snapshot(self) -> None:
+        self.snapshot_writing, self.snapshot_waiters = self.snapshot_waiters, []
+        self.next_snapshot = time.monotonic() + self.cfg.snapshot_interval_s
+        self.snaps.start(self.snapshot_state)
+        self.snapshot_request_ms = 0.0
+        self.counters["snapshot_pause_ms"] = round(self.snaps.pause_ms, 3)
+        self.counters["snapshot_pause_ms_max"] = max(
+            self.counters["snapshot_pause_ms_max"], self.snaps.pause_ms
+        )
+
+    def _snapshot_done(self, outcome: snapshot.Outcome) -> None:
+        if outcome.ok:
+            self.counters["snapshots_total"] += 1
+            self.counters["snapshot_seq"] = outcome.seq
+            self.counters["snapshot_seconds"] = round(outcome.seconds, 3)
+        else:
+            self.counters["snapshot_failures_total"] += 1
+            snapshot.log(
+                f"replay: snapshot {outcome.seq} failed (the writer's error is above); the previous one stays"
+            )
+        reply = {"op": "snapshot", "ok": outcome.ok, "seq": outcome.seq, "path": outcome.path}
+        reply.update(seconds=round(outcome.seconds, 3), pause_ms=round(outcome.pause_ms, 3))
+        reply["request_max_ms"] = round(self.snapshot_request_ms, 3)
+        self.counters["snapshot_request_max_ms"] = reply["request_max_ms"]
+        for ident, msg in self.snapshot_writing:
+            self._reply(ident, msg, dict(reply))
+        self.snapshot_writing = []
+
+    def _final_snapshot(self) -> None:
+        """On stop (SIGTERM): finish the running snapshot, then write one of the final state."""
+        if self.snaps.running and not self._finish_snapshot():
+            return
+        self._start_snapshot()
+        self._finish_snapshot()
+
+    def _finish_snapshot(self) -> bool:
+        outcome = self.snaps.wait(FINAL_SNAPSHOT_TIMEOUT_S)
+        if outcome is None:
+            snapshot.log("replay: a snapshot did not finish in time; its writer goes on alone")
+            return False
+        self._snapshot_done(outcome)
+        return True
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _limiter_view(lim: RateLimiter) -> dict:

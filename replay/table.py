@@ -13,6 +13,12 @@ Invariants:
   item since overwritten or removed no longer matches and is dropped.
 - Capacity is bounded in items and, when `max_bytes` is set, in bytes: the item count is
   cut to what fits once the first insert reveals the item size.
+- A pixel table (its first insert carries `frame` columns, see replay/frames.py) stores
+  each frame once in a FrameStore and per item only the frame slots of its obs and
+  next_obs stacks; sampling rebuilds both stacks. When the frame ring runs out, the remover
+  evicts items until their frames are free.
+- `export` / `load` carry everything a restarted shard needs (replay/snapshot.py): the
+  columns, per-slot metadata and counters; selectors are rebuilt from seq and priority.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import numpy as np
 
 from cluster.errors import ProtocolError
 from replay import selectors
+from replay.frames import FRAME, FRAME_KEY, FRAME_PREV, STACKED, FrameStore, check_columns, check_refs, split
 
 PRIORITY = "priority"  # optional insert column: initial priorities, not stored as data
 
@@ -55,6 +62,8 @@ class Table:
         max_bytes: int = 0,
         name: str = "main",
         seed: int = 0,
+        frame_stack: int = 4,
+        frame_window: int = 65_536,
     ):
         if remover == "prioritized":
             raise ValueError("remover 'prioritized' is not supported; use uniform, fifo, lifo or a heap")
@@ -68,7 +77,11 @@ class Table:
         self.max_times_sampled = max_times_sampled
         self.alpha = priority_exponent
         self.max_bytes = max_bytes
+        self.frame_stack, self.frame_window = frame_stack, frame_window
+        self.allocated = False  # the first insert sizes every array
         self.columns: dict[str, np.ndarray] = {}
+        self.frames: FrameStore | None = None  # set by the first insert of a pixel table
+        self.stacked: dict[str, np.ndarray] = {}  # pixel tables: obs/next_obs -> [cap, stack] frame slots
         self.size = 0
         self.inserted = 0
         self.removed_total = 0
@@ -78,8 +91,12 @@ class Table:
 
     # -- layout -----------------------------------------------------------------------
 
-    def _allocate(self, arrays: dict[str, np.ndarray]) -> None:
+    def _allocate(self, arrays: dict[str, np.ndarray], frames: dict[str, np.ndarray]) -> None:
+        if frames:
+            arrays = {k: a for k, a in arrays.items() if k not in STACKED}
         item_bytes = sum(a[0].nbytes for a in arrays.values()) + self.META_BYTES
+        if frames:  # about one new frame per item, plus its two stacks of slots
+            item_bytes += frames[FRAME][0].nbytes + 2 * 4 * self.frame_stack
         if self.max_bytes:
             fits = self.max_bytes // item_bytes
             if fits < 1:
@@ -87,6 +104,12 @@ class Table:
             self.capacity = min(self.requested_capacity, int(fits))
         cap = self.capacity
         self.columns = {k: np.zeros((cap, *a.shape[1:]), dtype=a.dtype) for k, a in arrays.items()}
+        if frames:
+            self.stacked = {k: np.zeros((cap, self.frame_stack), np.int32) for k in STACKED}
+            # Episode starts need a frame beyond one per item; the pin window holds frames
+            # no item names yet. Spare ring room is virtual memory until a frame lands in it.
+            ring = cap + cap // 2 + self.frame_window + 1024
+            self.frames = FrameStore(ring, frames[FRAME].shape[1:], self.frame_stack, self.frame_window)
         self.gen = np.zeros(cap, np.int64)
         self.seq = np.full(cap, -1, np.int64)  # insertion number; -1: empty slot
         self.times = np.zeros(cap, np.int32)
@@ -96,23 +119,31 @@ class Table:
         self.sampler = selectors.make(self.sampler_kind, cap, self.alpha)
         self.remover = selectors.make(self.remover_kind, cap)
         self.seq_sum = 0  # running sum of live seqs: mean age without an O(n) pass
+        self.allocated = True
 
     # gen, seq, prio (8 bytes each), times (4) + selector indexes (about 16-32)
     META_BYTES = 28 + 32
 
     @property
     def nbytes(self) -> int:
-        if not self.columns:
+        if not self.allocated:
             return 0
-        return sum(c.nbytes for c in self.columns.values()) + self.capacity * self.META_BYTES
+        total = sum(c.nbytes for c in self.columns.values()) + self.capacity * self.META_BYTES
+        if self.frames is not None:
+            total += sum(c.nbytes for c in self.stacked.values()) + self.frames.nbytes
+        return total
 
     def signature(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {k: (c.dtype.str, c.shape[1:]) for k, c in self.columns.items()}
+        sig = {k: (c.dtype.str, c.shape[1:]) for k, c in self.columns.items()}
+        if self.frames is not None:  # obs and next_obs arrive as frame keys
+            sig.update({k: (np.dtype(np.int64).str, ()) for k in STACKED})
+        return sig
 
     # -- writes ---------------------------------------------------------------------------
 
     def check(self, arrays: dict[str, np.ndarray]) -> int:
         """The chunk length, or ProtocolError when the chunk does not fit this table."""
+        frames, arrays = split(arrays)
         if not arrays:
             raise ProtocolError("insert carries no arrays")
         lengths = {a.shape[0] if a.ndim else -1 for a in arrays.values()}
@@ -125,22 +156,37 @@ class Table:
             p = arrays[PRIORITY]
             if p.ndim != 1 or p.dtype.kind != "f" or not np.isfinite(p).all() or (p < 0).any():
                 raise ProtocolError("insert priorities must be finite floats >= 0, one per item")
-        if self.columns:
+        if self.allocated:
             got = {k: (a.dtype.str, a.shape[1:]) for k, a in data.items()}
             if got != self.signature():
                 raise ProtocolError(f"insert signature {got} differs from table {self.signature()}")
+            if bool(frames) != (self.frames is not None):
+                kind = "pixel (frame columns)" if self.frames is not None else "whole-observation"
+                raise ProtocolError(f"table {self.name!r} is a {kind} table; this insert is not")
+        if self.frames is not None:
+            self.frames.check(frames, data)
+        elif frames:  # the first pixel insert: every key must be one of its own frames
+            check_columns(frames, data)
+            check_refs(frames, data, {}, self.frame_window)
         return lengths.pop()
 
     def insert(self, arrays: dict[str, np.ndarray]) -> int:
         """Store a chunk (every array has the same leading length); returns the chunk length."""
         n = self.check(arrays)
+        frames, arrays = split(arrays)
         prio = arrays.get(PRIORITY)
         data = {k: a for k, a in arrays.items() if k != PRIORITY}
-        if not self.columns:
-            self._allocate(data)
+        if not self.allocated:
+            self._allocate(data, frames)
+        stacks: dict[str, np.ndarray] = {}
+        if self.frames is not None:
+            self._make_frame_room(len(frames[FRAME_KEY]))
+            self.frames.add(frames[FRAME_KEY], frames[FRAME_PREV], frames[FRAME])
+            stacks = {k: self.frames.stacks(data.pop(k)) for k in STACKED}
         kept = min(n, self.capacity)  # of a chunk larger than the table, keep the newest
         if kept < n:
             data = {k: a[n - kept :] for k, a in data.items()}
+            stacks = {k: a[n - kept :] for k, a in stacks.items()}
             prio = prio[n - kept :] if prio is not None else None
         take = min(kept, self.nfree)
         slots = self.free[self.nfree - take : self.nfree][::-1]
@@ -151,6 +197,9 @@ class Table:
             slots = np.concatenate([slots, evicted])
         for k, a in data.items():
             self.columns[k][slots] = a
+        for k, a in stacks.items():
+            self.stacked[k][slots] = a
+            self.frames.acquire(a)
         seqs = self.inserted + (n - kept) + np.arange(kept, dtype=np.int64)
         priorities = np.asarray(prio, np.float64) if prio is not None else np.full(kept, self.max_priority)
         if prio is not None and kept:
@@ -164,7 +213,19 @@ class Table:
         self.remover.insert(slots, seqs, priorities)
         self.size += kept
         self.inserted += n
+        if self.frames is not None:
+            self.frames.unpin_overflow()  # only now: this insert's stacks needed those pins
         return n
+
+    def _make_frame_room(self, need: int) -> None:
+        while self.frames.nfree < need:
+            if self.size == 0:
+                raise ProtocolError(
+                    f"table {self.name!r}: no room for {need} frames beside the pinned ones; "
+                    "send smaller chunks or lower replay.frame_window"
+                )
+            evicted = self.remover.pop(min(self.size, need - self.frames.nfree), self.rng)
+            self._forget(evicted, remover_done=True, free=True)
 
     def remove(self, slots: np.ndarray) -> None:
         """Delete items (e.g. sampled max_times_sampled times); their slots become free."""
@@ -174,6 +235,8 @@ class Table:
         self.sampler.remove(slots)
         if not remover_done:
             self.remover.remove(slots)
+        for stacks in self.stacked.values():
+            self.frames.release(stacks[slots])
         self.seq_sum -= int(self.seq[slots].sum())
         self.seq[slots] = -1
         self.gen[slots] += 1  # a pending priority update for the old item must not match
@@ -192,7 +255,7 @@ class Table:
             raise ProtocolError("priority update needs 1-d slot, gen and priority of one length")
         if not np.isfinite(p).all() or (p < 0).any():
             raise ProtocolError("priorities must be finite and >= 0")
-        if not self.columns:
+        if not self.allocated:
             self.updates_dropped += len(slots)
             return 0
         inside = (slots >= 0) & (slots < self.capacity)
@@ -217,7 +280,9 @@ class Table:
         total, smallest = self.weights()
         if self.max_times_sampled == 0:
             slots, probs = self.sampler.sample(batch, rng)
-            np.add.at(self.times, slots, 1)
+            # np.add.at would count a slot drawn twice in one batch twice, at a tenth of the
+            # sample's cost; only max_times_sampled needs exact counts, and it draws singly.
+            self.times[slots] += 1
         else:
             # Each draw may remove its item, which changes the next draw: one at a time.
             got_s, got_p, got_g = [], [], []
@@ -232,10 +297,16 @@ class Table:
                 if self.times[s[0]] >= self.max_times_sampled:
                     self.remove(s)
             slots, probs = np.asarray(got_s, np.int64), np.asarray(got_p, np.float64)
-            arrays = {k: c[slots] for k, c in self.columns.items()}
-            return Sampled(arrays, slots, np.asarray(got_g, np.int64), probs, total, smallest)
-        arrays = {k: c[slots] for k, c in self.columns.items()}
-        return Sampled(arrays, slots, self.gen[slots].copy(), probs, total, smallest)
+            # A removed item's frames may be free already, but nothing overwrote them yet.
+            return Sampled(self._gather(slots), slots, np.asarray(got_g, np.int64), probs, total, smallest)
+        return Sampled(self._gather(slots), slots, self.gen.take(slots), probs, total, smallest)
+
+    def _gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        # ndarray.take gathers rows in about half the time of fancy indexing.
+        arrays = {k: c.take(slots, axis=0) for k, c in self.columns.items()}
+        for k, stacks in self.stacked.items():
+            arrays[k] = self.frames.gather(stacks.take(slots, axis=0))
+        return arrays
 
     def weights(self) -> tuple[float, float]:
         """(total, smallest) sampling weight over stored items, as the sampler sees them."""
@@ -256,6 +327,11 @@ class Table:
             "sampler": self.sampler_kind,
             "remover": self.remover_kind,
         }
+        if self.frames is not None:
+            out["frames_alive"] = self.frames.alive
+            out["frames_bytes"] = self.frames.nbytes
+        if self.size:
+            out["bytes_per_item"] = round(self.nbytes / self.size, 1)
         if self.size:
             out["age_mean_items"] = round(self.inserted - 1 - self.seq_sum / self.size, 1)
             total, smallest = self.weights()
@@ -263,3 +339,84 @@ class Table:
             out["priority_max"] = self.max_priority
             out["priority_min"] = smallest ** (1 / self.alpha) if self.sampler_kind == "prioritized" else 1.0
         return out
+
+    # -- snapshots ------------------------------------------------------------------------
+
+    def settings(self) -> dict:
+        """What the table was built with: a snapshot loads only into a table built the same way."""
+        return {
+            "name": self.name,
+            "sampler": self.sampler_kind,
+            "remover": self.remover_kind,
+            "max_times_sampled": self.max_times_sampled,
+            "capacity": self.requested_capacity,
+            "priority_exponent": self.alpha,
+            "max_bytes": self.max_bytes,
+            "frame_stack": self.frame_stack,
+            "frame_window": self.frame_window,
+        }
+
+    def export(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """(metadata, arrays) holding the whole table; `load` restores it into a fresh table."""
+        meta: dict = {"settings": self.settings(), "allocated": self.allocated}
+        if not self.allocated:
+            return meta, {}
+        meta.update(
+            capacity=self.capacity,
+            size=self.size,
+            inserted=self.inserted,
+            removed_total=self.removed_total,
+            updates_applied=self.updates_applied,
+            updates_dropped=self.updates_dropped,
+            max_priority=self.max_priority,
+            nfree=self.nfree,
+        )
+        arrays = {f"col.{k}": c for k, c in self.columns.items()}
+        arrays.update({f"stacked.{k}": c for k, c in self.stacked.items()})
+        arrays.update(
+            gen=self.gen, seq=self.seq, times=self.times, prio=self.prio, free=self.free[: self.nfree]
+        )
+        if self.frames is not None:
+            meta["frames"], frame_arrays = self.frames.export()
+            arrays.update({f"frames.{k}": a for k, a in frame_arrays.items()})
+        return meta, arrays
+
+    def load(self, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Fill this fresh table from `export`'s output; ValueError when its settings differ."""
+        if meta["settings"] != self.settings():
+            raise ValueError(f"snapshot table settings {meta['settings']} differ from {self.settings()}")
+        if self.allocated:
+            raise ValueError("load needs a table that has taken no insert yet")
+        if not meta["allocated"]:
+            return
+        cap = int(meta["capacity"])
+        columns = {k[4:]: a for k, a in arrays.items() if k.startswith("col.")}
+        self.capacity = self.requested_capacity  # _allocate cuts it to max_bytes again
+        pixel = "frames" in meta
+        shape = tuple(meta["frames"]["frame_shape"]) if pixel else ()
+        self._allocate(columns, {FRAME: np.zeros((1, *shape), np.uint8)} if pixel else {})
+        if pixel:  # the restored ring replaces the empty one _allocate made
+            frame_arrays = {k[7:]: a for k, a in arrays.items() if k.startswith("frames.")}
+            self.frames = FrameStore.restore(meta["frames"], frame_arrays)
+        if self.capacity != cap:
+            raise ValueError(f"snapshot capacity {cap} differs from the table's {self.capacity}")
+        for k, a in columns.items():
+            self.columns[k][:] = a
+        for k in STACKED if self.frames is not None else ():
+            self.stacked[k][:] = arrays[f"stacked.{k}"]
+        for k in ("gen", "seq", "times", "prio"):
+            getattr(self, k)[:] = arrays[k]
+        self.nfree = int(meta["nfree"])
+        self.free[: self.nfree] = arrays["free"]
+        self.size, self.inserted = int(meta["size"]), int(meta["inserted"])
+        self.removed_total = int(meta["removed_total"])
+        self.updates_applied, self.updates_dropped = (
+            int(meta["updates_applied"]),
+            int(meta["updates_dropped"]),
+        )
+        self.max_priority = float(meta["max_priority"])
+        live = np.flatnonzero(self.seq >= 0)
+        live = live[np.argsort(self.seq[live], kind="stable")]  # selectors see inserts in order
+        self.seq_sum = int(self.seq[live].sum())
+        self.sampler.insert(live, self.seq[live], self.prio[live])
+        self.remover.insert(live, self.seq[live], self.prio[live])

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/role.sh ROLE CONFIG ID [--set key=value ...]
+# scripts/role.sh ROLE CONFIG ID [--set key=value ...] [--standby (learner only)]
 #
 # What every per-role launch script (scripts/<role>.sh) runs: checks the arguments, then
 # execs `canopy ROLE --config CONFIG --id ID [--set ...]`, or `python -m cluster.cli` when
@@ -23,6 +23,8 @@ while [[ ${#rest[@]} -gt 0 ]]; do
         --set=?*) rest=("${rest[@]:1}") ;;
         --set) [[ ${#rest[@]} -ge 2 && ${rest[1]} == ?*=* ]] || fail "--set needs key=value"
                rest=("${rest[@]:2}") ;;
+        --standby) [[ $role == learner ]] || fail "--standby is for the learner only"
+                   rest=("${rest[@]:1}") ;;
         *) fail "unexpected argument '${rest[0]}'" ;;
     esac
 done

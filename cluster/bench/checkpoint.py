@@ -5,7 +5,9 @@ thread -> CheckpointStore over real `redis-server` shards, placement plan over p
 hosts) beside a training loop, then real `canopy learner` processes for recovery.
 
 1. Shards: `--shards` redis-server processes (started like `canopy up` does, through
-   `canopy redis`), grouped round-robin into `--hosts` pretend hosts; R = `--replicas`.
+   `canopy redis`, so persisted the same way: append-only file, fsync every second; the
+   "on" arm pays for that too), grouped round-robin into `--hosts` pretend hosts;
+   R = `--replicas`.
 2. Training: a DQN (the learner's algorithm) whose online + target networks and Adam's two
    moments add up to `--state-mb`; real updates on CPU with torch.set_num_threads(1) on a
    fixed random batch. Arms, in the order off / on / off (the two halves of the "off" arm
@@ -480,6 +482,7 @@ def main(args: argparse.Namespace) -> int:
             "chunk_mb": cfg.checkpoint.chunk_mb,
             "rate_mb_s": cfg.checkpoint.rate_mb_s,
             "lease_ttl_s": cfg.checkpoint.lease_ttl_s,
+            "redis_persist": cfg.redis.persist,
             "torch_threads": 1,
             "load_average_at_end": list(os.getloadavg()),
         },

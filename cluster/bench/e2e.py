@@ -10,12 +10,14 @@ in the same invocation and timed to a mean training return >= threshold over its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +27,19 @@ from cluster.bench import report
 
 GOAL_MEDIAN_S = 30.0
 SB3_MAX_STEPS = 200_000
+PROGRESS_EVERY_S = 1.0
 
 
 def run_canopy(
-    env: str, seed: int, threshold: float, time_limit: float, sets: list[str], run_dir: Path
+    env: str,
+    seed: int,
+    threshold: float,
+    time_limit: float,
+    sets: list[str],
+    run_dir: Path,
+    on_progress: Callable[[str], None],
 ) -> dict:
+    """One `canopy up` to the threshold; `on_progress` gets its newest metrics row as text."""
     cmd = [
         sys.executable,
         "-m",
@@ -48,9 +58,25 @@ def run_canopy(
     ]
     for s in sets:
         cmd += ["--set", s]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_limit + 180)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stderr_path = run_dir.with_suffix(".stderr")
+    deadline = time.monotonic() + time_limit + 180
+    with open(stderr_path, "wb") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, time_limit + 180)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=PROGRESS_EVERY_S)
+                on_progress(_latest_row(run_dir))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     if proc.returncode != 0:
-        return {"seed": seed, "solved": False, "error": proc.stderr.strip().splitlines()[-1:]}
+        lines = stderr_path.read_text(errors="replace").strip().splitlines()
+        return {"seed": seed, "solved": False, "error": lines[-1:]}
     summary = json.loads((run_dir / "summary.json").read_text())
     keep = (
         "solved",
@@ -62,6 +88,20 @@ def run_canopy(
         "wall_s",
     )
     return {"seed": seed, **{k: summary[k] for k in keep}}
+
+
+def _latest_row(run_dir: Path) -> str:
+    """The newest metrics.jsonl row of a running `canopy up`, in a few words."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        row = json.loads(lines[-1]) if lines else None
+    except (OSError, ValueError):
+        row = None
+    if not isinstance(row, dict):
+        return "starting"
+    evaluation = row.get("eval_return")
+    shown = "-" if evaluation is None else f"{evaluation:.0f}"
+    return f"{row.get('wall_s', 0):.0f}s, {row.get('env_steps', 0):,} steps, eval {shown}"
 
 
 def run_sb3_ppo(env_id: str, seed: int, threshold: float) -> dict:
@@ -129,12 +169,13 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="canopy-bench-") as tmp, Progress(transient=True) as bar:
         task = bar.add_task("canopy up per seed", total=len(seeds) * (2 if have_sb3 else 1))
         for seed in seeds:
-            bar.update(task, description=f"canopy up, seed {seed}")
-            ours.append(
-                run_canopy(
-                    args.env, seed, args.threshold, args.time_limit, args.set, Path(tmp) / f"seed-{seed}"
-                )
-            )
+
+            def show(text: str, seed: int = seed) -> None:
+                bar.update(task, description=f"canopy up, seed {seed}: {text}")
+
+            show("starting")
+            run_dir = Path(tmp) / f"seed-{seed}"
+            ours.append(run_canopy(args.env, seed, args.threshold, args.time_limit, args.set, run_dir, show))
             bar.advance(task)
             if have_sb3:
                 bar.update(task, description=f"SB3 PPO baseline, seed {seed}")

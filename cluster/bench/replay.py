@@ -6,13 +6,25 @@ an in-process numpy ring buffer doing the same work (no sockets, no processes), 
 ZeroMQ PUSH/PULL between two processes moving the same bytes per message. Every figure is
 printed beside its baselines as ratios; the JSON holds one `checks` entry per goal of the
 replay issue.
+
+Atari-size figures use the pixel path (replay/frames.py): inserters send each 84x84 frame
+once with frame keys, the shard rebuilds 4-frame stacks for obs and next_obs on sampling;
+the RSS baseline is the same table fed whole stacked observations. The snapshot figure is
+the longest serving pause while the shard snapshots its Atari table (replay/snapshot.py):
+the longer of fork() and the slowest request served while the child writes, beside the
+longest reply gaps a client sees with and without a snapshot running and the time the
+whole write takes (what a server that blocks all traffic while checkpointing, as Reverb
+does, stalls).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import multiprocessing as mp
 import os
+import shutil
+import tempfile
 import time
 from typing import Any
 
@@ -22,6 +34,8 @@ from cluster.bench import report
 
 CARTPOLE_OBS = (4,)
 ATARI_OBS = (4, 84, 84)
+EPISODE_STEPS = 400  # synthetic Atari episodes: each starts with one extra frame
+_FILL_STREAMS = itertools.count(1000)  # frame-key streams of this process's fills
 SECONDS = 2.0
 PROC_TIMEOUT_S = 60.0
 CTX = mp.get_context("spawn")
@@ -44,6 +58,47 @@ def _nbytes(arrays: dict[str, np.ndarray]) -> int:
     return sum(a.nbytes for a in arrays.values())
 
 
+class PixelStream:
+    """Chunks of one actor's pixel stream: a new 84x84 frame per step, each sent once."""
+
+    def __init__(self, stream: int):
+        self.pool = (np.random.default_rng(stream).random((256, *ATARI_OBS[1:])) * 255).astype(np.uint8)
+        self.next_key = stream << 40
+        self.cur = -1  # key of the current obs' newest frame; -1: an episode starts next
+        self.step = 0
+
+    def chunk(self, n: int) -> dict[str, np.ndarray]:
+        keys, prevs, obs, nxt = [], [], [], []
+        for _ in range(n):
+            if self.cur < 0:
+                self.cur = self._frame(keys, prevs, None)
+            obs.append(self.cur)
+            self.cur = self._frame(keys, prevs, self.cur)
+            nxt.append(self.cur)
+            self.step += 1
+            if self.step % EPISODE_STEPS == 0:
+                self.cur = -1
+        k = np.asarray(keys, np.int64)
+        return {
+            "frame": self.pool[k % len(self.pool)],
+            "frame_key": k,
+            "frame_prev": np.asarray(prevs, np.int64),
+            "obs": np.asarray(obs, np.int64),
+            "next_obs": np.asarray(nxt, np.int64),
+            "action": np.zeros(n, np.int64),
+            "reward": np.ones(n, np.float32),
+            "discount": np.full(n, 0.99, np.float32),
+            "version": np.zeros(n, np.int64),
+        }
+
+    def _frame(self, keys: list[int], prevs: list[int], prev: int | None) -> int:
+        key = self.next_key
+        self.next_key += 1
+        keys.append(key)
+        prevs.append(key if prev is None else prev)
+        return key
+
+
 # -- processes ----------------------------------------------------------------------------
 
 
@@ -51,9 +106,11 @@ def _shard(cfg: dict, out: Any, stop: Any) -> None:
     import threading
 
     from cluster.config import ReplayConfig
+    from replay import snapshot
     from replay.server import ReplayServer
 
-    server = ReplayServer(ReplayConfig(**cfg))
+    snap_dir = snapshot.shard_dir(cfg["snapshot_dir"], 0) if cfg.get("snapshot_dir") else None
+    server = ReplayServer(ReplayConfig(**cfg), snapshot_dir=snap_dir)
     out.put(server.bind("tcp://127.0.0.1:0"))
     done = threading.Event()
     threading.Thread(target=lambda: (stop.wait(), done.set()), daemon=True).start()
@@ -63,11 +120,12 @@ def _shard(cfg: dict, out: Any, stop: Any) -> None:
 def _inserter(endpoint: str, obs: tuple, dtype: str, chunk: int, seconds: float, out: Any) -> None:
     from replay.client import InsertClient
 
-    arrays = transitions(chunk, obs, dtype)
+    pixels = PixelStream(os.getpid()) if dtype == "pixels" else None
+    arrays = transitions(chunk, obs, dtype) if pixels is None else {}
     client = InsertClient(endpoint, inflight=8)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
-        client.insert(arrays, timeout=30)
+        client.insert(pixels.chunk(chunk) if pixels else arrays, timeout=30)
         n += chunk
     client.flush(timeout=30)
     out.put((n, time.perf_counter() - t0))
@@ -235,13 +293,85 @@ def _fill(endpoints: list[str], obs: tuple, dtype: str, items: int) -> None:
     from replay.client import InsertClient
 
     chunk = 1024 if dtype == "float32" else 64
-    arrays = transitions(chunk, obs, dtype)
     for e in endpoints:
+        pixels = PixelStream(next(_FILL_STREAMS)) if dtype == "pixels" else None
+        arrays = transitions(chunk, obs, dtype) if pixels is None else {}
         client = InsertClient(e, inflight=8)
         for _ in range(max(1, items // chunk)):
-            client.insert(arrays, timeout=60)
+            client.insert(pixels.chunk(chunk) if pixels else arrays, timeout=60)
         client.flush(timeout=60)
         client.close()
+
+
+def _rss_per_transition(c: Cluster, dtype: str, items: int) -> dict[str, float]:
+    """Shard RSS growth per stored Atari transition: over the whole fill, and over its
+    second half alone (the marginal cost, free of the process's fixed overhead)."""
+    rss0 = sum(c.rss())
+    _fill(c.endpoints, ATARI_OBS, dtype, items // 2)
+    rss1 = sum(c.rss())
+    _fill(c.endpoints, ATARI_OBS, dtype, items - items // 2)
+    rss2 = sum(c.rss())
+    n = items * len(c.endpoints)
+    return {
+        "atari_rss_bytes_per_transition": (rss2 - rss0) / n,
+        "atari_rss_bytes_per_transition_marginal": (rss2 - rss1) / (n - n // 2),
+    }
+
+
+def _probe(endpoint: str, seconds: float, out: Any) -> None:
+    """Insert a small pixel chunk and sample a small batch in turn; report reply times."""
+    from replay.client import InsertClient, SampleClient
+
+    pixels = PixelStream(7)
+    inserter = InsertClient(endpoint, inflight=1)
+    sampler = SampleClient([endpoint], batch=8, inflight=1)
+    stamps = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        inserter.insert(pixels.chunk(4), timeout=30)
+        inserter.flush(timeout=30)
+        sampler.next(timeout=30)
+        stamps.append(time.time())
+    out.put(stamps)
+    inserter.close()
+    sampler.close()
+
+
+def snapshot_pause(cfg: dict, items: int) -> dict[str, float]:
+    """Longest reply gap a client sees while the shard snapshots `items` Atari transitions."""
+    from replay import snapshot
+
+    root = tempfile.mkdtemp(prefix="canopy-bench-snap-")
+    try:
+        with Cluster(1, {**cfg, "snapshot_dir": root}) as c:
+            _fill(c.endpoints, ATARI_OBS, "pixels", items)
+            q = CTX.Queue()
+            probe = CTX.Process(target=_probe, args=(c.endpoints[0], 3 * SECONDS, q), daemon=True)
+            probe.start()
+            try:
+                time.sleep(SECONDS)  # the probe's quiet gaps first
+                t0 = time.time()
+                reply = snapshot.request(c.endpoints[0], timeout=PROC_TIMEOUT_S)
+                t1 = time.time()
+                stamps = np.asarray(q.get(timeout=PROC_TIMEOUT_S))
+            finally:
+                probe.join(timeout=10)
+                if probe.is_alive():
+                    probe.kill()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    gaps = np.diff(stamps)
+    during = (stamps[1:] >= t0) & (stamps[:-1] <= t1)
+    quiet = stamps[1:] < t0
+    return {
+        "items": items,
+        "max_gap_during_snapshot_ms": float(gaps[during].max(initial=0.0)) * 1000,
+        "max_gap_without_snapshot_ms": float(gaps[quiet].max(initial=0.0)) * 1000,
+        "median_gap_ms": float(np.median(gaps)) * 1000,
+        "fork_ms": float(reply["pause_ms"]),
+        "longest_request_during_snapshot_ms": float(reply["request_max_ms"]),
+        "snapshot_write_s": float(reply["seconds"]),
+    }
 
 
 def main(args: argparse.Namespace) -> int:
@@ -251,6 +381,7 @@ def main(args: argparse.Namespace) -> int:
     figs: dict[str, Any] = {"seconds_per_figure": SECONDS, "cpu_count": os.cpu_count()}
     cp_item = _nbytes(transitions(1, CARTPOLE_OBS, "float32"))
     at_item = _nbytes(transitions(1, ATARI_OBS, "uint8"))
+    frame_bytes = int(np.prod(ATARI_OBS[1:]))
 
     # Baselines first (same run, same machine state).
     figs["baseline_numpy_cartpole"] = numpy_baseline(CARTPOLE_OBS, "float32", 1024, cp_cap, batch)
@@ -285,20 +416,24 @@ def main(args: argparse.Namespace) -> int:
             r["cartpole_prioritized_update_batches_per_s"] = _rate(
                 _run([(_sampler, c.endpoints, batch, True, SECONDS)])
             )
-        at_cfg = {**cp_cfg, "capacity": at_cap}
+        at_cfg = {**cp_cfg, "capacity": at_cap, "frame_window": 4096}
         with Cluster(shards, at_cfg) as c:
-            rss0 = sum(c.rss())
-            jobs = [(_inserter, e, ATARI_OBS, "uint8", 64, SECONDS) for e in c.endpoints]
+            r.update(_rss_per_transition(c, "pixels", at_cap))
+            jobs = [(_inserter, e, ATARI_OBS, "pixels", 64, SECONDS) for e in c.endpoints]
             r["atari_insert_per_s"] = _rate(_run(jobs))
-            _fill(c.endpoints, ATARI_OBS, "uint8", at_cap)
-            r["atari_rss_bytes_per_transition"] = (sum(c.rss()) - rss0) / (at_cap * shards)
             r["atari_sample_batches_per_s"] = _rate(_run([(_sampler, c.endpoints, batch, False, SECONDS)]))
+        if shards == 1:  # the same table fed whole stacked observations: what de-dup saves
+            with Cluster(1, at_cfg) as c:
+                whole = _rss_per_transition(c, "uint8", at_cap)
+            r.update({f"{k}_without_dedup": v for k, v in whole.items()})
         figs[key] = r
+    figs["snapshot"] = snap = snapshot_pause(at_cfg, args.snapshot_items)
 
     one, two = figs["1_shard"], figs["2_shard"]
     npc, npa = figs["baseline_numpy_cartpole"], figs["baseline_numpy_atari"]
     ins = max(one["cartpole_insert_chunk64_per_s"], one["cartpole_insert_chunk1024_per_s"])
     atari_batch_bytes = batch * at_item
+    snap_pause = max(snap["fork_ms"], snap["longest_request_during_snapshot_ms"])
     zmq_atari_batches = zmq_atari_batch / atari_batch_bytes
     checks = [
         report.check(
@@ -345,9 +480,25 @@ def main(args: argparse.Namespace) -> int:
             "atari_rss_per_transition",
             one["atari_rss_bytes_per_transition"],
             "bytes",
-            f"<= {1.2 * 7056:.0f} (1.2 x one 84x84 frame)",
-            {"numpy_obs_and_next_obs": at_item},
-            one["atari_rss_bytes_per_transition"] <= 1.2 * 7056,
+            f"<= {1.2 * frame_bytes:.0f} (1.2 x one 84x84 frame)",
+            {
+                "same_table_without_dedup": one["atari_rss_bytes_per_transition_without_dedup"],
+                "numpy_obs_and_next_obs": at_item,
+            },
+            one["atari_rss_bytes_per_transition"] <= 1.2 * frame_bytes,
+        ),
+        report.check(
+            "snapshot_longest_serving_pause",
+            snap_pause,
+            "ms",
+            f"<= 10 ms (a few ms) while {snap['items']} Atari transitions are written: the longer of "
+            "fork() and the slowest request served meanwhile; Reverb blocks all traffic for the whole write",
+            {
+                "whole_write_ms (blocking-server stall)": snap["snapshot_write_s"] * 1000,
+                "client_max_gap_during_snapshot_ms": snap["max_gap_during_snapshot_ms"],
+                "client_max_gap_without_snapshot_ms": snap["max_gap_without_snapshot_ms"],
+            },
+            snap_pause <= 10,
         ),
         report.check(
             "two_shards_cartpole_insert_scaling",

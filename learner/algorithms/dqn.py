@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,10 @@ class DQN:
         self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr)
         self.updates = 0
         self.last_td_error: torch.Tensor | None = None
+
+    def export(self) -> dict[str, np.ndarray]:
+        """The online network's arrays, as actors act with them."""
+        return self.online.export()
 
     def update(self, batch: Batch) -> dict[str, float]:
         q_all = self.online(batch.obs)

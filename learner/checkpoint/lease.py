@@ -8,6 +8,12 @@ learner's token (`FENCED_*` below), so the check and the write are one atomic st
 Redis. A learner that lost its lease (paused, partitioned, restarted after a kill) finds
 another token there and can neither publish nor commit, even if it comes back.
 
+The epoch never goes back, even when the root shard loses its data (killed without
+persistence, restarted empty by `canopy up`): the new epoch is max(INCR, floor + 1), where
+the floor (`epoch_floor`, given by the learner) is the newest epoch named by any committed
+checkpoint on any shard; checkpoint manifests are copied to every shard, so the floor
+survives the loss of the root.
+
 The holder also enforces the TTL on its own clock: `deadline` is the monotonic time at
 which Redis may expire the lease, counted from the moment the last successful acquire or
 renewal was *sent* (Redis starts the TTL later than that, never earlier). Past the
@@ -27,10 +33,15 @@ import redis
 from cluster.errors import CanopyError, DeadlineExceeded
 from cluster.keys import Keys
 
-# KEYS[1] lease, KEYS[2] epoch counter; ARGV[1] learner id, ARGV[2] ttl ms.
+# KEYS[1] lease, KEYS[2] epoch counter; ARGV[1] learner id, ARGV[2] ttl ms, ARGV[3] epoch floor.
 ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local epoch = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[3])
+if epoch <= floor then
+  epoch = floor + 1
+  redis.call('SET', KEYS[2], epoch)
+end
 redis.call('SET', KEYS[1], epoch .. ':' .. ARGV[1], 'PX', ARGV[2])
 return epoch
 """
@@ -52,14 +63,22 @@ class Fenced(CanopyError):
 
 class Lease:
     """Example:
-    lease = Lease(r, keys, learner=0, ttl_s=1.0)
+    lease = Lease(r, keys, learner=0, ttl_s=1.0, epoch_floor=lambda: newest_checkpoint_epoch)
     epoch = lease.acquire(timeout=None, stop=stop)  # blocks while another learner is active
     lease.start_renewing(on_lost=stop.set)
     lease.token  # '7:0', what fenced scripts compare
     """
 
-    def __init__(self, r: redis.Redis, keys: Keys, learner: int, ttl_s: float):
+    def __init__(
+        self,
+        r: redis.Redis,
+        keys: Keys,
+        learner: int,
+        ttl_s: float,
+        epoch_floor: Callable[[], int] | None = None,
+    ):
         self.r, self.keys, self.learner, self.ttl_s = r, keys, learner, ttl_s
+        self.epoch_floor = epoch_floor  # the new epoch is above whatever this returns
         self.epoch = 0
         self.token = ""
         self.lost = threading.Event()
@@ -70,8 +89,15 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def try_acquire(self) -> bool:
+        floor = 0
+        if self.epoch_floor is not None:
+            if self.r.exists(self.keys.lease):
+                return False  # held: no need to ask every shard for the floor
+            floor = self.epoch_floor()
         sent = time.monotonic()
-        epoch = int(self._acquire(keys=[self.keys.lease, self.keys.epoch], args=[self.learner, self._ttl_ms]))
+        epoch = int(
+            self._acquire(keys=[self.keys.lease, self.keys.epoch], args=[self.learner, self._ttl_ms, floor])
+        )
         if epoch:
             self.epoch, self.token = epoch, f"{epoch}:{self.learner}"
             self.deadline = sent + self.ttl_s

@@ -7,13 +7,22 @@ chunks -> `Snapshot` -> `restore` into freshly built networks and optimizer.
 
 What is captured: online and target networks, optimizer state (tensors and param groups),
 the learning-rate scheduler when the algorithm has one, step/version counters, python,
-numpy and torch RNG states, learner-side replay-client counters, and the resolved config.
-Tensors travel as raw bytes named in a layout (name, torch dtype, shape, offset), so any
-dtype (bf16 included) round-trips exactly; everything else is msgpack.
+numpy and torch RNG states, the resolved config, and the learner's replay sample-client
+state (`sampler_state`: the generator that draws which shard serves each batch and the
+batch count that anneals the importance exponent), so the next batch is drawn as it would
+have been. Tensors travel as raw bytes named in a layout (name, torch dtype, shape,
+offset), so any dtype (bf16 included) round-trips exactly; everything else is msgpack.
+
+What is not here, on purpose: the replay side. Each shard's rate limiter (inserts and
+samples counted against `samples_per_insert`), its tables, priorities and sampling RNG
+live on the shard and resume through the shard's own snapshot (replay/snapshot.py), taken
+on its own clock; a learner checkpoint only holds what the learner process owns.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,17 +82,12 @@ class Snapshot:
         except (ValueError, msgpack.UnpackException) as exc:
             raise ProtocolError(f"checkpoint metadata is not msgpack: {exc}") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ProtocolError(f"checkpoint metadata has format {meta.get('format')!r}, expected {FORMAT}")
-        end = 0
-        for name, dtype, shape, offset, nbytes in meta["layout"]:
-            if dtype not in _DTYPES or offset != end:
-                raise ProtocolError(f"checkpoint layout entry {name!r} is inconsistent")
-            want = int(np.prod(shape, dtype=np.int64)) * _DTYPES[dtype].itemsize
-            if want != nbytes:
-                raise ProtocolError(
-                    f"checkpoint layout entry {name!r} holds {nbytes} bytes, shape says {want}"
-                )
-            end += nbytes
+            raise ProtocolError(f"checkpoint metadata is not a map of format {FORMAT}")
+        try:
+            end = _layout_bytes(meta["layout"])
+            step = int(meta["counters"].get("updates", 0))
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise ProtocolError(f"checkpoint metadata is malformed: {type(exc).__name__} {exc}") from None
         if end != len(flat):
             raise ProtocolError(f"checkpoint layout covers {end} bytes, the data has {len(flat)}")
         buf = (
@@ -91,7 +95,7 @@ class Snapshot:
             if len(flat)
             else torch.empty(0, dtype=torch.uint8)
         )
-        return cls(meta=meta, flat=buf, step=int(meta["counters"].get("updates", 0)))
+        return cls(meta=meta, flat=buf, step=step)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The named tensors, as views into `flat` (clone before keeping them past a reuse)."""
@@ -100,6 +104,19 @@ class Snapshot:
             raw = self.flat[offset : offset + nbytes]
             out[name] = raw.view(_DTYPES[dtype]).reshape(shape)
         return out
+
+
+def _layout_bytes(layout: list) -> int:
+    """The bytes a layout covers; ProtocolError (or a type error for the caller) when odd."""
+    end = 0
+    for name, dtype, shape, offset, nbytes in layout:
+        if dtype not in _DTYPES or offset != end or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise ProtocolError(f"checkpoint layout entry {name!r} is inconsistent")
+        want = math.prod(shape) * _DTYPES[dtype].itemsize  # Python ints: no silent overflow
+        if want != nbytes:
+            raise ProtocolError(f"checkpoint layout entry {name!r} holds {nbytes} bytes, shape says {want}")
+        end += nbytes
+    return end
 
 
 def named_tensors(algo: Any) -> list[tuple[str, torch.Tensor]]:
@@ -203,6 +220,27 @@ class Capturer:
             torch.cuda.synchronize()
         meta = _meta(algo, counters, config, layout)
         return Snapshot(meta=meta, flat=buf, step=algo.updates)
+
+
+def sampler_state(sampler: Any) -> dict[str, Any]:
+    """A replay SampleClient's state for the checkpoint counters (see the module docstring)."""
+    # JSON, not msgpack: PCG64's state holds 128-bit integers.
+    return {"rng": json.dumps(sampler.rng.bit_generator.state), "batches": sampler.batches}
+
+
+def load_sampler_state(sampler: Any, state: Any) -> None:
+    """Put `sampler_state` back into a SampleClient; raises ProtocolError on anything odd."""
+    try:
+        rng = json.loads(state["rng"])
+        if rng["bit_generator"] != type(sampler.rng.bit_generator).__name__:
+            raise ProtocolError(f"checkpoint sampler RNG is {rng['bit_generator']!r}")
+        batches = int(state["batches"])
+        if batches < 0:
+            raise ValueError(f"negative batch count {batches}")
+        sampler.rng.bit_generator.state = rng
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"checkpoint sampler state is malformed: {exc}") from None
+    sampler.batches = batches
 
 
 def restore(algo: Any, snap: Snapshot) -> dict[str, Any]:

@@ -13,7 +13,7 @@ Recovery (`recover`) walks committed ids newest first, and loads the first whose
 chunk has a reachable replica with the right length and digest; corrupt or missing
 replicas are reported and skipped. `repair` re-replicates chunks of retained
 checkpoints until each has R valid copies on live shards again; the writer runs it by
-itself when a write finds a shard that stopped answering (`last_dead`, writer.py).
+itself whenever `run_ids` shows a shard that died or restarted (writer.py).
 Before each commit, `guard` (the lease's local deadline check, lease.py) runs too.
 """
 
@@ -38,6 +38,7 @@ from learner.checkpoint.state import Snapshot
 
 PENDING_TTL_MS = 600_000  # chunks of a checkpoint that never commits vanish after this
 MAX_MANIFEST_BYTES = 4 << 20
+MAX_CHUNK_BYTES = 64 << 20  # far above any chunk_bytes a learner uses; bounds a forged manifest
 
 # KEYS: lease, manifest, index; ARGV: token, doc, digest, id, score.
 FENCED_COMMIT = """
@@ -128,7 +129,6 @@ class CheckpointStore:
         self.shards, self.keys, self.plan = [fail_fast(r) for r in shards], keys, plan
         self.chunk_bytes, self.keep, self.root = chunk_bytes, keep, root
         self.rate = RateLimiter(rate_bytes_s)
-        self.last_dead: list[int] = []  # shards that did not answer when the last write was planned
         self._commit = shards[root].register_script(FENCED_COMMIT)
 
     # ---- write --------------------------------------------------------------------
@@ -152,7 +152,6 @@ class CheckpointStore:
         parts: list[memoryview] = [memoryview(meta)]
         parts += [flat[i : i + self.chunk_bytes] for i in range(0, len(flat), self.chunk_bytes)]
         live = set(self.alive())
-        self.last_dead = sorted(set(range(len(self.shards))) - live)
         placement = [self._live_placement(i, live) for i in range(len(parts))]
         # Per shard, one pipeline of a few chunks at a time: acks arrive while later
         # chunks are still being sent, and no pipeline buffers the whole state.
@@ -233,13 +232,18 @@ class CheckpointStore:
     # ---- read ---------------------------------------------------------------------
     def committed(self) -> list[str]:
         """Committed checkpoint ids on any reachable shard, newest first."""
-        ids: set[str] = set()
+        ids: dict[str, Version] = {}
         for r in self.shards:
             try:
-                ids.update(m.decode() for m in r.zrange(self.keys.ckpt_index, 0, -1))
+                members = r.zrange(self.keys.ckpt_index, 0, -1)
             except redis.RedisError:
                 continue
-        return sorted(ids, key=Version.parse, reverse=True)
+            for m in members:
+                try:
+                    ids[m.decode()] = Version.parse(m)
+                except (ProtocolError, UnicodeDecodeError):
+                    continue  # not an id this store wrote; recovery ignores it
+        return sorted(ids, key=ids.__getitem__, reverse=True)
 
     def manifest(self, ckpt: str) -> dict[str, Any]:
         """The first manifest copy whose digest matches; raises Incomplete when none does."""
@@ -251,11 +255,8 @@ class CheckpointStore:
             doc, d = fields.get(b"doc"), fields.get(b"digest")
             if doc is None or d is None or len(doc) > MAX_MANIFEST_BYTES or digest(doc) != d.decode():
                 continue
-            m = json.loads(doc)
-            n = len(m["sizes"])
-            if len(m["digests"]) != n or len(m["placement"]) != n or m["id"] != ckpt:
-                continue
-            return m
+            if _well_formed(doc, ckpt, len(self.shards)):
+                return json.loads(doc)
         raise Incomplete(f"checkpoint {ckpt}: no valid manifest on any reachable shard")
 
     def load(self, ckpt: str, bad: list[str] | None = None) -> Loaded:
@@ -345,6 +346,16 @@ class CheckpointStore:
                 continue
         return out
 
+    def run_ids(self) -> list[str | None]:
+        """Each shard's Redis run id (a new one after every restart); None where a shard is dead."""
+        out: list[str | None] = []
+        for r in self.shards:
+            try:
+                out.append(str(r.info("server")["run_id"]))
+            except redis.RedisError:
+                out.append(None)
+        return out
+
     def repair(self, token: str, guard: Callable[[], None] | None = None) -> int:
         """Copy chunks with fewer than R valid replicas on live shards onto other live shards.
 
@@ -384,6 +395,26 @@ class CheckpointStore:
         except redis.RedisError:
             return False
         return data is not None and len(data) == size and digest(data) == d
+
+
+def _well_formed(doc: bytes, ckpt: str, n_shards: int) -> bool:
+    """Whether a manifest document has the shape `load` relies on: anyone who can write to
+    a shard can store any document under a digest that matches it."""
+    try:
+        m = json.loads(doc)
+        sizes, digests, placement = m["sizes"], m["digests"], m["placement"]
+        return (
+            m["id"] == ckpt
+            and len(sizes) == len(digests) == len(placement) > 0
+            and all(isinstance(x, int) and 0 <= x <= MAX_CHUNK_BYTES for x in sizes)
+            and all(isinstance(x, str) for x in digests)
+            and all(
+                isinstance(p, list) and p and all(isinstance(s, int) and 0 <= s < n_shards for s in p)
+                for p in placement
+            )
+        )
+    except (ValueError, TypeError, KeyError):
+        return False
 
 
 def _guarded(guard: Callable[[], None] | None, ckpt: str) -> None:

@@ -10,9 +10,13 @@ a slow shard, or build a backlog): `submit` refuses it, and the learner keeps it
 captures the then-newest state as soon as the writer is free, coalescing every due
 checkpoint in between into one. The learner reports that in the events stream.
 
-Self-healing: when a write finds a shard that no longer answers (`store.last_dead`
-changed), the writer thread runs `store.repair` right after that commit, so every retained
-checkpoint has R copies on live shards again, and reports `checkpoint_repair`.
+Self-healing: the writer thread looks at every shard's Redis run id (`store.run_ids`)
+right after each commit and, between checkpoints, every `repair_every_s`. When a shard
+died, or restarted (a new run id: it may have come back without its data), it runs
+`store.repair`, so every retained checkpoint has R valid copies on live shards again even
+when no checkpoint is being written, and reports `checkpoint_repair` with its trigger
+(`commit` or `timer`). Checks and repairs run on the writer thread, so they never race a
+write; nothing is repaired twice for the same change.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from learner.checkpoint.store import CheckpointFenced, CheckpointStore, CommitRe
 
 class Writer:
     """Example:
-    writer = Writer(store, learner=0, event=tel.event, on_fenced=stop.set)
+    writer = Writer(store, 0, tel.event, on_fenced=stop.set, token=lease.token, repair_every_s=5)
     if not writer.busy():
         writer.submit(capturer.capture(algo, counters, cfg_dict), ckpt="7.500", token=lease.token)
     """
@@ -43,11 +47,18 @@ class Writer:
         event: Callable[..., None],
         on_fenced: Callable[[], None] | None = None,
         guard: Callable[[], None] | None = None,
+        token: str = "",
+        repair_every_s: float = 0.0,
     ):
         self.store, self.learner, self.event, self.on_fenced = store, learner, event, on_fenced
         self.guard = guard  # e.g. Lease.check: refuses a commit once the lease's local deadline passed
+        if repair_every_s > 0 and not token:
+            raise ValueError("a timer-driven repair needs the lease token to commit repaired manifests")
+        self.token = token  # the lease token timer-driven repairs commit with; jobs carry their own
+        self.repair_every_s = repair_every_s  # 0: check the shards only after a commit
         self.repairs = 0
-        self._repaired_dead: list[int] = []  # the dead shards the last repair already covered
+        self._seen: list[str | None] | None = None  # run id per shard the last repair covered
+        self._repairing = False
         self.last: CommitResult | None = None
         self.last_committed = ""  # id of the newest checkpoint this learner committed
         self.commits = 0
@@ -74,7 +85,9 @@ class Writer:
 
     def wait_idle(self, timeout: float) -> bool:
         with self._cv:
-            return self._cv.wait_for(lambda: self._job is None and self.in_flight is None, timeout)
+            return self._cv.wait_for(
+                lambda: self._job is None and self.in_flight is None and not self._repairing, timeout
+            )
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish the checkpoint in flight (up to `timeout`), then stop the thread."""
@@ -85,13 +98,23 @@ class Writer:
         self._thread.join(timeout=1.0)
 
     def _run(self) -> None:
+        period = self.repair_every_s if self.repair_every_s > 0 else None
+        next_check = time.monotonic() + (period or 0.0)
         while True:
             with self._cv:
-                self._cv.wait_for(lambda: self._job is not None or self._closed)
-                if self._job is None:
+                wait = None if period is None else max(0.0, next_check - time.monotonic())
+                self._cv.wait_for(lambda: self._job is not None or self._closed, wait)
+                if self._job is None and self._closed:
                     return
-                snap, ckpt, token, fields = self._job
-                self._job, self.in_flight = None, snap
+                if self._job is None:
+                    self._repairing = True
+                else:
+                    snap, ckpt, token, fields = self._job
+                    self._job, self.in_flight = None, snap
+            if self._repairing:
+                self._timer_check()
+                next_check = time.monotonic() + (period or 0.0)
+                continue
             try:
                 result = self.store.write(snap, ckpt, token, self.learner, guard=self.guard)
                 self.last, self.last_committed = result, ckpt
@@ -105,7 +128,7 @@ class Writer:
                     commit_s=round(result.commit_s, 4),
                     **fields,
                 )
-                self._repair_if_needed(ckpt, token)
+                self._check_shards("commit", ckpt, token)
             except CheckpointFenced as exc:
                 self.failures += 1
                 self.event("fence", what="checkpoint", ckpt=ckpt, message=str(exc))
@@ -121,32 +144,61 @@ class Writer:
                     self.in_flight = None
                     self._cv.notify_all()
 
-    def _repair_if_needed(self, ckpt: str, token: str) -> None:
-        """Re-replicate retained checkpoints once per newly dead set of shards.
+    def _timer_check(self) -> None:
+        try:
+            self._check_shards("timer", "", self.token)
+        except CheckpointFenced as exc:
+            self.failures += 1
+            self.event("fence", what="checkpoint", ckpt="", message=str(exc))
+            if self.on_fenced is not None:
+                self.on_fenced()
+        except (redis.RedisError, CanopyError, OSError) as exc:
+            self.event(
+                "checkpoint_repair_failed", trigger="timer", error=f"{type(exc).__name__}: {exc}"[:300]
+            )
+        finally:
+            with self._cv:
+                self._repairing = False
+                self._cv.notify_all()
+
+    def _check_shards(self, trigger: str, ckpt: str, token: str) -> None:
+        """Re-replicate retained checkpoints when a shard died or restarted since the last repair.
 
         Only on a change: repair reads back every retained replica, far too costly to
-        repeat after every commit while a shard stays down. A shard that comes back empty
-        needs nothing (repaired manifests no longer point at it).
+        repeat while a shard stays down. A dead shard that comes back needs nothing more
+        (repaired manifests no longer point at it); one restarted between two checks is
+        repaired, since it may have lost the chunks its manifests still name.
         """
-        dead = list(self.store.last_dead)
-        if not dead or not set(dead) - set(self._repaired_dead):
-            self._repaired_dead = dead
+        ids = self.store.run_ids()
+        seen = self._seen if self._seen is not None else ids
+        dead = [i for i, rid in enumerate(ids) if rid is None]
+        newly_dead = [i for i in dead if self._seen is None or seen[i] is not None]
+        restarted = [i for i, rid in enumerate(ids) if rid is not None and seen[i] not in (None, rid)]
+        if not newly_dead and not restarted:
+            self._seen = ids
             return
         t0 = time.monotonic()
         try:
             copies = self.store.repair(token, guard=self.guard)
         except CheckpointFenced:
-            raise  # _run reports the fence and stops the learner
+            raise  # the caller reports the fence and stops the learner
         except (redis.RedisError, CanopyError, OSError) as exc:
-            # Not remembered as repaired: the next commit tries again.
-            self.event("checkpoint_repair_failed", ckpt=ckpt, error=f"{type(exc).__name__}: {exc}"[:300])
+            # Not remembered as repaired: the next check tries again.
+            self.event(
+                "checkpoint_repair_failed",
+                trigger=trigger,
+                ckpt=ckpt,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+            )
             return
-        self._repaired_dead = dead
+        self._seen = ids
         self.repairs += 1
         self.event(
             "checkpoint_repair",
-            ckpt=ckpt,
+            trigger=trigger,
+            ckpt=ckpt or "-",
             dead_shards=",".join(map(str, dead)),
+            restarted_shards=",".join(map(str, restarted)),
             copies=copies,
             seconds=round(time.monotonic() - t0, 3),
         )

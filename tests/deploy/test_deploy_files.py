@@ -194,11 +194,12 @@ def test_kustomize_build_is_valid(k8s_validate: Any, tmp_path: Path) -> None:
 # ---- canopy commands --------------------------------------------------------------------
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def _subcommands(parser: argparse.ArgumentParser) -> tuple[dict[str, argparse.ArgumentParser], bool]:
+    """The parser's subcommands, and whether one must be given (`canopy cache plan` is optional)."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return dict(action.choices)
-    return {}
+            return dict(action.choices), bool(action.required)
+    return {}, False
 
 
 def _check_canopy_words(words: list[str], where: str) -> str:
@@ -206,8 +207,8 @@ def _check_canopy_words(words: list[str], where: str) -> str:
     parser = build_parser()
     path: list[str] = []
     for word in words:
-        choices = _subcommands(parser)
-        if not choices:
+        choices, required = _subcommands(parser)
+        if not choices or (not required and word.startswith("-")):
             break
         assert word in choices, f"{where}: `canopy {' '.join([*path, word])}` is not a canopy subcommand"
         path.append(word)

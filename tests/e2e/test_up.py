@@ -150,6 +150,21 @@ def assert_cluster_json_shape(cluster: dict, run_dir: Path) -> None:
     assert Path(cluster.get("run_dir", run_dir)).resolve() == run_dir.resolve()
 
 
+def assert_no_password_leaked(run: Launch) -> None:
+    """Passwords live only in their own files and the shards' mode-600 configs: never in
+    logs, stats, metrics, summaries, the TensorBoard log or anything printed."""
+    passwords = [p.read_text().strip() for p in run.run_dir.glob("redis*.password")]
+    assert len(passwords) >= 2, "canopy up writes the operator's and every role's password"
+    for path in run.run_dir.rglob("*"):
+        if not path.is_file() or path.name.endswith(".password") or path.name == "redis.conf":
+            continue
+        data = path.read_bytes()
+        leaked = [i for i, pw in enumerate(passwords) if pw.encode() in data]
+        assert not leaked, f"a Redis password appears in {path.relative_to(run.run_dir)}"
+    for pw in passwords:
+        assert pw not in run.stdout_text() and pw not in run.stderr_text()
+
+
 SUMMARY_KEYS = {
     "env_id",
     "solved",
@@ -187,6 +202,7 @@ def test_up_solves_cartpole_writes_summary_and_cluster_json_and_leaves_no_proces
     cluster = run.cluster()
     assert_cluster_json_shape(cluster, run.run_dir)
     assert_all_gone(cluster)
+    assert_no_password_leaked(run)
 
     png = run.run_dir / "curves.png"
     plotted = canopy_cli("plot", str(run.run_dir), "--out", str(png))

@@ -133,6 +133,16 @@ def test_a_node_under_a_node_delivers_the_version_to_actors_with_equal_arrays(
     assert root.counters["upstream_fetches_total"] == leaf.counters["upstream_fetches_total"] == 1
 
 
+def receive_version(sock: zmq.Socket) -> tuple[blob.Manifest, list]:
+    """Read one streamed `version` reply (header, then chunk messages), chunks checked."""
+    assembly = protocol.Assembly()
+    while True:
+        assert sock.poll(int(TIMEOUT_S * 1000)), "the version reply stopped coming"
+        if assembly.feed(sock.recv_multipart(copy=False)):
+            assert assembly.manifest is not None
+            return assembly.manifest, assembly.chunks
+
+
 def test_many_children_asking_at_once_cause_one_upstream_fetch_per_node(
     redis_client: redis.Redis, run_keys: Keys, tree: Tree
 ) -> None:
@@ -154,8 +164,7 @@ def test_many_children_asking_at_once_cause_one_upstream_fetch_per_node(
             s.send_multipart(wire.encode({"op": "get", "version": str(v)}))
         blob.write(redis_client, run_keys, manifest, chunks)
         for s in socks:
-            assert s.poll(int(TIMEOUT_S * 1000)), "a parked child was never answered"
-            got, got_chunks = protocol.parse_version(s.recv_multipart(copy=False))
+            got, got_chunks = receive_version(s)
             assert got.version == v and blob.check_payload(got, got_chunks)
     finally:
         for s in socks:
@@ -284,10 +293,53 @@ def test_a_node_rejects_a_corrupt_version_from_a_node_parent_and_keeps_serving(t
             pub.send_multipart(protocol.notify(str(v), 1, "fake", ""))
             if router.poll(100):
                 ident, *_ = router.recv_multipart()
-                router.send_multipart([ident, *protocol.version_frames(manifest, [bytes(corrupt)])])
+                for msg in protocol.version_messages(manifest, [bytes(corrupt)]):
+                    router.send_multipart([ident, *msg])
         assert node.counters["upstream_errors_total"] >= 1
         assert node.counters["policy_version"] == "0.0" and node.newest() is None
     finally:
+        router.close(0)
+        pub.close(0)
+
+
+def test_a_node_passes_early_chunks_on_before_its_parent_sent_the_last_one(tree: Tree) -> None:
+    router, pub, fake = bad_reply_server()
+    node, node_ep = tree.node([fake], name="mid", parent_timeout_s=5.0)
+    v = Version(1, 1)
+    manifest, chunks = blob.pack(weights(1, rows=100_000), v, "mlp", 0)
+    assert manifest.chunks >= 3
+    messages = protocol.version_messages(manifest, chunks)
+    child = zmq.Context.instance().socket(zmq.DEALER)
+    child.setsockopt(zmq.LINGER, 0)
+    child.connect(node_ep.fetch)
+    try:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:  # the fake parent announces v until the node asks for it
+            assert time.monotonic() < deadline, "the node never asked its parent for the version"
+            pub.send_multipart(protocol.notify(str(v), 1, "fake", ""))
+            if router.poll(100):
+                ident, *frames = router.recv_multipart()
+                if wire.decode(frames, 4096).op == "get":
+                    break
+        for msg in messages[:2]:  # the header and chunk 0 only
+            router.send_multipart([ident, *msg])
+        child.send_multipart(wire.encode({"op": "get", "version": str(v)}))
+        assembly = protocol.Assembly()
+        while not assembly.chunks:
+            assert child.poll(int(TIMEOUT_S * 1000)), "chunk 0 was not passed on"
+            assembly.feed(child.recv_multipart(copy=False))
+        # Chunk 0 reached the child while the parent still withholds the rest.
+        assert node.newest() is None and len(assembly.chunks) == 1
+        for msg in messages[2:]:
+            router.send_multipart([ident, *msg])
+        while not assembly.complete:
+            assert child.poll(int(TIMEOUT_S * 1000)), "the rest of the version did not follow"
+            assembly.feed(child.recv_multipart(copy=False))
+        assert blob.unpack(manifest, assembly.chunks)["layers.0.bias"].shape == (100_000,)
+        wait_for(lambda: node.newest() == v, TIMEOUT_S, what="the node holding the version")
+        assert node.counters["upstream_fetches_total"] == 1
+    finally:
+        child.close(0)
         router.close(0)
         pub.close(0)
 
@@ -333,9 +385,9 @@ def test_a_child_whose_parent_is_killed_mid_transfer_reattaches_to_redis(
         try:
             v1 = publish(redis_client, run_keys, weights(1), Version(1, 1)).version
             receive(client, v1)
-            # A 32 MB version: the mid node is still sending it when it dies.
+            # A 44 MB version: the mid node dies once the leaf has some of its chunks, not all.
             v2 = publish(redis_client, run_keys, weights(2, rows=1_600_000), Version(1, 2)).version
-            time.sleep(0.15)
+            wait_for(lambda: v2 in leaf.partial, TIMEOUT_S, interval=0.001, what="the leaf receiving v2")
             mid.send_signal(signal.SIGKILL)
             wait_for(lambda: leaf.counters["parent"] == "redis", FAILOVER_S, what="reattach to Redis")
             assert client.current == v1  # keeps acting with what it holds meanwhile

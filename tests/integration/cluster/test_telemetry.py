@@ -27,6 +27,7 @@ def test_a_process_is_listed_alive_with_its_counters_and_removed_when_it_closes(
     tel.set_state("running")
     stats = redis_client.hgetall(run_keys.proc("actor", 3))
     assert stats[b"env_steps_total"] == b"42" and stats[b"state"] == b"running"
+    assert 10 << 20 < int(stats[b"rss_bytes"]) < 64 << 30  # this test process: tens of MB, not 0
     assert redis_client.ttl(run_keys.proc("actor", 3)) > 0
     assert redis_client.zscore(run_keys.alive("actor"), "3") > time.time()
     tel.close()

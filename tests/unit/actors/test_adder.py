@@ -491,3 +491,26 @@ def test_cartpole_n_step_discounts_and_returns_are_consistent(mode: AutoresetMod
         assert x["reward"] == pytest.approx(returns_by_k[k])
         seen_k.add(k)
     assert n in seen_k and len(seen_k) > 1, "expected full windows and truncation-shortened ones"
+
+
+def test_a_restarted_frame_adder_starts_every_chain_at_its_current_frame() -> None:
+    from actors.adder import FrameAdder
+
+    rng = np.random.default_rng(0)
+    adder = FrameAdder(num_envs=2, n_step=3, gamma=0.9, mode=AutoresetMode.NEXT_STEP, stream=1)
+    obs = rng.integers(0, 255, size=(2, 4, 6, 6), dtype=np.uint8)
+    for _ in range(5):
+        nxt = rng.integers(0, 255, size=(2, 4, 6, 6), dtype=np.uint8)
+        adder.add(obs, np.zeros(2, np.int64), np.ones(2), nxt, np.zeros(2, bool), np.zeros(2, bool), {}, 0)
+        obs = nxt
+    adder.restart(obs)
+    for _ in range(4):
+        nxt = rng.integers(0, 255, size=(2, 4, 6, 6), dtype=np.uint8)
+        adder.add(obs, np.zeros(2, np.int64), np.ones(2), nxt, np.zeros(2, bool), np.zeros(2, bool), {}, 0)
+        obs = nxt
+    chunk = adder.take(2)
+    keys, prevs = chunk["frame_key"].tolist(), chunk["frame_prev"].tolist()
+    # The first two frames after the restart open new chains; every later one follows a frame in this chunk.
+    assert prevs[:2] == keys[:2]
+    assert all(p in keys for p in prevs)
+    assert set(chunk["obs"].tolist()) <= set(keys)

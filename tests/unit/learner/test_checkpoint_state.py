@@ -11,8 +11,9 @@ import torch
 from cluster.config import Config, LearnerConfig, to_dict
 from cluster.errors import ProtocolError
 from learner.algorithms.dqn import DQN, Batch
-from learner.checkpoint.state import Capturer, Snapshot, restore
+from learner.checkpoint.state import Capturer, Snapshot, load_sampler_state, restore, sampler_state
 from learner.network import QNetwork
+from replay.client import SampleClient
 
 OBS, ACTIONS = 4, 2
 
@@ -96,3 +97,43 @@ def test_metadata_that_disagrees_with_the_bytes_is_rejected() -> None:
         Snapshot.from_bytes(snap.meta_bytes(), flat[:-4])
     with pytest.raises(ProtocolError, match=r"msgpack|format"):
         Snapshot.from_bytes(b"\xc1not msgpack", flat)
+
+
+def sample_client(seed: int) -> SampleClient:
+    # Nothing listens there: the client's own state is under test, not a shard's replies.
+    return SampleClient(["tcp://127.0.0.1:9", "tcp://127.0.0.1:9"], 8, 1, anneal_batches=100, seed=seed)
+
+
+def test_the_sample_clients_shard_draws_and_importance_exponent_continue_after_a_restore() -> None:
+    algo = build(seed=0)
+    before, after = sample_client(seed=5), sample_client(seed=99)
+    try:
+        shares = np.array([0.3, 0.7])
+        for _ in range(11):  # what `next` does per batch: draw a shard, count the batch
+            before.rng.choice(2, p=shares)
+            before.batches += 1
+        snap = Capturer().capture(algo, {"sampler": sampler_state(before)}, {})
+        wire_meta, wire_flat = snap.meta_bytes(), bytes(snap.flat.numpy())
+        expected = [int(before.rng.choice(2, p=shares)) for _ in range(50)]
+
+        counters = restore(build(seed=1), Snapshot.from_bytes(wire_meta, wire_flat))
+        load_sampler_state(after, counters["sampler"])
+        assert after.batches == 11 and after.beta == before.beta
+        assert [int(after.rng.choice(2, p=shares)) for _ in range(50)] == expected
+    finally:
+        before.close()
+        after.close()
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{}, {"rng": "not json", "batches": 1}, {"rng": '{"bit_generator": "MT19937"}', "batches": 1}],
+    ids=["empty", "rng-not-json", "other-generator"],
+)
+def test_a_malformed_sample_client_state_is_rejected(state: dict) -> None:
+    client = sample_client(seed=0)
+    try:
+        with pytest.raises(ProtocolError, match="sampler"):
+            load_sampler_state(client, state)
+    finally:
+        client.close()

@@ -1,0 +1,234 @@
+"""`canopy bench soak --actors 1000 --minutes 10 --json FILE`: a long run under load.
+
+A real `canopy up` (CartPole, its learner training, its own two actors) plus simulated
+actors in worker processes: each has its own replay InsertClient and cache ModelClient
+(own sockets), inserts a CartPole-sized chunk per period and picks up every new version.
+Workers share one membership view per process (as actors on one host could). The run
+reports, every sample period: inserts and versions received per second, how often the
+replay shards held inserts back (backpressure: the rate limiter keeps samples per insert
+bounded, so actors slow down when the learner is slower: by design, nothing queues
+without bound), and the RSS of every role process.
+
+Checks: no errors, RSS growth of every role under 10% after warm-up, the learner keeps
+training. The baseline beside each RSS is the role's RSS at the end of warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from cluster import config as config_mod
+from cluster.bench import report
+from cluster.errors import DeadlineExceeded, UserError
+
+CHUNK = 64
+SAMPLE_S = 5.0
+WARMUP_FRACTION = 0.25
+START_TIMEOUT_S = 120.0
+
+
+def chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "obs": rng.normal(size=(CHUNK, 4)).astype(np.float32),
+        "action": rng.integers(2, size=CHUNK),
+        "reward": np.ones(CHUNK, np.float32),
+        "next_obs": rng.normal(size=(CHUNK, 4)).astype(np.float32),
+        "discount": np.full(CHUNK, 0.97, np.float32),
+        "version": np.zeros(CHUNK, np.int64),
+    }
+
+
+def worker(config_path: str, first: int, count: int, period_s: float, out, stop) -> None:
+    """`count` simulated actors in one process; puts (inserts, held_back, versions, errors)."""
+    from cache.client import leaf_client
+    from cluster.keys import Keys
+    from cluster.redisconn import connect
+    from replay.client import InsertClient
+    from replay.membership import RedisMembers
+
+    cfg = config_mod.load(config_path)
+    r = connect(cfg.cluster, "soak", first)
+    members = RedisMembers(r, Keys(cfg.run.name), 1.0, fallback=cfg.cluster.replay)
+    ids = range(first, first + count)
+    inserters = [InsertClient(members, 2, key=i) for i in ids]
+    models = [leaf_client(cfg.cluster, cfg.cache, "actor", i) for i in ids]
+    rng = np.random.default_rng(first)
+    data = chunk(rng)
+    totals = np.zeros(4, np.int64)
+    next_report = time.monotonic() + 1.0
+    try:
+        while not stop.is_set():
+            start = time.monotonic()
+            for ins, mc in zip(inserters, models, strict=True):
+                try:
+                    ins.insert(data, timeout=0.001)
+                    totals[0] += 1
+                except DeadlineExceeded:
+                    totals[1] += 1  # the shard is behind: this actor would wait
+                except Exception:  # any other failure is what the soak looks for
+                    totals[3] += 1
+                if mc.poll() is not None:
+                    totals[2] += 1
+            if time.monotonic() >= next_report:
+                out.put(totals.copy())
+                totals[:] = 0
+                next_report += 1.0
+            stop.wait(max(0.0, period_s - (time.monotonic() - start)))
+    finally:
+        out.put(totals.copy())
+        for mc in models:
+            mc.stop()
+        for ins in inserters:
+            ins.close()
+        members.close()
+
+
+def rss_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def role_pids(cluster: dict) -> dict[str, int]:
+    pids = {f"redis-{i}": e["pid"] for i, e in enumerate(cluster["redis"])}
+    for role, entries in cluster["roles"].items():
+        pids.update({f"{role}-{e['id']}": e["pid"] for e in entries})
+    return pids
+
+
+def learner_updates(cfg) -> int:
+    from cluster.keys import Keys
+    from cluster.redisconn import connect
+
+    r = connect(cfg.cluster, "soak", 0)
+    try:
+        return int(float(r.hget(Keys(cfg.run.name).proc("learner", 0), "updates_total") or 0))
+    finally:
+        r.close()
+
+
+def main(args: argparse.Namespace) -> int:
+    duration = args.minutes * 60
+    run_dir = Path(tempfile.mkdtemp(prefix="canopy-soak-"))
+    up = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "up",
+            "--env",
+            "CartPole-v1",
+            "--run-dir",
+            str(run_dir),
+            "--stop-at-return",
+            "1e9",
+            "--time-limit",
+            str(duration + START_TIMEOUT_S + 60),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(run_dir / "up.stderr", "wb"),  # noqa: SIM115
+        start_new_session=True,
+    )
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    procs: list = []
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not (run_dir / "cluster.json").exists():
+            if up.poll() is not None or time.monotonic() > deadline:
+                raise UserError(f"canopy up did not start; see {run_dir}/up.stderr")
+            time.sleep(0.2)
+        cluster = json.loads((run_dir / "cluster.json").read_text())
+        cfg = config_mod.load(cluster["config"])
+        pids = role_pids(cluster)
+        per = -(-args.actors // args.processes)
+        for p in range(args.processes):
+            first, count = 1000 + p * per, min(per, args.actors - p * per)
+            if count > 0:
+                procs.append(
+                    ctx.Process(target=worker, args=(cluster["config"], first, count, args.period, out, stop))
+                )
+                procs[-1].start()
+        series: list[dict] = []
+        totals = np.zeros(4, np.int64)
+        start = time.monotonic()
+        with Progress() as progress:
+            task = progress.add_task(f"soak: {args.actors} simulated actors", total=duration)
+            while (elapsed := time.monotonic() - start) < duration:
+                time.sleep(SAMPLE_S)
+                window = np.zeros(4, np.int64)
+                while not out.empty():
+                    window += out.get()
+                totals += window
+                series.append(
+                    {
+                        "t_s": round(time.monotonic() - start, 1),
+                        "inserts_per_s": round(window[0] * CHUNK / SAMPLE_S),
+                        "held_back_per_s": round(window[1] / SAMPLE_S, 1),
+                        "versions_received_per_s": round(window[2] / SAMPLE_S, 1),
+                        "errors": int(window[3]),
+                        "learner_updates": learner_updates(cfg),
+                        "rss_bytes": {name: rss_of(pid) for name, pid in pids.items()},
+                    }
+                )
+                progress.update(task, completed=min(elapsed, duration))
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)
+            up.wait(timeout=60)
+    shutil.rmtree(run_dir, ignore_errors=True)  # scratch once measured; kept for a failed start
+    warm = series[max(0, int(len(series) * WARMUP_FRACTION) - 1)]
+    last = series[-1]
+    growth = {
+        name: round((last["rss_bytes"][name] - rss) / rss, 4)
+        for name, rss in warm["rss_bytes"].items()
+        if rss and last["rss_bytes"].get(name)
+    }
+    checks = [
+        report.check("errors", int(totals[3]), "count", "0", None, totals[3] == 0),
+        report.check(
+            "learner keeps training",
+            last["learner_updates"] - warm["learner_updates"],
+            "updates after warm-up",
+            "> 0",
+            warm["learner_updates"],
+            last["learner_updates"] > warm["learner_updates"],
+        ),
+    ] + [
+        report.check(
+            f"RSS growth after warm-up: {name}", g, "fraction", "< 0.10", warm["rss_bytes"][name], g < 0.10
+        )
+        for name, g in growth.items()
+    ]
+    figures = {
+        "actors": args.actors,
+        "minutes": args.minutes,
+        "processes": args.processes,
+        "period_s": args.period,
+        "inserts_total": int(totals[0]) * CHUNK,
+        "held_back_total": int(totals[1]),
+        "versions_received_total": int(totals[2]),
+        "series": series,
+    }
+    report.write(args.json, "soak", figures, checks)
+    return 0 if all(c["met"] for c in checks) else 1

@@ -1,0 +1,247 @@
+"""`canopy export` and `canopy eval`: a run's policy out of Redis, into a file or an episode.
+
+Place in the data flow: after (or during) training. The newest published version sits at
+the Redis root (`model:latest`, cache/blob.py); a run that has stopped still has it in
+its persisted shard (RUN_DIR/redis-0), which these commands start on a free loopback port
+for as long as they read. The policy leaves canopy as
+- safetensors: the Q-network's state_dict plus metadata (env id, version, layer sizes),
+  loadable with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
+- TorchScript: the network itself, loadable with `torch.jit.load` without canopy.
+`canopy eval` plays greedy episodes with a run's policy or an exported safetensors file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from cache import blob
+from cluster import config as config_mod
+from cluster.errors import ProtocolError, UserError
+from cluster.keys import Keys
+from cluster.ports import free_ports
+from cluster.redisconn import connect
+from cluster.version import Version
+
+FORMATS = ("safetensors", "torchscript")
+REDIS_START_S = 30.0  # loading a large append-only file takes a while
+
+
+@contextlib.contextmanager
+def run_redis(run_dir: Path) -> Iterator[tuple[redis.Redis, Keys, config_mod.Config]]:
+    """The run's root shard: the live one when the run is up, else its persisted copy."""
+    try:
+        cluster = json.loads((run_dir / "cluster.json").read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{run_dir}/cluster.json not found: pass a run directory that canopy up wrote"
+        ) from None
+    cfg = config_mod.load(cluster["config"])
+    keys = Keys(cluster["run"])
+    r = connect(cfg.cluster, "export", 0)
+    try:
+        live = bool(r.ping())
+    except redis.ConnectionError:
+        live = False
+    if live:
+        try:
+            yield r, keys, cfg
+        finally:
+            r.close()
+        return
+    r.close()
+    conf = run_dir / "redis-0" / "redis.conf"
+    if not conf.is_file():
+        raise UserError(f"the run's Redis is down and {conf} does not exist: nothing to read the policy from")
+    port = free_ports(1)[0]
+    # Port and bind overridden, so a copy never collides with the run should it come back.
+    proc = subprocess.Popen(
+        [
+            shutil.which("redis-server") or "redis-server",
+            str(conf),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    host_cfg = config_mod.load(cluster["config"], [f'cluster.redis=["127.0.0.1:{port}"]'])
+    r = connect(host_cfg.cluster, "export", 0)
+    try:
+        deadline = time.monotonic() + REDIS_START_S
+        while True:
+            try:
+                r.ping()
+                break
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise UserError(f"could not start the run's persisted Redis from {conf}") from None
+                time.sleep(0.05)
+        yield r, keys, cfg
+    finally:
+        r.close()
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def read_policy(r: redis.Redis, keys: Keys, version: str = "") -> tuple[blob.Manifest, dict[str, np.ndarray]]:
+    """A version's manifest and float32 arrays (the newest when `version` is empty)."""
+    raw = version or r.get(keys.model_latest)
+    if not raw:
+        raise UserError("no policy version was published in this run yet")
+    manifest, chunks = blob.read(r, keys, Version.parse(raw))
+    base = None
+    if manifest.codec == "int8delta":
+        base_manifest, base_chunks = blob.read(r, keys, Version.parse(manifest.base))
+        base = blob.decode(base_manifest, base_chunks)
+    return manifest, blob.unpack(manifest, chunks, base)
+
+
+def layer_sizes(arrays: dict[str, np.ndarray]) -> tuple[int, int, list[int]]:
+    """(observation size, actions, hidden widths) of an `mlp` from its weight shapes."""
+    weights = [a for name, a in arrays.items() if name.endswith(".weight")]
+    if not weights or any(w.ndim != 2 for w in weights):
+        raise ProtocolError("the policy is not an mlp of linear layers")
+    return weights[0].shape[1], weights[-1].shape[0], [w.shape[0] for w in weights[:-1]]
+
+
+def export(run_dir: str, out: str, fmt: str, version: str = "") -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from learner.algorithms.td3 import ARCH as TD3_ARCH
+    from learner.algorithms.td3 import Actor
+    from learner.network import QNetwork
+
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    with run_redis(Path(run_dir)) as (r, keys, cfg):
+        manifest, arrays = read_policy(r, keys, version)
+    obs_size, n_actions, hidden = layer_sizes(arrays)
+    state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
+    path = Path(out)
+    if fmt == "safetensors":
+        meta = {
+            "env": cfg.env.id,
+            "version": str(manifest.version),
+            "arch": manifest.arch,
+            "obs_size": str(obs_size),
+            "n_actions": str(n_actions),
+            "hidden": json.dumps(hidden),
+        }
+        save_file(state, str(path), metadata=meta)
+    else:
+        if manifest.arch == TD3_ARCH:
+            net = Actor(obs_size, n_actions, hidden)
+        else:
+            net = QNetwork(obs_size, n_actions, hidden)
+        net.load_state_dict(state)
+        # Traced, not scripted: the MLP has no data-dependent control flow.
+        torch.jit.trace(net.eval(), torch.zeros(1, obs_size)).save(str(path))
+    return path
+
+
+def load_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Arrays and metadata of an exported safetensors file."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load_file as load_np
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = f.metadata() or {}
+        arrays = load_np(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"cannot read {path} as an exported policy ({exc}): use `canopy export`") from None
+    try:
+        # safetensors stores names sorted; the policy needs layer order, weight before bias.
+        order = sorted(arrays, key=lambda k: (int(k.split(".")[1]), k.endswith(".bias")))
+    except (IndexError, ValueError):
+        raise UserError(f"{path} does not hold layers.<i>.weight/bias tensors: use `canopy export`") from None
+    return {k: arrays[k] for k in order}, meta
+
+
+def evaluate(source: str, episodes: int, seed: int, env_id: str = "", video: str = "") -> dict:
+    """Greedy returns of `episodes` episodes with a run's newest policy or an exported file."""
+    import gymnasium as gym
+
+    from actors.envs import check_env_id
+    from actors.explore import Explorer
+    from actors.policy import policy_from_arrays
+
+    path = Path(source)
+    if path.is_dir():
+        with run_redis(path) as (r, keys, cfg):
+            manifest, arrays = read_policy(r, keys)
+        arrays = {k: np.array(v) for k, v in arrays.items()}
+        env_id, version, arch = env_id or cfg.env.id, str(manifest.version), manifest.arch
+    else:
+        arrays, meta = load_file(path)
+        env_id, version, arch = (
+            env_id or meta.get("env", ""),
+            meta.get("version", "?"),
+            meta.get("arch", "mlp"),
+        )
+        if not env_id:
+            raise UserError(f"{path} names no environment: pass --env ID")
+    check_env_id(env_id)
+    policy = policy_from_arrays(arch, arrays)
+    env = gym.make(env_id, render_mode="rgb_array" if video else None)
+    explorer = Explorer(env.action_space, 1, np.random.default_rng(seed))
+    if video:
+        try:
+            env.reset(seed=seed)
+            env.render()
+        except gym.error.DependencyNotInstalled as exc:
+            env.close()
+            raise UserError(f"--video needs rendering for {env_id}: {exc}") from None
+    frames: list[np.ndarray] = []
+    returns = []
+    from rich.progress import track
+
+    try:
+        for i in track(range(episodes), description=f"eval {env_id}", transient=True):
+            obs, _ = env.reset(seed=seed + i)
+            total, done = 0.0, False
+            while not done:
+                if video and i == 0:
+                    frames.append(env.render())
+                action = explorer.greedy(policy, np.asarray(obs)[None])[0]
+                obs, reward, terminated, truncated, _ = env.step(action)
+                total += float(reward)
+                done = terminated or truncated
+            returns.append(total)
+    finally:
+        env.close()
+    if video:
+        write_gif(frames, Path(video))
+    r = np.array(returns)
+    return {
+        "env": env_id,
+        "version": version,
+        "episodes": episodes,
+        "mean_return": float(r.mean()),
+        "std_return": float(r.std()),
+        "min_return": float(r.min()),
+        "max_return": float(r.max()),
+        **({"video": video} if video else {}),
+    }
+
+
+def write_gif(frames: list[np.ndarray], path: Path, fps: int = 30) -> None:
+    """The first episode as an animated GIF (pillow ships with matplotlib; no video codec needed)."""
+    from PIL import Image
+
+    if not frames:
+        raise UserError("the environment rendered no frames")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=1000 // fps, loop=0)

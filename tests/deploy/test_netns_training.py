@@ -1,0 +1,177 @@
+"""The bare-metal path across hosts, without docker: roles in separate network namespaces.
+
+deploy/cluster.toml with its compose service names replaced by namespace addresses is
+planned with `canopy hosts plan --json`, and every host runs exactly the commands the
+plan prints for it: Redis shards on one host, the replay shard and cache node on another,
+learner and evaluator on a third, actors on a fourth. CartPole trains until the learner
+has published versions and actors on their own host act with a recent one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tomllib
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import tomli_w
+from conftest import REPO_ROOT, stop_process, wait_for
+
+from cluster import netns
+from cluster.keys import Keys
+from cluster.version import Version
+
+pytestmark = pytest.mark.slow
+
+REDIS_UP_S = 20.0
+TRAIN_S = 75.0
+PROGRESS_S = 30.0
+# Small and quick, on top of the deploy config: one CPU is shared by every role here.
+SPEEDUPS = {
+    "replay": {"min_size": 300, "capacity": 20_000},
+    "learner": {"device": "cpu", "hidden": [64, 64], "batch_size": 64, "publish_every": 10},
+    "actors": {"count": 2, "envs": 2, "chunk": 32},
+    "eval": {"episodes": 1, "min_interval_s": 5.0},
+    # No failover here: a lease that outlives a few seconds of CPU starvation keeps the one
+    # learner from fencing itself on a loaded machine.
+    "checkpoint": {"standby": False, "lease_ttl_s": 5.0},
+    "redis": {"maxmemory_mb": 128},
+    "run": {"heartbeat_s": 0.5},
+}
+
+
+@pytest.fixture
+def network() -> Iterator[netns.Network]:
+    reason = netns.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with netns.Network(["redis", "data", "learner", "actors"]) as net:
+        yield net
+
+
+def cluster_config(net: netns.Network, tmp_path: Path) -> tuple[Path, Keys, str]:
+    """deploy/cluster.toml, its hosts swapped for namespace addresses; (file, keys, password)."""
+    doc = tomllib.loads((REPO_ROOT / "deploy" / "cluster.toml").read_text())
+    redis_ip, data_ip = net["redis"].address, net["data"].address
+    password = uuid.uuid4().hex
+    password_file = tmp_path / "redis.password"
+    password_file.write_text(password)
+    run = f"netns-{uuid.uuid4().hex[:8]}"
+    doc["cluster"].update(
+        redis=[f"{redis_ip}:6379", f"{redis_ip}:6380"],
+        replay=[f"tcp://{data_ip}:5555"],
+        cache_fetch=[f"tcp://{data_ip}:5556"],
+        cache_notify=[f"tcp://{data_ip}:5557"],
+        password_file=str(password_file),
+    )
+    assert doc["cluster"]["bind_all"], "deploy/cluster.toml binds every interface, as the hosts here do"
+    for section, values in SPEEDUPS.items():
+        doc.setdefault(section, {}).update(values)
+    doc["run"].update(name=run, dir=str(tmp_path / "run"))
+    path = tmp_path / "cluster.toml"
+    path.write_text(tomli_w.dumps(doc))
+    return path, Keys(run), password
+
+
+def host_plan(config: Path, net: netns.Network) -> list[tuple[netns.Host, list[list[str]]]]:
+    placement = {"learner": "learner", "evaluator": "learner", "actor": "actors"}
+    places = [f"--place={role}={net[host].address}" for role, host in placement.items()]
+    out = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "hosts", "plan", str(config), *places, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    by_address = {h.address: h for h in net.hosts.values()}
+    return [(by_address[entry["host"]], entry["commands"]) for entry in json.loads(out)["hosts"]]
+
+
+def test_roles_on_four_namespace_hosts_train_cartpole(network: netns.Network, tmp_path: Path) -> None:
+    config, keys, password = cluster_config(network, tmp_path)
+    plan = host_plan(config, network)
+    assert [h.name for h, _ in plan] == ["redis", "data", "learner", "actors"]
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+        "CANOPY_PARENT_PID": str(os.getpid()),  # roles die with this test, even if it is killed
+    }
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    redis_addr = network["redis"].address
+    operator = network["actors"]  # redis-cli from another host than Redis, as an operator would
+
+    def cli(*args: str) -> str:
+        result = operator.run(
+            ["redis-cli", "-h", redis_addr, "-p", "6379", "--user", "canopy", "--raw", *args],
+            env={**env, "REDISCLI_AUTH": password},
+            timeout=10,
+        )
+        return result.stdout.strip() if result.returncode == 0 else ""
+
+    def counter(role: str, ident: int, name: str) -> int:
+        return int(cli("HGET", keys.proc(role, ident), name) or 0)
+
+    started: list[tuple[str, subprocess.Popen]] = []
+
+    def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+        try:
+            wait_for(predicate, timeout, 0.5, what)
+        except AssertionError as exc:  # the roles' logs as they were when the wait failed
+            logs_now = (f"--- {p.name}: {p.read_text(errors='replace')[-600:]}" for p in logs.iterdir())
+            raise AssertionError("\n".join([str(exc), *logs_now])) from None
+
+    try:
+        for host, commands in plan:
+            for cmd in commands:
+                name = f"{cmd[1]}-{cmd[cmd.index('--id') + 1]}"
+                with open(logs / f"{name}.log", "wb") as log:
+                    proc = host.popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+                started.append((name, proc))
+            if host.name == "redis":
+                wait(lambda: cli("PING") == "PONG", REDIS_UP_S, "Redis shard 0 to answer")
+
+        def none_died() -> None:
+            dead = [name for name, p in started if p.poll() is not None]
+            assert not dead, f"{dead} exited early"
+
+        def learned() -> bool:
+            none_died()
+            return counter("learner", 0, "versions_published_total") >= 3 and all(
+                counter("actor", i, "env_steps_total") > 0 for i in range(2)
+            )
+
+        wait(learned, TRAIN_S, "versions published and actors stepping")
+        updates = counter("learner", 0, "updates_total")
+        published = counter("learner", 0, "versions_published_total")
+        inserts = counter("replay", 0, "inserts_total")
+        newest = Version.parse(cli("GET", keys.model_latest))
+
+        def actor_stats(i: int) -> dict[str, str]:
+            flat = cli("HGETALL", keys.proc("actor", i)).splitlines()
+            return dict(zip(flat[::2], flat[1::2], strict=True))
+
+        def progressed() -> bool:
+            # Recent: every actor moved past the version that was newest a moment ago.
+            none_died()
+            return (
+                counter("learner", 0, "updates_total") > updates
+                and counter("learner", 0, "versions_published_total") > published
+                and counter("replay", 0, "inserts_total") > inserts
+                and all(Version.parse(actor_stats(i)["policy_version"]) > newest for i in range(2))
+            )
+
+        wait(progressed, PROGRESS_S, f"more updates, versions and inserts, actors past {newest}")
+        for i in range(2):
+            assert actor_stats(i)["host"] == network["actors"].netns, f"actor {i} ran on the actors' host"
+        assert cli("HGET", keys.proc("learner", 0), "host") == network["learner"].netns
+        assert cli("HGET", keys.proc("replay", 0), "host") == network["data"].netns
+    finally:
+        for _, proc in reversed(started):  # actors first, Redis last: nobody waits on a gone role
+            stop_process(proc, timeout=10)

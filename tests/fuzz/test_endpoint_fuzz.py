@@ -1,0 +1,239 @@
+"""Randomized malformed requests against the replay shard's and the cache node's ROUTERs.
+
+Each server runs in its own process (fuzz_worker.py). Every generated message is followed
+by a valid request on a second socket, which must be answered: the server may reply to the
+bad one with an error or drop it, but it must keep serving, and its RSS must stay bounded.
+
+CI runs CANOPY_FUZZ_EXAMPLES (default 300) cases per endpoint; the nightly-size run is
+`CANOPY_FUZZ_EXAMPLES=10000 pytest tests/fuzz`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+from conftest import RedisServer, stop_process, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from cluster import wire
+from cluster.keys import Keys
+from cluster.redisconn import connect
+from learner.network import ARCH, QNetwork
+from learner.publisher import Publisher
+
+EXAMPLES = int(os.environ.get("CANOPY_FUZZ_EXAMPLES", "300"))
+REPLY_TIMEOUT_MS = 5000
+RSS_GROWTH_LIMIT = 64 << 20  # after warm-up; the worker's tables are capped far below this
+WORKER = Path(__file__).with_name("fuzz_worker.py")
+
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(),
+    st.text(max_size=40),
+    st.binary(max_size=64),
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=10,
+)
+FIELDS = ["req", "table", "n", "batch", "samples_per_insert", "min_size", "error_buffer", "version", "child"]
+ARRAY_NAMES = ["obs", "action", "reward", "next_obs", "discount", "version", "priority", "slot", "gen", "x"]
+DTYPES = st.sampled_from(["u1", "i1", "i4", "i8", "u8", "f2", "f4", "f8", "?"])
+
+
+def headers(ops: list[str]) -> st.SearchStrategy[dict]:
+    return st.fixed_dictionaries(
+        {"op": st.one_of(st.sampled_from(ops), VALUES)}, optional={f: VALUES for f in FIELDS}
+    )
+
+
+def messages(ops: list[str]) -> st.SearchStrategy[list[bytes]]:
+    """Garbage frames, plausible headers with arbitrary frames, or well-formed wire messages
+    whose contents are wrong for the server (dtypes, shapes, counts, fields)."""
+    garbage = st.lists(st.binary(max_size=600), min_size=1, max_size=4)
+    specs = st.lists(
+        st.tuples(
+            st.sampled_from(ARRAY_NAMES) | st.text(max_size=70),
+            st.text(max_size=6) | DTYPES,
+            st.lists(st.integers(-3, 70), max_size=4) | VALUES,
+        ),
+        max_size=4,
+    )
+    loose = st.builds(
+        lambda h, s, frames: [msgpack.packb({**h, "arrays": [list(x) for x in s]}), *frames],
+        headers(ops),
+        specs,
+        st.lists(st.binary(max_size=2048), max_size=5),
+    )
+    arrays = st.dictionaries(
+        st.sampled_from(ARRAY_NAMES),
+        hnp.arrays(DTYPES, hnp.array_shapes(min_dims=1, max_dims=3, max_side=12)),
+        max_size=6,
+    )
+    wellformed = st.builds(lambda h, a: [bytes(f) for f in wire.encode(h, a)], headers(ops), arrays)
+    return st.one_of(garbage, loose, wellformed)
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        line = next(x for x in f if x.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def start_worker(*args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), *args],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    line = proc.stdout.readline().split()  # the worker prints `ready` once bound, or exits
+    if line[:1] != ["ready"]:
+        stop_process(proc)
+        pytest.fail(f"fuzz worker {args[0]} did not start (exit {proc.poll()})")
+    return proc, line[1]
+
+
+class Fuzzer:
+    """Two DEALERs on one server: one for the generated messages, one for the health probe."""
+
+    def __init__(self, endpoint: str, probe: dict):
+        ctx = zmq.Context.instance()
+        self.bad, self.good = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for s in (self.bad, self.good):
+            s.setsockopt(zmq.LINGER, 0)
+            s.connect(endpoint)
+        self.probe, self.req, self.answers = probe, 0, 0
+
+    def check(self, frames: list[bytes]) -> None:
+        self.bad.send_multipart(frames)
+        self.req += 1
+        self.good.send_multipart(wire.encode({**self.probe, "req": self.req}))
+        while True:  # replies to earlier probes may still be queued after a slow one
+            assert self.good.poll(REPLY_TIMEOUT_MS), f"server stopped answering after {frames!r:.300}"
+            msg = wire.decode(self.good.recv_multipart(), 1 << 26)
+            if msg.header.get("req") == self.req or msg.header.get("req") is None:
+                break
+        assert msg.op != "error", f"the valid probe was refused: {msg.header}"
+        while self.bad.poll(0):  # whatever the server said to the bad request must still be wire format
+            reply = wire.decode(self.bad.recv_multipart(), 1 << 26)
+            self.answers += reply.op == "error"
+
+    def close(self) -> None:
+        self.bad.close(0)
+        self.good.close(0)
+
+
+def fuzz(endpoint: str, pid: int, ops: list[str], probe: dict) -> Fuzzer:
+    fuzzer = Fuzzer(endpoint, probe)
+    warm = [0]
+
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(messages(ops))
+    def run(frames: list[bytes]) -> None:
+        fuzzer.check(frames)
+        if fuzzer.req == min(50, EXAMPLES // 2):
+            warm[0] = rss_bytes(pid)
+
+    try:
+        run()
+    finally:
+        fuzzer.close()
+    growth = rss_bytes(pid) - warm[0]
+    assert growth < RSS_GROWTH_LIMIT, f"server RSS grew {growth >> 20} MiB over {fuzzer.req} bad requests"
+    return fuzzer
+
+
+def serves_latest(endpoint: str) -> bool:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(endpoint)
+        sock.send_multipart(wire.encode({"op": "latest"}))
+        return bool(sock.poll(REPLY_TIMEOUT_MS)) and wire.decode(sock.recv_multipart(), 1 << 26).op != "error"
+    finally:
+        sock.close(0)
+
+
+@pytest.fixture
+def replay_worker() -> Iterator[tuple[subprocess.Popen, str]]:
+    proc, endpoint = start_worker("replay")
+    try:
+        yield proc, endpoint
+    finally:
+        stop_process(proc)
+
+
+@pytest.fixture
+def cache_worker(redis_server: RedisServer) -> Iterator[tuple[subprocess.Popen, str]]:
+    r = connect(redis_server.cluster_config(), "test", 0)
+    weights = QNetwork(4, 2, [16, 16]).export()
+    Publisher(r, Keys("fuzz"), learner_id=0, keep=2).publish(weights, step=0, arch=ARCH)
+    r.close()
+    proc, endpoint = start_worker(
+        "cache", str(redis_server.port), redis_server.user, str(redis_server.password_file), "fuzz"
+    )
+    try:
+        wait_for(lambda: serves_latest(endpoint), 10, interval=0.1, what="the node fetching the version")
+        yield proc, endpoint
+    finally:
+        stop_process(proc)
+
+
+@pytest.mark.slow
+def test_the_replay_shard_survives_malformed_requests(replay_worker) -> None:
+    proc, endpoint = replay_worker
+    ops = ["insert", "sample", "priority", "configure", "stats", "snapshot"]
+    fuzzer = fuzz(endpoint, proc.pid, ops, {"op": "stats"})
+    assert proc.poll() is None
+    assert fuzzer.answers > 0  # the shard does answer bad requests, not only drop them
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    try:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send_multipart(wire.encode({"op": "stats"}))
+        assert sock.poll(REPLY_TIMEOUT_MS)
+        stats = wire.decode(sock.recv_multipart(), 1 << 26).header
+    finally:
+        sock.close(0)
+    assert stats["rejected_total"] >= fuzzer.answers // 2  # the counter moves with the refusals
+
+
+@pytest.mark.slow
+def test_the_cache_node_survives_malformed_requests(cache_worker) -> None:
+    proc, endpoint = cache_worker
+    # The probe fetches the whole version: the node must still reach Redis and serve chunks.
+    fuzzer = fuzz(endpoint, proc.pid, ["hello", "get", "latest", "hb"], {"op": "latest"})
+    assert proc.poll() is None
+    assert fuzzer.answers > 0
+
+
+def test_the_generators_make_well_formed_messages_the_servers_must_judge_on_content() -> None:
+    """The fuzzer is only as good as its inputs: some must pass the wire decoder."""
+    passed = []
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(messages(["insert"]))
+    def run(frames: list[bytes]) -> None:
+        try:
+            wire.decode(frames, 1 << 20)
+            passed.append(True)
+        except Exception:
+            passed.append(False)
+
+    run()
+    assert 0 < sum(passed) < len(passed)
+    assert np.mean(passed) > 0.1

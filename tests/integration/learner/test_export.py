@@ -1,0 +1,139 @@
+"""learner/export.py: `canopy export` and `canopy eval` against a run's real Redis root,
+live and after the run stopped (its persisted shard is started from RUN_DIR/redis-0)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import free_port, stop_process, wait_for
+
+from cluster import config as config_mod
+from cluster import redis_server
+from cluster.keys import Keys
+from cluster.redisconn import connect
+from learner import export
+from learner.network import ARCH, QNetwork
+from learner.publisher import Publisher
+
+RUN = "export-test"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Iterator[tuple[Path, QNetwork, subprocess.Popen]]:
+    """A run directory whose persisted Redis root holds one published CartPole policy."""
+    password_file = tmp_path / "redis.password"
+    password_file.write_text(secrets.token_urlsafe(16))
+    cfg = config_mod.load(
+        None,
+        [
+            f'run.name="{RUN}"',
+            f'run.dir="{tmp_path}"',
+            f'cluster.redis=["127.0.0.1:{free_port()}"]',
+            f'cluster.password_file="{password_file}"',
+        ],
+    )
+    config_mod.save(cfg, tmp_path / "config.toml")
+    (tmp_path / "cluster.json").write_text(json.dumps({"run": RUN, "config": str(tmp_path / "config.toml")}))
+    conf = redis_server.write_conf(cfg, 0)
+    proc = subprocess.Popen([redis_server.binary(), str(conf)], stdout=subprocess.DEVNULL)
+    r = connect(cfg.cluster, "test", 0)
+    try:
+        wait_for(lambda: _pings(r), 10, what="redis-server")
+        torch.manual_seed(3)
+        net = QNetwork(4, 2, [32, 32])
+        Publisher(r, Keys(RUN), learner_id=0, keep=2).publish(net.export(), step=7, arch=ARCH)
+        yield tmp_path, net, proc
+    finally:
+        r.close()
+        stop_process(proc)
+
+
+def _pings(r) -> bool:
+    try:
+        return bool(r.ping())
+    except Exception:
+        return False
+
+
+def q_of(net: QNetwork, obs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(obs)).numpy()
+
+
+OBS = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+
+
+def test_safetensors_export_loads_without_canopy_and_gives_the_same_q_values(run_dir, tmp_path: Path) -> None:
+    path, net, _ = run_dir
+    out = export.export(str(path), str(tmp_path / "policy.safetensors"), "safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = load_file(str(out))
+    plain = torch.nn.Sequential(
+        torch.nn.Linear(4, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 2),
+    )
+    plain.load_state_dict({f"{2 * int(k.split('.')[1])}.{k.split('.')[2]}": v for k, v in state.items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(plain(torch.from_numpy(OBS)).numpy(), q_of(net, OBS), rtol=1e-6)
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["env"] == "CartPole-v1" and meta["version"].endswith(".7")
+
+
+def test_torchscript_export_runs_with_torch_jit_load(run_dir, tmp_path: Path) -> None:
+    path, net, _ = run_dir
+    out = export.export(str(path), str(tmp_path / "policy.pt"), "torchscript")
+    loaded = torch.jit.load(str(out))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(torch.from_numpy(OBS)).numpy(), q_of(net, OBS), rtol=1e-6)
+
+
+def test_a_stopped_run_is_exported_from_its_persisted_redis(run_dir, tmp_path: Path) -> None:
+    path, net, proc = run_dir
+    stop_process(proc)  # SIGTERM: the shard flushes its append-only file and exits
+    out = export.export(str(path), str(tmp_path / "after.safetensors"), "safetensors")
+    arrays, _ = export.load_file(out)
+    for name, value in net.export().items():
+        np.testing.assert_array_equal(arrays[name], value)
+
+
+def test_eval_plays_greedy_episodes_from_a_run_and_from_an_exported_file(run_dir, tmp_path: Path) -> None:
+    path, _, _ = run_dir
+    from_run = export.evaluate(str(path), episodes=3, seed=5)
+    out = export.export(str(path), str(tmp_path / "p.safetensors"), "safetensors")
+    from_file = export.evaluate(str(out), episodes=3, seed=5)
+    assert from_run["mean_return"] == from_file["mean_return"] > 0  # same policy, same seeds
+    assert from_file["env"] == "CartPole-v1"
+
+
+def test_eval_records_the_first_episode_as_a_gif(run_dir, tmp_path: Path) -> None:
+    pytest.importorskip("pygame", reason="CartPole renders with pygame: pip install 'canopy-rl[video]'")
+    path, _, _ = run_dir
+    result = export.evaluate(str(path), episodes=1, seed=5, video=str(tmp_path / "ep.gif"))
+    from PIL import Image
+
+    with Image.open(tmp_path / "ep.gif") as gif:
+        assert gif.n_frames == int(result["mean_return"])  # one frame per step of the episode
+
+
+def test_an_unknown_format_and_a_non_policy_file_are_one_line_errors(run_dir, tmp_path: Path) -> None:
+    from cluster.errors import UserError
+
+    path, _, _ = run_dir
+    with pytest.raises(UserError, match="unknown export format"):
+        export.export(str(path), str(tmp_path / "x"), "onnx")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="canopy export"):
+        export.evaluate(str(tmp_path / "junk.safetensors"), episodes=1, seed=0, env_id="CartPole-v1")
