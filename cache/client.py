@@ -25,7 +25,7 @@ import zmq
 
 from cache import blob, protocol
 from cache.shm import ShmReader
-from cluster import wire
+from cluster import curve, wire
 from cluster.config import CacheConfig, ClusterConfig
 from cluster.errors import ProtocolError
 from cluster.version import NO_VERSION, Version
@@ -116,7 +116,7 @@ class ClientCore:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
-        self.sub.connect(notify)
+        curve.connect(self.sub, notify)
         self.req = self._dealer(fetch)
         self.req.send_multipart(wire.encode({"op": "hello"}))
         self._sent_at, self._asked = time.monotonic(), None
@@ -174,7 +174,7 @@ class ClientCore:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
-        sock.connect(fetch)
+        curve.connect(sock, fetch)
         return sock
 
     def _on_notify(self) -> Update | None:

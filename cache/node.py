@@ -37,7 +37,7 @@ import zmq
 
 from cache import blob, protocol
 from cache.shm import MAX_READERS, ShmWriter
-from cluster import wire
+from cluster import curve, wire
 from cluster.config import CacheConfig
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
@@ -137,8 +137,8 @@ class CacheNode:
 
     # ---- setup ----------------------------------------------------------------------
     def bind(self, fetch: str, notify: str) -> tuple[str, str]:
-        self.fetch_sock.bind(fetch)
-        self.notify_sock.bind(notify)
+        curve.bind(self.fetch_sock, fetch)
+        curve.bind(self.notify_sock, notify)
         return (
             self.fetch_sock.getsockopt_string(zmq.LAST_ENDPOINT),
             self.notify_sock.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -532,7 +532,7 @@ class CacheNode:
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
-        self._sub.connect(parent.notify)
+        curve.connect(self._sub, parent.notify)
         self._req = self._dealer(parent)
         self._last_heard = time.monotonic()
         self._last_seq: int | None = None
@@ -581,7 +581,7 @@ class CacheNode:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_BYTES)
-        sock.connect(parent.fetch)
+        curve.connect(sock, parent.fetch)
         return sock
 
     def _fetch_node(self, version: Version, wake: zmq.Socket) -> tuple[blob.Manifest, list]:

@@ -29,6 +29,9 @@ groupadd --gid 1000 canopy
 useradd --uid 1000 --gid canopy --create-home --shell /usr/sbin/nologin canopy
 
 install -d -o canopy -g canopy -m 0755 /var/lib/canopy
+# Mount points of the compose volumes: Docker gives an empty named volume the owner and mode
+# of the directory it is mounted on, so uid 1000 can write the shard's AOF and the secrets.
+install -d -o canopy -g canopy -m 0700 /var/lib/canopy/run /run/secrets/canopy
 install -d -m 0755 /etc/canopy
 
 python3 -m venv /opt/venv

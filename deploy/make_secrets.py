@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Entrypoint of the deploy files' one-shot secrets step: `canopy-secrets DIR`.
+
+Place in the data flow: runs before any role (compose service `keys`; for Kubernetes the
+operator runs it once into deploy/k8s/secrets, which kustomize turns into a Secret) and
+fills DIR, which every role then mounts read-only:
+
+    DIR/curve/                    CURVE keys, as `canopy keys DIR/curve` makes them
+                                  (cluster.curve_dir)
+    DIR/redis.password            the operator user's password (cluster.password_file)
+    DIR/redis.<role>.password     one per least-privilege Redis user of cluster/acl.py
+                                  (cluster.role_users), for learner actor evaluator cache
+                                  replay status
+
+Only what is absent is made, so a rerun (every `docker compose up`) keeps the keys and
+passwords that running shards and roles already hold. Files are mode 600, owned by whoever
+runs this (uid 1000 in the image, the uid of every role); nothing secret is printed.
+Installed in the image as /usr/local/bin/canopy-secrets.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from cluster import acl, curve
+from cluster.config import ClusterConfig
+from cluster.redisconn import role_password_file
+
+
+def password_files(directory: Path) -> list[Path]:
+    """The operator's password file, then one per role user, named as the roles look them up."""
+    cluster = ClusterConfig(password_file=str(directory / "redis.password"))
+    return [Path(cluster.password_file)] + [role_password_file(cluster, role) for role in acl.ROLES]
+
+
+def make(directory: Path) -> list[Path]:
+    """Create the missing keys and passwords under `directory`; returns what was created."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    made = []
+    if not (directory / "curve" / "server.key_secret").exists():
+        made.append(curve.generate(directory / "curve"))
+    for path in password_files(directory):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(24) + "\n")
+        made.append(path)
+    return made
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print(
+            "usage: canopy-secrets DIR  (CURVE keys and Redis passwords for the deploy files)",
+            file=sys.stderr,
+        )
+        return 2
+    made = make(Path(argv[0]))
+    names = ", ".join(p.name for p in made) or "nothing: every key and password exists"
+    print(f"canopy-secrets: {argv[0]}: made {names}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
