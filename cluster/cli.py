@@ -9,6 +9,7 @@ canopy bench checkpoint --state-mb 128 --json FILE
 canopy bench learner --json FILE
 canopy bench actors --json FILE
 canopy bench soak --actors 1000 --minutes 10 --json FILE
+canopy bench faults [--faults a,b,c] --json FILE
 canopy cache plan --hosts H --actors N --model-mb M   fan-out and depth of the cache tree
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
 canopy keys DIR                                 CURVE keys for ZeroMQ across hosts
@@ -146,6 +147,10 @@ def _bench(args: argparse.Namespace) -> int:
         from cluster.bench import soak
 
         return soak.main(args)
+    if args.bench == "faults":
+        from cluster.bench import faults
+
+        return faults.main(args)
     if args.bench == "learner":
         from cluster.bench import learner
 
@@ -361,6 +366,14 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--processes", type=int, default=8, help="worker processes for the actors")
     sk.add_argument("--period", type=float, default=1.0, help="seconds between a simulated actor's inserts")
     sk.set_defaults(func=_bench)
+    fb = bench_sub.add_parser("faults", help="the fault matrix: kills, a paused learner, on a live canopy up")
+    fb.add_argument("--json", required=True, help="file to write the results to")
+    fb.add_argument(
+        "--faults",
+        default="actor,replay,cache,redis,learner,standby,zombie,root",
+        help="comma-separated, run in this order",
+    )
+    fb.set_defaults(func=_bench)
     ck = bench_sub.add_parser("checkpoint", help="cost of checkpointing to Redis shards; recovery time")
     ck.add_argument("--state-mb", type=float, default=128.0, help="state size (online+target+Adam)")
     ck.add_argument("--duration", type=float, default=60.0, help="seconds of training per arm")
