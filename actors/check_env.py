@@ -8,7 +8,6 @@ random-action stepping speed of a vector env, the ceiling for one actor process.
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,7 +17,7 @@ from gymnasium.utils.env_checker import check_env
 from rich.console import Console
 from rich.table import Table
 
-from actors.envs import check_env_id
+from actors.envs import check_env_id, random_stepping_rate
 
 SPEED_ENVS = 8
 SPEED_SECONDS = 2.0
@@ -75,20 +74,6 @@ def _deterministic(env_id: str) -> bool:
     return bool(np.array_equal(first(123), first(123)))
 
 
-def _steps_per_second(env_id: str) -> float:
-    env = gym.make_vec(env_id, num_envs=SPEED_ENVS, vectorization_mode="sync")
-    try:
-        env.reset(seed=0)
-        env.action_space.seed(0)
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < SPEED_SECONDS:
-            env.step(env.action_space.sample())
-            steps += SPEED_ENVS
-        return steps / (time.perf_counter() - start)
-    finally:
-        env.close()
-
-
 def check(env_id: str) -> Report:
     check_env_id(env_id)
     report = Report(env_id)
@@ -118,7 +103,7 @@ def check(env_id: str) -> Report:
     if report.usable:
         same = _deterministic(env_id)
         report.add("reset(seed) determinism", "same seed, same start" if same else "differs", same or None)
-        rate = _steps_per_second(env_id)
+        rate = random_stepping_rate(env_id, SPEED_ENVS, SPEED_SECONDS)
         report.add(
             f"random stepping, {SPEED_ENVS} envs", f"{rate:,.0f} env steps/s (one actor's ceiling)", True
         )

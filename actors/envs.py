@@ -14,6 +14,7 @@ is the learner's business, so returns reported by actors are true game scores.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -102,6 +103,21 @@ def env_spec(env_id: str, env_cfg: EnvConfig | None = None) -> EnvSpec:
         obs, act = env.single_observation_space, env.single_action_space
         discrete = isinstance(act, gym.spaces.Discrete)
         return EnvSpec(tuple(obs.shape), str(obs.dtype), int(act.n) if discrete else act.shape[0], discrete)
+    finally:
+        env.close()
+
+
+def random_stepping_rate(env_id: str, num_envs: int, seconds: float) -> float:
+    """Env steps/s of a vector env stepped with random actions: an actor's ceiling."""
+    env = make_vec(env_id, num_envs)
+    try:
+        env.reset(seed=0)
+        env.action_space.seed(0)
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            env.step(env.action_space.sample())
+            steps += num_envs
+        return steps / (time.perf_counter() - start)
     finally:
         env.close()
 

@@ -46,7 +46,9 @@ def _role_command(args: argparse.Namespace) -> int:
     lifecycle.watch_parent()
     if args.config is None:  # optional only so that `canopy cache plan` parses
         raise UserError(f"canopy {args.role} needs --config FILE (a run's config.toml)")
-    cfg = config_mod.load(args.config, args.set)
+    device = getattr(args, "device", None)  # `canopy learner --device`: learner.device, said shortly
+    overrides = [*args.set, *([f"learner.device={json.dumps(device)}"] if device else [])]
+    cfg = config_mod.load(args.config, overrides)
     if args.role == "redis":
         from cluster.redis_server import exec_server
 
@@ -94,6 +96,7 @@ def _up(args: argparse.Namespace) -> int:
         ("stop_at_return", "run.stop_at_return"),
         ("time_limit", "run.time_limit_s"),
         ("run_dir", "run.dir"),
+        ("device", "learner.device"),
     ):
         value = getattr(args, flag)
         if value is not None:
@@ -131,37 +134,8 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    if args.bench == "replay":
-        from cluster.bench import replay
-
-        return replay.main(args)
-    if args.bench == "broadcast":
-        from cluster.bench import broadcast
-
-        return broadcast.main(args)
-    if args.bench == "actors":
-        from cluster.bench import actors
-
-        return actors.main(args)
-    if args.bench == "soak":
-        from cluster.bench import soak
-
-        return soak.main(args)
-    if args.bench == "faults":
-        from cluster.bench import faults
-
-        return faults.main(args)
-    if args.bench == "learner":
-        from cluster.bench import learner
-
-        return learner.main(args)
-    if args.bench == "checkpoint":
-        from cluster.bench import checkpoint
-
-        return checkpoint.main(args)
-    from cluster.bench import e2e
-
-    return e2e.main(args)
+    # Each bench module is imported only when run: some pull in torch or spawn processes.
+    return importlib.import_module(f"cluster.bench.{args.bench}").main(args)
 
 
 def _hosts_plan(args: argparse.Namespace) -> int:
@@ -235,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--time-limit", type=float, help="stop after this many seconds")
     up.add_argument("--run-dir", help="where cluster.json, summary.json and logs go")
     up.add_argument("--seed", type=int)
+    up.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the learner trains")
     up.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a stopped run: its config, checkpoints and replay"
     )
@@ -254,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--standby", action="store_true", help="wait warm until the active learner's lease expires"
             )
+            p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where it trains")
 
     st = sub.add_parser("status", help="table of every role of a run; exit 1 if one is dead")
     st.add_argument("run_dir", help="the run directory (holds cluster.json)")

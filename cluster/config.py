@@ -106,6 +106,8 @@ class CacheConfig:
 @dataclass
 class LearnerConfig:
     device: str = "auto"  # auto | cpu | cuda
+    bf16: bool = False  # CUDA: forward and backward passes under bfloat16 autocast
+    compile: bool = False  # torch.compile the networks (worth it for long runs on GPU)
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     dueling: bool = False  # value + advantage heads (learner/network.py); actors see a plain mlp
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py)

@@ -512,10 +512,13 @@ def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
         print(f"canopy: all roles up in {time.monotonic() - launcher.t0:.1f}s", file=sys.stderr)
         launcher.monitor(stop_flag)
         last = launcher.snapshot()
+        active = launcher.active_learner()  # before the stop releases its lease
         launcher.stop_roles(("actor", "learner"))
+        # Read now: the stats hash expires three heartbeats after the learner stopped, and
+        # the final evaluation may take longer than that.
+        learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", active)))
         with waiting("final greedy evaluation of the last version"):
             final = launcher.final_eval()
-        learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", launcher.active_learner())))
         summary = launcher.summary(final, learner, last, launcher.snapshot_replay())
         _write_json(launcher.run_dir / "summary.json", summary)
         return summary

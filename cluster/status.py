@@ -43,20 +43,23 @@ RATE_OF = {"actor": "env_steps_total", "learner": "updates_total", "replay": "in
 MAX_CKPT_DOC_BYTES = 4 << 20
 
 
+def load_run(run_dir: str | Path) -> tuple[dict[str, Any], config_mod.Config, Keys]:
+    """A run directory's cluster.json, its resolved config and its key names."""
+    try:
+        cluster = json.loads((Path(run_dir) / "cluster.json").read_text())
+    except FileNotFoundError:
+        raise UserError(
+            f"{run_dir}/cluster.json not found: pass the run directory canopy up printed"
+        ) from None
+    return cluster, config_mod.load(cluster["config"]), Keys(cluster["run"])
+
+
 def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool, str]:
     """Rows (one per role process in cluster.json), whether every one is alive, a caption.
 
     The caption holds the policy lag of the actors and the age of the newest checkpoint.
     """
-    run_dir = Path(run_dir)
-    try:
-        cluster = json.loads((run_dir / "cluster.json").read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"{run_dir}/cluster.json not found: pass the run directory canopy up printed"
-        ) from None
-    cfg = config_mod.load(cluster["config"])
-    keys = Keys(cluster["run"])
+    cluster, cfg, keys = load_run(run_dir)
     r = connect(cfg.cluster, "status", 0)
     procs = [(role, entry["id"]) for role, entries in cluster["roles"].items() for entry in entries]
     pipe = r.pipeline(transaction=False)

@@ -29,6 +29,7 @@ from cluster.errors import ProtocolError, UserError
 from cluster.keys import Keys
 from cluster.ports import free_ports
 from cluster.redisconn import connect
+from cluster.status import load_run
 from cluster.version import Version
 
 FORMATS = ("safetensors", "torchscript")
@@ -38,14 +39,7 @@ REDIS_START_S = 30.0  # loading a large append-only file takes a while
 @contextlib.contextmanager
 def run_redis(run_dir: Path) -> Iterator[tuple[redis.Redis, Keys, config_mod.Config]]:
     """The run's root shard: the live one when the run is up, else its persisted copy."""
-    try:
-        cluster = json.loads((run_dir / "cluster.json").read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"{run_dir}/cluster.json not found: pass a run directory that canopy up wrote"
-        ) from None
-    cfg = config_mod.load(cluster["config"])
-    keys = Keys(cluster["run"])
+    cluster, cfg, keys = load_run(run_dir)
     r = connect(cfg.cluster, "export", 0)
     try:
         live = bool(r.ping())

@@ -16,7 +16,6 @@ import math
 import threading
 import time
 
-import numpy as np
 import redis
 import torch
 
@@ -36,12 +35,12 @@ from learner.checkpoint.prefetch import Prefetcher
 from learner.checkpoint.state import Capturer, load_sampler_state, restore, sampler_state
 from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
+from learner.priorities import PriorityReturn
 from learner.publisher import Publisher
 from replay.client import SampleClient, TensorBatch
 from replay.membership import RedisMembers
 
 SAMPLE_TIMEOUT_S = 120.0
-PRIORITY_EPS = 1e-3  # keeps every item sampleable after a near-zero TD error
 
 
 def pick_device(choice: str) -> torch.device:
@@ -148,6 +147,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             load_sampler_state(sampler, counters["sampler"])  # the next batch is drawn as before the stop
         except ProtocolError as exc:  # trains on with a fresh draw order rather than not at all
             tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
+    priorities = PriorityReturn(sampler, device)
     c = tel.counters
     c.update(
         updates_total=algo.updates,
@@ -185,11 +185,10 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             if prioritized:
                 # New priorities go back fire-and-forget; the shard drops any for slots
                 # overwritten since (their generation moved on).
-                td = algo.last_td_error.cpu().numpy().astype(np.float64) + PRIORITY_EPS
-                sampler.update_priorities(arrays["shard"][0], arrays["slot"], arrays["gen"], td)
+                priorities.push(algo.last_td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
             c["updates_total"] = algo.updates
-            c.update(loss=stats["loss"], q_mean=stats["q_mean"])
             if algo.updates % 50 == 0:
+                c.update(loss=stats["loss"].item(), q_mean=stats["q_mean"].item())  # the only host syncs
                 # How old the data is, in learner steps (only comparable within one epoch).
                 data_steps = arrays["version"] & 0xFFFFFFFF
                 c["policy_lag_mean"] = float(version.step - data_steps.mean())
@@ -230,6 +229,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         else:
             writer.close(timeout=10.0)
         lease.stop()
+        priorities.flush()
         sampler.close()
         members.close()
         tel.event("stop", updates=algo.updates, version=str(version))

@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode
 from rich.progress import Progress
 
 from actors.adder import NStepAdder
-from actors.envs import make_vec
+from actors.envs import make_vec, random_stepping_rate
 from actors.policy import MLPPolicy, NatureCNNPolicy, limit_blas_threads, policy_from_arrays
 from cluster.bench import report
 from learner.network import build
@@ -32,20 +32,6 @@ def random_policy(env) -> MLPPolicy | NatureCNNPolicy:
     space = env.single_observation_space
     net, arch = build(tuple(space.shape), str(space.dtype), int(env.single_action_space.n), [128, 128], False)
     return policy_from_arrays(arch, net.export())
-
-
-def ceiling(env_id: str, envs: int, seconds: float) -> float:
-    env = make_vec(env_id, envs)
-    try:
-        env.reset(seed=0)
-        env.action_space.seed(0)
-        steps, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            env.step(env.action_space.sample())
-            steps += envs
-        return steps / (time.perf_counter() - start)
-    finally:
-        env.close()
 
 
 def acting(env_id: str, envs: int, seconds: float, chunk: int = 64) -> float:
@@ -84,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
         task = progress.add_task("actor bench", total=2 * len(envs_ids) * len(args.envs))
         for env_id in envs_ids:
             for n in args.envs:
-                top = ceiling(env_id, n, args.seconds)
+                top = random_stepping_rate(env_id, n, args.seconds)
                 progress.advance(task)
                 got = acting(env_id, n, args.seconds)
                 progress.advance(task)

@@ -81,6 +81,7 @@ START_TIMEOUT_S = 180.0
 SETTLE_TIMEOUT_S = 120.0
 RECOVER_TIMEOUT_S = 60.0
 EVAL_WAIT_S = 30.0
+ACTOR_STEPS = 500  # env steps every actor must take after recovery
 STOP_TIMEOUT_S = 60.0
 LAUNCHER_LINE = re.compile(r"^canopy: (role_died|restart) (.*)$")
 
@@ -485,6 +486,7 @@ class Cluster:
         )
         out.version_after = str(later)
         out.versions_increasing = later > recovered and later > Version.parse(out.version_before)
+        self._actors_flow(out)
         t_wait = time.time()
 
         def evaluated() -> float | None:
@@ -504,6 +506,22 @@ class Cluster:
                 self.store.load(ckpt)
             except (Incomplete, redis.RedisError) as exc:
                 out.checkpoints_lost.append(f"{ckpt}: {exc}")
+
+    def _actors_flow(self, out: Outcome) -> None:
+        """Every actor steps on, without dying again (an actor blocked on a lost shard would not)."""
+        n = self.cfg.actors.count
+        base = {i: self.proc("actor", i) for i in range(n)}
+
+        def flowing() -> bool:
+            for i, h0 in base.items():
+                h = self.proc("actor", i)
+                if h.get("pid") != h0.get("pid"):
+                    raise UserError(f"actor {i} died after the {out.fault} fault: see its log")
+                if int(h.get("env_steps_total", 0)) < int(h0.get("env_steps_total", 0)) + ACTOR_STEPS:
+                    return False
+            return True
+
+        wait_until(flowing, RECOVER_TIMEOUT_S, f"every actor to step {ACTOR_STEPS} more env steps", 0.2)
 
     def _last_eval(self, since: float) -> float | None:
         evals = self.events_since(since, "eval")
@@ -637,7 +655,7 @@ def table(outcomes: list[Outcome], baseline_s: float | None) -> Table:
 def main(args: argparse.Namespace) -> int:
     faults = parse_faults(args.faults)
     run_dir = Path(tempfile.mkdtemp(prefix="canopy-faults-"))
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=200)
     outcomes: list[Outcome] = []
     t0 = time.time()
     with Cluster(run_dir) as cluster:

@@ -1,8 +1,9 @@
 """Learning algorithms, one readable file each, and the choice between them.
 
-Every algorithm offers what the learner loop and the checkpoint capture use: `update(batch)`
--> {'loss', 'q_mean'}, `export()` (the arrays actors act with), `online`, `target`,
-`optimizer`, `updates` and `last_td_error` (new priorities for prioritized replay).
+Every algorithm offers what the learner loop and the checkpoint capture use:
+`update(batch)` -> {'loss', 'q_mean'} (0-d tensors, read only when reported), `export()`
+(the arrays actors act with), `online`, `target`, `optimizer`, `updates` and
+`last_td_error` (new priorities for prioritized replay).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ def make(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> tuple[Any, 
         if not spec.discrete:
             raise UserError('this env has continuous (Box) actions: set learner.algorithm = "td3"')
         net, arch = build(spec.obs_shape, spec.obs_dtype, spec.actions, cfg.hidden, cfg.dueling)
+        if cfg.compile:
+            net.compile()  # in place: parameter names (checkpoints, actors) stay as they are
         return DQN(net.to(device), cfg), arch
     if spec.discrete:
         raise UserError('this env has Discrete actions: set learner.algorithm = "dqn"')

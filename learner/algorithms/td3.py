@@ -71,7 +71,7 @@ class TwinCritic(nn.Module):
 class TD3:
     """Example:
     algo = TD3(obs_size=3, act_size=1, cfg=cfg.learner)
-    stats = algo.update(batch)  # {'loss': critic loss, 'q_mean': ...}
+    stats = algo.update(batch)  # {'loss': critic loss, 'q_mean': ...} as tensors
     actor_arrays = algo.export()  # what actors act with
     """
 
@@ -128,7 +128,7 @@ class TD3:
             nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             self.optimizer.step()
             self._soft_update()
-        return {"loss": loss.item(), "q_mean": q1.mean().item()}
+        return {"loss": loss.detach(), "q_mean": q1.detach().mean()}  # no host sync (see dqn.py)
 
     @torch.no_grad()
     def _soft_update(self) -> None:

@@ -17,14 +17,20 @@ import json
 import shlex
 import shutil
 import subprocess
+import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 import yaml
 
+from cluster import acl, curve
+from cluster import config as config_mod
 from cluster.cli import build_parser
+from cluster.redisconn import credentials, read_password
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
@@ -119,8 +125,6 @@ def test_kubernetes_validator_rejects_a_broken_manifest(k8s_validate: Any) -> No
 
 
 def test_configmap_holds_a_valid_cluster_config(tmp_path: Path) -> None:
-    from cluster import config as config_mod
-
     (cm,) = _load_yaml_docs(K8S / "configmap.yaml")
     path = tmp_path / "cluster.toml"
     path.write_text(cm["data"]["cluster.toml"])
@@ -144,31 +148,199 @@ def test_configmap_holds_a_valid_cluster_config(tmp_path: Path) -> None:
         assert hosts == {f"{role}-{i}.{role}" for i in range(replicas)}, role
 
 
-def test_every_pod_mounts_the_config_and_the_generated_secret(tmp_path: Path) -> None:
-    from cluster import config as config_mod
+def _load_config_text(text: str, tmp_path: Path, **cluster: str) -> config_mod.Config:
+    """A deploy config, with `cluster` keys (the secrets' paths) redirected."""
+    doc = tomllib.loads(text)
+    doc["cluster"].update(cluster)
+    path = tmp_path / "cluster.toml"
+    path.write_text(tomli_w.dumps(doc))
+    return config_mod.load(path)
 
+
+def _configmap_text() -> str:
+    (cm,) = _load_yaml_docs(K8S / "configmap.yaml")
+    return cm["data"]["cluster.toml"]
+
+
+@pytest.mark.parametrize("name", ["cluster.toml (compose)", "configmap.yaml (k8s)"])
+def test_deploy_configs_turn_on_curve_and_role_users(name: str, tmp_path: Path) -> None:
+    text = (DEPLOY / "cluster.toml").read_text() if "compose" in name else _configmap_text()
+    cfg = _load_config_text(text, tmp_path)
+    c = cfg.cluster
+    assert c.role_users and c.curve_dir and c.password_file, name
+    # Both live in the one secrets mount, where canopy-secrets lays them out.
+    assert Path(c.curve_dir) == Path(c.password_file).parent / "curve", name
+    assert Path(c.password_file).name == "redis.password", name
+    assert cfg.redis.persist, f"{name}: the Redis shards keep an append-only file on their volume"
+
+
+def make_secrets(directory: Path) -> dict[Path, bytes]:
+    """Run the keys service's command (canopy-secrets DIR); every file it left, with its bytes."""
+    subprocess.run([sys.executable, str(DEPLOY / "make_secrets.py"), str(directory)], check=True, timeout=60)
+    return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def test_canopy_secrets_makes_every_key_once(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    first = make_secrets(secrets_dir)
+    assert make_secrets(secrets_dir) == first, "a rerun (every `docker compose up`) keeps what exists"
+    cfg = _load_config_text(
+        (DEPLOY / "cluster.toml").read_text(),
+        tmp_path,
+        password_file=str(secrets_dir / "redis.password"),
+        curve_dir=str(secrets_dir / "curve"),
+    )
+    keys = curve.load(cfg.cluster)
+    assert keys is not None and keys.public in keys.authorized  # what `canopy keys` makes
+    passwords = [read_password(cfg.cluster, credentials(cfg.cluster, role)[1]) for role in acl.ROLES]
+    passwords.append(read_password(cfg.cluster))
+    assert len(set(passwords)) == len(acl.ROLES) + 1 and all(len(p) >= 24 for p in passwords)
+    secret_files = [p for p in first if "curve" not in p.parts or p.name.endswith("_secret")]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in secret_files)
+
+
+def test_the_image_installs_the_deploy_entrypoints() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    allowed = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    for script, command in (("scaled.py", "canopy-scaled"), ("make_secrets.py", "canopy-secrets")):
+        copy = f"COPY --chmod=755 deploy/{script} /usr/local/bin/{command}"
+        assert dockerfile.count(copy) == 2, f"both targets install {command}"
+        assert f"!deploy/{script}" in allowed, f"deploy/{script} must enter the build context"
+
+
+def test_compose_roles_start_after_the_keys_and_mount_them_read_only() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    cfg = config_mod.load(DEPLOY / "cluster.toml")
+    secrets_dir = str(Path(cfg.cluster.password_file).parent)
+    services = compose["services"]
+    keys = services.pop("keys")
+    assert keys["entrypoint"] == ["canopy-secrets"] and keys["command"] == [secrets_dir]
+    assert keys["restart"] == "no"
+    (volume,) = [v for v in keys["volumes"] if v.split(":")[1] == secrets_dir]
+    assert volume == f"secrets:{secrets_dir}", "the keys service writes the volume"
+    for name, service in services.items():
+        assert service["depends_on"]["keys"] == {"condition": "service_completed_successfully"}, name
+        assert f"secrets:{secrets_dir}:ro" in service["volumes"], name
+        assert "./cluster.toml:/etc/canopy/cluster.toml:ro" in service["volumes"], name
+    # Each Redis shard's append-only file (run.dir/redis-N) on a volume of its own.
+    run_dirs = {
+        name: v
+        for name, service in services.items()
+        for v in service["volumes"]
+        if v.endswith(f":{cfg.run.dir}")
+    }
+    assert run_dirs == {f"redis{i}": f"redis{i}:{cfg.run.dir}" for i in range(cfg.redis.shards)}
+    assert {"secrets", *run_dirs} <= compose["volumes"].keys()
+
+
+def _pod_secret_dir(
+    pod: dict[str, Any], container: dict[str, Any], secret_dir: Path, made: Path, seen: Path
+) -> Path:
+    """Copy into `seen` the files from `made` that the container sees under `secret_dir`."""
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    mount = mounts[str(secret_dir)]
+    assert mount.get("readOnly"), "secrets are mounted read-only"
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == "canopy-secrets"
+    generator = {
+        key: made / src.removeprefix("secrets/")
+        for key, _, src in (f.partition("=") for f in _secret_generator()["files"])
+    }
+    for item in secret["items"]:
+        dest = seen / item["path"]
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(generator[item["key"]].read_bytes())
+    return seen
+
+
+def _secret_generator() -> dict[str, Any]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     (generator,) = kustomization["secretGenerator"]
-    assert generator["name"] == "canopy-redis"
+    return generator
+
+
+def test_the_secret_holds_what_canopy_secrets_makes(tmp_path: Path) -> None:
+    generator = _secret_generator()
+    assert generator["name"] == "canopy-secrets"
     assert generator["options"]["disableNameSuffixHash"]  # pods name the Secret as is
-    secret_key = generator["files"][0].split("=")[0]
-    (cm,) = _load_yaml_docs(K8S / "configmap.yaml")
-    path = tmp_path / "cluster.toml"
-    path.write_text(cm["data"]["cluster.toml"])
-    password_file = Path(config_mod.load(path).cluster.password_file)
-    pods = 0
+    made = make_secrets(tmp_path / "secrets")
+    files = {p.relative_to(tmp_path).as_posix() for p in made}
+    assert {f.partition("=")[2] for f in generator["files"]} == files
+
+
+# Pod (workload name) -> the role whose process it runs.
+POD_ROLES = {
+    "redis": "redis",
+    "replay": "replay",
+    "cache": "cache",
+    "learner": "learner",
+    "learner-standby": "learner",
+    "evaluator": "evaluator",
+    "actor": "actor",
+}
+
+
+def test_every_pod_gets_the_config_and_exactly_the_secrets_its_role_reads(tmp_path: Path) -> None:
+    from cluster.redis_server import write_conf
+
+    text = _configmap_text()
+    secret_dir = Path(_load_config_text(text, tmp_path).cluster.password_file).parent
+    made = tmp_path / "made" / "secrets"
+    make_secrets(made)
+    pods = set()
     for label, resource in _k8s_resources():
         pod = resource.get("spec", {}).get("template", {}).get("spec")
         if not pod:
             continue
-        pods += 1
+        role = POD_ROLES[resource["metadata"]["name"]]
+        pods.add(resource["metadata"]["name"])
         volumes = {v["name"]: v for v in pod["volumes"]}
-        for container in pod["containers"]:
-            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
-            assert volumes[mounts["/etc/canopy"]]["configMap"]["name"] == "canopy-config", label
-            secret = volumes[mounts[str(password_file.parent)]]["secret"]
-            assert secret["secretName"] == "canopy-redis" and password_file.name == secret_key, label
-    assert pods == 7  # redis, replay, cache, learner, learner-standby, evaluator, actor
+        (container,) = pod["containers"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert volumes[mounts["/etc/canopy"]]["configMap"]["name"] == "canopy-config", label
+        # What this pod sees, with the config's paths pointed at it: the role's own
+        # user and password, the probes' read-only user, CURVE keys where ZeroMQ is used.
+        seen = _pod_secret_dir(
+            pod, container, secret_dir, made, tmp_path / "seen" / resource["metadata"]["name"]
+        )
+        cfg = _load_config_text(
+            text,
+            tmp_path,
+            password_file=str(seen / "redis.password"),
+            curve_dir=str(seen / "curve"),
+        )
+        cfg.run.dir = str(tmp_path / "run")
+        if role == "redis":
+            write_conf(cfg, 0)  # reads the operator's and every role's password
+            assert not (seen / "curve").exists(), f"{label}: Redis needs no CURVE keys"
+            continue
+        user, path = credentials(cfg.cluster, role)
+        assert user == role and read_password(cfg.cluster, path), label
+        assert credentials(cfg.cluster, "health")[0] == "status" and read_password(
+            cfg.cluster, credentials(cfg.cluster, "health")[1]
+        ), f"{label}: the probes run `canopy health` as the status user"
+        assert curve.load(cfg.cluster) is not None, label
+        # Least privilege: no other role's password; the operator's only where
+        # canopy-scaled claims ids (actors).
+        allowed = {f"redis.{role}.password", "redis.status.password", "redis.password", "curve"}
+        assert {p.name for p in seen.iterdir()} <= allowed, label
+        assert (seen / "redis.password").exists() == (role == "actor"), label
+    assert pods == set(POD_ROLES)
+
+
+def test_redis_pods_keep_their_append_only_file_on_a_claim_of_their_own(tmp_path: Path) -> None:
+    cfg = _load_config_text(_configmap_text(), tmp_path)
+    (redis,) = [
+        r for _, r in _k8s_resources() if r["kind"] == "StatefulSet" and r["metadata"]["name"] == "redis"
+    ]
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    run_mount = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}[cfg.run.dir]
+    (claim,) = [c for c in redis["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == run_mount]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert run_mount not in {v["name"] for v in redis["spec"]["template"]["spec"]["volumes"]}, (
+        "not an emptyDir"
+    )
 
 
 def test_kustomize_build_is_valid(k8s_validate: Any, tmp_path: Path) -> None:
@@ -178,8 +350,8 @@ def test_kustomize_build_is_valid(k8s_validate: Any, tmp_path: Path) -> None:
     if kubectl is None:
         pytest.skip("kubectl not installed: the kustomize build is not checked")
     build = tmp_path / "k8s"
-    shutil.copytree(K8S, build)
-    (build / "redis.password").write_text("not-a-real-password\n")
+    shutil.copytree(K8S, build, ignore=shutil.ignore_patterns("secrets"))
+    make_secrets(build / "secrets")
     out = subprocess.run(
         [kubectl, "kustomize", str(build)], capture_output=True, text=True, timeout=60, check=True
     )

@@ -5,6 +5,10 @@ planned with `canopy hosts plan --json`, and every host runs exactly the command
 plan prints for it: Redis shards on one host, the replay shard and cache node on another,
 learner and evaluator on a third, actors on a fourth. CartPole trains until the learner
 has published versions and actors on their own host act with a recent one.
+
+With the deploy files' security on: the secrets come from the compose `keys` service's
+command (deploy/make_secrets.py), every ZeroMQ socket uses CURVE (a stranger's key gets no
+answer and is counted) and every role talks to Redis as its own least-privilege user.
 """
 
 from __future__ import annotations
@@ -54,13 +58,35 @@ def network() -> Iterator[netns.Network]:
         yield net
 
 
+# Run on the actors' host: a CURVE client with a key the cluster never authorized asks the
+# replay shard for its stats; exit 0 when no answer came (the handshake was refused).
+STRANGER = """
+import sys, zmq, zmq.auth
+from cluster import wire
+endpoint = sys.argv[1]
+server_public, _ = zmq.auth.load_certificate(sys.argv[2])
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.linger = 0
+sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+sock.curve_serverkey = server_public
+sock.connect(endpoint)
+sock.send_multipart(wire.encode({"op": "stats"}))
+sys.exit(1 if sock.poll(2000) else 0)
+"""
+
+
 def cluster_config(net: netns.Network, tmp_path: Path) -> tuple[Path, Keys, str]:
-    """deploy/cluster.toml, its hosts swapped for namespace addresses; (file, keys, password)."""
+    """deploy/cluster.toml, its hosts and secrets swapped for namespace addresses and files the
+    compose `keys` service's command made; (file, keys, operator password)."""
     doc = tomllib.loads((REPO_ROOT / "deploy" / "cluster.toml").read_text())
+    assert doc["cluster"]["role_users"] and doc["cluster"]["curve_dir"], "the deploy config is secure"
     redis_ip, data_ip = net["redis"].address, net["data"].address
-    password = uuid.uuid4().hex
-    password_file = tmp_path / "redis.password"
-    password_file.write_text(password)
+    secrets = tmp_path / "secrets"
+    subprocess.run(
+        [sys.executable, str(REPO_ROOT / "deploy" / "make_secrets.py"), str(secrets)], check=True, timeout=60
+    )
+    password_file = secrets / "redis.password"
+    password = password_file.read_text().strip()
     run = f"netns-{uuid.uuid4().hex[:8]}"
     doc["cluster"].update(
         redis=[f"{redis_ip}:6379", f"{redis_ip}:6380"],
@@ -68,6 +94,7 @@ def cluster_config(net: netns.Network, tmp_path: Path) -> tuple[Path, Keys, str]
         cache_fetch=[f"tcp://{data_ip}:5556"],
         cache_notify=[f"tcp://{data_ip}:5557"],
         password_file=str(password_file),
+        curve_dir=str(secrets / "curve"),
     )
     assert doc["cluster"]["bind_all"], "deploy/cluster.toml binds every interface, as the hosts here do"
     for section, values in SPEEDUPS.items():
@@ -172,6 +199,26 @@ def test_roles_on_four_namespace_hosts_train_cartpole(network: netns.Network, tm
             assert actor_stats(i)["host"] == network["actors"].netns, f"actor {i} ran on the actors' host"
         assert cli("HGET", keys.proc("learner", 0), "host") == network["learner"].netns
         assert cli("HGET", keys.proc("replay", 0), "host") == network["data"].netns
+
+        # Every role's connections to the root use that role's own Redis user.
+        users = {}
+        for line in cli("CLIENT", "LIST").splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if fields.get("name", "").startswith("canopy:"):
+                users.setdefault(fields["name"].split(":")[1], set()).add(fields["user"])
+        assert {role: users.get(role) for role in ("learner", "actor", "replay", "cache", "evaluator")} == {
+            role: {role} for role in ("learner", "actor", "replay", "cache", "evaluator")
+        }, users
+        # CURVE: a peer with an unauthorized key gets nothing, and the shard counts it.
+        server_key = tmp_path / "secrets" / "curve" / "server.key"
+        replay_endpoint = f"tcp://{network['data'].address}:5555"
+        stranger = operator.run([sys.executable, "-c", STRANGER, replay_endpoint, str(server_key)], env=env)
+        assert stranger.returncode == 0, f"a stranger's key got an answer: {stranger.stderr}"
+        wait(
+            lambda: counter("replay", 0, "curve_refused_total") >= 1,
+            15,
+            "the replay shard to count the stranger",
+        )
     finally:
         for _, proc in reversed(started):  # actors first, Redis last: nobody waits on a gone role
             stop_process(proc, timeout=10)

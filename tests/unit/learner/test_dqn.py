@@ -67,7 +67,7 @@ def test_an_update_reports_the_loss_before_it_and_reduces_td_loss_on_that_batch(
 
     stats = algo.update(batch)
 
-    assert stats["loss"] == pytest.approx(before, rel=1e-5)
+    assert stats["loss"].item() == pytest.approx(before, rel=1e-5)
     assert td_loss(algo, batch) < before
     assert algo.updates == 1
 
@@ -112,7 +112,7 @@ def test_terminal_transitions_ignore_next_obs_entirely() -> None:
     a, b = make_dqn(), make_dqn()
     stats_a, stats_b = a.update(batch), b.update(wild)
 
-    assert stats_a["loss"] == stats_b["loss"]
+    assert stats_a["loss"].item() == stats_b["loss"].item()
     assert same(params(a.online), params(b.online))
 
 
@@ -140,7 +140,7 @@ def test_bootstrapped_target_uses_the_online_argmax_valued_by_the_target_net() -
         plain_max = algo.target(batch.next_obs).max(1).values
         plain = torch.nn.functional.smooth_l1_loss(q, batch.reward + 0.5 * plain_max).item()
     assert expected != pytest.approx(plain)  # the case really tells double-Q from max-Q
-    assert algo.update(batch)["loss"] == pytest.approx(expected, rel=1e-6)
+    assert algo.update(batch)["loss"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_items_with_importance_weight_zero_do_not_move_the_network() -> None:
@@ -159,3 +159,23 @@ def test_an_update_leaves_one_absolute_td_error_per_item_for_new_priorities() ->
     assert algo.last_td_error is not None
     assert algo.last_td_error.shape == (16,)
     assert bool((algo.last_td_error >= 0).all())
+
+
+def test_bf16_autocast_is_for_cuda_only_and_leaves_cpu_updates_exact() -> None:
+    batch = make_batch()
+    plain, flagged = make_dqn(), make_dqn(bf16=True)
+    assert plain.update(batch)["loss"].item() == flagged.update(batch)["loss"].item()
+    assert same(params(plain.online), params(flagged.online))
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_on_cuda_trains_in_reduced_precision() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    batch = make_batch()
+    algo = make_dqn(bf16=True)
+    algo.online.cuda()
+    algo.target.cuda()
+    cuda = type(batch)(*(t.cuda() if t is not None else None for t in vars(batch).values()))
+    stats = algo.update(cuda)
+    assert torch.isfinite(stats["loss"]).item()

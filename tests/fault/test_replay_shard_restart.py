@@ -1,0 +1,106 @@
+"""A replay shard killed while it holds an actor's inserts back, and restarted on the same
+endpoint before it could leave membership (what `canopy up` does): the actor's chunks in
+flight died with it, so its InsertClient must drop them and go on, not wait for acks that
+will never come until its timeout kills the actor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
+
+from cluster import config as config_mod
+from cluster.errors import DeadlineExceeded
+from cluster.keys import Keys
+from replay.client import InsertClient, request_stats
+
+pytestmark = pytest.mark.fault
+
+CHUNK = 10
+TIMEOUT_S = 15.0
+
+
+def chunk() -> dict[str, np.ndarray]:
+    return {
+        "obs": np.zeros((CHUNK, 4), np.float32),
+        "action": np.zeros(CHUNK, np.int64),
+        "reward": np.ones(CHUNK, np.float32),
+        "next_obs": np.zeros((CHUNK, 4), np.float32),
+        "discount": np.full(CHUNK, 0.99, np.float32),
+        "version": np.zeros(CHUNK, np.int64),
+    }
+
+
+class Shard:
+    """`canopy replay --id 0` of a one-shard config; killed or stopped at teardown."""
+
+    def __init__(self, cfg_path: Path, log: Path):
+        self.cfg_path, self.log, self.proc = cfg_path, log, None
+
+    def start(self) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        env.pop("CANOPY_PARENT_PID", None)
+        cmd = [sys.executable, "-m", "cluster.cli", "replay", "--config", str(self.cfg_path), "--id", "0"]
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        return self.proc
+
+
+@pytest.fixture
+def shard(redis_server: RedisServer, run_keys: Keys, tmp_path: Path) -> Iterator[tuple[Shard, str]]:
+    cfg = config_mod.Config()
+    cfg.run.name = run_keys.run
+    cfg.cluster = redis_server.cluster_config()
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    cfg.cluster.replay = [endpoint]
+    # Inserts are held back once they run 26 items ahead of what was sampled: never sampled here.
+    cfg.replay.min_size, cfg.replay.samples_per_insert, cfg.replay.error_buffer = 10, 1.0, 16.0
+    path = tmp_path / "config.toml"
+    config_mod.save(cfg, path)
+    s = Shard(path, tmp_path / "replay-0.log")
+    try:
+        yield s, endpoint
+    finally:
+        if s.proc is not None:
+            stop_process(s.proc, timeout=5)
+
+
+def answering(endpoint: str) -> bool:
+    try:
+        request_stats(endpoint, timeout=0.5)
+    except DeadlineExceeded:
+        return False
+    return True
+
+
+def test_an_insert_client_drops_what_a_restarted_shard_lost_and_inserts_again(
+    shard: tuple[Shard, str],
+) -> None:
+    s, endpoint = shard
+    first = s.start()
+    wait_for(lambda: answering(endpoint) or first.poll() is not None, TIMEOUT_S, 0.1, "the shard")
+    assert first.poll() is None, s.log.read_text()[-2000:]
+    client = InsertClient(endpoint, inflight=2)
+    try:
+        with pytest.raises(DeadlineExceeded):  # 30 items acked, then two chunks parked
+            for _ in range(10):
+                client.insert(chunk(), timeout=1.0)
+        assert client.inflight == 2
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        second = s.start()
+        wait_for(lambda: answering(endpoint) or second.poll() is not None, TIMEOUT_S, 0.1, "the restart")
+        client.insert(chunk(), timeout=TIMEOUT_S)  # before the fix: blocked until the timeout
+        client.flush(timeout=TIMEOUT_S)
+        assert client.chunks_dropped_total == 2
+        assert request_stats(endpoint, timeout=5.0)["main_items"] == CHUNK
+    finally:
+        client.close()
