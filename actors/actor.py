@@ -39,7 +39,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel.start()
 
     limit_blas_threads()
-    env = make_vec(cfg.env.id, a.envs, cfg.env)
+    env = make_vec(cfg.env.id, a.envs, cfg.env, asynchronous=a.async_envs)
     rng = np.random.default_rng([cfg.run.seed, ident])
     eps = ladder(ident, a.envs, a.count, a.eps_base, a.eps_alpha)
     explorer = Explorer(env.single_action_space, a.envs, rng, eps, a.action_noise)

@@ -52,10 +52,14 @@ def _register_atari(env_id: str) -> None:
     gym.register_envs(ale_py)
 
 
-def make_vec(env_id: str, num_envs: int, env_cfg: EnvConfig | None = None) -> gym.vector.VectorEnv:
-    """A synchronous vector env in NEXT_STEP autoreset mode, with episode statistics.
+def make_vec(
+    env_id: str, num_envs: int, env_cfg: EnvConfig | None = None, asynchronous: bool = False
+) -> gym.vector.VectorEnv:
+    """A vector env in NEXT_STEP autoreset mode, with episode statistics.
 
-    The mode is set explicitly because actors/adder.py depends on it.
+    The mode is set explicitly because actors/adder.py depends on it. `asynchronous` steps
+    each copy in its own subprocess: worth its IPC only when one env step costs more than
+    the pickling of its observation (Atari, physics), not for CartPole.
     """
     e = env_cfg or EnvConfig(id=env_id)
     kwargs: dict = {}
@@ -72,7 +76,7 @@ def make_vec(env_id: str, num_envs: int, env_cfg: EnvConfig | None = None) -> gy
     env = gym.make_vec(
         env_id,
         num_envs=num_envs,
-        vectorization_mode="sync",
+        vectorization_mode="async" if asynchronous else "sync",
         vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
         wrappers=wrappers,
         **kwargs,

@@ -40,7 +40,9 @@ _EXTRA_COMMANDS = {
     "learner": "+publish +info",  # notify; store.py tells a restarted shard by its run_id
     "cache": "+subscribe +unsubscribe",
 }
-_TELEMETRY = ["proc:{role}:*", "alive:{role}", "control:{role}:*"]
+# Its stats, liveness and control list; and the id claims of canopy-scaled (deploy/scaled.py),
+# which picks a scaled replica's id as that role.
+_TELEMETRY = ["proc:{role}:*", "alive:{role}", "control:{role}:*", "deploy:claim:{role}:*"]
 
 
 def _own(role: str) -> list[str]:

@@ -132,6 +132,7 @@ class LearnerConfig:
 class ActorConfig:
     count: int = 2
     envs: int = 8  # copies in each actor's vector env
+    async_envs: bool = False  # one subprocess per copy: for slow envs (Atari, MuJoCo), not CartPole
     chunk: int = 64  # transitions per insert message
     inflight_chunks: int = 4  # unacknowledged inserts before the actor waits (backpressure)
     eps_base: float = 0.4  # Ape-X ladder: slot i of N acts with eps_base ** (1 + alpha * i / (N-1))

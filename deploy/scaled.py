@@ -48,7 +48,7 @@ def claim_id(cfg, role: str) -> int:
     if not TOKEN_FILE.exists():
         TOKEN_FILE.write_text(f"{socket.gethostname()}-{secrets.token_hex(8)}\n")
     token = TOKEN_FILE.read_text().strip().encode()
-    r = connect(cfg.cluster, "scaled", f"{role}@{socket.gethostname()}")
+    r = connect(cfg.cluster, role, f"scaled@{socket.gethostname()}")  # as the role's own Redis user
     deadline = time.monotonic() + REDIS_WAIT_S
     while True:  # the Redis root may still be starting
         try:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cluster import curve, wire
 from cluster.errors import DeadlineExceeded, ProtocolError
@@ -43,13 +44,33 @@ def _dealer(ctx: zmq.Context, endpoint: str, max_frame: int) -> zmq.Socket:
 
 @dataclass
 class _Link:
-    """The socket to one shard and the chunks it has not acknowledged yet."""
+    """The socket to one shard and the chunks it has not acknowledged yet.
+
+    `monitor` reports the connection dropping: the shard process died (it may already be
+    back on the same endpoint, still a member), and the chunks in flight died with it.
+    """
 
     shard: int
     endpoint: str
     sock: zmq.Socket
     inflight: int = 0
     drain_until: float = 0.0
+    monitor: zmq.Socket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def peer_lost(self) -> bool:
+        """A disconnect was reported since the last call."""
+        lost = False
+        while self.monitor.poll(0):
+            lost |= recv_monitor_message(self.monitor)["event"] == zmq.EVENT_DISCONNECTED
+        return lost
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
 
 
 class InsertClient:
@@ -150,7 +171,7 @@ class InsertClient:
     def close(self) -> None:
         for link in [self.link, *self.draining]:
             if link is not None:
-                link.sock.close(0)
+                link.close()
 
     def _wait(self, seconds: float) -> None:
         """Wait for an ack (or sleep while no shard is live), then follow membership."""
@@ -185,7 +206,7 @@ class InsertClient:
                 self.draining.append(old)
             else:
                 self.chunks_dropped_total += old.inflight
-                old.sock.close(0)
+                old.close()
         self.link = None
         if shard is not None:
             self.link = _Link(shard, live[shard], _dealer(self.ctx, live[shard], self.max_frame))
@@ -194,12 +215,19 @@ class InsertClient:
         """Take every ack already queued, from the current shard and from those drained."""
         if self.link is not None:
             self._take(self.link)
+            if self.link.peer_lost():
+                # Restarted before it left membership: nothing will acknowledge those chunks.
+                # A fresh socket starts at zero in flight instead of waiting out the timeout.
+                old = self.link
+                self.chunks_dropped_total += old.inflight
+                old.close()
+                self.link = _Link(old.shard, old.endpoint, _dealer(self.ctx, old.endpoint, self.max_frame))
         now = time.monotonic()
         for link in list(self.draining):
             self._take(link)
             if not link.inflight or now > link.drain_until:
                 self.chunks_dropped_total += link.inflight
-                link.sock.close(0)
+                link.close()
                 self.draining.remove(link)
 
     def _take(self, link: _Link) -> None:

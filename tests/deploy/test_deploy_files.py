@@ -321,11 +321,9 @@ def test_every_pod_gets_the_config_and_exactly_the_secrets_its_role_reads(tmp_pa
             cfg.cluster, credentials(cfg.cluster, "health")[1]
         ), f"{label}: the probes run `canopy health` as the status user"
         assert curve.load(cfg.cluster) is not None, label
-        # Least privilege: no other role's password; the operator's only where
-        # canopy-scaled claims ids (actors).
-        allowed = {f"redis.{role}.password", "redis.status.password", "redis.password", "curve"}
+        # Least privilege: no other role's password, and the operator's only for the shards.
+        allowed = {f"redis.{role}.password", "redis.status.password", "curve"}
         assert {p.name for p in seen.iterdir()} <= allowed, label
-        assert (seen / "redis.password").exists() == (role == "actor"), label
     assert pods == set(POD_ROLES)
 
 

@@ -52,3 +52,14 @@ def test_atari_frames_are_grey_84x84_stacks_that_never_mix_episodes() -> None:
         np.testing.assert_array_equal(nxt[:, :-1], obs[:, 1:])  # the stack shifts by one frame
     finally:
         env.close()
+
+
+def test_an_asynchronous_vector_env_steps_each_copy_in_its_own_process() -> None:
+    env = make_vec("CartPole-v1", 2, asynchronous=True)
+    try:
+        assert isinstance(env.unwrapped, gym.vector.AsyncVectorEnv)
+        env.reset(seed=0)
+        nxt, rewards, *_ = env.step(np.zeros(2, dtype=np.int64))
+        assert nxt.shape == (2, 4) and rewards.tolist() == [1.0, 1.0]
+    finally:
+        env.close()
