@@ -31,6 +31,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def assert_survived(o: Outcome) -> None:
+    print(f"{o.fault}: detected in {o.detect_s}s by {o.detected_by}, recovered in {o.recover_s}s")
     assert not o.error, f"{o.fault}: {o.error}"
     assert o.detect_s is not None and o.detect_s < 5.0, o
     assert o.recover_s is not None and o.recover_s <= CI_LIMIT_S[o.fault], o
