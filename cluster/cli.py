@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     fb.add_argument("--json", required=True, help="file to write the results to")
     fb.add_argument(
         "--faults",
-        default="actor,replay,cache,redis,learner,standby,zombie,root",
+        default="actor,replay,cache,redis,learner,standby,zombie,root,cut-actors,cut-learner",
         help="comma-separated, run in this order",
     )
     fb.set_defaults(func=_bench)

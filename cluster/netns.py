@@ -188,6 +188,15 @@ class Network:
                 with contextlib.suppress(NetnsError):  # no qdisc of ours there: nothing to lift
                     _run([*prefix, "tc", "qdisc", "del", "dev", dev, "root"])
 
+    def set_link(self, name: str, up: bool) -> None:
+        """Cut host `name` off the network (`up=False`) or plug it back in.
+
+        The bridge-side end goes down, so the host's own interface stays configured and its
+        processes see a silent network (no resets), as with a pulled cable or a dead switch.
+        """
+        i = list(self.hosts).index(name)
+        _ip("link", "set", f"{self.tag}v{i}", "up" if up else "down")
+
     def close(self) -> None:
         """Stop processes started with popen(), then delete every namespace and link. Idempotent."""
         for proc in self.procs:

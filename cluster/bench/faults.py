@@ -510,7 +510,17 @@ class Cluster:
     def _actors_flow(self, out: Outcome) -> None:
         """Every actor steps on, without dying again (an actor blocked on a lost shard would not)."""
         n = self.cfg.actors.count
-        base = {i: self.proc("actor", i) for i in range(n)}
+        # A root shard that just came back may not hold every actor's stats hash yet.
+        base = wait_until(
+            lambda: (
+                (hs := {i: self.proc("actor", i) for i in range(n)})
+                and all("pid" in h for h in hs.values())
+                and hs
+            ),
+            RECOVER_TIMEOUT_S,
+            "every actor's stats hash",
+            0.2,
+        )
 
         def flowing() -> bool:
             for i, h0 in base.items():
@@ -609,10 +619,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def parse_faults(text: str) -> list[str]:
     """`a,b,c` -> the faults in the order given; one line naming the known ones otherwise."""
+    from cluster.bench.cutoff import CUT_FAULTS
+
+    known = (*FAULTS, *CUT_FAULTS)
     names = [f.strip() for f in text.split(",") if f.strip()]
-    unknown = [f for f in names if f not in FAULTS]
+    unknown = [f for f in names if f not in known]
     if unknown or not names:
-        raise UserError(f"unknown fault(s) {', '.join(unknown) or text!r}: choose from {','.join(FAULTS)}")
+        raise UserError(f"unknown fault(s) {', '.join(unknown) or text!r}: choose from {','.join(known)}")
     return names
 
 
@@ -653,18 +666,27 @@ def table(outcomes: list[Outcome], baseline_s: float | None) -> Table:
 
 
 def main(args: argparse.Namespace) -> int:
+    from cluster.bench import cutoff
+
     faults = parse_faults(args.faults)
     run_dir = Path(tempfile.mkdtemp(prefix="canopy-faults-"))
     console = Console(stderr=True, width=200)
     outcomes: list[Outcome] = []
     t0 = time.time()
-    with Cluster(run_dir) as cluster:
-        for fault in faults:
-            console.print(f"fault: {fault}")
-            outcomes.append(cluster.inject(fault))
-        baseline = cluster.publish_gap_s(t0)
+    baseline, leftover, tracked = None, [], 0
+    if kills := [f for f in faults if f in FAULTS]:
+        with Cluster(run_dir / "up") as cluster:
+            for fault in kills:
+                console.print(f"fault: {fault}")
+                outcomes.append(cluster.inject(fault))
+            baseline = cluster.publish_gap_s(t0)
+        leftover, tracked = [str(p) for p in cluster.leftover], len(cluster.pids)
+    if cuts := [f for f in faults if f in cutoff.CUT_FAULTS]:
+        console.print(f"faults: {', '.join(cuts)} (network namespaces)")
+        cut_outcomes, cut_leftover = cutoff.run(cuts, run_dir / "netns")
+        outcomes += cut_outcomes
+        leftover += cut_leftover
     console.print(table(outcomes, baseline))
-    leftover = cluster.leftover
     checks = [
         report.check(
             f"{o.fault}: recovered within {o.goal_s:.0f}s, training continues, nothing lost",
@@ -680,7 +702,7 @@ def main(args: argparse.Namespace) -> int:
     figures = {
         "faults": [asdict(o) | {"ok": o.ok} for o in outcomes],
         "publish_gap_s": baseline,
-        "processes_tracked": len(cluster.pids),
+        "processes_tracked": tracked,
         "leftover_pids": leftover,
         "run_dir": str(run_dir),
         "wall_s": round(time.time() - t0, 1),

@@ -13,20 +13,18 @@ answer and is counted) and every role talks to Redis as its own least-privilege 
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tomllib
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import tomli_w
 from conftest import REPO_ROOT, stop_process, wait_for
 
 from cluster import netns
+from cluster.bench.cutoff import deploy_config, host_plan
 from cluster.keys import Keys
 from cluster.version import Version
 
@@ -76,52 +74,17 @@ sys.exit(1 if sock.poll(2000) else 0)
 
 
 def cluster_config(net: netns.Network, tmp_path: Path) -> tuple[Path, Keys, str]:
-    """deploy/cluster.toml, its hosts and secrets swapped for namespace addresses and files the
-    compose `keys` service's command made; (file, keys, operator password)."""
+    """deploy/cluster.toml on the namespace hosts, with SPEEDUPS; (file, keys, operator password)."""
     doc = tomllib.loads((REPO_ROOT / "deploy" / "cluster.toml").read_text())
     assert doc["cluster"]["role_users"] and doc["cluster"]["curve_dir"], "the deploy config is secure"
-    redis_ip, data_ip = net["redis"].address, net["data"].address
-    secrets = tmp_path / "secrets"
-    subprocess.run(
-        [sys.executable, str(REPO_ROOT / "deploy" / "make_secrets.py"), str(secrets)], check=True, timeout=60
-    )
-    password_file = secrets / "redis.password"
-    password = password_file.read_text().strip()
-    run = f"netns-{uuid.uuid4().hex[:8]}"
-    doc["cluster"].update(
-        redis=[f"{redis_ip}:6379", f"{redis_ip}:6380"],
-        replay=[f"tcp://{data_ip}:5555"],
-        cache_fetch=[f"tcp://{data_ip}:5556"],
-        cache_notify=[f"tcp://{data_ip}:5557"],
-        password_file=str(password_file),
-        curve_dir=str(secrets / "curve"),
-    )
     assert doc["cluster"]["bind_all"], "deploy/cluster.toml binds every interface, as the hosts here do"
-    for section, values in SPEEDUPS.items():
-        doc.setdefault(section, {}).update(values)
-    doc["run"].update(name=run, dir=str(tmp_path / "run"))
-    path = tmp_path / "cluster.toml"
-    path.write_text(tomli_w.dumps(doc))
-    return path, Keys(run), password
-
-
-def host_plan(config: Path, net: netns.Network) -> list[tuple[netns.Host, list[list[str]]]]:
-    placement = {"learner": "learner", "evaluator": "learner", "actor": "actors"}
-    places = [f"--place={role}={net[host].address}" for role, host in placement.items()]
-    out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "hosts", "plan", str(config), *places, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
-    by_address = {h.address: h for h in net.hosts.values()}
-    return [(by_address[entry["host"]], entry["commands"]) for entry in json.loads(out)["hosts"]]
+    path, password = deploy_config(net, tmp_path, SPEEDUPS)
+    return path, Keys(tomllib.loads(path.read_text())["run"]["name"]), password
 
 
 def test_roles_on_four_namespace_hosts_train_cartpole(network: netns.Network, tmp_path: Path) -> None:
     config, keys, password = cluster_config(network, tmp_path)
-    plan = host_plan(config, network)
+    plan = host_plan(config, network, {"learner": "learner", "evaluator": "learner", "actor": "actors"})
     assert [h.name for h, _ in plan] == ["redis", "data", "learner", "actors"]
     env = {
         **os.environ,
