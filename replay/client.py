@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgpack
 import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -25,6 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from cluster import curve, wire
 from cluster.errors import DeadlineExceeded, ProtocolError
 from replay.membership import Members, shard_for
+from replay.packed import Unpacker
 
 if TYPE_CHECKING:
     import torch
@@ -321,6 +323,7 @@ class SampleClient:
         self.not_ready_total = 0
         self.shard_changes_total = 0
         self.priority_updates_dropped_total = 0
+        self.unpack = Unpacker()  # packed replies (replay/packed.py) -> named arrays
         self._follow()
 
     @property
@@ -354,14 +357,13 @@ class SampleClient:
             if stop is not None and stop.is_set():
                 return None
             self._follow()
-            self._receive(0)
+            if not all(s.ready for s in self.shards.values()):  # else: no poll, the queue waits
+                self._receive(0)
             drawable = {sid: s for sid, s in self.shards.items() if s.heard and s.total > 0}
             # The first draw needs the total of every shard there was at the start.
             waiting = any(s.awaited and not s.heard for s in self.shards.values())
             if drawable and not waiting:
-                ids = list(drawable)
-                totals = np.array([drawable[i].total for i in ids])
-                sid = ids[int(self.rng.choice(len(ids), p=totals / totals.sum()))]
+                sid = self._draw(drawable)
                 shard = drawable[sid]
                 # The draw must not depend on which shard happens to have a batch ready: wait
                 # for this one until it serves, its limiter holds it, or it leaves.
@@ -378,6 +380,17 @@ class SampleClient:
                     return self._finish(sid, *shard.ready.popleft())
                 continue  # the drawn shard went not-ready or left meanwhile: draw again
             self._receive(self._slice_ms(deadline, timeout))
+
+    def _draw(self, drawable: dict[int, _Shard]) -> int:
+        """A shard id with probability total_s / sum(total) (no draw for a single shard)."""
+        if len(drawable) == 1:
+            return next(iter(drawable))
+        u = self.rng.random() * sum(s.total for s in drawable.values())
+        for sid, s in drawable.items():
+            u -= s.total
+            if u < 0:
+                return sid
+        return sid  # rounding left u >= 0 after the last one: it is the last one
 
     def update_priorities(self, shard: int, slot: np.ndarray, gen: np.ndarray, priority: np.ndarray) -> None:
         """Send new priorities for items of one shard (fire-and-forget; stale ones are dropped there).
@@ -454,7 +467,8 @@ class SampleClient:
                     h = msg.header
                     shard.total, shard.size = float(h["total"]), int(h["size"])
                     shard.min_weight = float(h["min_weight"])
-                    shard.ready.append((h, msg.arrays))
+                    arrays = self.unpack(h, msg.arrays) if "layout" in h else msg.arrays
+                    shard.ready.append((h, arrays))
                 elif msg.header.get("code") in ("not_ready", "busy"):
                     self._request(sock)  # nothing was delivered: keep the request count up
                     self.not_ready_total += 1
@@ -480,10 +494,10 @@ class SampleClient:
         return out
 
     def _request(self, sock: zmq.Socket) -> None:
-        header = {"op": "sample", "batch": self.batch, "req": next(self.req)}
+        header = {"op": "sample", "batch": self.batch, "req": next(self.req), "packed": True}
         if self.table:
             header["table"] = self.table
-        sock.send_multipart(wire.encode(header))
+        sock.send(msgpack.packb(header))  # a header-only wire.py message, one frame
 
 
 def to_tensors(

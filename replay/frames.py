@@ -166,8 +166,11 @@ class FrameStore:
         self.free[self.nfree : self.nfree + len(dead)] = dead
         self.nfree += len(dead)
 
-    def gather(self, stacks: np.ndarray) -> np.ndarray:
-        return self.data.take(stacks, axis=0)
+    def gather(self, stacks: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 [n, stack, *frame_shape] frames of `stacks` (into `out` when given)."""
+        if out is None:
+            return self.data.take(stacks, axis=0)
+        return self.data.take(stacks, axis=0, out=out, mode="clip")
 
     # -- snapshots --------------------------------------------------------------------------
 

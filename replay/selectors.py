@@ -112,8 +112,10 @@ class Prioritized:
         self.tree.set(slots, 0.0)
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
-        keep = self.live[slots]
-        self.tree.set(slots[keep], self._leaf(priorities[keep]))
+        keep = self.live.take(slots)
+        if not keep.all():  # the table already dropped updates for removed items
+            slots, priorities = slots[keep], priorities[keep]
+        self.tree.set(slots, self._leaf(priorities))
 
     def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         total = self.tree.total
@@ -134,7 +136,7 @@ class Prioritized:
 
     def _leaf(self, priorities: np.ndarray) -> np.ndarray:
         p = np.asarray(priorities, np.float64)
-        if np.any(~np.isfinite(p)) or np.any(p < 0):
+        if not np.isfinite(p).all() or (p < 0).any():
             raise ValueError("priorities must be finite and >= 0")
         return p**self.alpha
 

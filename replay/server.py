@@ -7,8 +7,10 @@ server per shard and mirrors its counters into Redis.
 Protocol (wire.py frames; every request may carry `req`, echoed in the reply, and
 `table`, the main table when absent):
     insert {n}                         + arrays (+ optional float `priority`) -> ack {size}
-    sample {batch}                     -> batch {size, total, min_weight} + arrays
-                                          + slot, gen (item address), prob (within table)
+    sample {batch, packed?}            -> batch {size, total, min_weight} + arrays
+                                          + slot, gen (item address), prob (within table);
+                                          with `packed: true` all of them in one frame
+                                          (replay/packed.py: `layout` + array `packed`)
     priority                           + slot (i8), gen (i8), priority (f8)
                                        -> updated {applied, dropped}
     configure {samples_per_insert?, min_size?, error_buffer?} -> configured {limiter}
@@ -46,12 +48,19 @@ from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
 from replay import snapshot
 from replay.limiter import RateLimiter
+from replay.packed import Layouts
 from replay.table import Table
 
 MAIN = "main"
 MAX_LIMITER_VALUE = 1e15  # items: far beyond any table, far inside int64 and float precision
 _SNDMORE = int(zmq.SNDMORE)
 FINAL_SNAPSHOT_TIMEOUT_S = 300.0  # a stopping shard waits this long for its last snapshot
+# Each sampled item's address and probability, after its columns in a packed reply.
+_ADDRESS = [
+    ("slot", np.dtype(np.int64), ()),
+    ("gen", np.dtype(np.int64), ()),
+    ("prob", np.dtype(np.float64), ()),
+]
 
 
 @dataclass
@@ -69,6 +78,7 @@ class _Slot:
     limiter: RateLimiter
     inserts: deque[_Parked] = field(default_factory=deque)
     samples: deque[_Parked] = field(default_factory=deque)
+    layouts: Layouts = field(default_factory=Layouts)  # packed sample replies, by batch length
 
 
 def table_specs(cfg: ReplayConfig) -> list[dict]:
@@ -235,6 +245,8 @@ class ReplayServer:
                 batch = msg.header.get("batch")
                 if not isinstance(batch, int) or not 0 < batch <= 65536:
                     raise ProtocolError("sample needs an integer 'batch' in 1..65536")
+                if not isinstance(msg.header.get("packed", False), bool):
+                    raise ProtocolError("sample: 'packed' must be true or false")
                 self.counters["sample_requests_total"] += 1
                 self._sample_or_park(ident, msg)
             elif op == "priority":
@@ -304,19 +316,25 @@ class ReplayServer:
         return slot.table.size > 0 and slot.limiter.can_sample(slot.table.size, msg.header["batch"])
 
     def _sample(self, slot: _Slot, ident: bytes, msg: wire.Message) -> None:
-        s = slot.table.sample(msg.header["batch"], self.rng)
-        arrays = {**s.arrays, "slot": s.slots, "gen": s.gens, "prob": s.probs}
-        n = len(s.slots)
+        table = slot.table
+        slots, gens, probs, total, min_weight = table.draw(msg.header["batch"], self.rng)
+        n = len(slots)
         slot.limiter.sampled += n
         self.counters["samples_total"] += n
-        header = {
-            "op": "batch",
-            "size": slot.table.size,
-            "total": s.total,
-            "min_weight": s.min_weight,
-            "req": msg.header.get("req"),
-        }
-        frames = [ident, *wire.encode(header, arrays)]
+        fields = {"op": "batch", "size": table.size, "total": total, "min_weight": min_weight}
+        fields["req"] = msg.header.get("req")
+        if msg.header.get("packed"):  # one frame, gathered in place (replay/packed.py)
+            layout = slot.layouts.get(n, lambda: _packed_columns(table))
+            buf = layout.acquire()
+            views = buf.views
+            table.gather(slots, views)
+            views["slot"][:] = slots
+            views["gen"][:] = gens
+            views["prob"][:] = probs
+            layout.send(self.sock, ident, fields, buf)
+            return
+        arrays = {**table.gather(slots), "slot": slots, "gen": gens, "prob": probs}
+        frames = [ident, *wire.encode(fields, arrays)]
         send = self.sock.send  # int flags: send_multipart spends microseconds on enum arithmetic
         for frame in frames[:-1]:
             send(frame, _SNDMORE, copy=False)
@@ -504,6 +522,13 @@ class ReplayServer:
             return False
         self._snapshot_done(outcome)
         return True
+
+
+def _packed_columns(table: Table) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+    """A packed reply's columns: the table's, then each item's address and probability
+    (which win over table columns of the same name, as in the unpacked reply)."""
+    names = {name for name, _, _ in _ADDRESS}
+    return [c for c in table.item_layout() if c[0] not in names] + _ADDRESS
 
 
 def _rss_bytes() -> int:

@@ -259,22 +259,38 @@ class Table:
             self.updates_dropped += len(slots)
             return 0
         inside = (slots >= 0) & (slots < self.capacity)
-        ok = inside.copy()
-        ok[inside] = (self.gen[slots[inside]] == gens[inside]) & (self.seq[slots[inside]] >= 0)
-        slots, p = slots[ok], p[ok]
+        if inside.all():  # the usual case: one vectorized generation check, no masking
+            ok = self.gen.take(slots) == gens
+            ok &= self.seq.take(slots) >= 0
+        else:
+            ok = inside.copy()
+            ok[inside] = (self.gen[slots[inside]] == gens[inside]) & (self.seq[slots[inside]] >= 0)
+        if not ok.all():
+            slots, p = slots[ok], p[ok]
         self.prio[slots] = p
         self.sampler.update(slots, p)
         self.remover.update(slots, p)
         if len(p):
             self.max_priority = max(self.max_priority, float(p.max()))
         self.updates_applied += len(slots)
-        self.updates_dropped += int((~ok).sum())
+        self.updates_dropped += len(ok) - len(slots)
         return len(slots)
 
     # -- reads ----------------------------------------------------------------------------
 
     def sample(self, batch: int, rng: np.random.Generator) -> Sampled:
         """Draw `batch` items with replacement (fewer when max_times_sampled empties the table)."""
+        slots, gens, probs, total, smallest = self.draw(batch, rng)
+        return Sampled(self.gather(slots), slots, gens, probs, total, smallest)
+
+    def draw(
+        self, batch: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, float]:
+        """(slots, gens, probs, total, min_weight) of `batch` draws, without gathering the columns.
+
+        The columns of the drawn slots are still there for `gather` right after: a removed
+        item's slot and frames are not rewritten before the next insert.
+        """
         if self.size == 0:
             raise ValueError("cannot sample an empty table")
         total, smallest = self.weights()
@@ -283,30 +299,51 @@ class Table:
             # np.add.at would count a slot drawn twice in one batch twice, at a tenth of the
             # sample's cost; only max_times_sampled needs exact counts, and it draws singly.
             self.times[slots] += 1
-        else:
-            # Each draw may remove its item, which changes the next draw: one at a time.
-            got_s, got_p, got_g = [], [], []
-            for _ in range(batch):
-                if self.size == 0:
-                    break
-                s, p = self.sampler.sample(1, rng)
-                got_s.append(int(s[0]))
-                got_p.append(float(p[0]))
-                got_g.append(int(self.gen[s[0]]))  # before a removal bumps it
-                self.times[s] += 1
-                if self.times[s[0]] >= self.max_times_sampled:
-                    self.remove(s)
-            slots, probs = np.asarray(got_s, np.int64), np.asarray(got_p, np.float64)
-            # A removed item's frames may be free already, but nothing overwrote them yet.
-            return Sampled(self._gather(slots), slots, np.asarray(got_g, np.int64), probs, total, smallest)
-        return Sampled(self._gather(slots), slots, self.gen.take(slots), probs, total, smallest)
+            return slots, self.gen.take(slots), probs, total, smallest
+        # Each draw may remove its item, which changes the next draw: one at a time.
+        got_s, got_p, got_g = [], [], []
+        for _ in range(batch):
+            if self.size == 0:
+                break
+            s, p = self.sampler.sample(1, rng)
+            got_s.append(int(s[0]))
+            got_p.append(float(p[0]))
+            got_g.append(int(self.gen[s[0]]))  # before a removal bumps it
+            self.times[s] += 1
+            if self.times[s[0]] >= self.max_times_sampled:
+                self.remove(s)
+        slots, probs = np.asarray(got_s, np.int64), np.asarray(got_p, np.float64)
+        return slots, np.asarray(got_g, np.int64), probs, total, smallest
 
-    def _gather(self, slots: np.ndarray) -> dict[str, np.ndarray]:
-        # ndarray.take gathers rows in about half the time of fancy indexing.
-        arrays = {k: c.take(slots, axis=0) for k, c in self.columns.items()}
+    def gather(self, slots: np.ndarray, out: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The stored columns of `slots` (pixel tables: rebuilt obs/next_obs stacks).
+
+        `out` (name -> array of the right shape and dtype, e.g. views into one reply
+        buffer, see `item_layout`) receives the rows in place instead of new arrays.
+        """
+        if out is None:
+            # ndarray.take gathers rows in about half the time of fancy indexing.
+            arrays = {k: c.take(slots, axis=0) for k, c in self.columns.items()}
+            for k, stacks in self.stacked.items():
+                arrays[k] = self.frames.gather(stacks.take(slots, axis=0))
+            return arrays
+        # mode="clip": the slots are valid, and take with out= buffers in the default mode.
+        # A column `out` leaves out is skipped (the server's item address replaces it).
+        for k, c in self.columns.items():
+            if k in out:
+                c.take(slots, axis=0, out=out[k], mode="clip")
         for k, stacks in self.stacked.items():
-            arrays[k] = self.frames.gather(stacks.take(slots, axis=0))
-        return arrays
+            if k in out:
+                self.frames.gather(stacks.take(slots, axis=0), out=out[k])
+        return out
+
+    def item_layout(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape of one item) of each column `gather` returns."""
+        cols = [(k, c.dtype, c.shape[1:]) for k, c in self.columns.items()]
+        if self.frames is not None:
+            shape = (self.frame_stack, *self.frames.frame_shape)
+            cols += [(k, np.dtype(np.uint8), shape) for k in self.stacked]
+        return cols
 
     def weights(self) -> tuple[float, float]:
         """(total, smallest) sampling weight over stored items, as the sampler sees them."""

@@ -16,6 +16,7 @@ from cluster import wire
 from cluster.config import ReplayConfig
 from cluster.errors import DeadlineExceeded, ProtocolError
 from replay.client import InsertClient, SampleClient, request_stats
+from replay.packed import Unpacker
 from replay.server import ReplayServer
 
 OBS_DIM = 4
@@ -204,6 +205,12 @@ MALFORMED = [
         [msgpack.packb({"op": "sample", "batch": "8", "req": 9})], "batch", 9, id="sample-batch-str"
     ),
     pytest.param(
+        [msgpack.packb({"op": "sample", "batch": 8, "req": 9, "packed": 1})],
+        "packed",
+        9,
+        id="sample-packed-not-bool",
+    ),
+    pytest.param(
         wire.encode({"op": "insert", "req": 9}, {**transitions(4), "obs": np.zeros((4, 7), np.float32)}),
         "signature",
         9,
@@ -353,3 +360,47 @@ def test_a_learner_never_has_more_than_inflight_batches_sampled_ahead_of_what_it
         assert shard.stats()["samples_total"] == expected
     finally:
         sampler.close()
+
+
+def test_a_packed_sample_carries_the_same_columns_as_an_unpacked_one(replay_shard, dealer) -> None:
+    shard = replay_shard()
+    sock = dealer(shard.endpoint)
+    sock.send_multipart(wire.encode({"op": "insert", "req": 1}, transitions(50)))
+    assert reply(sock, shard).op == "ack"
+    sock.send_multipart(wire.encode({"op": "sample", "batch": 16, "req": 2}))
+    plain = reply(sock, shard)
+    sock.send_multipart(wire.encode({"op": "sample", "batch": 16, "req": 3, "packed": True}))
+    msg = reply(sock, shard)
+    assert (msg.op, msg.header["req"], list(msg.arrays)) == ("batch", 3, ["packed"])
+    assert {k: msg.header[k] for k in ("size", "total")} == {"size": 50, "total": 50.0}
+    got = Unpacker()(msg.header, msg.arrays)
+    assert {k: (a.dtype, a.shape) for k, a in got.items()} == {
+        k: (a.dtype, a.shape) for k, a in plain.arrays.items()
+    }
+    ids = got["obs"][:, 0].astype(np.int64)  # each row is the item it claims to be
+    np.testing.assert_array_equal(got["next_obs"][:, 0], ids + 1)
+    np.testing.assert_array_equal(got["action"], ids % 2)
+    np.testing.assert_array_equal(got["version"], np.full(16, (1 << 32) | 7))
+    np.testing.assert_array_equal(got["slot"], ids)  # slots fill 0, 1, 2, ... in order
+    np.testing.assert_array_equal(got["gen"], np.ones(16))
+    np.testing.assert_allclose(got["prob"], 1 / 50)
+
+
+def test_a_sample_client_decodes_packed_batches_from_several_requests_in_flight(replay_shard) -> None:
+    shard = replay_shard()
+    inserter = InsertClient(shard.endpoint, inflight=2)
+    sampler = SampleClient([shard.endpoint], batch=8, inflight=4)
+    try:
+        inserter.insert(transitions(40), timeout=TIMEOUT_S)
+        inserter.flush(timeout=TIMEOUT_S)
+        for _ in range(20):
+            b = sampler.next(timeout=TIMEOUT_S)
+            ids = b["obs"][:, 0].astype(np.int64)
+            np.testing.assert_array_equal(b["next_obs"][:, 0], ids + 1)
+            np.testing.assert_array_equal(b["slot"], ids)
+            assert b["weight"].dtype == np.float32 and b["weight"].shape == (8,)
+            sampler.update_priorities(int(b["shard"][0]), b["slot"], b["gen"], np.ones(8))
+    finally:
+        sampler.close()
+        inserter.close()
+    assert shard.stats()["rejected_total"] == 0

@@ -70,7 +70,7 @@ def check_every_item(table: Table, reference: dict[int, tuple[np.ndarray, np.nda
     live = np.flatnonzero(table.seq >= 0)
     if not len(live):
         return
-    got = table._gather(live)
+    got = table.gather(live)
     for j, tid in enumerate(got["tid"].tolist()):
         want_obs, want_next = reference[tid]
         np.testing.assert_array_equal(got["obs"][j], want_obs)
@@ -145,7 +145,7 @@ def test_an_episode_start_repeats_its_first_frame_and_never_shows_the_last_episo
         "action": np.zeros(3, np.int64),
     }
     t.insert(chunk)
-    got = t._gather(np.arange(3))
+    got = t.gather(np.arange(3))
     np.testing.assert_array_equal(got["obs"][0], f[[0, 0, 0]])
     np.testing.assert_array_equal(got["next_obs"][0], f[[0, 0, 1]])
     np.testing.assert_array_equal(got["obs"][1], f[[2, 2, 2]])  # not f[[0, 1, 2]]

@@ -86,3 +86,39 @@ def test_a_sample_costs_one_descent_of_log_n_levels_not_a_scan() -> None:
     tree.set(np.array([5, 1_000_000]), np.array([1.0, 1.0]))
     got = tree.find(np.array([0.5, 1.5]))
     assert got.tolist() == [5, 1_000_000]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    leaves=st.lists(
+        st.one_of(st.just(0.0), st.floats(min_value=1e-12, max_value=1e12)), min_size=1, max_size=70
+    ),
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+)
+def test_the_fast_descent_returns_exactly_what_the_guarded_descent_returns(leaves: list, seed: int) -> None:
+    tree = SumTree(len(leaves))
+    tree.set(np.arange(len(leaves)), np.array(leaves))
+    if tree.total <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    # Masses at and just past every edge, where rounding decides, and at the very top.
+    cum = np.cumsum(leaves)
+    mass = np.concatenate([rng.random(32) * tree.total, cum, np.nextafter(cum, np.inf), [tree.total]])
+    mass = np.minimum(mass, np.nextafter(tree.total, 0))
+    got = tree.find(mass)
+    np.testing.assert_array_equal(got, tree._find_guarded(mass))
+    assert (tree.get(got) > 0).all(), "an empty leaf was sampled"
+
+
+def test_the_smallest_leaf_follows_writes_that_raise_or_empty_it() -> None:
+    tree = SumTree(8)
+    tree.set(np.arange(4), np.array([3.0, 1.0, 2.0, 1.0]))
+    assert tree.min == 1.0
+    tree.set(np.array([1]), np.array([5.0]))  # one of two leaves holding the minimum rises
+    assert tree.min == 1.0
+    tree.set(np.array([3]), np.array([0.0]))  # the other one empties
+    assert tree.min == 2.0
+    tree.set(np.array([2, 2]), np.array([0.5, 4.0]))  # duplicates: the last write counts
+    assert tree.min == 3.0
+    tree.set(np.arange(4), np.zeros(4))
+    assert tree.min == np.inf

@@ -1,0 +1,157 @@
+"""replay/packed.py: one-frame sample replies, their reusable buffers and the client's checks."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+import zmq
+
+from cluster import wire
+from cluster.bench.replay import PixelStream
+from cluster.errors import ProtocolError
+from replay.packed import ALIGN, PACKED, POOL, Layout, Layouts, Unpacker
+from replay.table import Table
+
+COLUMNS = [
+    ("obs", np.dtype(np.float32), (4,)),
+    ("action", np.dtype(np.int64), ()),
+    ("flag", np.dtype(np.uint8), ()),
+    ("prob", np.dtype(np.float64), ()),
+]
+
+
+def roundtrip(layout: Layout, buf) -> dict[str, np.ndarray]:
+    """What a client gets: the reply's header and payload through wire.decode and Unpacker."""
+    head = layout.header({"op": "batch", "size": 3, "total": 1.5, "min_weight": 0.5, "req": 7})
+    msg = wire.decode([head, bytes(buf.data)], 1 << 26)
+    assert msg.header["req"] == 7 and msg.header["total"] == 1.5
+    return Unpacker()(msg.header, msg.arrays)
+
+
+def test_a_packed_reply_round_trips_every_column_at_aligned_offsets() -> None:
+    layout = Layout(COLUMNS, n=5)
+    assert all(off % ALIGN == 0 for off in layout.offsets)
+    buf = layout.acquire()
+    rng = np.random.default_rng(0)
+    want = {
+        "obs": rng.random((5, 4)).astype(np.float32),
+        "action": np.arange(5),
+        "flag": np.array([1, 0, 1, 1, 0], np.uint8),
+        "prob": rng.random(5),
+    }
+    for k, a in want.items():
+        buf.views[k][:] = a
+    got = roundtrip(layout, buf)
+    assert list(got) == list(want)
+    for k, a in want.items():
+        assert got[k].dtype == a.dtype
+        np.testing.assert_array_equal(got[k], a)
+
+
+def test_a_small_layout_reuses_one_buffer_and_a_large_one_pools_tracked_buffers() -> None:
+    small = Layout(COLUMNS, n=8)
+    assert small.small and small.acquire() is small.acquire()
+    large = Layout([("obs", np.dtype(np.uint8), (4, 84, 84))], n=64)
+    assert not large.small
+    ctx = zmq.Context.instance()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        first = large.acquire()
+        first.tracker = push.send(first.data, copy=False, track=True)
+        first.tracker.wait(5)  # sent: the buffer may serve the next reply
+        assert large.acquire() is first
+        held = []
+        for _ in range(POOL + 2):  # every pooled buffer "in flight": one-offs beyond the pool
+            b = large.acquire()
+            b.tracker = _Pending()
+            held.append(b)
+        assert len(large.buffers) == POOL
+        assert len({id(b) for b in held}) == len(held)
+    finally:
+        pull.close(0)
+        push.close(0)
+
+
+class _Pending:
+    done = False
+
+
+def test_layouts_are_built_once_per_batch_length() -> None:
+    layouts, calls = Layouts(), []
+
+    def columns() -> list:
+        calls.append(1)
+        return COLUMNS
+
+    a = layouts.get(4, columns)
+    assert layouts.get(4, columns) is a and len(calls) == 1
+    assert layouts.get(3, columns).n == 3 and len(calls) == 2
+
+
+def bad(layout, size: int = 256, arrays=None) -> None:
+    arrays = {PACKED: np.zeros(size, np.uint8)} if arrays is None else arrays
+    with pytest.raises(ProtocolError):
+        Unpacker()({"layout": layout}, arrays)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param("nope", id="not-a-list"),
+        pytest.param([["a", "<f4", [4]]], id="three-fields"),
+        pytest.param([["a", "|O", [4], 0]], id="object-dtype"),
+        pytest.param([["a", "<f8", [64], 0]], id="overruns-the-frame"),
+        pytest.param([["a", "<f4", [4], 250]], id="offset-past-the-end"),
+        pytest.param([["a", "<f4", [4], -8]], id="negative-offset"),
+        pytest.param([["a", "<f4", [4], 0], ["a", "<f4", [4], 64]], id="duplicate-name"),
+        pytest.param([["a", "<f4", [-1], 0]], id="negative-size"),
+        pytest.param([["a", "<f4", [True], 0]], id="bool-size"),
+        pytest.param([[7, "<f4", [4], 0]], id="name-not-a-string"),
+        pytest.param([["a", "<f4", [4], 1.5]], id="float-offset"),
+    ],
+)
+def test_the_unpacker_refuses_a_layout_that_does_not_fit_its_frame(layout) -> None:
+    bad(layout)
+
+
+def test_the_unpacker_refuses_a_reply_without_exactly_one_packed_array() -> None:
+    layout = [["a", "<f4", [4], 0]]
+    bad(layout, arrays={})
+    bad(layout, arrays={PACKED: np.zeros(64, np.uint8), "b": np.zeros(1, np.uint8)})
+    bad(layout, arrays={PACKED: np.zeros(16, np.float32)})
+
+
+def test_a_cached_layout_is_checked_again_for_a_shorter_frame() -> None:
+    unpack = Unpacker()
+    layout = [["a", "<f4", [16], 0]]
+    assert unpack({"layout": layout}, {PACKED: np.zeros(64, np.uint8)})["a"].shape == (16,)
+    with pytest.raises(ProtocolError):
+        unpack({"layout": list(layout)}, {PACKED: np.zeros(32, np.uint8)})
+
+
+def test_a_header_with_too_many_fields_is_refused() -> None:
+    with pytest.raises(ValueError):
+        Layout(COLUMNS, 2).header({f"k{i}": i for i in range(14)})
+    assert isinstance(msgpack.unpackb(Layout(COLUMNS, 2).header({"op": "batch"})), dict)
+
+
+def test_gather_into_views_matches_gather_for_plain_and_pixel_tables() -> None:
+    rng = np.random.default_rng(0)
+    plain = Table(100)
+    plain.insert({"obs": rng.random((60, 4)).astype(np.float32), "action": np.arange(60)})
+    pixel = Table(300, frame_window=256)
+    stream = PixelStream(3)
+    for _ in range(5):
+        pixel.insert(stream.chunk(32))
+    for table in (plain, pixel):
+        slots = table.draw(16, rng)[0]
+        layout = Layout(table.item_layout(), len(slots))
+        buf = layout.acquire()
+        table.gather(slots, buf.views)
+        want = table.gather(slots)
+        assert set(want) == set(buf.views)
+        for k, a in want.items():
+            np.testing.assert_array_equal(buf.views[k], a)
