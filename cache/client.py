@@ -12,10 +12,19 @@ fetched first when missing), and hand it out. Versions only move forward, so an 
 never returns to an older epoch once it saw a newer one. A parent silent for
 `parent_timeout_s` is replaced by the next entry of `parents`; meanwhile the actor keeps
 acting with what it holds and `stale` says so.
+
+Each core subscribes to its parent's landed (`v`) and beat (`b`) notifications, never to
+`arriving` ones. A process that runs many cores on one host (the broadcast bench) may give
+them one `HostWatch`: a single SUB to the leaf's landed notifications, whose news it hands
+to each core in turn (`ClientCore.offer`), while each core's own SUB takes beats only. One
+send per process instead of one per actor; each core still has its own sockets, its own
+pin cells and its own sequence check, so a landed notification the watch missed is caught
+by the core's next beat (a seq gap, then the version the beat names: the clone pattern).
 """
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -66,10 +75,12 @@ class ClientCore:
         heartbeat_s: float = 0.25,
         use_shm: bool = True,
         name: str = "actor",
+        watch: HostWatch | None = None,
     ):
         if not parents:
             raise ValueError("a model client needs at least one parent node")
         self.parents, self.ctx, self.name = parents, ctx, name
+        self.watch = watch
         self.request_timeout_s, self.parent_timeout_s, self.heartbeat_s = (
             request_timeout_s,
             parent_timeout_s,
@@ -91,7 +102,9 @@ class ClientCore:
         self._asked: Version | None = None
         self._last_heard = time.monotonic()
         self._last_seq: int | None = None
-        self._next_hb = 0.0
+        # Spread the first heartbeat over a period: actors started together (a host's worth)
+        # would otherwise beat their node in one burst every period.
+        self._next_hb = time.monotonic() + random.random() * heartbeat_s
         self._behind = False  # set at failover, cleared once the new parent's newest is held
         self._answered = False  # the parent answered our hello
         self.assembly = protocol.Assembly()  # the version reply streaming in, chunk by chunk
@@ -114,7 +127,9 @@ class ClientCore:
         fetch, notify = self.parents[self.parent_index]
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_BEAT)
+        if not self.watched:  # else the process's HostWatch hears landed versions for us
+            self.sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_LANDED)
         self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
         curve.connect(self.sub, notify)
         self.req = self._dealer(fetch)
@@ -130,6 +145,18 @@ class ClientCore:
         if self.shm is not None:
             self.shm.close()
             self.shm = None
+
+    @property
+    def watched(self) -> bool:
+        """A HostWatch hears this core's current parent's landed versions for it."""
+        return self.watch is not None and self.watch.notify == self.parents[self.parent_index][1]
+
+    def offer(self, msg: wire.Message, version: Version | None, seq: int) -> Update | None:
+        """A landed notification of this core's parent, heard by the process's HostWatch."""
+        if not self.watched:
+            return None
+        self._note(msg, version, seq)
+        return self._consider(version)
 
     def acting(self, version: Version) -> None:
         """The caller now acts with `version`: its shared slot must not be overwritten."""
@@ -188,16 +215,24 @@ class ClientCore:
             except ProtocolError:
                 self.rejected_total += 1
                 continue
-            self._last_heard = time.monotonic()
-            tag = protocol.header_str(msg.header, "shm")
-            if tag and self._shm_offer[1] >= 0 and msg.header.get("host") == protocol.HOST:
-                self._shm_offer = (tag, self._shm_offer[1])  # the ring may appear after hello
-            if self._last_seq is not None and seq > self._last_seq + 1:
-                self.missed_notifications_total += seq - self._last_seq - 1
-            self._last_seq = seq if self._last_seq is None else max(self._last_seq, seq)
+            self._note(msg, v, seq)
             if v is not None:
                 newest = v if newest is None else max(newest, v)
         return self._consider(newest)
+
+    def _note(self, msg: wire.Message, v: Version | None, seq: int) -> None:
+        self._last_heard = time.monotonic()
+        if self._shm_offer[1] >= 0:
+            try:
+                tag = protocol.header_str(msg.header, "shm")
+            except ProtocolError:
+                self.rejected_total += 1
+                tag = ""
+            if tag and tag != self._shm_offer[0] and msg.header.get("host") == protocol.HOST:
+                self._shm_offer = (tag, self._shm_offer[1])  # the ring may appear after hello
+        if self._last_seq is not None and seq > self._last_seq + 1:
+            self.missed_notifications_total += seq - self._last_seq - 1
+        self._last_seq = seq if self._last_seq is None or seq > self._last_seq else self._last_seq
 
     def _consider(self, version: Version | None) -> Update | None:
         if version is None or version <= self.current:
@@ -223,7 +258,7 @@ class ClientCore:
                     self.shm.close()
                 self.shm = ShmReader(tag, reader)
             got = self.shm.take(version)
-        except (OSError, ProtocolError):
+        except (OSError, ProtocolError, ValueError):
             self.rejected_total += 1
             return None
         if got is None:
@@ -296,6 +331,50 @@ class ClientCore:
             self.wanted = None
             self._behind = False
         return Update(manifest.version, manifest, arrays, shared)
+
+
+class HostWatch:
+    """One SUB to a node's landed notifications for every ClientCore of this process that
+    follows that node. Example:
+
+        watch = HostWatch(notify, ctx)
+        cores = [ClientCore([(fetch, notify)], ctx, watch=watch) for _ in range(n)]
+        for core in cores: watch.add(core); core.connect()
+        updates = watch.on_readable()  # [(core, Update)] when watch.sub is readable
+    """
+
+    def __init__(self, notify: str, ctx: zmq.Context):
+        self.notify = notify
+        self.cores: list[ClientCore] = []
+        self.rejected_total = 0
+        self.sub = ctx.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_LANDED)
+        self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
+        curve.connect(self.sub, notify)
+
+    def add(self, core: ClientCore) -> None:
+        self.cores.append(core)
+
+    def on_readable(self) -> list[tuple[ClientCore, Update]]:
+        notes = []
+        while True:
+            try:
+                notes.append(protocol.recv_notify(self.sub))
+            except zmq.Again:
+                break
+            except ProtocolError:
+                self.rejected_total += 1
+        updates = []
+        for msg, version, seq in notes:
+            for core in self.cores:
+                update = core.offer(msg, version, seq)
+                if update is not None:
+                    updates.append((core, update))
+        return updates
+
+    def close(self) -> None:
+        self.sub.close(0)
 
 
 class ModelClient:

@@ -3,13 +3,18 @@
 Every tier speaks the same two-socket clone pattern (zguide ch. 5), so a node's parent
 may be another node and a child may be a node or an actor:
 
-    notify (PUB -> SUB):  {op: notify, version, seq, node, host, shm, arriving}
-        sent when a version lands (seq + 1) and again every heartbeat period with the
-        same seq: late joiners and children that missed one catch up from the next
-        beat, and a silent parent is a dead parent. `arriving` names a version whose
-        first chunk just came in (same seq): child nodes ask for it at once and get it
-        streamed (cut-through); actors wait for `version`, which is complete and, on
-        their host, already in shared memory.
+    notify (PUB -> SUB):  topic frame, then {op: notify, version, seq, node, host, shm, arriving}
+        topic `v` (TOPIC_LANDED): sent when a version lands (seq + 1);
+        topic `b` (TOPIC_BEAT): the same again every heartbeat period with the same seq:
+        late joiners and children that missed one catch up from the next beat, and a
+        silent parent is a dead parent;
+        topic `a` (TOPIC_ARRIVING): `arriving` names a version whose first chunk just
+        came in (same seq): child nodes ask for it at once and get it streamed
+        (cut-through). Actors do not subscribe to it (PUB filters on the topic, so they
+        are not even woken): they wait for `version`, which is complete and, on their
+        host, already in shared memory. An actor process that serves many actors may
+        subscribe once to `v` for all of them (`client.HostWatch`) and each actor's own
+        SUB to `b` only.
     fetch (DEALER -> ROUTER):
         {op: hello}             -> {op: hello, version, seq, node, host, shm, reader}
         {op: get, version}      -> {op: version, manifest}, then one message per chunk:
@@ -48,18 +53,15 @@ MAX_REPLY_BYTES = blob.CHUNK_BYTES + wire.MAX_HEADER_BYTES  # one message: a chu
 HOST = socket.gethostname()
 
 
-def notify(version: str, seq: int, node: str, shm: str, arriving: str = "") -> list:
-    return wire.encode(
-        {
-            "op": "notify",
-            "version": version,
-            "seq": seq,
-            "node": node,
-            "host": HOST,
-            "shm": shm,
-            "arriving": arriving,
-        }
-    )
+TOPIC_LANDED, TOPIC_BEAT, TOPIC_ARRIVING = b"v", b"b", b"a"
+TOPICS = (TOPIC_LANDED, TOPIC_BEAT, TOPIC_ARRIVING)
+
+
+def notify(version: str, seq: int, node: str, shm: str, arriving: str = "", topic: bytes = b"") -> list:
+    """The frames of one notification; the topic defaults to what the fields say it is."""
+    topic = topic or (TOPIC_ARRIVING if arriving else TOPIC_BEAT)
+    header = {"op": "notify", "version": version, "seq": seq, "node": node, "host": HOST, "shm": shm}
+    return [topic, *wire.encode({**header, "arriving": arriving})]
 
 
 def recv_notify(sock: zmq.Socket) -> tuple[wire.Message, Version | None, int]:
@@ -67,7 +69,10 @@ def recv_notify(sock: zmq.Socket) -> tuple[wire.Message, Version | None, int]:
 
     Raises zmq.Again when none is queued and ProtocolError when one is malformed.
     """
-    msg = wire.decode(sock.recv_multipart(zmq.NOBLOCK), MAX_NOTIFY_BYTES)
+    frames = sock.recv_multipart(zmq.NOBLOCK)
+    if len(frames) < 2 or frames[0] not in TOPICS:
+        raise ProtocolError("notification without a known topic frame")
+    msg = wire.decode(frames[1:], MAX_NOTIFY_BYTES)
     text = header_str(msg.header, "version")
     try:
         seq = int(msg.header.get("seq", 0))

@@ -27,7 +27,22 @@ over real veth links and the shared-memory path is taken only within a host.
 
 Per version it records when the slowest node of each tier held the whole version
 (`tier1_landed_s`, `leaf_landed_s`: with cut-through the leaf lands right after tier 1),
-bytes sent by the Redis root and each tier, and CPU seconds by role.
+bytes sent by the Redis root and each tier, and CPU seconds by role, and where the time
+went, all from the publish: `publish_s` (the learner's write to Redis), then per tier the
+slowest node's `<tier>_heard_s` (notified), `_begun_s` (manifest in), `_fetched_s` (last
+chunk in), `_stored_s` (checked, in the host ring), `_announced_s` (landed notification
+sent; cache/node.py `stages`), then `actors_woke_s` (the first actor process heard it),
+`actors_first_s`, `p50_s` and `max_s` (actors ready to act). Each arm first publishes
+`WARMUP_VERSIONS` versions that are reported apart (`warmup_versions`), not in the figures.
+
+In the tree arms each worker process holds one `cache.client.HostWatch`: one SUB to its
+leaf's landed notifications for all its actors, while each actor keeps its own SUB (beats:
+liveness and catch-up) and DEALER, its own pin cells and its own policy object on views of
+the host's copy; a worker stands for the actor processes of a host, and an actor process
+of canopy holds one ModelClient, so there the watch and the actor's SUB are the same
+thing. The lower bound's notification (one PUB to every actor's SUB) is per actor.
+
+`CANOPY_BENCH_PROFILE=DIR` writes a cProfile dump of each actor worker to DIR.
 
 Each actor releases a private copy right after acting once with it: N private copies of a
 large model would not fit in this machine's memory, which is the point of the tree.
@@ -72,6 +87,11 @@ MAX_SOCKETS = 16_384  # per worker: two per simulated actor
 CLONE_NEWNET = 0x40000000
 EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: enum arithmetic is slow here
 PROBE = b"probe"  # the PUB arms' join signal, sent until every subscriber heard one
+# Versions each arm publishes before the measured ones, reported apart (`warmup_versions`):
+# the first version pays one-time costs (the host ring is created and its pages first
+# touched, lazy imports, first views of each slot) that the steady state never sees again.
+WARMUP_VERSIONS = 1
+STAGES = ("heard", "begun", "fetched", "stored", "announced")  # a node's way, cache/node.py
 
 
 def model(mb: float, seed: int) -> dict[str, np.ndarray]:
@@ -264,11 +284,15 @@ def run_arm(cl: Cluster, arm: str, args: argparse.Namespace, actors: int, setup:
             "redis": [cl.redis_proc.pid],
             "nodes": setup.get("pids", []),
         }
-        cpu0 = {role: cpu_s(pids) for role, pids in roles.items()} | {"publisher": time.process_time()}
-        samples, per_version, shared = [], [], 0
+        samples, per_version, shared, cpu0 = [], [], 0, {}
         keys = Keys(setup["run"])
         enc = codecs.Encoder(args.codec, keyframe_every=args.keyframe_every) if mode == "tree" else None
-        for i in range(args.versions):
+        warmup = warmup_versions(args)
+        warm_rows = []
+        for i in range(warmup + args.versions):
+            if i == warmup:  # one-time costs are behind us: count from here
+                cpu0 = {role: cpu_s(pids) for role, pids in roles.items()}
+                cpu0["publisher"] = time.process_time()
             state = model(mb, 0)
             state["layers.0.bias"] = state["layers.0.bias"] + np.float32(0.01 * (i + 1))
             manifest, chunks = blob.pack(state, Version(1, i + 1), "mlp", 0, encoder=enc)
@@ -279,11 +303,12 @@ def run_arm(cl: Cluster, arm: str, args: argparse.Namespace, actors: int, setup:
             else:
                 blob.write(cl.r, keys, manifest, chunks)
             publish_s = time.time() - t0  # the sender's own part (the learner's write to Redis)
-            times = []
+            times, woke, shared_now = [], [], 0
             for p in workers:
                 msg = json.loads(readline(p, VERSION_TIMEOUT_S))
                 times += msg["t"]
-                shared += msg["shared"]
+                shared_now += msg["shared"]
+                woke.append(msg.get("woke", min(msg["t"])))
             lat = np.array(times) - t0
             row = {
                 "version": str(manifest.version),
@@ -293,12 +318,25 @@ def run_arm(cl: Cluster, arm: str, args: argparse.Namespace, actors: int, setup:
             }
             time.sleep(0.3)  # let the tiers settle (and dump their counters): one version at a time
             for tier, files in setup.get("tiers", {}).items():
+                counters = [json.loads(f.read_text()) for f in files]
                 # When the slowest node of each tier held the whole version.
-                row[f"{tier}_landed_s"] = (
-                    max(json.loads(f.read_text()).get("landed_at", 0) for f in files) - t0
-                )
+                row[f"{tier}_landed_s"] = max(c.get("landed_at", 0) for c in counters) - t0
+                # The slowest node's way through each stage (cache/node.py `stages`).
+                for stage in STAGES:
+                    at = [c.get("stages", {}).get(stage) for c in counters]
+                    if all(
+                        a and c["stages"].get("version") == row["version"]
+                        for a, c in zip(at, counters, strict=True)
+                    ):
+                        row[f"{tier}_{stage}_s"] = max(at) - t0
+            row["actors_woke_s"] = min(woke) - t0  # the first worker to hear of it
+            row["actors_first_s"] = float(lat.min())
+            if i < warmup:
+                warm_rows.append(row)
+                continue
             per_version.append(row)
             samples += lat.tolist()
+            shared += shared_now
             progress.advance(task)
         cpu = {role: cpu_s(pids) - cpu0[role] for role, pids in roles.items()}
         cpu["publisher"] = time.process_time() - cpu0["publisher"]
@@ -310,17 +348,27 @@ def run_arm(cl: Cluster, arm: str, args: argparse.Namespace, actors: int, setup:
             time.sleep(0.05)
         cl.stop(workers)
     a = np.array(samples)
+    stage_keys = [k for k in per_version[0] if k.endswith("_s")] if per_version else []
     return {
         "actors": actors,
+        # Where the time goes: each stage's median over the measured versions (see above).
+        "stages_p50_s": {
+            k: float(np.median([row[k] for row in per_version if k in row])) for k in stage_keys
+        },
         "p50_s": float(np.percentile(a, 50)),
         "p99_s": float(np.percentile(a, 99)),
         "max_s": float(a.max()),
         "cpu_s_per_version": sum(cpu.values()) / args.versions,
         "cpu_s_per_version_by_role": {role: c / args.versions for role, c in cpu.items()},
         "versions": per_version,
+        "warmup_versions": warm_rows,  # not in the figures above: first-use costs (see `warmup_versions`)
         "actors_ready": len(a) // args.versions,
         "actors_on_shared_copy": shared // args.versions,
     }
+
+
+def warmup_versions(args: argparse.Namespace) -> int:
+    return getattr(args, "warmup", WARMUP_VERSIONS)
 
 
 def tree_arm(cl: Cluster, arm: str, args: argparse.Namespace, size: int, progress) -> dict:
@@ -346,7 +394,7 @@ def tree_arm(cl: Cluster, arm: str, args: argparse.Namespace, size: int, progres
         cl.stop([p for p, _, _ in nodes])  # stopped nodes write their final counters
     top = [json.loads(f.read_text()) for _, _, f in (tier1 or leaves)]
     bottom = [json.loads(f.read_text()) for _, _, f in leaves]
-    v = args.versions
+    v = args.versions + warmup_versions(args)  # the node counters include the warm-up versions
     out["bytes_per_version"] = {
         "redis_root": sum(c["upstream_bytes_total"] for c in top) / v,
         "tier1_sent": sum(c["served_bytes_total"] for c in top) / v if tier1 else 0,
@@ -594,7 +642,8 @@ def worker(cfg: dict) -> None:
             continue
         times, shared, policy = got
         policy.q_values(obs)  # the new weights really can act
-        print(json.dumps({"t": times, "shared": shared}), flush=True)
+        woke = getattr(step, "woke", None)
+        print(json.dumps({"t": times, "shared": shared, "woke": min(woke or times)}), flush=True)
 
 
 class Readable:
@@ -625,8 +674,11 @@ class Readable:
 
 
 def _tree_actors(ctx: zmq.Context, cfg: dict, n: int):
-    from cache.client import ClientCore
+    from cache.client import ClientCore, HostWatch
 
+    # One SUB per process to the leaf's landed notifications (cache/client.py HostWatch);
+    # each actor keeps its own SUB (beats: liveness and catch-up) and DEALER.
+    watch = HostWatch(cfg["endpoints"][1], ctx) if cfg.get("watch", True) else None
     cores = [
         ClientCore(
             [tuple(cfg["endpoints"])],
@@ -635,21 +687,31 @@ def _tree_actors(ctx: zmq.Context, cfg: dict, n: int):
             parent_timeout_s=30,
             heartbeat_s=1.0,
             name=f"a{i}",
+            watch=watch,
         )
         for i in range(n)
     ]
-    owner = {}
+    owner, index = {}, {}
     for i, c in enumerate(cores):
         c.connect()
+        index[id(c)] = i
+        if watch is not None:
+            watch.add(c)
         for s in c.sockets():
             owner[s] = i
-    readable = Readable(list(owner))
+    readable = Readable([*owner, *([watch.sub] if watch is not None else [])])
     current = [None] * n
     deadline = time.monotonic() + START_TIMEOUT_S
+    woke: list[float] = []
 
     def pump(timeout_s: float) -> list:
         updates = []
         for sock in readable.wait(timeout_s):
+            if watch is not None and sock is watch.sub:
+                woke.append(time.time())
+                updates += [(index[id(c)], u) for c, u in watch.on_readable()]
+                readable.recheck([sock])
+                continue
             i = owner[sock]
             update = cores[i].on_readable(sock)
             if update is not None:
@@ -669,6 +731,7 @@ def _tree_actors(ctx: zmq.Context, cfg: dict, n: int):
     def step(policy_cls) -> tuple[list, int, object] | None:
         nonlocal next_tick
         times, shared, newest = [], 0, None
+        woke.clear()
         while len(times) < n:
             for i, update in pump(0.1):
                 if current[i] == update.version:
@@ -688,6 +751,7 @@ def _tree_actors(ctx: zmq.Context, cfg: dict, n: int):
                 return None  # nothing yet: let the caller check stdin
         return times, shared, policies[0]
 
+    step.woke = woke  # when this process first heard of the version (per-stage breakdown)
     return step
 
 
@@ -763,4 +827,13 @@ def _flat_actors(ctx: zmq.Context, cfg: dict, n: int):
 
 if __name__ == "__main__":
     if sys.argv[1] == "_worker":
-        worker(json.loads(sys.argv[2]))
+        if os.environ.get("CANOPY_BENCH_PROFILE"):  # a directory: one cProfile dump per worker
+            import cProfile
+
+            prof = cProfile.Profile()
+            try:
+                prof.runcall(worker, json.loads(sys.argv[2]))
+            finally:
+                prof.dump_stats(f"{os.environ['CANOPY_BENCH_PROFILE']}/worker-{os.getpid()}.prof")
+        else:
+            worker(json.loads(sys.argv[2]))
