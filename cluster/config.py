@@ -126,6 +126,9 @@ class LearnerConfig:
     keep_versions: int = 8  # published versions kept in Redis
     samples_in_flight: int = 4  # sample requests outstanding per replay shard
     threads: int = 1  # torch intra-op threads on CPU
+    # Data-parallel ranks training one model together (learner/group.py): each samples its
+    # own batches, gradients are averaged before every step; only rank 0 publishes.
+    learners: int = 1
 
 
 @dataclass
@@ -181,6 +184,9 @@ class ClusterConfig:
     # Least-privilege Redis users, one per role (cluster/acl.py), each with its password in
     # redis.<role>.password beside password_file; off: every role connects as redis_user.
     role_users: bool = False
+    # host:port of the learner group's rendezvous (TCPStore), served by rank 0; needed when
+    # learner.learners > 1 (`canopy up` picks a free port).
+    learner_store: str = ""
 
 
 @dataclass
@@ -241,6 +247,7 @@ _MINIMUMS: dict[str, float] = {
     "learner.keep_versions": 2,
     "learner.samples_in_flight": 1,
     "learner.threads": 1,
+    "learner.learners": 1,
     "actors.count": 1,
     "actors.envs": 1,
     "actors.chunk": 1,
@@ -319,6 +326,9 @@ def verify(cfg: Config) -> list[str]:
         problems.append(f"learner.gamma = {cfg.learner.gamma} must be in (0, 1]")
     if not 0 <= cfg.actors.eps_base <= 1:
         problems.append(f"actors.eps_base = {cfg.actors.eps_base} must be in [0, 1]")
+    store = cfg.cluster.learner_store
+    if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
+        problems.append(f"cluster.learner_store = {store!r} must be host:port")
     if cfg.replay.min_size > cfg.replay.capacity:
         problems.append("replay.min_size must not exceed replay.capacity")
     return problems

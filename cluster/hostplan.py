@@ -33,6 +33,12 @@ def role_command(
     return [*program, role, "--config", str(config_path), "--id", str(ident), *args]
 
 
+def follower_rank(learners: int, ident: int) -> int | None:
+    """The fixed rank of learner `ident` when it follows a group of `learners`; None for a
+    lease candidate (id 0, or the standby, id `learners`), which becomes rank 0 with the lease."""
+    return ident if 0 < ident < learners else None
+
+
 def role_processes(cfg: Config) -> list[tuple[str, int, tuple[str, ...]]]:
     """Every role process of the cluster as (role, id, extra flags), in start order.
 
@@ -42,9 +48,12 @@ def role_processes(cfg: Config) -> list[tuple[str, int, tuple[str, ...]]]:
     procs: list[tuple[str, int, tuple[str, ...]]] = [("redis", i, ()) for i in range(len(c.redis))]
     procs += [("replay", i, ()) for i in range(len(c.replay))]
     procs += [("cache", i, ()) for i in range(min(len(c.cache_fetch), len(c.cache_notify)))]
-    procs.append(("learner", 0, ()))
+    # Learner 0 takes the lease (rank 0); 1..N-1 follow it in a data-parallel group
+    # (learner/group.py); N is the warm standby.
+    n = cfg.learner.learners
+    procs += [("learner", i, ()) for i in range(n)]
     if cfg.checkpoint.standby:
-        procs.append(("learner", 1, ("--standby",)))
+        procs.append(("learner", n, ("--standby",)))
     procs.append(("evaluator", 0, ()))
     procs += [("actor", i, ()) for i in range(cfg.actors.count)]
     return procs
@@ -70,6 +79,11 @@ def plan(
         raise UserError(
             f"{config_path} must set run.name (every role's Redis keys live under canopy:<name>:) "
             "and cluster.password_file (the Redis password, the same file on every host)"
+        )
+    if cfg.learner.learners > 1 and not c.learner_store:
+        raise UserError(
+            f"{config_path}: learner.learners = {cfg.learner.learners} needs cluster.learner_store "
+            "(host:port where rank 0, on the learner host, serves the group's rendezvous)"
         )
     unknown = sorted(set(placement) - set(PLACED_ROLES))
     if unknown:

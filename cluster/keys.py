@@ -84,6 +84,11 @@ class Keys:
         return f"{self.prefix}learner:lease"
 
     @property
+    def learner_group(self) -> str:
+        """Hash `epoch`, `store` (host:port), `world`: the data-parallel learner group to join."""
+        return f"{self.prefix}learner:group"
+
+    @property
     def ckpt_index(self) -> str:
         """Sorted set, on every shard: committed checkpoint ids, score = packed (epoch, step)."""
         return f"{self.prefix}ckpt:index"

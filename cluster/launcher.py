@@ -39,7 +39,7 @@ from cluster import acl, curve, redis_server, tboard, wire
 from cluster import config as config_mod
 from cluster.config import Config
 from cluster.errors import DeadlineExceeded, ProtocolError, UserError
-from cluster.hostplan import role_command
+from cluster.hostplan import follower_rank, role_command, role_processes
 from cluster.keys import Keys
 from cluster.ports import free_ports
 from cluster.progress import RunProgress, waiting
@@ -107,13 +107,15 @@ class Launcher:
         (run_dir / "logs").mkdir(exist_ok=True)
         cfg.run.dir = str(run_dir)
         host = cfg.cluster.host
-        n_ports = cfg.redis.shards + cfg.replay.shards + 2 * cfg.cache.nodes
+        group = cfg.learner.learners > 1  # the learner group's rendezvous (learner/group.py)
+        n_ports = cfg.redis.shards + cfg.replay.shards + 2 * cfg.cache.nodes + int(group)
         ports = iter(free_ports(n_ports, host))
         c = cfg.cluster
         c.redis = [f"{host}:{next(ports)}" for _ in range(cfg.redis.shards)]
         c.replay = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.replay.shards)]
         c.cache_fetch = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.cache.nodes)]
         c.cache_notify = [f"tcp://{host}:{next(ports)}" for _ in range(cfg.cache.nodes)]
+        c.learner_store = f"{host}:{next(ports)}" if group else ""
         # The planner's fan-out, written into config.toml so every node builds the same tree.
         cfg.cache.fanout = cfg.cache.fanout or topology.for_config(cfg).fanout
         if not cfg.replay.snapshot_dir:
@@ -158,17 +160,19 @@ class Launcher:
         if self.resume:
             # Stats hashes of roles killed with the stopped run outlive it by a TTL, still
             # saying `running`: gone, so `_wait_running` waits for this run's roles.
-            counts = {"replay": cfg.replay.shards, "cache": cfg.cache.nodes, "learner": 2}
+            learners = cfg.learner.learners + 1  # the group's ranks and the standby
+            counts = {"replay": cfg.replay.shards, "cache": cfg.cache.nodes, "learner": learners}
             counts |= {"evaluator": 1, "actor": cfg.actors.count}
             self.r.delete(*(self.keys.proc(role, i) for role, n in counts.items() for i in range(n)))
         for i, e in enumerate(c.replay):
             self.spawn("replay", i, {"replay": e})
         for i in range(cfg.cache.nodes):
             self.spawn("cache", i, {"fetch": c.cache_fetch[i], "notify": c.cache_notify[i]})
-        self.spawn("learner", 0)
-        if cfg.checkpoint.standby:
-            # Warm standby: torch imported and model built, waiting on the learner lease.
-            self.spawn("learner", 1, args=("--standby",))
+        for role, ident, args in role_processes(cfg):
+            if role == "learner":
+                # Ids 1..N-1: followers of the learner group; id N (`--standby`): a warm
+                # standby, torch imported and model built, waiting on the learner lease.
+                self.spawn("learner", ident, args=args)
         self.spawn("evaluator", 0)
         for i in range(cfg.actors.count):
             self.spawn("actor", i)
@@ -221,7 +225,8 @@ class Launcher:
     def _heal(self) -> None:
         """Restart any role that died, after a backoff that doubles per role (capped at 30 s).
 
-        A restarted learner comes back as a standby: the lease decides who trains.
+        A restarted learner comes back as a standby (the lease decides who trains), except a
+        learner group's follower, which comes back as the same rank.
         """
         now = time.monotonic()
         for ch in list(self.children):
@@ -240,7 +245,9 @@ class Launcher:
             if now < due:
                 continue
             self.children.remove(ch)
-            args = ("--standby",) if ch.role == "learner" else ch.args
+            # A learner group's followers rejoin the next group as themselves (learner/group.py).
+            follower = follower_rank(self.cfg.learner.learners, ch.ident) is not None
+            args = ("--standby",) if ch.role == "learner" and not follower else ch.args
             self.spawn(ch.role, ch.ident, ch.endpoints, args)
             self.restarts_total += 1
             self._launcher_event("restart", role=ch.role, ident=ch.ident, next_backoff_s=backoff)

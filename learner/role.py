@@ -7,11 +7,21 @@ chunk valid on some shard) -> run (next batch, update, publish every `publish_ev
 updates, capture a checkpoint every `checkpoint.every_s` for the background writer) ->
 report (stats hash, events).
 A learner that loses its lease stops: it can neither publish nor commit (fencing).
+
+Data parallel (`learner.learners = N > 1`, learner/group.py): the lease holder is rank 0
+of a group of N processes; learner ids 1..N-1 are followers (rank = id) that skip the
+lease, publishing and checkpoint writes. After restore, rank 0 forms the group and
+broadcasts its whole training state, so every rank starts identical; then every update
+is: one control all-reduce (stop / checkpoint flags), each rank its own batch from the
+replay shards, gradients averaged across ranks (learner/overlap.py) before clipping and
+the optimizer step. Only rank 0 publishes; its checkpoints hold the shared model and
+optimizer state plus every rank's sampler state (gathered at the checkpoint's step).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import threading
 import time
@@ -23,6 +33,7 @@ from actors.envs import env_spec
 from cache.codecs import Encoder
 from cluster.config import Config, to_dict
 from cluster.errors import DeadlineExceeded, ProtocolError
+from cluster.hostplan import follower_rank
 from cluster.keys import Keys
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
@@ -32,20 +43,27 @@ from learner.algorithms.dqn import Batch
 from learner.checkpoint.lease import Fenced, Lease
 from learner.checkpoint.placement import make_plan, shard_hosts_of
 from learner.checkpoint.prefetch import Prefetcher
-from learner.checkpoint.state import Capturer, load_sampler_state, restore, sampler_state
+from learner.checkpoint.state import Capturer, Snapshot, load_sampler_state, restore, sampler_state
 from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
+from learner.group import LearnerGroup, params_digest
+from learner.overlap import GradSync, GroupLost
 from learner.priorities import PriorityReturn
 from learner.publisher import Publisher
 from replay.client import SampleClient, TensorBatch
 from replay.membership import RedisMembers
 
 SAMPLE_TIMEOUT_S = 120.0
+# A rank silent this long (stuck, paused) ends the group; longer than a sample wait.
+GROUP_TIMEOUT_S = SAMPLE_TIMEOUT_S + 60.0
 
 
-def pick_device(choice: str) -> torch.device:
+def pick_device(choice: str, rank: int | None = None) -> torch.device:
+    """The torch device; with CUDA, rank r of a learner group takes GPU r % device_count."""
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and rank is not None and torch.cuda.is_available():
+        return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device(choice)
 
 
@@ -62,6 +80,10 @@ def make_store(cfg: Config, ident: int) -> CheckpointStore:
 
 def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -> None:
     lc, ck = cfg.learner, cfg.checkpoint
+    rank = follower_rank(lc.learners, ident)
+    if rank is not None:
+        follow(cfg, ident, rank, stop)
+        return
     keys = Keys(cfg.run.name)
     r = connect(cfg.cluster, "learner", ident)
     tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s, commands=("checkpoint",))
@@ -69,7 +91,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
 
     # Build everything before asking for the lease: a standby waits here warm.
     torch.manual_seed(cfg.run.seed)
-    device = pick_device(lc.device)
+    device = pick_device(lc.device, 0 if lc.learners > 1 else None)
     if device.type == "cpu":
         torch.set_num_threads(lc.threads)
     algo, arch = algorithms.make(env_spec(cfg.env.id, cfg.env), lc, device)
@@ -128,25 +150,10 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         repair_every_s=ck.repair_every_s if ck.enabled else 0.0,
     )
     capturer = Capturer(pin=device.type == "cuda")
-    rc = cfg.replay
-    prioritized = rc.sampler == "prioritized"
-    # Every live replay shard, following membership in Redis as shards come and go.
-    members = RedisMembers(r, keys, rc.member_ttl_s / 3, fallback=cfg.cluster.replay)
-    sampler = SampleClient(
-        members,
-        lc.batch_size,
-        lc.samples_in_flight,
-        rc.max_frame_mb * 2**20,
-        is_exponent=rc.importance_exponent,
-        is_exponent_final=rc.importance_exponent_final,
-        anneal_batches=rc.importance_anneal_updates,
-        seed=cfg.run.seed * 1000 + ident,
-    )
+    prioritized = cfg.replay.sampler == "prioritized"
+    members, sampler = _sample_client(cfg, r, keys, ident)
     if "sampler" in counters:
-        try:
-            load_sampler_state(sampler, counters["sampler"])  # the next batch is drawn as before the stop
-        except ProtocolError as exc:  # trains on with a fresh draw order rather than not at all
-            tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
+        _load_sampler(sampler, counters["sampler"], tel)  # the next batch is drawn as before the stop
     priorities = PriorityReturn(sampler, device)
     c = tel.counters
     c.update(
@@ -162,7 +169,19 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         checkpoint=parent,
     )
     version = None
+    group: LearnerGroup | None = None
     try:
+        if lc.learners > 1:
+            group = LearnerGroup.form(
+                r, keys, lease.epoch, cfg.cluster.learner_store, lc.learners, device, stop, GROUP_TIMEOUT_S
+            )
+            # Every rank starts from this rank's state (restored or fresh) and its RNGs; each
+            # follower finds its own sampler state under `ranks` (none on a fresh start).
+            snap = capturer.capture(algo, {"ranks": counters.get("ranks", [])}, {})
+            group.broadcast_bytes(snap.meta_bytes())
+            group.broadcast_bytes(snap.flat.numpy().tobytes())
+            algo.grad_sync = GradSync()
+            c["rank"] = 0
         lease.check()
         version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=parent)
         c["versions_published_total"] += 1
@@ -174,43 +193,39 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         deferred = False
         # On `device` (zero-copy on CPU); the iterator ends as soon as `stop` is set.
         batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
-        while not stop.is_set():
+        while True:
             t0 = time.monotonic()
-            batch = next(batches, None)
-            if batch is None:
+            batch = None if stop.is_set() else next(batches, None)
+            if not tel.commands.empty() and tel.commands.get() == "checkpoint":
+                next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
+            checkpoint_now = ck.enabled and time.monotonic() >= next_ckpt
+            if checkpoint_now and writer.busy():
+                # Do not queue behind a slow write: keep it due and take the newest state
+                # once the writer is free (every due checkpoint coalesces into one).
+                if not deferred:
+                    tel.event("checkpoint_deferred", reason="previous checkpoint still writing")
+                    deferred = True
+                checkpoint_now = False
+            rank_states: list[bytes] = []
+            if group is not None:
+                halt, checkpoint_now = group.control(batch is None, checkpoint_now)
+                if halt:
+                    break
+                if checkpoint_now:
+                    rank_states = group.gather_bytes(json.dumps(sampler_state(sampler)).encode())
+            elif batch is None:
                 break
-            arrays = batch.arrays
-            c["sample_wait_seconds_total"] += time.monotonic() - t0
-            stats = algo.update(_to_batch(batch, prioritized))
-            if prioritized:
-                # New priorities go back fire-and-forget; the shard drops any for slots
-                # overwritten since (their generation moved on).
-                priorities.push(algo.last_td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
-            c["updates_total"] = algo.updates
-            if algo.updates % 50 == 0:
-                c.update(loss=stats["loss"].item(), q_mean=stats["q_mean"].item())  # the only host syncs
-                # How old the data is, in learner steps (only comparable within one epoch).
-                data_steps = arrays["version"] & 0xFFFFFFFF
-                c["policy_lag_mean"] = float(version.step - data_steps.mean())
-                c["replay_shards"] = len(sampler.shards)
+            _train(algo, batch, prioritized, priorities, c, sampler, version, t0, digest=group is not None)
             if algo.updates % lc.publish_every == 0:
                 lineage = writer.last_committed or parent
                 lease.check()  # no round trip: a learner resumed past its TTL stops here
                 version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=lineage)
                 c["versions_published_total"] += 1
                 c["policy_version"] = str(version)
-            if not tel.commands.empty() and tel.commands.get() == "checkpoint":
-                next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
-            if ck.enabled and time.monotonic() >= next_ckpt:
-                if writer.busy():
-                    # Do not queue behind a slow write: keep it due and take the newest
-                    # state once the writer is free (every due checkpoint coalesces into one).
-                    if not deferred:
-                        tel.event("checkpoint_deferred", reason="previous checkpoint still writing")
-                        deferred = True
-                    continue
+            if checkpoint_now:
                 t1 = time.monotonic()
-                snap = capturer.capture(algo, _state_counters(lease.epoch, c, sampler), to_dict(cfg))
+                state = _state_counters(lease.epoch, c, sampler, rank_states)
+                snap = capturer.capture(algo, state, to_dict(cfg))
                 stall_ms = (time.monotonic() - t1) * 1000
                 writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
                 c["checkpoint_stall_ms_last"] = stall_ms
@@ -219,6 +234,9 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                 deferred = False
     except Fenced as exc:
         tel.event("fence", what="publish", message=str(exc))
+    except GroupLost as exc:
+        # A rank died or went silent: the group ends with this epoch (learner/group.py).
+        tel.event("group_lost", epoch=lease.epoch, message=str(exc)[:300])
     except redis.ConnectionError as exc:
         # The root shard is gone, and the lease with it: stop rather than crash; the launcher
         # brings the root back and a standby takes over under a newer epoch.
@@ -232,19 +250,154 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         priorities.flush()
         sampler.close()
         members.close()
-        tel.event("stop", updates=algo.updates, version=str(version))
+        extra = {"rank": 0, "digest": params_digest(algo.online)} if group is not None else {}
+        if group is not None:
+            group.close()
+        tel.event("stop", updates=algo.updates, version=str(version), **extra)
         tel.close("fenced" if lease.lost.is_set() else "stopped")
 
 
-def _state_counters(epoch: int, c: dict, sampler: SampleClient) -> dict:
-    """Counters a restored learner continues from (the replay rate limiter lives in the shard)."""
-    return {
+def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
+    """A follower of the learner group: rank `rank`, trains in step with rank 0, never publishes.
+
+    build -> join (wait for the current epoch's group) -> take rank 0's state -> run (the
+    same loop as rank 0 without publish and checkpoint writes) -> report. It stops when any
+    rank stops; `canopy up` starts it again for the next group.
+    """
+    lc = cfg.learner
+    keys = Keys(cfg.run.name)
+    r = connect(cfg.cluster, "learner", ident)
+    tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s)
+    tel.start()
+    tel.set_state("joining")
+    torch.manual_seed(cfg.run.seed)
+    device = pick_device(lc.device, rank)
+    if device.type == "cpu":
+        torch.set_num_threads(lc.threads)
+    algo, _ = algorithms.make(env_spec(cfg.env.id, cfg.env), lc, device)
+    try:
+        group = LearnerGroup.join(r, keys, rank, lc.learners, device, stop, GROUP_TIMEOUT_S)
+    except GroupLost:
+        tel.close()
+        return
+    prioritized = cfg.replay.sampler == "prioritized"
+    members, sampler = _sample_client(cfg, r, keys, ident)
+    priorities = PriorityReturn(sampler, device)
+    c = tel.counters
+    c.update(
+        rank=rank,
+        epoch=group.epoch,
+        updates_total=0,
+        versions_published_total=0,
+        loss=0.0,
+        q_mean=0.0,
+        sample_wait_seconds_total=0.0,
+        policy_lag_mean=0.0,
+    )
+    try:
+        meta = group.broadcast_bytes(None)
+        counters = restore(algo, Snapshot.from_bytes(meta, group.broadcast_bytes(None)))
+        ranks = counters.get("ranks") or []
+        if rank < len(ranks):
+            _load_sampler(sampler, ranks[rank], tel)
+        algo.grad_sync = GradSync()
+        c["updates_total"] = algo.updates
+        tel.set_state("running")
+        tel.event("start", epoch=group.epoch, rank=rank, device=str(device), updates=algo.updates)
+        batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
+        while True:
+            t0 = time.monotonic()
+            batch = None if stop.is_set() else next(batches, None)
+            halt, checkpoint_now = group.control(batch is None, False)
+            if halt:
+                break
+            if checkpoint_now:  # rank 0 checkpoints at this step: it keeps our sampler state
+                group.gather_bytes(json.dumps(sampler_state(sampler)).encode())
+            _train(algo, batch, prioritized, priorities, c, sampler, None, t0, digest=True)
+    except GroupLost as exc:
+        tel.event("group_lost", epoch=group.epoch, rank=rank, message=str(exc)[:300])
+    finally:
+        priorities.flush()
+        sampler.close()
+        members.close()
+        group.close()
+        tel.event("stop", updates=algo.updates, rank=rank, digest=params_digest(algo.online))
+        tel.close()
+
+
+def _train(
+    algo: object,
+    batch: TensorBatch,
+    prioritized: bool,
+    priorities: PriorityReturn,
+    c: dict,
+    sampler: SampleClient,
+    version: Version | None,
+    t0: float,
+    digest: bool,
+) -> None:
+    """One update on `batch` and the counters that follow it (every rank of a group alike)."""
+    arrays = batch.arrays
+    c["sample_wait_seconds_total"] += time.monotonic() - t0
+    stats = algo.update(_to_batch(batch, prioritized))
+    if prioritized:
+        # New priorities go back fire-and-forget; the shard drops any for slots
+        # overwritten since (their generation moved on).
+        priorities.push(algo.last_td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
+    c["updates_total"] = algo.updates
+    if algo.updates % 50 == 0:
+        c.update(loss=stats["loss"].item(), q_mean=stats["q_mean"].item())  # the only host syncs
+        if version is not None:
+            # How old the data is, in learner steps (only comparable within one epoch).
+            data_steps = arrays["version"] & 0xFFFFFFFF
+            c["policy_lag_mean"] = float(version.step - data_steps.mean())
+        c["replay_shards"] = len(sampler.shards)
+        if digest:
+            # Every rank of a group reports the same digest at the same update count.
+            c["params_digest"] = f"{algo.updates}:{params_digest(algo.online)}"
+
+
+def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple[RedisMembers, SampleClient]:
+    """This learner's replay sample client (its own draw order: seeded by its id)."""
+    rc, lc = cfg.replay, cfg.learner
+    # Every live replay shard, following membership in Redis as shards come and go.
+    members = RedisMembers(r, keys, rc.member_ttl_s / 3, fallback=cfg.cluster.replay)
+    sampler = SampleClient(
+        members,
+        lc.batch_size,
+        lc.samples_in_flight,
+        rc.max_frame_mb * 2**20,
+        is_exponent=rc.importance_exponent,
+        is_exponent_final=rc.importance_exponent_final,
+        anneal_batches=rc.importance_anneal_updates,
+        seed=cfg.run.seed * 1000 + ident,
+    )
+    return members, sampler
+
+
+def _load_sampler(sampler: SampleClient, state: object, tel: Telemetry) -> None:
+    try:
+        load_sampler_state(sampler, state)
+    except ProtocolError as exc:  # trains on with a fresh draw order rather than not at all
+        tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
+
+
+def _state_counters(epoch: int, c: dict, sampler: SampleClient, rank_states: list[bytes]) -> dict:
+    """Counters a restored learner continues from (the replay rate limiter lives in the shard).
+
+    `rank_states`: each rank's sampler state (JSON bytes, gathered at this step) when the
+    learner trains in a group; a restored group hands entry r back to rank r.
+    """
+    state = {
         "epoch": epoch,
         "versions_published_total": c["versions_published_total"],
         "replay_not_ready_total": sampler.not_ready_total,
         "sample_wait_seconds_total": c["sample_wait_seconds_total"],
         "sampler": sampler_state(sampler),
     }
+    if rank_states:
+        state["ranks"] = [json.loads(b) for b in rank_states]
+    return state
 
 
 def _newest_epoch(store: CheckpointStore) -> int:

@@ -9,6 +9,7 @@ so the learner never needs to know about episode boundaries or truncation.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,9 @@ class DQN:
         self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr)
         self.updates = 0
         self.last_td_error: torch.Tensor | None = None
+        # A data-parallel learner group (learner/overlap.py GradSync) averages the
+        # gradients across ranks here; None for a learner that trains alone.
+        self.grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None
 
     def export(self) -> dict[str, np.ndarray]:
         """The online network's arrays, as actors act with them."""
@@ -72,6 +76,9 @@ class DQN:
         loss = per_item.mean() if batch.weight is None else (batch.weight * per_item).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:
+            # Average before clipping: every rank then clips and steps the same gradient.
+            self.grad_sync(self.online.parameters())
         nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
 

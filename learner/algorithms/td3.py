@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -92,6 +93,7 @@ class TD3:
         )
         self.updates = 0
         self.last_td_error: torch.Tensor | None = None
+        self.grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None  # see dqn.py
 
     def export(self) -> dict[str, np.ndarray]:
         return self.online["actor"].export()
@@ -113,6 +115,8 @@ class TD3:
         loss = per_item.mean() if batch.weight is None else (batch.weight * per_item).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(critic.parameters())
         nn.utils.clip_grad_norm_(critic.parameters(), cfg.max_grad_norm)
         self.optimizer.step()  # the actor's grads are None: Adam leaves it alone
         self.updates += 1
@@ -125,6 +129,8 @@ class TD3:
             self.optimizer.zero_grad(set_to_none=True)
             # Gradients into the actor only: the critic's stay None and are not stepped.
             actor_loss.backward(inputs=actor_params)
+            if self.grad_sync is not None:
+                self.grad_sync(actor_params)
             nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             self.optimizer.step()
             self._soft_update()

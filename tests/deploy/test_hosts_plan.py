@@ -48,6 +48,19 @@ def test_listening_roles_go_to_their_address_and_placed_roles_round_robin() -> N
     assert as_text[hostplan.UNPLACED] == ["evaluator --config c.toml --id 0"]
 
 
+def test_a_learner_group_plans_its_followers_as_ranks_and_the_standby_after_them() -> None:
+    cfg = config_mod.load(DEPLOY_CONFIG, ["learner.learners=3"])
+    with pytest.raises(UserError, match=r"cluster\.learner_store"):
+        hostplan.plan(cfg, "c.toml", {})
+    cfg.cluster.learner_store = "gpu0:29500"
+    hosts = hostplan.plan(cfg, "c.toml", hostplan.parse_placement(["learner=gpu0,gpu1,gpu2"]))
+    as_text = {host: [" ".join(c[1:]) for c in cmds] for host, cmds in hosts.items()}
+    assert as_text["gpu0"] == ["learner --config c.toml --id 0", "learner --config c.toml --id 3 --standby"]
+    assert as_text["gpu1"] == ["learner --config c.toml --id 1"]
+    assert as_text["gpu2"] == ["learner --config c.toml --id 2"]
+    assert [hostplan.follower_rank(3, i) for i in range(4)] == [None, 1, 2, None]
+
+
 def test_every_planned_command_parses_with_the_real_cli_and_runs_each_process_once() -> None:
     cfg = config_mod.load(DEPLOY_CONFIG)
     hosts = hostplan.plan(cfg, str(DEPLOY_CONFIG), {})

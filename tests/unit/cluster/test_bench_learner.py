@@ -26,3 +26,8 @@ def test_the_bench_reports_each_workload_beside_its_bare_pytorch_baseline(tmp_pa
         assert figures["updates_per_s"] > 0 and figures["baseline_bare_pytorch_updates_per_s"] > 0
     names = [c["name"] for c in doc["checks"]]
     assert "multi-model overlap gain" in names and "machine" in doc
+    overlap = doc["multi_model_overlap"]
+    assert overlap["ranks"] == 2 and overlap["models"] == 4
+    assert overlap["sequential_updates_per_s"] > 0 and overlap["overlapped_updates_per_s"] > 0
+    gain = next(c for c in doc["checks"] if c["name"] == "multi-model overlap gain")
+    assert gain["value"] == overlap["gain"] and gain["baseline"] == overlap["sequential_updates_per_s"]
