@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 
@@ -39,6 +40,17 @@ def wait_for(
         return wait_until(predicate, timeout, what, interval)
     except DeadlineExceeded as exc:
         raise AssertionError(str(exc)) from None
+
+
+def mlp_weights(seed: int, rows: int = 64) -> dict[str, np.ndarray]:
+    """Random weights of a CartPole-shaped MLP (4 -> rows -> 2), as a publisher sends them."""
+    rng = np.random.default_rng(seed)
+    return {
+        "layers.0.weight": rng.normal(size=(rows, 4)).astype(np.float32),
+        "layers.0.bias": rng.normal(size=rows).astype(np.float32),
+        "layers.1.weight": rng.normal(size=(2, rows)).astype(np.float32),
+        "layers.1.bias": np.zeros(2, np.float32),
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import redis
 import zmq
-from conftest import RedisServer, wait_for
+from conftest import RedisServer, mlp_weights, wait_for
 
 from cache import blob, protocol
 from cache.client import ClientCore, HostWatch
@@ -28,16 +28,6 @@ from cluster.version import Version
 
 TIMEOUT_S = 10.0
 FAST = {"poll_s": 0.1, "heartbeat_s": 0.1, "parent_timeout_s": 0.6, "keep_versions": 3}
-
-
-def weights(seed: int, rows: int = 64) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "layers.0.weight": rng.normal(size=(rows, 4)).astype(np.float32),
-        "layers.0.bias": rng.normal(size=rows).astype(np.float32),
-        "layers.1.weight": rng.normal(size=(2, rows)).astype(np.float32),
-        "layers.1.bias": np.zeros(2, np.float32),
-    }
 
 
 def publish(r: redis.Redis, keys: Keys, state: dict, version: Version) -> tuple[blob.Manifest, list]:
@@ -175,7 +165,7 @@ def test_one_watch_per_process_hands_the_landed_version_to_every_actor_on_the_sh
     cores = Cores(ep, 6)
     try:
         cores.wait(lambda: all(c.attached for c in cores.cores))
-        state = weights(1, rows=300_000)  # several chunks: written into the ring as they arrive
+        state = mlp_weights(1, rows=300_000)  # several chunks: written into the ring as they arrive
         manifest, _ = publish(redis_client, run_keys, state, Version(1, 1))
         assert manifest.chunks >= 3
         cores.wait(lambda: all(v == manifest.version for v in cores.current))
@@ -200,13 +190,13 @@ def test_a_landed_version_the_watch_missed_reaches_every_actor_from_its_own_beat
     cores = Cores(ep, 4)
     try:
         cores.wait(lambda: all(c.attached for c in cores.cores))
-        v1 = publish(redis_client, run_keys, weights(1), Version(1, 1))[0].version
+        v1 = publish(redis_client, run_keys, mlp_weights(1), Version(1, 1))[0].version
         cores.wait(lambda: all(v == v1 for v in cores.current))
         # Two versions land while the watch hears nothing: each core's next beat names the
         # newest (clone pattern), and the seq gap says one landed notification was missed.
-        v2 = publish(redis_client, run_keys, weights(2), Version(1, 2))[0].version
+        v2 = publish(redis_client, run_keys, mlp_weights(2), Version(1, 2))[0].version
         wait_for(lambda: node.newest() == v2, TIMEOUT_S, what="v2 at the node")
-        v3 = publish(redis_client, run_keys, weights(3), Version(1, 3))[0].version
+        v3 = publish(redis_client, run_keys, mlp_weights(3), Version(1, 3))[0].version
         wait_for(lambda: node.newest() == v3, TIMEOUT_S, what="v3 at the node")
         cores.wait(lambda: all(v == v3 for v in cores.current), use_watch=False)
         assert all(u.shared for u in cores.updates)
@@ -222,7 +212,7 @@ def test_actors_without_a_watch_still_hear_landed_versions_on_their_own_sockets(
     cores = Cores(ep, 3, watch=False)
     try:
         cores.wait(lambda: all(c.attached for c in cores.cores))  # right after a beat
-        v1 = publish(redis_client, run_keys, weights(1), Version(1, 1))[0].version
+        v1 = publish(redis_client, run_keys, mlp_weights(1), Version(1, 1))[0].version
         # Well before the next beat: it came with the landed notification.
         cores.wait(lambda: all(v == v1 for v in cores.current), timeout=2.5)
         assert all(u.shared for u in cores.updates)
@@ -237,7 +227,7 @@ def test_a_many_chunk_version_fetched_over_several_connections_arrives_whole_ove
     cores = Cores(ep, 1, watch=False)
     cores.cores[0].use_shm = False
     try:
-        state = weights(5, rows=400_000)
+        state = mlp_weights(5, rows=400_000)
         manifest, _ = publish(redis_client, run_keys, state, Version(1, 1))
         assert manifest.chunks >= 4
         cores.wait(lambda: cores.current[0] == manifest.version)
@@ -256,9 +246,9 @@ def test_a_corrupt_chunk_in_redis_never_becomes_visible_in_the_ring(
     cores = Cores(ep, 2)
     try:
         cores.wait(lambda: all(c.attached for c in cores.cores))
-        v1 = publish(redis_client, run_keys, weights(1), Version(1, 1))[0].version
+        v1 = publish(redis_client, run_keys, mlp_weights(1), Version(1, 1))[0].version
         cores.wait(lambda: all(v == v1 for v in cores.current))
-        manifest, chunks = blob.pack(weights(2, rows=300_000), Version(1, 2), "mlp", 0)
+        manifest, chunks = blob.pack(mlp_weights(2, rows=300_000), Version(1, 2), "mlp", 0)
         bad = bytearray(chunks[1])
         bad[10] ^= 0xFF
         blob.write(redis_client, run_keys, manifest, [chunks[0], bytes(bad), *chunks[2:]])
@@ -270,7 +260,7 @@ def test_a_corrupt_chunk_in_redis_never_becomes_visible_in_the_ring(
         for _ in range(5):
             cores.pump()
         assert all(v == v1 for v in cores.current)  # still acting with the good one
-        v3 = publish(redis_client, run_keys, weights(3), Version(1, 3))[0].version
+        v3 = publish(redis_client, run_keys, mlp_weights(3), Version(1, 3))[0].version
         cores.wait(lambda: all(v == v3 for v in cores.current))
     finally:
         cores.close()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import redis
 import zmq
-from conftest import REPO_ROOT, RedisServer, stop_process, wait_for
+from conftest import REPO_ROOT, RedisServer, mlp_weights, stop_process, wait_for
 
 from cache import blob, codecs, protocol
 from cache.client import ModelClient
@@ -33,16 +33,6 @@ TIMEOUT_S = 10.0
 # CI shares 2 cores. The latency itself is a benchmark figure, not a test assertion.
 FAILOVER_S = 6.0
 FAST = {"poll_s": 0.1, "heartbeat_s": 0.1, "parent_timeout_s": 0.6, "keep_versions": 3}
-
-
-def weights(seed: int, rows: int = 64) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "layers.0.weight": rng.normal(size=(rows, 4)).astype(np.float32),
-        "layers.0.bias": rng.normal(size=rows).astype(np.float32),
-        "layers.1.weight": rng.normal(size=(2, rows)).astype(np.float32),
-        "layers.1.bias": np.zeros(2, np.float32),
-    }
 
 
 class Tree:
@@ -122,7 +112,7 @@ def test_a_node_under_a_node_delivers_the_version_to_actors_with_equal_arrays(
     leaf, leaf_ep = tree.node([root_ep], name="leaf")
     client = client_for(leaf_ep, use_shm=False)
     try:
-        state = weights(1)
+        state = mlp_weights(1)
         v = publish(redis_client, run_keys, state, Version(1, 5)).version
         update = receive(client, v)
     finally:
@@ -149,7 +139,7 @@ def test_many_children_asking_at_once_cause_one_upstream_fetch_per_node(
     root, root_ep = tree.node(name="root", poll_s=30.0)  # only the notification can trigger it
     leaf, leaf_ep = tree.node([root_ep], name="leaf")
     v = Version(1, 9)
-    manifest, chunks = blob.pack(weights(2, rows=20_000), v, "mlp", 0)
+    manifest, chunks = blob.pack(mlp_weights(2, rows=20_000), v, "mlp", 0)
     ctx = zmq.Context.instance()
     socks = []
     try:
@@ -179,7 +169,7 @@ def test_a_child_that_joins_late_catches_up_from_the_next_heartbeat_without_a_re
 ) -> None:
     root, root_ep = tree.node(name="root")
     for step in range(3):
-        v = publish(redis_client, run_keys, weights(step), Version(1, step)).version
+        v = publish(redis_client, run_keys, mlp_weights(step), Version(1, step)).version
         wait_for(lambda v=v: root.counters["policy_version"] == str(v), TIMEOUT_S, what="root fetch")
     seq_before = root.seq
     late, late_ep = tree.node([root_ep], name="late")
@@ -188,7 +178,7 @@ def test_a_child_that_joins_late_catches_up_from_the_next_heartbeat_without_a_re
         update = receive(client, v)
     finally:
         client.stop()
-    np.testing.assert_array_equal(update.arrays["layers.0.bias"], weights(2)["layers.0.bias"])
+    np.testing.assert_array_equal(update.arrays["layers.0.bias"], mlp_weights(2)["layers.0.bias"])
     assert root.seq == seq_before == 3  # nothing was re-announced as new for the late joiner
     assert late.counters["upstream_fetches_total"] == 1  # only the newest, not the history
 
@@ -199,9 +189,9 @@ def test_an_actor_never_goes_back_to_an_older_epoch(
     _, ep = tree.node(name="root")
     client = client_for(ep, use_shm=False)
     try:
-        newer = publish(redis_client, run_keys, weights(1), Version(5, 0)).version
+        newer = publish(redis_client, run_keys, mlp_weights(1), Version(5, 0)).version
         receive(client, newer)
-        publish(redis_client, run_keys, weights(2), Version(4, 999))
+        publish(redis_client, run_keys, mlp_weights(2), Version(4, 999))
         assert client.wait(timeout=1.0) is None
         assert client.current == newer
     finally:
@@ -217,8 +207,8 @@ def test_lossy_codecs_reach_the_actor_within_their_error_bound(
     enc = codecs.Encoder(codec, keyframe_every=4)
     client = client_for(leaf_ep, use_shm=False)
     try:
-        publish(redis_client, run_keys, weights(0), Version(1, 0), enc)  # keyframe
-        state = {k: a + 0.01 for k, a in weights(0).items()}
+        publish(redis_client, run_keys, mlp_weights(0), Version(1, 0), enc)  # keyframe
+        state = {k: a + 0.01 for k, a in mlp_weights(0).items()}
         m = publish(redis_client, run_keys, state, Version(1, 1), enc)
         update = receive(client, m.version)
     finally:
@@ -235,7 +225,11 @@ def test_a_late_actor_on_a_delta_version_fetches_its_keyframe_first(
     enc = codecs.Encoder("int8delta", keyframe_every=8)
     for step in range(3):
         m = publish(
-            redis_client, run_keys, {k: a + 0.01 * step for k, a in weights(0).items()}, Version(1, step), enc
+            redis_client,
+            run_keys,
+            {k: a + 0.01 * step for k, a in mlp_weights(0).items()},
+            Version(1, step),
+            enc,
         )
     wait_for(lambda: root.counters["policy_version"] == str(m.version), TIMEOUT_S, what="root fetch")
     client = client_for(root_ep, use_shm=False)
@@ -253,7 +247,7 @@ def test_same_host_actors_get_read_only_views_of_one_shared_copy(
     leaf, leaf_ep = tree.node([root_ep], name="leaf", shm_tag=f"t-{uuid.uuid4().hex[:8]}")
     clients = [client_for(leaf_ep) for _ in range(3)]
     try:
-        state = weights(3)
+        state = mlp_weights(3)
         v = publish(redis_client, run_keys, state, Version(2, 1)).version
         updates = [receive(c, v) for c in clients]
     finally:
@@ -284,7 +278,7 @@ def test_a_node_rejects_a_corrupt_version_from_a_node_parent_and_keeps_serving(t
     router, pub, fake = bad_reply_server()
     node, _ = tree.node([fake], name="child", parent_timeout_s=5.0)
     v = Version(1, 1)
-    manifest, chunks = blob.pack(weights(1), v, "mlp", 0)
+    manifest, chunks = blob.pack(mlp_weights(1), v, "mlp", 0)
     corrupt = bytearray(chunks[0])
     corrupt[3] ^= 0xFF
     try:
@@ -306,7 +300,7 @@ def test_a_node_passes_early_chunks_on_before_its_parent_sent_the_last_one(tree:
     router, pub, fake = bad_reply_server()
     node, node_ep = tree.node([fake], name="mid", parent_timeout_s=5.0)
     v = Version(1, 1)
-    manifest, chunks = blob.pack(weights(1, rows=100_000), v, "mlp", 0)
+    manifest, chunks = blob.pack(mlp_weights(1, rows=100_000), v, "mlp", 0)
     assert manifest.chunks >= 3
     messages = protocol.version_messages(manifest, chunks)
     child = zmq.Context.instance().socket(zmq.DEALER)
@@ -383,10 +377,10 @@ def test_a_child_whose_parent_is_killed_mid_transfer_reattaches_to_redis(
         leaf, leaf_ep = tree.node([mid_ep, Parent()], name="leaf")
         client = client_for(leaf_ep, use_shm=False)
         try:
-            v1 = publish(redis_client, run_keys, weights(1), Version(1, 1)).version
+            v1 = publish(redis_client, run_keys, mlp_weights(1), Version(1, 1)).version
             receive(client, v1)
             # A 44 MB version: the mid node dies once the leaf has some of its chunks, not all.
-            v2 = publish(redis_client, run_keys, weights(2, rows=1_600_000), Version(1, 2)).version
+            v2 = publish(redis_client, run_keys, mlp_weights(2, rows=1_600_000), Version(1, 2)).version
             wait_for(lambda: v2 in leaf.partial, TIMEOUT_S, interval=0.001, what="the leaf receiving v2")
             mid.send_signal(signal.SIGKILL)
             wait_for(lambda: leaf.counters["parent"] == "redis", FAILOVER_S, what="reattach to Redis")
@@ -408,14 +402,14 @@ def test_an_actor_whose_leaf_is_killed_keeps_its_version_and_fails_over_to_the_n
         _, spare_ep = tree.node(name="spare")
         client = client_for(leaf_ep, spare_ep, use_shm=False)
         try:
-            v1 = publish(redis_client, run_keys, weights(1), Version(1, 1)).version
+            v1 = publish(redis_client, run_keys, mlp_weights(1), Version(1, 1)).version
             receive(client, v1)
             leaf.send_signal(signal.SIGKILL)
             # Stale lasts only from the parent's silence to the spare's first beat (which
             # names v1, the version held), too short to poll for; failing over is what lasts.
             wait_for(lambda: client.failovers_total >= 1, FAILOVER_S, what="the client to fail over")
             assert client.current == v1
-            v2 = publish(redis_client, run_keys, weights(2), Version(1, 2)).version
+            v2 = publish(redis_client, run_keys, mlp_weights(2), Version(1, 2)).version
             receive(client, v2, timeout=FAILOVER_S)
             assert not client.stale
         finally:
@@ -431,7 +425,7 @@ def test_an_actor_whose_only_parent_is_killed_reports_stale_and_keeps_acting_wit
     try:
         client = client_for(leaf_ep, use_shm=False)
         try:
-            v1 = publish(redis_client, run_keys, weights(1), Version(1, 1)).version
+            v1 = publish(redis_client, run_keys, mlp_weights(1), Version(1, 1)).version
             receive(client, v1)
             assert not client.stale
             leaf.send_signal(signal.SIGKILL)

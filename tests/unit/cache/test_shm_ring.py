@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import xxhash
+from conftest import mlp_weights
 
 from cache import blob, shm
 from cache.shm import FIELDS, ShmReader, ShmWriter
@@ -16,18 +17,8 @@ from cluster.errors import ProtocolError
 from cluster.version import Version
 
 
-def weights(seed: int, rows: int = 70_000) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {
-        "layers.0.weight": rng.normal(size=(rows, 4)).astype(np.float32),
-        "layers.0.bias": rng.normal(size=rows).astype(np.float32),
-        "layers.1.weight": rng.normal(size=(2, rows)).astype(np.float32),
-        "layers.1.bias": np.zeros(2, np.float32),
-    }
-
-
 def packed(step: int) -> tuple[blob.Manifest, list[bytes], dict[str, np.ndarray]]:
-    state = weights(step)
+    state = mlp_weights(step, rows=70_000)
     manifest, chunks = blob.pack(state, Version(1, step), "mlp", 0)
     return manifest, chunks, state
 
