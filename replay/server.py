@@ -33,7 +33,6 @@ a writer every `snapshot_interval_s`, on request, and once more when `serve` sto
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -46,6 +45,7 @@ import zmq
 from cluster import curve, wire
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
+from cluster.telemetry import rss_bytes, trim_heap
 from replay import snapshot
 from replay.limiter import RateLimiter
 from replay.packed import Layouts
@@ -54,6 +54,7 @@ from replay.table import Table
 MAIN = "main"
 MAX_LIMITER_VALUE = 1e15  # items: far beyond any table, far inside int64 and float precision
 _SNDMORE = int(zmq.SNDMORE)
+TRIM_EVERY_S = 10.0  # freed request buffers go back to the OS (cluster/telemetry.py: trim_heap)
 FINAL_SNAPSHOT_TIMEOUT_S = 300.0  # a stopping shard waits this long for its last snapshot
 # Each sampled item's address and probability, after its columns in a packed reply.
 _ADDRESS = [
@@ -205,7 +206,7 @@ class ReplayServer:
     def serve(self, stop: threading.Event) -> None:
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        next_stats = 0.0
+        next_stats = next_trim = 0.0
         while not stop.is_set():
             if poller.poll(50):
                 # Drain what is queued before re-checking parked requests: fewer wake-ups.
@@ -228,6 +229,9 @@ class ReplayServer:
             if time.monotonic() > next_stats:  # keep the telemetry view of derived fields fresh
                 self.stats()
                 next_stats = time.monotonic() + 0.5
+            if time.monotonic() > next_trim:
+                trim_heap()
+                next_trim = time.monotonic() + TRIM_EVERY_S
         if self.snaps is not None:
             self._final_snapshot()
         self.sock.close(0)
@@ -429,7 +433,7 @@ class ReplayServer:
         for name, slot in self.tables.items():
             for key, value in {**slot.table.stats(), **_limiter_view(slot.limiter)}.items():
                 self.counters[f"{name}_{key}"] = value
-        self.counters["rss_bytes"] = rss = _rss_bytes()
+        self.counters["rss_bytes"] = rss = rss_bytes()
         if self.counters["items"]:  # the whole process, per stored item: what capacity planning needs
             self.counters["rss_bytes_per_item"] = round(rss / self.counters["items"], 1)
         return dict(self.counters)
@@ -529,15 +533,6 @@ def _packed_columns(table: Table) -> list[tuple[str, np.dtype, tuple[int, ...]]]
     (which win over table columns of the same name, as in the unpacked reply)."""
     names = {name for name, _, _ in _ADDRESS}
     return [c for c in table.item_layout() if c[0] not in names] + _ADDRESS
-
-
-def _rss_bytes() -> int:
-    """Resident memory of this process (0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
 
 
 def _limiter_view(lim: RateLimiter) -> dict:
