@@ -56,6 +56,8 @@ from replay.membership import RedisMembers
 SAMPLE_TIMEOUT_S = 120.0
 # A rank silent this long (stuck, paused) ends the group; longer than a sample wait.
 GROUP_TIMEOUT_S = SAMPLE_TIMEOUT_S + 60.0
+# Stats every rank's training loop (_train) keeps up to date, as they read before the first update.
+TRAINING_STATS = {"loss": 0.0, "q_mean": 0.0, "sample_wait_seconds_total": 0.0, "policy_lag_mean": 0.0}
 
 
 def pick_device(choice: str, rank: int | None = None) -> torch.device:
@@ -160,10 +162,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         updates_total=algo.updates,
         versions_published_total=int(counters.get("versions_published_total", 0)),
         epoch=lease.epoch,
-        loss=0.0,
-        q_mean=0.0,
-        sample_wait_seconds_total=0.0,
-        policy_lag_mean=0.0,
+        **TRAINING_STATS,
         checkpoints_total=0,
         checkpoint_stall_ms_last=0.0,
         checkpoint=parent,
@@ -289,10 +288,7 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
         epoch=group.epoch,
         updates_total=0,
         versions_published_total=0,
-        loss=0.0,
-        q_mean=0.0,
-        sample_wait_seconds_total=0.0,
-        policy_lag_mean=0.0,
+        **TRAINING_STATS,
     )
     try:
         meta = group.broadcast_bytes(None)
