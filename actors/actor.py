@@ -16,7 +16,7 @@ from gymnasium.vector import AutoresetMode
 from actors.adder import FrameAdder, NStepAdder
 from actors.envs import make_vec, seed_base
 from actors.explore import Explorer, initial_priorities, ladder
-from actors.policy import limit_blas_threads, policy_from_arrays
+from actors.policy import limit_blas_threads, member_arrays, policy_from_arrays
 from cache.client import leaf_client
 from cluster.config import Config
 from cluster.errors import ProtocolError
@@ -84,6 +84,8 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             update = models.poll()
             if update is not None:
                 version, manifest, arrays = update
+                # Of a population version, the model this actor's id picks (learner/population.py).
+                counters["policy_model"], arrays = member_arrays(arrays, ident)
                 policy = policy_from_arrays(manifest.arch, arrays)
                 counters["policy_version"] = str(version)
                 r.hset(keys.ledger_actors, str(ident), str(version))

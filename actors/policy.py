@@ -108,6 +108,30 @@ class NatureCNNPolicy:
         return np.maximum(x @ w1 + b1, 0) @ w2 + b2
 
 
+def population_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """A version's arrays per model: one model, or M for a population (names `m<k>/<name>`,
+    learner/population.py), each with its names as a single model's and its order kept."""
+    if not any("/" in name for name in arrays):
+        return [arrays]
+    models: dict[int, dict[str, np.ndarray]] = {}
+    for name, array in arrays.items():
+        prefix, _, rest = name.partition("/")
+        k = prefix[1:]
+        if not (prefix.startswith("m") and k.isdigit() and rest):
+            raise ProtocolError(f"array {name!r} of a population version is not named m<k>/<name>")
+        models.setdefault(int(k), {})[rest] = array
+    if sorted(models) != list(range(len(models))):
+        raise ProtocolError(f"a population version holds models {sorted(models)}, not 0..M-1")
+    return [models[k] for k in range(len(models))]
+
+
+def member_arrays(arrays: dict[str, np.ndarray], ident: int) -> tuple[int, dict[str, np.ndarray]]:
+    """The model actor `ident` acts with (ident % M of a population) and its arrays."""
+    models = population_arrays(arrays)
+    k = ident % len(models)
+    return k, models[k]
+
+
 def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | NatureCNNPolicy:
     """The actor-side forward pass for a published architecture name."""
     if arch == "nature_cnn":

@@ -150,7 +150,7 @@ def _hosts_plan(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from learner.export import export
 
-    print(f"wrote {export(args.run_dir, args.out, args.format, args.version)}")
+    print(f"wrote {export(args.run_dir, args.out, args.format, args.version, args.model)}")
     return 0
 
 
@@ -159,7 +159,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
-    print(json.dumps(evaluate(args.source, args.episodes, args.seed, args.env, args.video)))
+    print(json.dumps(evaluate(args.source, args.episodes, args.seed, args.env, args.video, args.model)))
     return 0
 
 
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="file to write")
     ex.add_argument("--format", default="safetensors", help="safetensors | torchscript")
     ex.add_argument("--version", default="", help="a version id instead of the newest")
+    ex.add_argument("--model", type=int, default=0, help="which model of a population (learner.models)")
     ex.set_defaults(func=_export)
 
     ev = sub.add_parser("eval", help="greedy episodes with a run's newest policy or an exported file")
@@ -285,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--env", default="", help="env id (default: the run's or the file's)")
     ev.add_argument("--video", default="", help="GIF of the first episode")
+    ev.add_argument("--model", type=int, default=0, help="which model of a population run (learner.models)")
     ev.set_defaults(func=_eval)
 
     ky = sub.add_parser("keys", help="CURVE keys for ZeroMQ sockets; set cluster.curve_dir to DIR")

@@ -129,6 +129,11 @@ class LearnerConfig:
     # Data-parallel ranks training one model together (learner/group.py): each samples its
     # own batches, gradients are averaged before every step; only rank 0 publishes.
     learners: int = 1
+    # A population trained together (learner/population.py): each model its own network,
+    # optimizer and batches from the shared replay; one version holds them all; actor i
+    # acts with model i % models. In a group their all-reduces overlap (learner/overlap.py).
+    models: int = 1
+    model_lr: list[float] = field(default_factory=list)  # one learning rate per model; empty: lr
 
 
 @dataclass
@@ -248,6 +253,7 @@ _MINIMUMS: dict[str, float] = {
     "learner.samples_in_flight": 1,
     "learner.threads": 1,
     "learner.learners": 1,
+    "learner.models": 1,
     "actors.count": 1,
     "actors.envs": 1,
     "actors.chunk": 1,
@@ -326,6 +332,13 @@ def verify(cfg: Config) -> list[str]:
         problems.append(f"learner.gamma = {cfg.learner.gamma} must be in (0, 1]")
     if not 0 <= cfg.actors.eps_base <= 1:
         problems.append(f"actors.eps_base = {cfg.actors.eps_base} must be in [0, 1]")
+    lc = cfg.learner
+    if lc.model_lr and len(lc.model_lr) != lc.models:
+        problems.append(f"learner.model_lr has {len(lc.model_lr)} rates for learner.models = {lc.models}")
+    if any(lr <= 0 for lr in lc.model_lr):
+        problems.append("learner.model_lr rates must be positive")
+    if lc.models > 1 and lc.algorithm != "dqn":
+        problems.append('learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"')
     store = cfg.cluster.learner_store
     if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
         problems.append(f"cluster.learner_store = {store!r} must be host:port")

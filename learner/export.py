@@ -109,7 +109,17 @@ def layer_sizes(arrays: dict[str, np.ndarray]) -> tuple[int, int, list[int]]:
     return weights[0].shape[1], weights[-1].shape[0], [w.shape[0] for w in weights[:-1]]
 
 
-def export(run_dir: str, out: str, fmt: str, version: str = "") -> Path:
+def pick_model(arrays: dict[str, np.ndarray], model: int) -> dict[str, np.ndarray]:
+    """Model `model` of a population version (`learner.models > 1`); a single model is model 0."""
+    from actors.policy import population_arrays
+
+    models = population_arrays(arrays)
+    if not 0 <= model < len(models):
+        raise UserError(f"--model {model}: this version holds models 0..{len(models) - 1}")
+    return models[model]
+
+
+def export(run_dir: str, out: str, fmt: str, version: str = "", model: int = 0) -> Path:
     import torch
     from safetensors.torch import save_file
 
@@ -121,6 +131,7 @@ def export(run_dir: str, out: str, fmt: str, version: str = "") -> Path:
         raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     with run_redis(Path(run_dir)) as (r, keys, cfg):
         manifest, arrays = read_policy(r, keys, version)
+    arrays = pick_model(arrays, model)
     obs_size, n_actions, hidden = layer_sizes(arrays)
     state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     path = Path(out)
@@ -132,6 +143,7 @@ def export(run_dir: str, out: str, fmt: str, version: str = "") -> Path:
             "obs_size": str(obs_size),
             "n_actions": str(n_actions),
             "hidden": json.dumps(hidden),
+            "model": str(model),
         }
         save_file(state, str(path), metadata=meta)
     else:
@@ -164,7 +176,9 @@ def load_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return {k: arrays[k] for k in order}, meta
 
 
-def evaluate(source: str, episodes: int, seed: int, env_id: str = "", video: str = "") -> dict:
+def evaluate(
+    source: str, episodes: int, seed: int, env_id: str = "", video: str = "", model: int = 0
+) -> dict:
     """Greedy returns of `episodes` episodes with a run's newest policy or an exported file."""
     import gymnasium as gym
 
@@ -176,7 +190,7 @@ def evaluate(source: str, episodes: int, seed: int, env_id: str = "", video: str
     if path.is_dir():
         with run_redis(path) as (r, keys, cfg):
             manifest, arrays = read_policy(r, keys)
-        arrays = {k: np.array(v) for k, v in arrays.items()}
+        arrays = {k: np.array(v) for k, v in pick_model(arrays, model).items()}
         env_id, version, arch = env_id or cfg.env.id, str(manifest.version), manifest.arch
     else:
         arrays, meta = load_file(path)
@@ -222,6 +236,7 @@ def evaluate(source: str, episodes: int, seed: int, env_id: str = "", video: str
     return {
         "env": env_id,
         "version": version,
+        **({"model": model} if path.is_dir() else {}),
         "episodes": episodes,
         "mean_return": float(r.mean()),
         "std_return": float(r.std()),

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -132,14 +132,39 @@ class GradSync:
         allreduce_grads(params, self.group, async_op=False, bucket_mb=self.bucket_mb).wait()
 
 
+class Trainable(Protocol):
+    """What `OverlapTrainer` drives: a model whose update splits around the gradient average."""
+
+    def backward(self, batch: Any) -> Any: ...  # loss and gradients; returns the stats
+    def params(self) -> Iterable[nn.Parameter]: ...  # whose gradients are averaged
+    def apply(self) -> None: ...  # clip, step, bookkeeping
+
+
 @dataclass
 class Member:
-    """One model of a group trained together: its network, optimizer and loss on a batch."""
+    """One plain model of a group trained together: network, optimizer and loss on a batch.
+
+    (A DQN (learner/algorithms/dqn.py) is `Trainable` by itself.)
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     loss: Callable[[nn.Module, Any], torch.Tensor]
     max_grad_norm: float | None = None  # clipped after averaging, so every rank clips alike
+
+    def backward(self, batch: Any) -> torch.Tensor:
+        loss = self.loss(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return loss.detach()
+
+    def params(self) -> Iterable[nn.Parameter]:
+        return self.model.parameters()
+
+    def apply(self) -> None:
+        if self.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
 
 
 class OverlapTrainer:
@@ -152,7 +177,7 @@ class OverlapTrainer:
 
     def __init__(
         self,
-        members: Sequence[Member],
+        members: Sequence[Trainable],
         group: dist.ProcessGroup | None = None,
         bucket_mb: float = DEFAULT_BUCKET_MB,
     ):
@@ -162,16 +187,15 @@ class OverlapTrainer:
         self.group = group
         self.bucket_mb = bucket_mb
 
-    def step(self, batches: Sequence[Any], overlap: bool = True) -> list[torch.Tensor]:
-        """Update every model once on its batch; returns the (local, detached) losses."""
+    def step(self, batches: Sequence[Any], overlap: bool = True) -> list[Any]:
+        """Update every model once on its batch; returns what each `backward` returned."""
         if len(batches) != len(self.members):
             raise ValueError(f"step got {len(batches)} batches for {len(self.members)} models")
-        losses = []
-        pending: tuple[Member, PendingReduce] | None = None
+        outs = []
+        pending: tuple[Trainable, PendingReduce] | None = None
         for member, batch in zip(self.members, batches, strict=True):
-            loss = self._backward(member, batch)
-            losses.append(loss)
-            reduce = allreduce_grads(member.model.parameters(), self.group, overlap, self.bucket_mb)
+            outs.append(member.backward(batch))
+            reduce = allreduce_grads(member.params(), self.group, overlap, self.bucket_mb)
             if not overlap:
                 self._finish(member, reduce)
                 continue
@@ -182,18 +206,9 @@ class OverlapTrainer:
             pending = (member, reduce)
         if pending is not None:
             self._finish(*pending)
-        return losses
+        return outs
 
     @staticmethod
-    def _backward(member: Member, batch: Any) -> torch.Tensor:
-        loss = member.loss(member.model, batch)
-        member.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        return loss.detach()
-
-    @staticmethod
-    def _finish(member: Member, reduce: PendingReduce) -> None:
+    def _finish(member: Trainable, reduce: PendingReduce) -> None:
         reduce.wait()
-        if member.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(member.model.parameters(), member.max_grad_norm)
-        member.optimizer.step()
+        member.apply()

@@ -16,6 +16,10 @@ is: one control all-reduce (stop / checkpoint flags), each rank its own batch fr
 replay shards, gradients averaged across ranks (learner/overlap.py) before clipping and
 the optimizer step. Only rank 0 publishes; its checkpoints hold the shared model and
 optimizer state plus every rank's sampler state (gathered at the checkpoint's step).
+
+A population (`learner.models = M > 1`, learner/population.py): every update takes M
+batches, one per model; in a group the models' all-reduces overlap their backward passes.
+One published version holds all M models.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 
 import redis
 import torch
@@ -39,7 +44,8 @@ from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 from cluster.version import Version
 from learner import algorithms
-from learner.algorithms.dqn import Batch
+from learner.algorithms.dqn import DQN, Batch
+from learner.algorithms.td3 import TD3
 from learner.checkpoint.lease import Fenced, Lease
 from learner.checkpoint.placement import make_plan, shard_hosts_of
 from learner.checkpoint.prefetch import Prefetcher
@@ -48,6 +54,7 @@ from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
 from learner.group import LearnerGroup, params_digest
 from learner.overlap import GradSync, GroupLost
+from learner.population import Population
 from learner.priorities import PriorityReturn
 from learner.publisher import Publisher
 from replay.client import SampleClient, TensorBatch
@@ -179,7 +186,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             snap = capturer.capture(algo, {"ranks": counters.get("ranks", [])}, {})
             group.broadcast_bytes(snap.meta_bytes())
             group.broadcast_bytes(snap.flat.numpy().tobytes())
-            algo.grad_sync = GradSync()
+            _join_gradients(algo)
             c["rank"] = 0
         lease.check()
         version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=parent)
@@ -194,7 +201,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
         while True:
             t0 = time.monotonic()
-            batch = None if stop.is_set() else next(batches, None)
+            batch = None if stop.is_set() else _take(batches, lc.models)
             if not tel.commands.empty() and tel.commands.get() == "checkpoint":
                 next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
             checkpoint_now = ck.enabled and time.monotonic() >= next_ckpt
@@ -296,14 +303,14 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
         ranks = counters.get("ranks") or []
         if rank < len(ranks):
             _load_sampler(sampler, ranks[rank], tel)
-        algo.grad_sync = GradSync()
+        _join_gradients(algo)
         c["updates_total"] = algo.updates
         tel.set_state("running")
         tel.event("start", epoch=group.epoch, rank=rank, device=str(device), updates=algo.updates)
         batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
         while True:
             t0 = time.monotonic()
-            batch = None if stop.is_set() else next(batches, None)
+            batch = None if stop.is_set() else _take(batches, lc.models)
             halt, checkpoint_now = group.control(batch is None, False)
             if halt:
                 break
@@ -322,8 +329,8 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
 
 
 def _train(
-    algo: object,
-    batch: TensorBatch,
+    algo: DQN | TD3 | Population,
+    batches: list[TensorBatch],
     prioritized: bool,
     priorities: PriorityReturn,
     c: dict,
@@ -332,25 +339,54 @@ def _train(
     t0: float,
     digest: bool,
 ) -> None:
-    """One update on `batch` and the counters that follow it (every rank of a group alike)."""
-    arrays = batch.arrays
+    """One update on `batches` (one per model) and the counters that follow it (every rank alike)."""
     c["sample_wait_seconds_total"] += time.monotonic() - t0
-    stats = algo.update(_to_batch(batch, prioritized))
+    if isinstance(algo, Population):
+        stats = algo.update([_to_batch(b, prioritized) for b in batches])
+        td_errors = algo.last_td_error
+    else:
+        stats = algo.update(_to_batch(batches[0], prioritized))
+        td_errors = [algo.last_td_error]
     if prioritized:
         # New priorities go back fire-and-forget; the shard drops any for slots
         # overwritten since (their generation moved on).
-        priorities.push(algo.last_td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
+        for batch, td_error in zip(batches, td_errors, strict=True):
+            arrays = batch.arrays
+            priorities.push(td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
     c["updates_total"] = algo.updates
     if algo.updates % 50 == 0:
         c.update(loss=stats["loss"].item(), q_mean=stats["q_mean"].item())  # the only host syncs
+        if "losses" in stats:
+            c["model_losses"] = " ".join(f"{x:.4g}" for x in stats["losses"].tolist())
         if version is not None:
             # How old the data is, in learner steps (only comparable within one epoch).
-            data_steps = arrays["version"] & 0xFFFFFFFF
+            data_steps = batches[0].arrays["version"] & 0xFFFFFFFF
             c["policy_lag_mean"] = float(version.step - data_steps.mean())
         c["replay_shards"] = len(sampler.shards)
         if digest:
             # Every rank of a group reports the same digest at the same update count.
             c["params_digest"] = f"{algo.updates}:{params_digest(algo.online)}"
+
+
+def _take(batches: Iterator[TensorBatch], n: int) -> list[TensorBatch] | None:
+    """The next `n` batches (one per model of a population), or None once the sampler stops."""
+    out = []
+    for _ in range(n):
+        batch = next(batches, None)
+        if batch is None:
+            return None
+        out.append(batch)
+    return out
+
+
+def _join_gradients(algo: DQN | TD3 | Population) -> None:
+    """Average gradients over the (now formed) group from the next update on.
+
+    A population's OverlapTrainer reduces over the group by itself, one model's all-reduce
+    overlapping the next one's backward pass; a single model reduces through its hook.
+    """
+    if not isinstance(algo, Population):
+        algo.grad_sync = GradSync()
 
 
 def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple[RedisMembers, SampleClient]:

@@ -51,42 +51,56 @@ class DQN:
         return self.online.export()
 
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        stats = self.backward(batch)
+        if self.grad_sync is not None:
+            # Average before clipping: every rank then clips and steps the same gradient.
+            self.grad_sync(self.params())
+        self.apply()
+        return stats
+
+    def params(self) -> Iterable[nn.Parameter]:
+        """The parameters whose gradients `backward` fills (a learner group averages them)."""
+        return self.online.parameters()
+
+    def backward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """The loss on `batch` and its gradients; `apply` then steps (update = both).
+
+        Split in two so a learner group training several models (learner/population.py)
+        can average one model's gradients while it computes the next model's.
+        """
         device = batch.obs.device.type
         # bfloat16 autocast on CUDA only: CPU matmuls gain nothing from it at these sizes.
         with torch.autocast(device, torch.bfloat16, enabled=self.cfg.bf16 and device == "cuda"):
-            return self._update(batch)
+            q_all = self.online(batch.obs)
+            q = q_all.gather(1, batch.action.unsqueeze(1)).squeeze(1).float()
 
-    def _update(self, batch: Batch) -> dict[str, torch.Tensor]:
-        q_all = self.online(batch.obs)
-        q = q_all.gather(1, batch.action.unsqueeze(1)).squeeze(1).float()
+            # The target is a constant: gradients flow only through Q(s_t, a_t).
+            with torch.no_grad():
+                # Double Q: the online net picks the next action, the target net values it,
+                # which removes the max-operator's upward bias of plain DQN.
+                next_action = self.online(batch.next_obs).argmax(dim=1, keepdim=True)
+                next_q = self.target(batch.next_obs).gather(1, next_action).squeeze(1).float()
+                # discount is g^n, or 0 when the episode terminated (no bootstrap past the end).
+                target = batch.reward + batch.discount * next_q
 
-        # The target is a constant: gradients flow only through Q(s_t, a_t).
-        with torch.no_grad():
-            # Double Q: the online net picks the next action, the target net values it,
-            # which removes the max-operator's upward bias of plain DQN.
-            next_action = self.online(batch.next_obs).argmax(dim=1, keepdim=True)
-            next_q = self.target(batch.next_obs).gather(1, next_action).squeeze(1).float()
-            # discount is g^n, or 0 when the episode terminated (no bootstrap past the end).
-            target = batch.reward + batch.discount * next_q
-
-        # Huber loss keeps rare large TD errors from dominating a step.
-        per_item = nn.functional.smooth_l1_loss(q, target, reduction="none")
-        # Prioritized replay samples high-error items more often; the IS weights undo that
-        # bias in the gradient (normalised by the largest weight, so they only shrink steps).
-        loss = per_item.mean() if batch.weight is None else (batch.weight * per_item).mean()
+            # Huber loss keeps rare large TD errors from dominating a step.
+            per_item = nn.functional.smooth_l1_loss(q, target, reduction="none")
+            # Prioritized replay samples high-error items more often; the IS weights undo that
+            # bias in the gradient (normalised by the largest weight, so they only shrink steps).
+            loss = per_item.mean() if batch.weight is None else (batch.weight * per_item).mean()
+        # Outside autocast, as torch advises: the backward ops take the forward ops' dtypes.
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if self.grad_sync is not None:
-            # Average before clipping: every rank then clips and steps the same gradient.
-            self.grad_sync(self.online.parameters())
-        nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
-
-        self.updates += 1
-        # Hard copy every period: the regression target moves in steps, not every update.
-        if self.updates % self.cfg.target_update_period == 0:
-            self.target.load_state_dict(self.online.state_dict())
         self.last_td_error = (target - q).detach().abs()  # new priorities, for prioritized replay
         # Tensors, not floats: `.item()` would wait for the GPU every update; the learner
         # reads them only when it reports.
         return {"loss": loss.detach(), "q_mean": q.detach().mean()}
+
+    def apply(self) -> None:
+        """Clip and step the gradients `backward` left (averaged over the group by then)."""
+        nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.updates += 1
+        # Hard copy every period: the regression target moves in steps, not every update.
+        if self.updates % self.cfg.target_update_period == 0:
+            self.target.load_state_dict(self.online.state_dict())

@@ -11,8 +11,10 @@ import json
 import torch
 import torch.distributed as dist
 
+from actors.envs import EnvSpec
 from cluster.bench.learner import OVERLAP_IN, OVERLAP_OUT, population
 from cluster.config import LearnerConfig
+from learner import algorithms
 from learner.algorithms.dqn import DQN, Batch
 from learner.algorithms.td3 import TD3
 from learner.group import LearnerGroup, params_digest
@@ -137,3 +139,31 @@ def algorithms_in_step(rank: int, world: int) -> dict:
             )
         )
     return {"dqn": params_digest(dqn.online), "td3": params_digest(td3.online), "updates": dqn.updates}
+
+
+def population_in_step(rank: int, world: int) -> dict:
+    """A DQN population (learner/population.py) in a group: overlapped, on each rank's batches."""
+    torch.manual_seed(0)  # same initial networks on every rank, as the learner's broadcast gives
+    cfg = LearnerConfig(hidden=[32], models=2, model_lr=[1e-2, 3e-2], target_update_period=3)
+    pop, _ = algorithms.make(EnvSpec((4,), "float32", 2, True), cfg, torch.device("cpu"))
+    before = params_digest(pop.online)
+    g = torch.Generator().manual_seed(rank)
+    for _ in range(5):
+        n = 16
+        pop.update(
+            [
+                Batch(
+                    torch.randn(n, 4, generator=g),
+                    torch.randint(0, 2, (n,), generator=g),
+                    torch.randn(n, generator=g),
+                    torch.randn(n, 4, generator=g),
+                    torch.full((n,), 0.9),
+                )
+                for _ in range(2)
+            ]
+        )
+    return {
+        "digest": params_digest(pop.online),
+        "moved": params_digest(pop.online) != before,
+        "updates": pop.updates,
+    }

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from overlap_worker import algorithms_in_step, group_collectives, nccl_overlap, overlap_vs_sequential
+from overlap_worker import (
+    algorithms_in_step,
+    group_collectives,
+    nccl_overlap,
+    overlap_vs_sequential,
+    population_in_step,
+)
 
 from cluster.bench.learner import spawn_ranks
 from learner.overlap import OverlapTrainer, allreduce_grads, buckets
@@ -37,6 +43,12 @@ def test_dqn_and_td3_ranks_with_the_grad_sync_hook_stay_identical_on_different_b
     a, b = spawn_ranks(algorithms_in_step, 2, timeout_s=60)
     assert a["updates"] == b["updates"] == 5
     assert a["dqn"] == b["dqn"] and a["td3"] == b["td3"]
+
+
+def test_a_dqn_population_in_a_group_overlaps_its_models_and_the_ranks_stay_identical() -> None:
+    a, b = spawn_ranks(population_in_step, 2, timeout_s=60)
+    assert a["updates"] == b["updates"] == 5
+    assert a["moved"] and a["digest"] == b["digest"], "the ranks' populations diverged"
 
 
 def test_buckets_split_by_size_and_skip_missing_gradients() -> None:

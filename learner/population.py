@@ -1,0 +1,127 @@
+"""Several DQN models trained together by one learner (group): `learner.models = M`.
+
+Place in the data flow: M replay batches per update (one per model, from the shared
+replay) -> `Population.update` -> `OverlapTrainer` (learner/overlap.py: in a data-parallel
+group, model k's gradient all-reduce runs while model k+1's backward pass computes) -> one
+published version holding every model's arrays under `m<k>/` -> actor i acts with model
+i % M (actors/policy.py `member_arrays`), the evaluator judges each model.
+
+Why one version for the whole population rather than one model stream each: the cache
+tree, the ledger, policy lag and the host's shared-memory ring stay exactly as they are,
+and every model advances in the same update anyway. The price is M times the bytes per
+version, which is small for the MLP and Nature-CNN sizes a population is made of.
+
+To the learner loop and the checkpoint capture a population looks like one algorithm:
+`online` and `target` are ModuleLists of the models' networks (state-dict names
+`<k>.<name>`), `optimizer` shows the M optimizers as one (`JointOptimizer`), `updates`
+is the shared update count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from learner.algorithms.dqn import DQN, Batch
+from learner.overlap import OverlapTrainer
+
+MEMBER_PREFIX = "m"  # a population version's array names: "m<k>/<name>"
+
+
+class JointOptimizer:
+    """The models' optimizers seen as one torch optimizer state dict, for checkpoints.
+
+    Parameter indices run on from one optimizer to the next and the param groups are
+    concatenated, which is the state dict one optimizer over all the groups would have.
+    """
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self.optimizers = list(optimizers)
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        base = 0
+        for opt in self.optimizers:
+            sd = opt.state_dict()
+            state.update({base + idx: s for idx, s in sd["state"].items()})
+            groups += [{**g, "params": [base + i for i in g["params"]]} for g in sd["param_groups"]]
+            base += sum(len(g["params"]) for g in sd["param_groups"])
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        groups = list(sd["param_groups"])
+        if len(groups) != sum(len(opt.param_groups) for opt in self.optimizers):
+            raise ValueError(f"optimizer state has {len(groups)} param groups for this population")
+        base = 0
+        for opt in self.optimizers:
+            mine, groups = groups[: len(opt.param_groups)], groups[len(opt.param_groups) :]
+            ids = [i for g in mine for i in g["params"]]
+            opt.load_state_dict(
+                {
+                    "state": {i - base: sd["state"][i] for i in ids if i in sd["state"]},
+                    "param_groups": [{**g, "params": [i - base for i in g["params"]]} for g in mine],
+                }
+            )
+            base += len(ids)
+
+
+class Population:
+    """Example:
+    pop = Population([DQN(net_k, cfg_k) for k in range(3)])
+    stats = pop.update([batch_0, batch_1, batch_2])  # one update of every model
+    arrays = pop.export()  # {"m0/layers.0.weight": ..., "m1/...": ...}
+    """
+
+    def __init__(self, members: Sequence[DQN]):
+        self.members = list(members)
+        self.online = nn.ModuleList([m.online for m in self.members])
+        self.target = nn.ModuleList([m.target for m in self.members])
+        self.optimizer = JointOptimizer([m.optimizer for m in self.members])
+        # With a process group up, each model's all-reduce overlaps the next one's backward
+        # pass; alone, the same calls reduce nothing and the models train one after another.
+        self.trainer = OverlapTrainer(self.members)
+
+    @property
+    def models(self) -> int:
+        return len(self.members)
+
+    @property
+    def updates(self) -> int:
+        return self.members[0].updates
+
+    @updates.setter
+    def updates(self, value: int) -> None:  # a checkpoint restore sets the shared count
+        for m in self.members:
+            m.updates = value
+
+    @property
+    def last_td_error(self) -> list[torch.Tensor | None]:
+        """Each model's TD errors on its own batch (new priorities for those items)."""
+        return [m.last_td_error for m in self.members]
+
+    def update(self, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+        stats = self.trainer.step(batches, overlap=True)
+        return {
+            "loss": torch.stack([s["loss"] for s in stats]).mean(),
+            "q_mean": torch.stack([s["q_mean"] for s in stats]).mean(),
+            "losses": torch.stack([s["loss"] for s in stats]),
+        }
+
+    def export(self) -> dict[str, np.ndarray]:
+        return {
+            f"{MEMBER_PREFIX}{k}/{name}": array
+            for k, m in enumerate(self.members)
+            for name, array in m.export().items()
+        }
+
+
+def member_configs(cfg: Any) -> list[Any]:
+    """The learner config of each model: the shared one with that model's learning rate."""
+    rates = cfg.model_lr or [cfg.lr] * cfg.models
+    return [dataclasses.replace(cfg, lr=lr) for lr in rates]
