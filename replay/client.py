@@ -26,7 +26,7 @@ from zmq.utils.monitor import recv_monitor_message
 from cluster import curve, wire
 from cluster.errors import DeadlineExceeded, ProtocolError
 from replay.membership import Members, shard_for
-from replay.packed import Unpacker
+from replay.packed import FRAMES, StackPool, Unpacker, rebuild
 
 if TYPE_CHECKING:
     import torch
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 STOP_CHECK_S = 0.2  # how often a blocked call looks at its stop event and at membership
 DRAIN_S = 5.0  # how long acks are still awaited from a live shard this client moved away from
 TRAIN_FIELDS = ("obs", "action", "reward", "next_obs", "discount", "weight")
+# Replies up to about this size carry several batches: per-message costs (a header, socket
+# calls, a wake-up of each side's ZeroMQ thread) then count once for several small batches.
+GROUP_BYTES = 2**20
 
 
 def _dealer(ctx: zmq.Context, endpoint: str, max_frame: int) -> zmq.Socket:
@@ -251,7 +254,9 @@ class _Shard:
     endpoint: str
     sock: zmq.Socket
     awaited: bool  # a member when the client started: the first draw waits for its total
-    ready: deque = field(default_factory=deque)  # decoded (header, arrays), at most `inflight`
+    ready: deque = field(default_factory=deque)  # decoded (header, arrays) of one batch each
+    asked: dict[int, int] = field(default_factory=dict)  # request id -> batches, in flight
+    owed: int = 0  # batches to ask for: ready + asked + owed == the client's `inflight`
     total: float = 0.0  # latest sampling-weight total the shard reported; 0: not sampleable now
     size: int = 0
     min_weight: float = 0.0
@@ -280,6 +285,13 @@ class SampleClient:
     `update_priorities`), `prob` (global probability) and `weight` (importance weight
     (N P_i)^-beta normalised by the largest possible weight in the whole cluster), and
     `global_size` (N). beta anneals linearly from `is_exponent` to `is_exponent_final`.
+
+    Requests: at most `inflight` batches are asked for or waiting per shard, never more, so
+    nothing is sampled unused. Small batches travel several to a reply (up to GROUP_BYTES a
+    reply and `inflight` // 2 batches, so a second request is always in flight): each is its
+    own draw of `batch` items, the same as that many single requests in flight would get.
+    Pixel batches travel as their distinct frames plus indexes (replay/packed.py) and are
+    rebuilt into stacks here when handed out.
 
     Membership: with a `Members` view the client follows the live set. A shard that leaves
     is dropped with the batches it had sent (they belong to a draw over a set of shards that
@@ -324,6 +336,10 @@ class SampleClient:
         self.shard_changes_total = 0
         self.priority_updates_dropped_total = 0
         self.unpack = Unpacker()  # packed replies (replay/packed.py) -> named arrays
+        self.stacks = StackPool()  # where unique-frame batches are rebuilt
+        self.group_max = max(1, inflight // 2)
+        self.group = 1  # batches per request: set from the first reply's size
+        self.bytes_received_total = 0  # reply bytes as they came over the wire
         self._follow()
 
     @property
@@ -373,10 +389,11 @@ class SampleClient:
                     self._receive(self._slice_ms(deadline, timeout))
                     self._follow()
                 if shard.ready and shard.total > 0 and self.shards.get(sid) is shard:
-                    # Ask again only for what was consumed: requests in flight plus batches
+                    # Ask again only for what was consumed: batches asked for plus batches
                     # waiting stay at `inflight` per shard, so nothing is sampled unused
                     # (which would also fool the shard's samples-per-insert limiter).
-                    self._request(shard.sock)
+                    shard.owed += 1
+                    self._top_up(shard)
                     return self._finish(sid, *shard.ready.popleft())
                 continue  # the drawn shard went not-ready or left meanwhile: draw again
             self._receive(self._slice_ms(deadline, timeout))
@@ -441,18 +458,17 @@ class SampleClient:
             if sid in self.shards:
                 continue
             sock = _dealer(self.ctx, endpoint, self.max_frame)
-            self.shards[sid] = _Shard(endpoint, sock, awaited=self.batches == 0)
+            shard = self.shards[sid] = _Shard(endpoint, sock, awaited=self.batches == 0, owed=self.inflight)
             self.by_sock[id(sock)] = sid
             self.poller.register(sock, zmq.POLLIN)
-            for _ in range(self.inflight):
-                self._request(sock)
+            self._top_up(shard)
             if self.batches:
                 self.shard_changes_total += 1
 
     def _receive(self, wait_ms: int) -> None:
         """Take every reply already queued (waiting up to `wait_ms` for the first one).
 
-        Batches wait in their shard's `ready` queue; `next` re-requests when it consumes one.
+        Batches wait in their shard's `ready` queue; `next` re-requests as it consumes them.
         """
         for sock, _ in self.poller.poll(wait_ms):
             shard = self.shards[self.by_sock[id(sock)]]
@@ -463,21 +479,51 @@ class SampleClient:
                     break
                 msg = wire.decode(frames, self.max_frame)
                 shard.heard = True
+                asked = shard.asked.pop(msg.header.get("req"), 0)
+                if msg.op == "batch" and not asked:
+                    raise ProtocolError(f"replay shard {shard.endpoint} answered a request never made")
                 if msg.op == "batch":
                     h = msg.header
                     shard.total, shard.size = float(h["total"]), int(h["size"])
                     shard.min_weight = float(h["min_weight"])
                     arrays = self.unpack(h, msg.arrays) if "layout" in h else msg.arrays
-                    shard.ready.append((h, arrays))
+                    got = h.get("batches", 1)
+                    if not isinstance(got, int) or not 0 < got <= asked:
+                        raise ProtocolError(f"replay shard sent {got!r} batches for {asked} asked")
+                    nbytes = sum(len(f) for f in frames)
+                    self.bytes_received_total += nbytes
+                    self._split(h, arrays, got, shard.ready)
+                    shard.owed += asked - got  # the limiter allowed fewer: ask again for the rest
+                    if self.batches == 0 and self.group == 1:  # sized once, by the first reply
+                        self.group = max(1, min(self.group_max, GROUP_BYTES // max(1, nbytes // got)))
                 elif msg.header.get("code") in ("not_ready", "busy"):
-                    self._request(sock)  # nothing was delivered: keep the request count up
+                    shard.owed += asked  # nothing was delivered: keep the request count up
                     self.not_ready_total += 1
                     shard.total = 0.0  # held by its limiter: not drawn until it serves again
                 else:
                     raise ProtocolError(f"replay shard refused a sample: {msg.header.get('message')}")
+            self._top_up(shard)  # a reply with fewer batches than asked
+
+    @staticmethod
+    def _split(header: dict, arrays: dict[str, np.ndarray], batches: int, ready: deque) -> None:
+        """Queue a reply's batches, each as views on its rows (a unique-frame reply's frames
+        are shared: every batch's indexes name frames in the whole of them)."""
+        if batches == 1:
+            ready.append((header, arrays))
+            return
+        rows = {k: a for k, a in arrays.items() if k != FRAMES}
+        n = len(next(iter(rows.values())))
+        if n % batches:
+            raise ProtocolError(f"replay shard sent {n} rows for {batches} batches")
+        step = n // batches
+        for i in range(0, n, step):
+            batch = {k: a[i : i + step] for k, a in rows.items()}
+            if FRAMES in arrays:
+                batch[FRAMES] = arrays[FRAMES]
+            ready.append((header, batch))
 
     def _finish(self, sid: int, header: dict, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = dict(arrays)
+        out = rebuild(dict(arrays), self.stacks)
         live = [s for s in self.shards.values() if s.total > 0]
         total = sum(s.total for s in live)
         size = sum(s.size for s in live)
@@ -493,11 +539,19 @@ class SampleClient:
         self.batches += 1
         return out
 
-    def _request(self, sock: zmq.Socket) -> None:
-        header = {"op": "sample", "batch": self.batch, "req": next(self.req), "packed": True}
-        if self.table:
-            header["table"] = self.table
-        sock.send(msgpack.packb(header))  # a header-only wire.py message, one frame
+    def _top_up(self, shard: _Shard) -> None:
+        """Ask for owed batches, `group` a request; fewer only when nothing else is in flight."""
+        while shard.owed >= self.group or (shard.owed and not shard.asked):
+            k = min(self.group, shard.owed)
+            req = next(self.req)
+            header = {"op": "sample", "batch": self.batch, "req": req, "packed": True, "unique_frames": True}
+            if k > 1:
+                header["batches"] = k
+            if self.table:
+                header["table"] = self.table
+            shard.sock.send(msgpack.packb(header))  # a header-only wire.py message, one frame
+            shard.asked[req] = k
+            shard.owed -= k
 
 
 def to_tensors(

@@ -44,6 +44,15 @@ class RateLimiter:
             return False
         return self.spi == 0 or self.diff - batch >= self.min_diff
 
+    def batches(self, size: int, batch: int, most: int) -> int:
+        """How many batches of `batch` items may be sampled now, at most `most`; 0 exactly
+        when `can_sample` refuses one."""
+        if not self.can_sample(size, batch):
+            return 0
+        if self.spi == 0:
+            return most
+        return max(1, min(most, int((self.diff - self.min_diff) // batch)))
+
     def state(self) -> str:
         if self.spi and self.diff > self.max_diff:
             return "blocking_inserts"

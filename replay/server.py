@@ -7,10 +7,17 @@ server per shard and mirrors its counters into Redis.
 Protocol (wire.py frames; every request may carry `req`, echoed in the reply, and
 `table`, the main table when absent):
     insert {n}                         + arrays (+ optional float `priority`) -> ack {size}
-    sample {batch, packed?}            -> batch {size, total, min_weight} + arrays
+    sample {batch, packed?, batches?, unique_frames?}
+                                       -> batch {size, total, min_weight, batches} + arrays
                                           + slot, gen (item address), prob (within table);
                                           with `packed: true` all of them in one frame
-                                          (replay/packed.py: `layout` + array `packed`)
+                                          (replay/packed.py: `layout` + array `packed`);
+                                          `batches` (default 1) asks for up to that many
+                                          independent draws of `batch` items in one reply
+                                          (rows batch after batch; the reply's `batches`
+                                          says how many the rate limiter allowed, >= 1);
+                                          `unique_frames` with `packed` on a pixel table:
+                                          each distinct frame once (replay/packed.py)
     priority                           + slot (i8), gen (i8), priority (f8)
                                        -> updated {applied, dropped}
     configure {samples_per_insert?, min_size?, error_buffer?} -> configured {limiter}
@@ -48,11 +55,12 @@ from cluster.errors import ProtocolError
 from cluster.telemetry import rss_bytes, trim_heap
 from replay import snapshot
 from replay.limiter import RateLimiter
-from replay.packed import Layouts
+from replay.packed import Columns, Layouts
 from replay.table import Table
 
 MAIN = "main"
 MAX_LIMITER_VALUE = 1e15  # items: far beyond any table, far inside int64 and float precision
+MAX_SAMPLE_ITEMS = 65536  # batch x batches of one sample request
 _SNDMORE = int(zmq.SNDMORE)
 TRIM_EVERY_S = 10.0  # freed request buffers go back to the OS (cluster/telemetry.py: trim_heap)
 FINAL_SNAPSHOT_TIMEOUT_S = 300.0  # a stopping shard waits this long for its last snapshot
@@ -246,11 +254,18 @@ class ReplayServer:
             if op == "insert":
                 self._insert_or_park(ident, msg)
             elif op == "sample":
-                batch = msg.header.get("batch")
-                if not isinstance(batch, int) or not 0 < batch <= 65536:
-                    raise ProtocolError("sample needs an integer 'batch' in 1..65536")
-                if not isinstance(msg.header.get("packed", False), bool):
-                    raise ProtocolError("sample: 'packed' must be true or false")
+                h = msg.header
+                batch, batches = h.get("batch"), h.get("batches", 1)
+                if not isinstance(batch, int) or not 0 < batch <= MAX_SAMPLE_ITEMS:
+                    raise ProtocolError(f"sample needs an integer 'batch' in 1..{MAX_SAMPLE_ITEMS}")
+                if type(batches) is not int or not 0 < batches * batch <= MAX_SAMPLE_ITEMS:
+                    raise ProtocolError(
+                        f"sample: 'batches' x 'batch' must be an integer in 1..{MAX_SAMPLE_ITEMS}"
+                    )
+                if not isinstance(h.get("packed", False), bool) or not isinstance(
+                    h.get("unique_frames", False), bool
+                ):
+                    raise ProtocolError("sample: 'packed' and 'unique_frames' must be true or false")
                 self.counters["sample_requests_total"] += 1
                 self._sample_or_park(ident, msg)
             elif op == "priority":
@@ -321,21 +336,30 @@ class ReplayServer:
 
     def _sample(self, slot: _Slot, ident: bytes, msg: wire.Message) -> None:
         table = slot.table
-        slots, gens, probs, total, min_weight = table.draw(msg.header["batch"], self.rng)
+        h = msg.header
+        batch = h["batch"]
+        # Several batches draw at once only where draws do not remove items; each is still
+        # `batch` independent draws, as if asked for one after another with nothing between.
+        most = h.get("batches", 1) if table.max_times_sampled == 0 else 1
+        batches = max(1, slot.limiter.batches(table.size, batch, most))
+        slots, gens, probs, total, min_weight = table.draw(batch * batches, self.rng)
         n = len(slots)
         slot.limiter.sampled += n
         self.counters["samples_total"] += n
         fields = {"op": "batch", "size": table.size, "total": total, "min_weight": min_weight}
-        fields["req"] = msg.header.get("req")
-        if msg.header.get("packed"):  # one frame, gathered in place (replay/packed.py)
-            layout = slot.layouts.get(n, lambda: _packed_columns(table))
+        fields["batches"] = batches
+        fields["req"] = h.get("req")
+        if h.get("packed"):  # one frame, gathered in place (replay/packed.py)
+            unique = bool(h.get("unique_frames")) and table.frames is not None
+            layout = slot.layouts.get(n, lambda: _packed_columns(table, n, unique), unique)
             buf = layout.acquire()
             views = buf.views
             table.gather(slots, views)
             views["slot"][:] = slots
             views["gen"][:] = gens
             views["prob"][:] = probs
-            layout.send(self.sock, ident, fields, buf)
+            frames = table.gather_unique_frames(slots, views, buf.frames) if unique else -1
+            layout.send(self.sock, ident, fields, buf, frames)
             return
         arrays = {**table.gather(slots), "slot": slots, "gen": gens, "prob": probs}
         frames = [ident, *wire.encode(fields, arrays)]
@@ -528,11 +552,13 @@ class ReplayServer:
         return True
 
 
-def _packed_columns(table: Table) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+def _packed_columns(table: Table, n: int, unique: bool) -> tuple[Columns, tuple[int, tuple[int, ...]] | None]:
     """A packed reply's columns: the table's, then each item's address and probability
-    (which win over table columns of the same name, as in the unpacked reply)."""
+    (which win over table columns of the same name, as in the unpacked reply). Unique-frame
+    replies carry frame indexes instead of the stacks, and room for n items' frames."""
     names = {name for name, _, _ in _ADDRESS}
-    return [c for c in table.item_layout() if c[0] not in names] + _ADDRESS
+    columns = [c for c in table.item_layout(unique) if c[0] not in names] + _ADDRESS
+    return columns, ((n * table.frames_per_item, table.frames.frame_shape) if unique else None)
 
 
 def _limiter_view(lim: RateLimiter) -> dict:

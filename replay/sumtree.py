@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 REBUILD_EVERY = 1 << 20  # leaf writes between full rebuilds against rounding drift
+WHOLE_LEVEL = 2048  # a level of at most this many nodes costs less summed whole than node by node
 
 
 class SumTree:
@@ -88,11 +89,24 @@ class SumTree:
         # writes the same sum (all reads of a level happen before its writes), and
         # skipping np.unique's sort per level halves the cost of a batch update.
         # Children 2i and 2i+1 are row i of the [n, 2] view: one take per level.
-        pairs = self.sums.reshape(-1, 2)
-        for _ in range(self.depth):
+        # Levels of few nodes are summed whole instead: one numpy call, not four, and the
+        # same values (every node always holds the sum of its two children).
+        sums = self.sums
+        pairs = sums.reshape(-1, 2)
+        whole = max(WHOLE_LEVEL, 4 * idx.size)
+        size = self.leaves  # nodes on the level just written
+        while size > 1:
+            size >>= 1
+            if size <= whole:
+                np.add(
+                    sums[2 * size : 4 * size : 2],
+                    sums[2 * size + 1 : 4 * size : 2],
+                    out=sums[size : 2 * size],
+                )
+                continue
             nodes >>= 1
             pair = pairs.take(nodes, axis=0)
-            self.sums[nodes] = pair[:, 0] + pair[:, 1]
+            sums[nodes] = pair[:, 0] + pair[:, 1]
 
     def find(self, mass: np.ndarray) -> np.ndarray:
         """Leaf index for each prefix mass in [0, total): one vectorized root-to-leaf descent.

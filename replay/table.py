@@ -30,6 +30,7 @@ import numpy as np
 from cluster.errors import ProtocolError
 from replay import selectors
 from replay.frames import FRAME, FRAME_KEY, FRAME_PREV, STACKED, FrameStore, check_columns, check_refs, split
+from replay.packed import INDEX
 
 PRIORITY = "priority"  # optional insert column: initial priorities, not stored as data
 
@@ -337,10 +338,36 @@ class Table:
                 self.frames.gather(stacks.take(slots, axis=0), out=out[k])
         return out
 
-    def item_layout(self) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
-        """(name, dtype, shape of one item) of each column `gather` returns."""
+    def gather_unique_frames(self, slots: np.ndarray, out: dict[str, np.ndarray], frames: np.ndarray) -> int:
+        """Pixel tables: each distinct frame of the obs and next_obs stacks of `slots` once,
+        into `frames` (room for every frame of those stacks), and each item's stacks as
+        indexes into them, into `out[<name>_frame_index]`; returns how many frames went in.
+
+        `frames[out[name + INDEX]]` is what `gather` returns as `name`, episode starts
+        included: a padded stack names its repeated frame's slot each time.
+        """
+        stacks = [s.take(slots, axis=0) for s in self.stacked.values()]
+        both = np.concatenate(stacks, axis=1)  # [n, 2 * stack]: one sort finds every repeat
+        unique, inverse = np.unique(both, return_inverse=True)
+        inverse = inverse.reshape(both.shape)
+        for i, name in enumerate(self.stacked):
+            out[name + INDEX][:] = inverse[:, i * self.frame_stack : (i + 1) * self.frame_stack]
+        self.frames.gather(unique, out=frames[: len(unique)])
+        return len(unique)
+
+    @property
+    def frames_per_item(self) -> int:
+        """Frames a pixel item's stacks name, repeats counted (room a unique-frame reply needs)."""
+        return len(self.stacked) * self.frame_stack
+
+    def item_layout(self, unique_frames: bool = False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
+        """(name, dtype, shape of one item) of each column `gather` returns; with
+        `unique_frames`, pixel tables give the stacks' frame indexes (see
+        `gather_unique_frames`) instead of the stacks."""
         cols = [(k, c.dtype, c.shape[1:]) for k, c in self.columns.items()]
-        if self.frames is not None:
+        if self.frames is not None and unique_frames:
+            cols += [(k + INDEX, np.dtype(np.int32), (self.frame_stack,)) for k in self.stacked]
+        elif self.frames is not None:
             shape = (self.frame_stack, *self.frames.frame_shape)
             cols += [(k, np.dtype(np.uint8), shape) for k in self.stacked]
         return cols

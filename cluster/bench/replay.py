@@ -8,8 +8,13 @@ printed beside its baselines as ratios; the JSON holds one `checks` entry per go
 replay issue.
 
 Atari-size figures use the pixel path (replay/frames.py): inserters send each 84x84 frame
-once with frame keys, the shard rebuilds 4-frame stacks for obs and next_obs on sampling;
-the RSS baseline is the same table fed whole stacked observations. The snapshot figure is
+once with frame keys; a sample reply carries each distinct frame of the batch once and the
+client rebuilds the 4-frame obs and next_obs stacks (replay/packed.py). The sampling goal
+still compares with raw ZeroMQ moving the decoded batch (both whole stacks per item), what
+the learner gets; the bytes actually sent and ZeroMQ's rate for them are reported beside
+it. The RSS baseline is the same table fed whole stacked observations. Learners' clients
+ask for several small batches per request (replay/client.py); `cartpole_batches_per_request`
+records how many. The snapshot figure is
 the longest serving pause while the shard snapshots its Atari table (replay/snapshot.py):
 the longer of fork() and the slowest request served while the child writes, beside the
 longest reply gaps a client sees with and without a snapshot running and the time the
@@ -138,7 +143,7 @@ def _sampler(endpoints: list[str], batch: int, update: bool, seconds: float, out
     client = SampleClient(endpoints, batch=batch, inflight=8)
     rng = np.random.default_rng(0)
     client.next(timeout=30)  # warm: every shard answered once
-    n, t0 = 0, time.perf_counter()
+    n, t0, bytes0 = 0, time.perf_counter(), client.bytes_received_total
     while time.perf_counter() - t0 < seconds:
         b = client.next(timeout=30)
         if update:
@@ -146,7 +151,10 @@ def _sampler(endpoints: list[str], batch: int, update: bool, seconds: float, out
                 int(b["shard"][0]), b["slot"], b["gen"], rng.random(len(b["slot"])) + 0.01
             )
         n += 1
-    out.put((n, time.perf_counter() - t0))
+    # What the replies weighed on the wire per batch handed out, and how many batches one
+    # request carried (replay/client.py sizes that from the first reply).
+    wire_bytes = (client.bytes_received_total - bytes0) / n
+    out.put((n, time.perf_counter() - t0, wire_bytes, client.group))
     client.close()
 
 
@@ -220,8 +228,8 @@ def _rss(pid: int | None) -> int:
     return 0
 
 
-def _run(jobs: list[tuple]) -> list[tuple[int, float]]:
-    """Start client processes together; each returns (count, seconds)."""
+def _run(jobs: list[tuple]) -> list[tuple]:
+    """Start client processes together; each returns (count, seconds, ...)."""
     q = CTX.Queue()
     procs = [CTX.Process(target=fn, args=(*args, q), daemon=True) for fn, *args in jobs]
     try:
@@ -235,8 +243,8 @@ def _run(jobs: list[tuple]) -> list[tuple[int, float]]:
                 p.kill()
 
 
-def _rate(results: list[tuple[int, float]]) -> float:
-    return sum(n / s for n, s in results)
+def _rate(results: list[tuple]) -> float:
+    return sum(r[0] / r[1] for r in results)
 
 
 def zmq_bytes_per_s(msg_bytes: int, seconds: float | None = None) -> float:
@@ -393,7 +401,9 @@ def main(args: argparse.Namespace) -> int:
     zmq_small = zmq_bytes_per_s(1024 * cp_item)
     zmq_batch = zmq_bytes_per_s(batch * cp_item)
     zmq_atari_chunk = zmq_bytes_per_s(64 * at_item)
-    zmq_atari_batch = zmq_bytes_per_s(batch * at_item)
+    # The best of three: a run disturbed by other work on the machine must not lower the
+    # limit the Atari sampling goal is a fraction of.
+    zmq_atari_batch = max(zmq_bytes_per_s(batch * at_item) for _ in range(3))
     zmq_1mib = zmq_bytes_per_s(2**20)
     figs["baseline_zmq_bytes_per_s"] = {
         "cartpole_chunk_1024": zmq_small,
@@ -412,9 +422,9 @@ def main(args: argparse.Namespace) -> int:
                 r[f"cartpole_insert_chunk{chunk}_per_s"] = _rate(_run(jobs))
         with Cluster(shards, cp_cfg) as c:
             _fill(c.endpoints, CARTPOLE_OBS, "float32", 100_000)
-            r["cartpole_uniform_batches_per_s"] = _rate(
-                _run([(_sampler, c.endpoints, batch, False, SECONDS)])
-            )
+            got = _run([(_sampler, c.endpoints, batch, False, SECONDS)])
+            r["cartpole_uniform_batches_per_s"] = _rate(got)
+            r["cartpole_batches_per_request"] = got[0][3]
         with Cluster(shards, {**cp_cfg, "sampler": "prioritized"}) as c:
             _fill(c.endpoints, CARTPOLE_OBS, "float32", 100_000)
             r["cartpole_prioritized_update_batches_per_s"] = _rate(
@@ -425,7 +435,9 @@ def main(args: argparse.Namespace) -> int:
             r.update(_rss_per_transition(c, "pixels", at_cap))
             jobs = [(_inserter, e, ATARI_OBS, "pixels", 64, SECONDS) for e in c.endpoints]
             r["atari_insert_per_s"] = _rate(_run(jobs))
-            r["atari_sample_batches_per_s"] = _rate(_run([(_sampler, c.endpoints, batch, False, SECONDS)]))
+            got = _run([(_sampler, c.endpoints, batch, False, SECONDS)])
+            r["atari_sample_batches_per_s"] = _rate(got)
+            r["atari_wire_bytes_per_batch"] = got[0][2]
         if shards == 1:  # the same table fed whole stacked observations: what de-dup saves
             with Cluster(1, at_cfg) as c:
                 whole = _rss_per_transition(c, "uint8", at_cap)
@@ -440,7 +452,15 @@ def main(args: argparse.Namespace) -> int:
     ins = max(one["cartpole_insert_chunk64_per_s"], one["cartpole_insert_chunk1024_per_s"])
     atari_batch_bytes = batch * at_item
     snap_pause = max(snap["fork_ms"], snap["longest_request_during_snapshot_ms"]) if snap else 0.0
+    # The goal compares batches handed out with raw ZeroMQ moving each batch's decoded bytes
+    # (both stacks of every item): what a learner receives. The replies carry each distinct
+    # frame once (replay/packed.py), so fewer bytes cross the wire; ZeroMQ moving those
+    # bytes is reported beside it, not used for the goal.
     zmq_atari_batches = zmq_atari_batch / atari_batch_bytes
+    atari_wire = one["atari_wire_bytes_per_batch"]
+    zmq_wire_batches = max(zmq_bytes_per_s(int(atari_wire)) for _ in range(3)) / atari_wire
+    figs["baseline_zmq_bytes_per_s"]["atari_batch_256_as_sent"] = zmq_wire_batches * atari_wire
+    one["atari_decoded_bytes_per_batch"] = atari_batch_bytes
     checks = [
         report.check(
             "cartpole_insert_per_shard",
@@ -470,8 +490,13 @@ def main(args: argparse.Namespace) -> int:
             "atari_sample_vs_zmq_limit",
             one["atari_sample_batches_per_s"] / zmq_atari_batches,
             "ratio",
-            ">= 0.8 of ZeroMQ for the same bytes",
-            {"zmq_batches_per_s": zmq_atari_batches, "numpy_in_process": npa["uniform"]},
+            ">= 0.8 of ZeroMQ moving the decoded batch's bytes (replies carry unique frames: "
+            f"{atari_wire / atari_batch_bytes:.2f} of those bytes)",
+            {
+                "zmq_batches_per_s": zmq_atari_batches,
+                "zmq_batches_per_s_at_bytes_sent": zmq_wire_batches,
+                "numpy_in_process": npa["uniform"],
+            },
             one["atari_sample_batches_per_s"] >= 0.8 * zmq_atari_batches,
         ),
         report.check(

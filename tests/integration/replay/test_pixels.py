@@ -7,14 +7,17 @@ import itertools
 import threading
 from collections.abc import Iterator
 
+import msgpack
 import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
 from actors.adder import FrameAdder
+from cluster import wire
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
 from replay.client import InsertClient, SampleClient, request_stats
+from replay.packed import Unpacker
 from replay.server import ReplayServer
 
 TIMEOUT_S = 10.0
@@ -85,6 +88,52 @@ def test_stacks_rebuilt_on_the_shard_match_what_the_env_showed(endpoint: str):
         pairs = list(itertools.pairwise(steps))
         assert all(b - a == 1 if b > 1 else b - a in (0, 1) for a, b in pairs)
         assert nxt[:-1] == obs[1:] and nxt[-1] == obs[-1] + 1
+
+
+def test_a_sample_client_gets_the_same_stacks_from_unique_frames_as_the_shard_holds(endpoint: str):
+    adder = FrameAdder(ENVS, 1, 0.9, AutoresetMode.SAME_STEP, stream=2)
+    inserter = InsertClient(endpoint, inflight=4)
+    for obs, next_obs, truncated, info in stacked_steps(60):  # several episodes per env
+        zeros = np.zeros(ENVS)
+        adder.add(obs, zeros.astype(np.int64), zeros, next_obs, zeros.astype(bool), truncated, info, 0)
+        if (chunk := adder.take(8)) is not None:
+            inserter.insert(chunk, timeout=TIMEOUT_S)
+    inserter.flush(timeout=TIMEOUT_S)
+    inserter.close()
+    whole = SampleClient([endpoint], batch=64, inflight=1)
+    sampler = SampleClient([endpoint], batch=64, inflight=1)
+    try:
+        # The same raw request without `unique_frames`: the shard's own full stacks.
+        stacks: dict[tuple[int, int], tuple] = {}
+        for _ in range(5):
+            plain = _full_stack_sample(whole, 64)
+            for i, (s, g) in enumerate(zip(plain["slot"].tolist(), plain["gen"].tolist(), strict=True)):
+                stacks[s, g] = (plain["obs"][i], plain["next_obs"][i])
+        for _ in range(5):
+            b = sampler.next(timeout=TIMEOUT_S)
+            assert b["obs"].shape == (64, STACK, 8, 8) and b["next_obs"].dtype == np.uint8
+            for i, (s, g) in enumerate(zip(b["slot"].tolist(), b["gen"].tolist(), strict=True)):
+                if (s, g) in stacks:
+                    np.testing.assert_array_equal(b["obs"][i], stacks[s, g][0])
+                    np.testing.assert_array_equal(b["next_obs"][i], stacks[s, g][1])
+        # Every frame once: a reply weighs less than two whole stacks an item.
+        assert sampler.bytes_received_total < 5 * 64 * 2 * STACK * 64
+    finally:
+        whole.close()
+        sampler.close()
+
+
+def _full_stack_sample(client: SampleClient, batch: int) -> dict:
+    """A packed sample without `unique_frames` on the client's socket: whole stacks."""
+    sock = client.shards[0].sock
+    while sock.poll(0):  # the client's own prefetched replies
+        sock.recv_multipart()
+    sock.send(msgpack.packb({"op": "sample", "batch": batch, "req": -1, "packed": True}))
+    assert sock.poll(int(TIMEOUT_S * 1000))
+    msg = wire.decode(sock.recv_multipart(), 1 << 26)
+    while msg.header.get("req") != -1:
+        msg = wire.decode(sock.recv_multipart(), 1 << 26)
+    return Unpacker()(msg.header, msg.arrays)
 
 
 def test_a_chunk_naming_frames_the_shard_never_got_is_refused_and_the_shard_keeps_serving(endpoint: str):

@@ -211,6 +211,30 @@ MALFORMED = [
         id="sample-packed-not-bool",
     ),
     pytest.param(
+        [msgpack.packb({"op": "sample", "batch": 8, "req": 9, "batches": 0})],
+        "batches",
+        9,
+        id="sample-batches-zero",
+    ),
+    pytest.param(
+        [msgpack.packb({"op": "sample", "batch": 256, "req": 9, "batches": 257})],
+        "batches",
+        9,
+        id="sample-batches-too-many-items",
+    ),
+    pytest.param(
+        [msgpack.packb({"op": "sample", "batch": 8, "req": 9, "batches": True})],
+        "batches",
+        9,
+        id="sample-batches-bool",
+    ),
+    pytest.param(
+        [msgpack.packb({"op": "sample", "batch": 8, "req": 9, "packed": True, "unique_frames": "yes"})],
+        "unique_frames",
+        9,
+        id="sample-unique-frames-not-bool",
+    ),
+    pytest.param(
         wire.encode({"op": "insert", "req": 9}, {**transitions(4), "obs": np.zeros((4, 7), np.float32)}),
         "signature",
         9,
@@ -404,3 +428,51 @@ def test_a_sample_client_decodes_packed_batches_from_several_requests_in_flight(
         sampler.close()
         inserter.close()
     assert shard.stats()["rejected_total"] == 0
+
+
+def test_a_request_for_several_batches_gets_as_many_independent_draws_as_the_limiter_allows(
+    replay_shard, dealer
+) -> None:
+    shard = replay_shard(samples_per_insert=1.0, min_size=10, error_buffer=60.0, sample_wait_s=0.2)
+    sock = dealer(shard.endpoint)
+    sock.send_multipart(wire.encode({"op": "insert", "req": 1}, transitions(30)))
+    assert reply(sock, shard).op == "ack"
+    # diff = 30 - 0 may fall to min_diff = 10 - 60: 80 items, two batches of 32 but not three
+    sock.send(msgpack.packb({"op": "sample", "batch": 32, "batches": 3, "req": 2, "packed": True}))
+    msg = reply(sock, shard)
+    assert (msg.op, msg.header["batches"], msg.header["req"]) == ("batch", 2, 2)
+    got = Unpacker()(msg.header, msg.arrays)
+    assert got["slot"].shape == (64,)
+    np.testing.assert_array_equal(got["obs"][:, 0], got["slot"])  # each row is its item
+    stats = shard.stats()
+    assert stats["samples_total"] == 64 and stats["sample_requests_total"] == 1
+    sock.send(msgpack.packb({"op": "sample", "batch": 32, "batches": 3, "req": 3, "packed": True}))
+    assert reply(sock, shard).header["code"] == "not_ready"  # parked: not even one batch fits
+
+
+def test_a_sample_client_asks_for_several_small_batches_a_request_and_hands_them_out_one_by_one(
+    replay_shard,
+) -> None:
+    shard = replay_shard()
+    inserter = InsertClient(shard.endpoint, inflight=1)
+    inserter.insert(transitions(100), timeout=TIMEOUT_S)
+    inserter.flush(timeout=TIMEOUT_S)
+    inserter.close()
+    batch, inflight, consumed = 8, 8, 40
+    sampler = SampleClient([shard.endpoint], batch=batch, inflight=inflight)
+    try:
+        seen = []
+        for _ in range(consumed):
+            b = sampler.next(timeout=TIMEOUT_S)
+            assert b["obs"].shape == (batch, OBS_DIM) and b["weight"].shape == (batch,)
+            np.testing.assert_array_equal(b["obs"][:, 0], b["slot"])
+            seen.append(b["slot"])
+        assert sampler.group == inflight // 2  # tiny batches: as many a request as keeps two in flight
+        # Still never more than `inflight` batches drawn ahead of what was handed out.
+        wait_for(lambda: shard.stats()["samples_total"] >= consumed * batch, TIMEOUT_S, what="refills")
+        stats = shard.stats()
+        assert consumed * batch <= stats["samples_total"] <= (consumed + inflight) * batch
+        assert stats["sample_requests_total"] < consumed
+        assert len({s.tobytes() for s in seen}) == consumed  # distinct draws, not one batch repeated
+    finally:
+        sampler.close()

@@ -15,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from actors.adder import FrameAdder, NStepAdder
+from cluster import wire
 from cluster.errors import ProtocolError
+from replay.packed import Layout, Unpacker, rebuild
 from replay.table import Table
 
 FRAME_SHAPE = (2, 2)  # 4 bytes: room for a unique frame id
@@ -66,6 +68,19 @@ class StackingEnvs:
         return obs, rewards, self.obs(), terminated, truncated, info
 
 
+def unique_frame_reply(table: Table, slots: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """What a client rebuilds from a unique-frame sample reply of `slots`, through the wire
+    format (replay/packed.py), and how many frames the reply carried."""
+    room = (len(slots) * table.frames_per_item, table.frames.frame_shape)
+    layout = Layout(table.item_layout(unique_frames=True), len(slots), room)
+    buf = layout.acquire()
+    table.gather(slots, buf.views)
+    u = table.gather_unique_frames(slots, buf.views, buf.frames)
+    head = layout.header({"op": "batch", "req": 1}, u)
+    msg = wire.decode([head, bytes(buf.data), bytes(buf.frames[:u])], 1 << 26)
+    return rebuild(Unpacker()(msg.header, msg.arrays)), u
+
+
 def check_every_item(table: Table, reference: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
     live = np.flatnonzero(table.seq >= 0)
     if not len(live):
@@ -75,6 +90,13 @@ def check_every_item(table: Table, reference: dict[int, tuple[np.ndarray, np.nda
         want_obs, want_next = reference[tid]
         np.testing.assert_array_equal(got["obs"][j], want_obs)
         np.testing.assert_array_equal(got["next_obs"][j], want_next)
+    # The same items (some twice, as a draw with replacement gives) sent as unique frames.
+    slots = np.concatenate([live, live[::2]])
+    rebuilt, u = unique_frame_reply(table, slots)
+    for name in ("obs", "next_obs"):
+        np.testing.assert_array_equal(rebuilt[name], table.gather(slots)[name])
+        assert rebuilt[name].flags.writeable
+    assert u == len(np.unique(np.concatenate([table.stacked[k][slots].ravel() for k in table.stacked])))
 
 
 def check_refcounts(table: Table) -> None:

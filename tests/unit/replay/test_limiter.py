@@ -86,3 +86,25 @@ def test_under_the_documented_buffer_condition_one_side_can_always_move(
         assert lim.diff <= lim.max_diff + chunk * spi
         if lim.inserted >= min_size:
             assert lim.diff >= lim.min_diff
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    spi=st.sampled_from([0.0, 0.5, 1.0, 4.0]),
+    inserted=st.integers(min_value=0, max_value=10_000),
+    sampled=st.integers(min_value=0, max_value=40_000),
+    batch=st.integers(min_value=1, max_value=512),
+    most=st.integers(min_value=1, max_value=16),
+)
+def test_several_batches_are_allowed_only_as_far_as_each_of_them_would_be(
+    spi: float, inserted: int, sampled: int, batch: int, most: int
+) -> None:
+    lim = RateLimiter(samples_per_insert=spi, min_size=10, error_buffer=1000)
+    lim.inserted, lim.sampled = inserted, sampled
+    k = lim.batches(size=inserted, batch=batch, most=most)
+    assert 0 <= k <= most
+    assert (k > 0) == lim.can_sample(size=inserted, batch=batch)
+    if k:  # taking them one after another, the limiter would have let each one through
+        for _ in range(k):
+            assert lim.can_sample(size=inserted, batch=batch)
+            lim.sampled += batch

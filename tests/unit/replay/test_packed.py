@@ -10,7 +10,7 @@ import zmq
 from cluster import wire
 from cluster.bench.replay import PixelStream
 from cluster.errors import ProtocolError
-from replay.packed import ALIGN, PACKED, POOL, Layout, Layouts, Unpacker
+from replay.packed import ALIGN, FRAMES, INDEX, PACKED, POOL, Layout, Layouts, Unpacker, rebuild
 from replay.table import Table
 
 COLUMNS = [
@@ -60,13 +60,13 @@ def test_a_small_layout_reuses_one_buffer_and_a_large_one_pools_tracked_buffers(
         port = pull.bind_to_random_port("tcp://127.0.0.1")
         push.connect(f"tcp://127.0.0.1:{port}")
         first = large.acquire()
-        first.tracker = push.send(first.data, copy=False, track=True)
-        first.tracker.wait(5)  # sent: the buffer may serve the next reply
+        first.trackers.append(push.send(first.data, copy=False, track=True))
+        first.trackers[0].wait(5)  # sent: the buffer may serve the next reply
         assert large.acquire() is first
         held = []
         for _ in range(POOL + 2):  # every pooled buffer "in flight": one-offs beyond the pool
             b = large.acquire()
-            b.tracker = _Pending()
+            b.trackers.append(_Pending())
             held.append(b)
         assert len(large.buffers) == POOL
         assert len({id(b) for b in held}) == len(held)
@@ -82,13 +82,14 @@ class _Pending:
 def test_layouts_are_built_once_per_batch_length() -> None:
     layouts, calls = Layouts(), []
 
-    def columns() -> list:
+    def columns() -> tuple[list, None]:
         calls.append(1)
-        return COLUMNS
+        return COLUMNS, None
 
-    a = layouts.get(4, columns)
-    assert layouts.get(4, columns) is a and len(calls) == 1
-    assert layouts.get(3, columns).n == 3 and len(calls) == 2
+    a = layouts.get(4, columns, unique=False)
+    assert layouts.get(4, columns, unique=False) is a and len(calls) == 1
+    assert layouts.get(3, columns, unique=False).n == 3 and len(calls) == 2
+    assert layouts.get(4, columns, unique=True) is not a and len(calls) == 3
 
 
 def bad(layout, size: int = 256, arrays=None) -> None:
@@ -155,3 +156,65 @@ def test_gather_into_views_matches_gather_for_plain_and_pixel_tables() -> None:
         assert set(want) == set(buf.views)
         for k, a in want.items():
             np.testing.assert_array_equal(buf.views[k], a)
+
+
+def unique_reply(index: np.ndarray, frames: np.ndarray) -> tuple[dict, dict[str, np.ndarray]]:
+    """A unique-frame reply's header and arrays with one index column `obs_frame_index`."""
+    layout = Layout(
+        [("obs" + INDEX, index.dtype, index.shape[1:])], len(index), (len(frames), frames.shape[1:])
+    )
+    buf = layout.acquire()
+    buf.views["obs" + INDEX][:] = index
+    buf.frames[:] = frames
+    msg = wire.decode([layout.header({"op": "batch"}, len(frames)), bytes(buf.data), bytes(frames)], 1 << 26)
+    return msg.header, msg.arrays
+
+
+def test_a_unique_frame_reply_rebuilds_each_stack_from_the_frames_it_names() -> None:
+    frames = np.arange(3 * 2 * 2, dtype=np.uint8).reshape(3, 2, 2)
+    index = np.array([[0, 0, 1], [2, 1, 0]], np.int32)
+    header, arrays = unique_reply(index, frames)
+    got = rebuild(Unpacker()(header, arrays))
+    assert list(got) == ["obs"]
+    np.testing.assert_array_equal(got["obs"], frames[index])
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        pytest.param(np.array([[0, 3]], np.int32), id="past-the-last-frame"),
+        pytest.param(np.array([[0, -1]], np.int32), id="negative"),
+        pytest.param(np.array([[0.0, 1.0]], np.float32), id="not-an-integer"),
+    ],
+)
+def test_the_unpacker_refuses_frame_indexes_that_name_no_frame(index: np.ndarray) -> None:
+    header, arrays = unique_reply(index, np.zeros((3, 2, 2), np.uint8))
+    with pytest.raises(ProtocolError):
+        Unpacker()(header, arrays)
+
+
+def test_the_unpacker_refuses_frames_without_indexes_and_indexes_without_frames() -> None:
+    header, arrays = unique_reply(np.zeros((1, 2), np.int32), np.zeros((3, 2, 2), np.uint8))
+    with pytest.raises(ProtocolError):
+        Unpacker()(dict(header), {PACKED: arrays[PACKED]})
+    with pytest.raises(ProtocolError):  # frames of the wrong dtype
+        Unpacker()(dict(header), {PACKED: arrays[PACKED], FRAMES: np.zeros((3, 4), np.float32)})
+    plain = Layout(COLUMNS, n=2)
+    msg = wire.decode([plain.header({"op": "batch"}), bytes(plain.acquire().data)], 1 << 26)
+    with pytest.raises(ProtocolError):
+        Unpacker()(msg.header, {**msg.arrays, FRAMES: np.zeros((3, 2, 2), np.uint8)})
+
+
+def test_a_unique_frame_reply_of_neighbouring_items_carries_about_five_frames_an_item_not_eight() -> None:
+    table = Table(300, frame_window=256)
+    stream = PixelStream(3)
+    for _ in range(5):
+        table.insert(stream.chunk(32))
+    slots = np.arange(10, 160, 5)  # every fifth item past the episode start: no shared frame
+    room = (len(slots) * table.frames_per_item, table.frames.frame_shape)
+    layout = Layout(table.item_layout(unique_frames=True), len(slots), room)
+    buf = layout.acquire()
+    assert table.gather_unique_frames(slots, buf.views, buf.frames) == 5 * len(slots)
+    layout = Layout(table.item_layout(unique_frames=True), 160, (160 * 8, table.frames.frame_shape))
+    buf = layout.acquire()  # every item of one episode: its frames once, plus the start's
+    assert table.gather_unique_frames(np.arange(160), buf.views, buf.frames) == 160 + 1
