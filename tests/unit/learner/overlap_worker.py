@@ -111,6 +111,17 @@ def nccl_overlap(rank: int, world: int) -> dict:
     }
 
 
+def _cartpole_batch(g: torch.Generator, n: int) -> Batch:
+    """n random 4-dim observation transitions with 2 actions."""
+    return Batch(
+        torch.randn(n, 4, generator=g),
+        torch.randint(0, 2, (n,), generator=g),
+        torch.randn(n, generator=g),
+        torch.randn(n, 4, generator=g),
+        torch.full((n,), 0.9),
+    )
+
+
 def algorithms_in_step(rank: int, world: int) -> dict:
     """DQN and TD3 with the learner's GradSync hook, each rank on its own batches."""
     torch.manual_seed(0)  # same initial networks on every rank, as the learner's broadcast gives
@@ -120,15 +131,7 @@ def algorithms_in_step(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(rank)
     for _ in range(5):
         n = 16
-        dqn.update(
-            Batch(
-                torch.randn(n, 4, generator=g),
-                torch.randint(0, 2, (n,), generator=g),
-                torch.randn(n, generator=g),
-                torch.randn(n, 4, generator=g),
-                torch.full((n,), 0.9),
-            )
-        )
+        dqn.update(_cartpole_batch(g, n))
         td3.update(
             Batch(
                 torch.randn(n, 3, generator=g),
@@ -149,19 +152,7 @@ def population_in_step(rank: int, world: int) -> dict:
     before = params_digest(pop.online)
     g = torch.Generator().manual_seed(rank)
     for _ in range(5):
-        n = 16
-        pop.update(
-            [
-                Batch(
-                    torch.randn(n, 4, generator=g),
-                    torch.randint(0, 2, (n,), generator=g),
-                    torch.randn(n, generator=g),
-                    torch.randn(n, 4, generator=g),
-                    torch.full((n,), 0.9),
-                )
-                for _ in range(2)
-            ]
-        )
+        pop.update([_cartpole_batch(g, 16) for _ in range(2)])
     return {
         "digest": params_digest(pop.online),
         "moved": params_digest(pop.online) != before,
