@@ -288,15 +288,6 @@ def read_manifest(r: redis.Redis, keys: Keys, version: Version) -> Manifest:
     return manifest
 
 
-def read_chunk(r: redis.Redis, keys: Keys, manifest: Manifest, i: int) -> bytes:
-    """Chunk i of a version from Redis, checked against its chunk digest."""
-    chunk = r.get(keys.model_chunk(manifest.version, i))
-    if chunk is None:
-        raise ProtocolError(f"model {manifest.version} is missing chunk {i} in Redis")
-    check_chunk(manifest, i, chunk)
-    return chunk
-
-
 def read(r: redis.Redis, keys: Keys, version: Version) -> tuple[Manifest, list[bytes]]:
     """Fetch a version's manifest and chunks from Redis; raises ProtocolError if absent or bad."""
     manifest = read_manifest(r, keys, version)

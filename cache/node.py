@@ -7,7 +7,8 @@ children are nodes or actors, all speaking cache/protocol.py. Two threads:
 - upstream: follows the parent (Redis: `model:notify` plus a re-read of `model:latest`
   every `poll_s`; node: its notify socket) and fetches each version the tree wants
   exactly once (single flight: one fetcher, and a version in flight or held is never
-  fetched again, however many children ask). Chunks are fetched one by one and each is
+  fetched again, however many children ask). Chunks arrive in order (from Redis: asked for
+  two ahead and read straight into one buffer per version, cache/rawget.py) and each is
   checked against its digest in the manifest, then handed to the serve thread at once
   (cut-through); the whole payload digest is checked before the version counts as held.
   It sends its own heartbeats to a node parent. A parent silent
@@ -40,7 +41,6 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,7 @@ import xxhash
 import zmq
 
 from cache import blob, protocol
+from cache.rawget import ChunkReader
 from cache.shm import MAX_READERS, ShmWriter
 from cluster import curve, wire
 from cluster.config import CacheConfig
@@ -59,11 +60,6 @@ from cluster.version import Version
 MAX_REQUEST_BYTES = protocol.MAX_REQUEST_BYTES
 MAX_PARKED = 100_000
 STARTUP_GRACE_S = 10.0  # how long a node waits for the first word of its first node parent
-# Connections a node reads a version's chunks from Redis over at once. Every chunk is asked
-# for up front, so the download of chunk i+1 overlaps the hashing and the ring copy of chunk
-# i (chunks are still passed on in order: cut-through). More connections let Redis write to
-# more sockets per turn of its event loop, but measured no faster on a loaded 2-core box.
-FETCH_STREAMS = 1
 
 
 @dataclass(frozen=True)
@@ -141,7 +137,8 @@ class CacheNode:
         self.parent_index = 0
         self._heard_a_parent = False
         self._next_beat = 0.0
-        self._fetchers: ThreadPoolExecutor | None = None
+        # Chunks from Redis skip redis-py (cache/rawget.py); only the upstream thread uses it.
+        self._chunk_reader = ChunkReader.for_client(r) if r is not None else None
         self._stages: dict[Version, dict[str, float]] = {}  # unix times per arriving version
         self.counters: dict = {
             "versions_fetched_total": 0,
@@ -203,8 +200,8 @@ class CacheNode:
                     self._next_beat = now + self.cfg.heartbeat_s
         finally:
             upstream.join(timeout=5)
-            if self._fetchers is not None:
-                self._fetchers.shutdown(wait=False, cancel_futures=True)
+            if self._chunk_reader is not None:
+                self._chunk_reader.close()
             wake.close(0)
             self.fetch_sock.close(0)
             self.notify_sock.close(0)
@@ -620,23 +617,18 @@ class CacheNode:
                 pubsub.close()
 
     def _fetch_redis(self, version: Version, wake: zmq.Socket) -> tuple[blob.Manifest, list]:
-        """The manifest, then the chunks read ahead over FETCH_STREAMS connections, each passed
-        on (and copied into the ring) in order as soon as it and those before it are in."""
-        assert self.r is not None
+        """The manifest, then the chunks read into one buffer (cache/rawget.py); each is
+        checked and passed on (and copied into the ring) while the next one arrives."""
+        assert self.r is not None and self._chunk_reader is not None
         manifest = blob.read_manifest(self.r, self.keys, version)
         self._begin(manifest)
-        if self._fetchers is None:
-            self._fetchers = ThreadPoolExecutor(FETCH_STREAMS, thread_name_prefix=f"{self.name}-fetch")
-        read, r, keys = blob.read_chunk, self.r, self.keys
-        futures = [self._fetchers.submit(read, r, keys, manifest, i) for i in range(manifest.chunks)]
-        chunks = []
-        try:
-            for f in futures:
-                chunks.append(f.result())
-                self._add_chunk(manifest, chunks[-1], wake)
-        finally:
-            for f in futures:
-                f.cancel()  # after a failure: the rest is not worth fetching
+        keys = [self.keys.model_chunk(version, i) for i in range(manifest.chunks)]
+        chunks: list = []
+        with contextlib.closing(self._chunk_reader.read(keys, manifest.size, blob.CHUNK_BYTES)) as replies:
+            for chunk in replies:
+                blob.check_chunk(manifest, len(chunks), chunk)
+                chunks.append(chunk)
+                self._add_chunk(manifest, chunk, wake)
         return manifest, chunks
 
     def _follow_node(self, parent: Parent, stop: threading.Event, wake: zmq.Socket) -> None:

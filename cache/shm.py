@@ -327,6 +327,10 @@ def _map(path: Path, size: int, create: bool) -> mmap.mmap:
     try:
         if create:
             os.ftruncate(fd, size)
+            # Fault every page in now, while the ring is made: touched for the first time
+            # by a version's copy, 8 MiB of 4 KiB pages cost 5-6 ms of that version's way.
+            populate = getattr(mmap, "MAP_POPULATE", 0)
+            return mmap.mmap(fd, 0, flags=mmap.MAP_SHARED | populate)
         return mmap.mmap(fd, 0)
     finally:
         os.close(fd)

@@ -174,6 +174,31 @@ def test_a_corrupt_newer_version_is_never_delivered_and_the_client_keeps_the_old
     assert_same_arrays(arrays, weights(3))
 
 
+def last_error(node: Node) -> str:
+    return str(node.node.counters.get("last_upstream_error", ""))
+
+
+def test_versions_with_an_oversized_or_missing_chunk_in_redis_are_refused_and_the_next_lands(
+    redis_client: redis.Redis, run_keys: Keys, node: Node, model_client: ModelClient
+) -> None:
+    state = {"big": np.arange(600_000, dtype=np.float32)}  # three chunks
+    oversized, chunks = blob.pack(state, Version(5, 1), ARCH, learner=0)
+    # Refused from its length alone: the replies after it are never read, and must not be
+    # taken for the next version's chunks.
+    blob.write(redis_client, run_keys, oversized, [chunks[0] + b"x", *chunks[1:]])
+    wait_for(lambda: "over its limit" in last_error(node), TIMEOUT_S, what="the oversized chunk refused")
+    missing, chunks = blob.pack(state, Version(5, 2), ARCH, learner=0)
+    blob.write(redis_client, run_keys, missing, chunks[:-1])
+    wait_for(lambda: "missing" in last_error(node), TIMEOUT_S, what="the missing chunk refused")
+
+    good, chunks = blob.pack({"big": state["big"] + 1}, Version(5, 3), ARCH, learner=0)
+    blob.write(redis_client, run_keys, good, chunks)
+    _, _, arrays = receive(model_client, good.version)
+    assert_same_arrays(arrays, {"big": state["big"] + 1})
+    assert node.node.counters["policy_version"] == "5.3"
+    assert not ({Version(5, 1), Version(5, 2)} & set(node.node.versions))
+
+
 def test_publisher_epochs_increase_across_instances_and_a_new_epoch_supersedes_any_step(
     redis_client: redis.Redis, run_keys: Keys, node: Node, model_client: ModelClient
 ) -> None:
