@@ -290,8 +290,9 @@ class SampleClient:
     nothing is sampled unused. Small batches travel several to a reply (up to GROUP_BYTES a
     reply and `inflight` // 2 batches, so a second request is always in flight): each is its
     own draw of `batch` items, the same as that many single requests in flight would get.
-    Pixel batches travel as their distinct frames plus indexes (replay/packed.py) and are
-    rebuilt into stacks here when handed out.
+    Pixel batches travel as frames plus indexes (replay/packed.py); when handed out, their
+    stacks are views on the received frames (one-step transitions: obs and next_obs of an
+    item share memory) or rebuilt into pooled buffers.
 
     Membership: with a `Members` view the client follows the live set. A shard that leaves
     is dropped with the batches it had sent (they belong to a draw over a set of shards that

@@ -17,7 +17,8 @@ Protocol (wire.py frames; every request may carry `req`, echoed in the reply, an
                                           (rows batch after batch; the reply's `batches`
                                           says how many the rate limiter allowed, >= 1);
                                           `unique_frames` with `packed` on a pixel table:
-                                          each distinct frame once (replay/packed.py)
+                                          frames plus per-item frame indexes instead of
+                                          whole stacks (replay/packed.py)
     priority                           + slot (i8), gen (i8), priority (f8)
                                        -> updated {applied, dropped}
     configure {samples_per_insert?, min_size?, error_buffer?} -> configured {limiter}
@@ -358,7 +359,7 @@ class ReplayServer:
             views["slot"][:] = slots
             views["gen"][:] = gens
             views["prob"][:] = probs
-            frames = table.gather_unique_frames(slots, views, buf.frames) if unique else -1
+            frames = table.gather_frames(slots, views, buf.frames) if unique else -1
             layout.send(self.sock, ident, fields, buf, frames)
             return
         arrays = {**table.gather(slots), "slot": slots, "gen": gens, "prob": probs}

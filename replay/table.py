@@ -338,20 +338,34 @@ class Table:
                 self.frames.gather(stacks.take(slots, axis=0), out=out[k])
         return out
 
-    def gather_unique_frames(self, slots: np.ndarray, out: dict[str, np.ndarray], frames: np.ndarray) -> int:
-        """Pixel tables: each distinct frame of the obs and next_obs stacks of `slots` once,
-        into `frames` (room for every frame of those stacks), and each item's stacks as
-        indexes into them, into `out[<name>_frame_index]`; returns how many frames went in.
+    def gather_frames(self, slots: np.ndarray, out: dict[str, np.ndarray], frames: np.ndarray) -> int:
+        """Pixel tables: the frames of the obs and next_obs stacks of `slots` into `frames`
+        (room for every frame of those stacks), and each item's stacks as indexes into them,
+        into `out[<name>_frame_index]`; returns how many frames went in.
 
         `frames[out[name + INDEX]]` is what `gather` returns as `name`, episode starts
-        included: a padded stack names its repeated frame's slot each time.
+        included (a padded stack names its repeated frame each time). Two layouts:
+        - windows, when every item's next_obs stack is its obs stack moved on by one frame
+          (what an actor's transitions are): each item's stack + 1 frames in a row, obs
+          indexing the first `stack` of them and next_obs the last. The client then views
+          both stacks in the received frames (packed.rebuild) instead of copying them out.
+        - otherwise each distinct frame once.
         """
-        stacks = [s.take(slots, axis=0) for s in self.stacked.values()]
-        both = np.concatenate(stacks, axis=1)  # [n, 2 * stack]: one sort finds every repeat
+        obs, nxt = (self.stacked[k].take(slots, axis=0) for k in STACKED)
+        k = self.frame_stack
+        if np.array_equal(obs[:, 1:], nxt[:, :-1]):
+            n = len(slots)
+            windows = np.concatenate([obs, nxt[:, -1:]], axis=1)
+            runs = np.arange(0, n * (k + 1), k + 1, dtype=np.int32)[:, None] + np.arange(k, dtype=np.int32)
+            out[STACKED[0] + INDEX][:] = runs
+            out[STACKED[1] + INDEX][:] = runs + 1
+            self.frames.gather(windows, out=frames[: n * (k + 1)].reshape(n, k + 1, *frames.shape[1:]))
+            return n * (k + 1)
+        both = np.concatenate([obs, nxt], axis=1)  # [n, 2 * stack]: one sort finds every repeat
         unique, inverse = np.unique(both, return_inverse=True)
         inverse = inverse.reshape(both.shape)
-        for i, name in enumerate(self.stacked):
-            out[name + INDEX][:] = inverse[:, i * self.frame_stack : (i + 1) * self.frame_stack]
+        out[STACKED[0] + INDEX][:] = inverse[:, :k]
+        out[STACKED[1] + INDEX][:] = inverse[:, k:]
         self.frames.gather(unique, out=frames[: len(unique)])
         return len(unique)
 
@@ -363,7 +377,7 @@ class Table:
     def item_layout(self, unique_frames: bool = False) -> list[tuple[str, np.dtype, tuple[int, ...]]]:
         """(name, dtype, shape of one item) of each column `gather` returns; with
         `unique_frames`, pixel tables give the stacks' frame indexes (see
-        `gather_unique_frames`) instead of the stacks."""
+        `gather_frames`) instead of the stacks."""
         cols = [(k, c.dtype, c.shape[1:]) for k, c in self.columns.items()]
         if self.frames is not None and unique_frames:
             cols += [(k + INDEX, np.dtype(np.int32), (self.frame_stack,)) for k in self.stacked]

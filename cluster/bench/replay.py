@@ -8,13 +8,14 @@ printed beside its baselines as ratios; the JSON holds one `checks` entry per go
 replay issue.
 
 Atari-size figures use the pixel path (replay/frames.py): inserters send each 84x84 frame
-once with frame keys; a sample reply carries each distinct frame of the batch once and the
-client rebuilds the 4-frame obs and next_obs stacks (replay/packed.py). The sampling goal
-still compares with raw ZeroMQ moving the decoded batch (both whole stacks per item), what
-the learner gets; the bytes actually sent and ZeroMQ's rate for them are reported beside
-it. The RSS baseline is the same table fed whole stacked observations. Learners' clients
-ask for several small batches per request (replay/client.py); `cartpole_batches_per_request`
-records how many. The snapshot figure is
+once with frame keys; a sample reply carries five frames per item (one window covering its
+obs and next_obs stacks) and the client hands out both 4-frame stacks as uint8
+[256, 4, 84, 84] views on them (replay/packed.py), what a learner turns into torch tensors.
+The sampling goal still compares with raw ZeroMQ moving the decoded batch (both whole
+stacks per item), what the learner gets; the bytes actually sent and ZeroMQ's rate for
+them are reported beside it. The RSS baseline is the same table fed whole stacked
+observations. Learners' clients ask for several small batches per request
+(replay/client.py); `cartpole_batches_per_request` records how many. The snapshot figure is
 the longest serving pause while the shard snapshots its Atari table (replay/snapshot.py):
 the longer of fork() and the slowest request served while the child writes, beside the
 longest reply gaps a client sees with and without a snapshot running and the time the
@@ -453,8 +454,8 @@ def main(args: argparse.Namespace) -> int:
     atari_batch_bytes = batch * at_item
     snap_pause = max(snap["fork_ms"], snap["longest_request_during_snapshot_ms"]) if snap else 0.0
     # The goal compares batches handed out with raw ZeroMQ moving each batch's decoded bytes
-    # (both stacks of every item): what a learner receives. The replies carry each distinct
-    # frame once (replay/packed.py), so fewer bytes cross the wire; ZeroMQ moving those
+    # (both stacks of every item): what a learner receives. The replies carry each item's
+    # frames once (replay/packed.py), so fewer bytes cross the wire; ZeroMQ moving those
     # bytes is reported beside it, not used for the goal.
     zmq_atari_batches = zmq_atari_batch / atari_batch_bytes
     atari_wire = one["atari_wire_bytes_per_batch"]
@@ -490,7 +491,7 @@ def main(args: argparse.Namespace) -> int:
             "atari_sample_vs_zmq_limit",
             one["atari_sample_batches_per_s"] / zmq_atari_batches,
             "ratio",
-            ">= 0.8 of ZeroMQ moving the decoded batch's bytes (replies carry unique frames: "
+            ">= 0.8 of ZeroMQ moving the decoded batch's bytes (replies carry each item's frames once: "
             f"{atari_wire / atari_batch_bytes:.2f} of those bytes)",
             {
                 "zmq_batches_per_s": zmq_atari_batches,

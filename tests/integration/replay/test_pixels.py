@@ -16,7 +16,7 @@ from actors.adder import FrameAdder
 from cluster import wire
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
-from replay.client import InsertClient, SampleClient, request_stats
+from replay.client import InsertClient, SampleClient, request_stats, to_tensors
 from replay.packed import Unpacker
 from replay.server import ReplayServer
 
@@ -116,7 +116,12 @@ def test_a_sample_client_gets_the_same_stacks_from_unique_frames_as_the_shard_ho
                 if (s, g) in stacks:
                     np.testing.assert_array_equal(b["obs"][i], stacks[s, g][0])
                     np.testing.assert_array_equal(b["next_obs"][i], stacks[s, g][1])
-        # Every frame once: a reply weighs less than two whole stacks an item.
+            # One-step transitions travel as one window of frames an item, which both
+            # stacks view: no copy on the client, and torch views those views in turn.
+            assert np.shares_memory(b["obs"], b["next_obs"])
+            tensors = to_tensors(b, "cpu", names=("obs", "next_obs"))
+            assert np.shares_memory(tensors["obs"].numpy(), b["obs"])
+        # Five frames an item: a reply weighs less than two whole stacks an item.
         assert sampler.bytes_received_total < 5 * 64 * 2 * STACK * 64
     finally:
         whole.close()

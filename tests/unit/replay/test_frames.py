@@ -69,15 +69,16 @@ class StackingEnvs:
 
 
 def unique_frame_reply(table: Table, slots: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
-    """What a client rebuilds from a unique-frame sample reply of `slots`, through the wire
-    format (replay/packed.py), and how many frames the reply carried."""
+    """What a client rebuilds from a frame-index sample reply of `slots`, through the wire
+    format (replay/packed.py), and how many frames the reply carried. The frames arrive in
+    writable memory, as zmq frames received with copy=False do."""
     room = (len(slots) * table.frames_per_item, table.frames.frame_shape)
     layout = Layout(table.item_layout(unique_frames=True), len(slots), room)
     buf = layout.acquire()
     table.gather(slots, buf.views)
-    u = table.gather_unique_frames(slots, buf.views, buf.frames)
+    u = table.gather_frames(slots, buf.views, buf.frames)
     head = layout.header({"op": "batch", "req": 1}, u)
-    msg = wire.decode([head, bytes(buf.data), bytes(buf.frames[:u])], 1 << 26)
+    msg = wire.decode([head, bytes(buf.data), bytearray(buf.frames[:u])], 1 << 26)
     return rebuild(Unpacker()(msg.header, msg.arrays)), u
 
 
@@ -96,7 +97,11 @@ def check_every_item(table: Table, reference: dict[int, tuple[np.ndarray, np.nda
     for name in ("obs", "next_obs"):
         np.testing.assert_array_equal(rebuilt[name], table.gather(slots)[name])
         assert rebuilt[name].flags.writeable
-    assert u == len(np.unique(np.concatenate([table.stacked[k][slots].ravel() for k in table.stacked])))
+    obs, nxt = (table.stacked[k][slots] for k in ("obs", "next_obs"))
+    if np.array_equal(obs[:, 1:], nxt[:, :-1]):  # one-step transitions: a window per item
+        assert u == len(slots) * (table.frame_stack + 1)
+    else:  # n-step ones: each distinct frame once
+        assert u == len(np.unique(np.concatenate([obs.ravel(), nxt.ravel()])))
 
 
 def check_refcounts(table: Table) -> None:

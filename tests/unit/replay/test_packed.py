@@ -205,16 +205,58 @@ def test_the_unpacker_refuses_frames_without_indexes_and_indexes_without_frames(
         Unpacker()(msg.header, {**msg.arrays, FRAMES: np.zeros((3, 2, 2), np.uint8)})
 
 
-def test_a_unique_frame_reply_of_neighbouring_items_carries_about_five_frames_an_item_not_eight() -> None:
+def pixel_reply(table: Table, slots: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """(what a client rebuilds, frames sent) for a frame-index reply of `slots`; the frames
+    arrive in writable memory, as zmq frames received with copy=False do."""
+    room = (len(slots) * table.frames_per_item, table.frames.frame_shape)
+    layout = Layout(table.item_layout(unique_frames=True), len(slots), room)
+    buf = layout.acquire()
+    table.gather(slots, buf.views)
+    u = table.gather_frames(slots, buf.views, buf.frames)
+    head = layout.header({"op": "batch"}, u)
+    msg = wire.decode([head, bytes(buf.data), bytearray(buf.frames[:u])], 1 << 26)
+    arrays = Unpacker()(msg.header, msg.arrays)
+    frames = arrays[FRAMES]
+    got = rebuild(arrays)
+    for name in ("obs", "next_obs"):
+        np.testing.assert_array_equal(got[name], table.gather(slots)[name])
+        assert got[name].flags.writeable
+    got[FRAMES] = frames
+    return got, u
+
+
+def test_one_step_transitions_travel_as_a_window_of_five_frames_the_client_views_without_a_copy() -> None:
     table = Table(300, frame_window=256)
     stream = PixelStream(3)
     for _ in range(5):
         table.insert(stream.chunk(32))
-    slots = np.arange(10, 160, 5)  # every fifth item past the episode start: no shared frame
-    room = (len(slots) * table.frames_per_item, table.frames.frame_shape)
-    layout = Layout(table.item_layout(unique_frames=True), len(slots), room)
-    buf = layout.acquire()
-    assert table.gather_unique_frames(slots, buf.views, buf.frames) == 5 * len(slots)
-    layout = Layout(table.item_layout(unique_frames=True), 160, (160 * 8, table.frames.frame_shape))
-    buf = layout.acquire()  # every item of one episode: its frames once, plus the start's
-    assert table.gather_unique_frames(np.arange(160), buf.views, buf.frames) == 160 + 1
+    slots = np.array([0, 7, 7, 150, 3, 1])  # an episode start, a repeat, neighbours
+    got, u = pixel_reply(table, slots)
+    assert u == 5 * len(slots)
+    assert np.shares_memory(got["obs"], got[FRAMES]) and np.shares_memory(got["obs"], got["next_obs"])
+
+
+def test_transitions_not_one_frame_apart_travel_as_each_distinct_frame_once() -> None:
+    table = Table(300, frame_window=256)
+    stream = PixelStream(3)
+    for _ in range(5):
+        chunk = stream.chunk(32)
+        chunk["next_obs"][:-1] = chunk["next_obs"][1:]  # two frames on, as an n-step adder's
+        table.insert(chunk)
+    slots = np.arange(160)  # one episode: its frames once, plus the start's
+    got, u = pixel_reply(table, slots)
+    assert u == 160 + 1
+    assert not np.shares_memory(got["obs"], got[FRAMES])
+
+
+@pytest.mark.parametrize("off_by_one", [False, True])
+def test_rebuild_views_runs_of_consecutive_frames_and_copies_anything_else(off_by_one: bool) -> None:
+    frames = np.arange(12 * 2 * 2, dtype=np.uint8).reshape(12, 2, 2)
+    index = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.int32)
+    if off_by_one:
+        index[2, 1] = 9
+    header, arrays = unique_reply(index, frames)
+    arrays[FRAMES] = arrays[FRAMES].copy()  # writable, as a zmq frame received with copy=False
+    got = rebuild(Unpacker()(header, arrays))
+    np.testing.assert_array_equal(got["obs"], frames[index])
+    assert np.shares_memory(got["obs"], arrays[FRAMES]) is not off_by_one
