@@ -564,7 +564,7 @@ def run(args: argparse.Namespace, net: netns.Network | None) -> int:
             t["p99_s"] < p["p99_s"],
         ),
         check(
-            "tree p99, 8 MiB to 1000 actors on one host",
+            f"tree p99, {args.model_mb:g} MiB to {args.actors} actors on {args.hosts} host(s)",
             t["p99_s"],
             "s",
             "<= 0.050" if single_host_goal else "report (goal set for --hosts 1 --actors 1000 --model-mb 8)",
