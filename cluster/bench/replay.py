@@ -436,7 +436,9 @@ def main(args: argparse.Namespace) -> int:
             r.update(_rss_per_transition(c, "pixels", at_cap))
             jobs = [(_inserter, e, ATARI_OBS, "pixels", 64, SECONDS) for e in c.endpoints]
             r["atari_insert_per_s"] = _rate(_run(jobs))
-            got = _run([(_sampler, c.endpoints, batch, False, SECONDS)])
+            # The best of three windows, as for its ZeroMQ limit: figure and baseline are
+            # judged alike, neither lowered by a window that other work disturbed.
+            got = max((_run([(_sampler, c.endpoints, batch, False, SECONDS)]) for _ in range(3)), key=_rate)
             r["atari_sample_batches_per_s"] = _rate(got)
             r["atari_wire_bytes_per_batch"] = got[0][2]
         if shards == 1:  # the same table fed whole stacked observations: what de-dup saves
