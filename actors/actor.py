@@ -14,7 +14,7 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from actors.adder import FrameAdder, NStepAdder
-from actors.envs import make_vec, seed_base
+from actors.envs import clips_rewards, make_vec, seed_base
 from actors.explore import Explorer, initial_priorities, ladder
 from actors.policy import limit_blas_threads, member_arrays, policy_from_arrays
 from cache.client import leaf_client
@@ -31,6 +31,20 @@ INSERT_TIMEOUT_S = 60.0
 PAUSE_POLL_S = 0.1
 
 
+def step_and_add(env, adder, obs, actions, env_actions, version: int, clip: bool) -> tuple[np.ndarray, dict]:
+    """One vector step fed to the adder; returns the next observations and the step's info.
+
+    With `clip` the adder gets sign(r) (Atari's reward clipping, `env.clip_rewards`); the
+    env's RecordEpisodeStatistics has summed the true rewards already, so `info["episode"]`
+    still reports true game scores.
+    """
+    next_obs, rewards, terminated, truncated, info = env.step(env_actions)
+    if clip:
+        rewards = np.sign(rewards)
+    adder.add(obs, actions, rewards, next_obs, terminated, truncated, info, version)
+    return next_obs, info
+
+
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     a, c = cfg.actors, cfg.cluster
     keys = Keys(cfg.run.name)
@@ -45,6 +59,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     explorer = Explorer(env.single_action_space, a.envs, rng, eps, a.action_noise)
     space = env.single_observation_space
     pixels = space.dtype == np.uint8 and len(space.shape) == 3  # stacked frames: send each once
+    clip = clips_rewards(cfg.env)
     if pixels:
         adder = FrameAdder(a.envs, cfg.learner.n_step, cfg.learner.gamma, AutoresetMode.NEXT_STEP, ident)
     else:
@@ -91,9 +106,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
                 r.hset(keys.ledger_actors, str(ident), str(version))
 
             actions, env_actions = explorer.act(policy, obs)
-            next_obs, rewards, terminated, truncated, info = env.step(env_actions)
-            adder.add(obs, actions, rewards, next_obs, terminated, truncated, info, version.packed())
-            obs = next_obs
+            obs, info = step_and_add(env, adder, obs, actions, env_actions, version.packed(), clip)
 
             if "episode" in info:
                 ended = info["_episode"]

@@ -17,7 +17,8 @@ from gymnasium.utils.env_checker import check_env
 from rich.console import Console
 from rich.table import Table
 
-from actors.envs import check_env_id, random_stepping_rate
+from actors.envs import check_env_id, make_one, random_stepping_rate
+from cluster.config import EnvConfig
 
 SPEED_ENVS = 8
 SPEED_SECONDS = 2.0
@@ -53,6 +54,8 @@ def _fits(action_space: gym.Space) -> tuple[str, bool]:
 
 def _observation(space: gym.Space) -> tuple[str, bool | None]:
     if isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and len(space.shape) >= 2:
+        if len(space.shape) == 3 and space.shape[1:] == (84, 84):
+            return f"stacked frames {space.shape} uint8: the Nature CNN (dqn)", True
         return f"image {space.shape} uint8: flattened into the MLP (no pixel preprocessing yet)", None
     try:
         return f"{_short(space)} -> {gym.spaces.flatdim(space)} floats", True
@@ -60,9 +63,9 @@ def _observation(space: gym.Space) -> tuple[str, bool | None]:
         return f"{space}: cannot be flattened", False
 
 
-def _deterministic(env_id: str) -> bool:
+def _deterministic(env_id: str, env_cfg: EnvConfig) -> bool:
     def first(seed: int) -> np.ndarray:
-        env = gym.make(env_id)
+        env = make_one(env_id, env_cfg)
         try:
             obs, _ = env.reset(seed=seed)
             env.action_space.seed(seed)
@@ -74,10 +77,13 @@ def _deterministic(env_id: str) -> bool:
     return bool(np.array_equal(first(123), first(123)))
 
 
-def check(env_id: str) -> Report:
+def check(env_id: str, env_cfg: EnvConfig | None = None) -> Report:
+    """Check `env_id` as canopy's roles build it: with `env_cfg.kwargs` (and, for Atari,
+    its preprocessing settings) when given."""
+    env_cfg = env_cfg or EnvConfig(id=env_id)
     check_env_id(env_id)
     report = Report(env_id)
-    env = gym.make(env_id)
+    env = make_one(env_id, env_cfg)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -101,17 +107,17 @@ def check(env_id: str) -> Report:
     finally:
         env.close()
     if report.usable:
-        same = _deterministic(env_id)
+        same = _deterministic(env_id, env_cfg)
         report.add("reset(seed) determinism", "same seed, same start" if same else "differs", same or None)
-        rate = random_stepping_rate(env_id, SPEED_ENVS, SPEED_SECONDS)
+        rate = random_stepping_rate(env_id, SPEED_ENVS, SPEED_SECONDS, env_cfg)
         report.add(
             f"random stepping, {SPEED_ENVS} envs", f"{rate:,.0f} env steps/s (one actor's ceiling)", True
         )
     return report
 
 
-def main(env_id: str) -> int:
-    report = check(env_id)
+def main(env_id: str, env_cfg: EnvConfig | None = None) -> int:
+    report = check(env_id, env_cfg)
     table = Table(title=f"canopy check-env {env_id}")
     for name in ("check", "result", "verdict"):
         table.add_column(name)

@@ -8,14 +8,25 @@ grey 84x84 and starts episodes with up to `noop_max` no-ops; FrameStackObservati
 `frame_stack` frames into uint8 [stack, 84, 84], padded at an episode's start with
 copies of its first frame (gymnasium's "reset" padding), so no frame of the previous
 episode ever appears in a stack.
-Episodes end at game over (not at a lost life) and rewards stay unclipped here: clipping
-is the learner's business, so returns reported by actors are true game scores.
+Episodes end at game over (not at a lost life) and rewards stay unclipped here: actors clip
+the rewards they store in replay to sign(r) (`env.clip_rewards`, `clips_rewards`), after
+RecordEpisodeStatistics has counted them, so returns reported by actors and the evaluator
+are true game scores.
+
+Environments a user brings: `env.id` may name a module to import first, gymnasium-style
+(`my_pkg.envs:MyEnv-v0`: importing `my_pkg.envs` must register `MyEnv-v0`), and
+`env.kwargs` go to the env's constructor (`gym.make(id, **kwargs)`) wherever canopy builds
+it: actors and the evaluator (`make_vec`), the learner (`env_spec`), `canopy check-env`
+and `canopy eval` (`make_one`).
 """
 
 from __future__ import annotations
 
+import importlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
@@ -26,20 +37,67 @@ from cluster.errors import UserError
 
 
 def check_env_id(env_id: str) -> None:
-    """Fail early, in one line, on an id gymnasium does not know."""
-    if is_atari(env_id):
-        _register_atari(env_id)
+    """Fail early, in one line, on an id gymnasium does not know or a module that does not import.
+
+    `module:Name-v0` imports `module` first (as `gym.make` does); `gym.spec` then looks
+    `Name-v0` up, so every later `gym.make(env_id)` finds it registered.
+    """
+    module, name = split_env_id(env_id)
+    if module is not None:
+        _import_env_module(module, env_id)
+    if is_atari(name):
+        _register_atari(name)
     try:
-        gym.spec(env_id)
+        gym.spec(name)
     except gym.error.Error as exc:
+        if module is not None:
+            raise UserError(
+                f"unknown env id {name!r} ({exc}): importing {module!r} did not register it; "
+                f"the module must call gymnasium.register(id={name!r}, entry_point=...) when imported"
+            ) from None
         raise UserError(
             f"unknown env id {env_id!r} ({exc}): use a registered gymnasium id such as "
-            "CartPole-v1, or install the package that registers it"
+            "CartPole-v1, install the package that registers it, or name the module that "
+            "registers it: my_pkg.envs:MyEnv-v0"
         ) from None
 
 
+def split_env_id(env_id: str) -> tuple[str | None, str]:
+    """(module to import or None, registered id) of `module:Name-v0` or `Name-v0`."""
+    module, sep, name = env_id.partition(":")
+    if not sep:
+        return None, env_id
+    if not module or not name or ":" in name:
+        raise UserError(f"env id {env_id!r}: use Name-v0 or module.path:Name-v0 (one colon)")
+    return module, name
+
+
+def _import_env_module(module: str, env_id: str) -> None:
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise UserError(
+            f"env id {env_id!r}: cannot import module {module!r} ({_one_line(exc)}): pip install the "
+            "package that provides it, or put its directory on PYTHONPATH (e.g. PYTHONPATH=. canopy "
+            "...), wherever canopy roles run"
+        ) from None
+    except Exception as exc:  # the user's module failed while importing: say how, in one line
+        raise UserError(
+            f"env id {env_id!r}: importing module {module!r} failed: {type(exc).__name__}: {_one_line(exc)}"
+        ) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def is_atari(env_id: str) -> bool:
-    return env_id.startswith("ALE/")
+    return split_env_id(env_id)[1].startswith("ALE/")
+
+
+def clips_rewards(env_cfg: EnvConfig) -> bool:
+    """Whether actors store sign(r) instead of r (`env.clip_rewards`, Atari ids only)."""
+    return env_cfg.clip_rewards and is_atari(env_cfg.id)
 
 
 def _register_atari(env_id: str) -> None:
@@ -62,33 +120,71 @@ def make_vec(
     the pickling of its observation (Atari, physics), not for CartPole.
     """
     e = env_cfg or EnvConfig(id=env_id)
-    kwargs: dict = {}
-    wrappers: list = []
     check_env_id(env_id)
+    kwargs, wrappers = _make_args(env_id, e)
+    env = _build(
+        env_id,
+        e,
+        lambda: gym.make_vec(
+            env_id,
+            num_envs=num_envs,
+            vectorization_mode="async" if asynchronous else "sync",
+            vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
+            wrappers=wrappers,
+            **kwargs,
+        ),
+    )
+    space = env.single_action_space
+    box = isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and np.isfinite(space.low).all()
+    if not (isinstance(space, gym.spaces.Discrete) or box):
+        env.close()
+        raise UserError(
+            f"env {env_id!r} has action space {space}: canopy acts in Discrete spaces (dqn) "
+            "and bounded 1-D Box spaces (td3)"
+        )
+    return gym.wrappers.vector.RecordEpisodeStatistics(env)
+
+
+def make_one(env_id: str, env_cfg: EnvConfig | None = None, render_mode: str | None = None) -> gym.Env:
+    """One env exactly as a copy of `make_vec`'s sees it (Atari preprocessing, `env.kwargs`),
+    without episode statistics: for `canopy eval` and `canopy check-env`."""
+    e = env_cfg or EnvConfig(id=env_id)
+    check_env_id(env_id)
+    kwargs, wrappers = _make_args(env_id, e)
+    if render_mode is not None:
+        kwargs["render_mode"] = render_mode
+    env = _build(env_id, e, lambda: gym.make(env_id, **kwargs))
+    for wrap in wrappers:
+        env = wrap(env)
+    return env
+
+
+def _make_args(env_id: str, e: EnvConfig) -> tuple[dict[str, Any], list[Callable[[gym.Env], gym.Env]]]:
+    """Constructor kwargs (the user's `env.kwargs`, plus canopy's for Atari) and wrappers."""
+    kwargs: dict[str, Any] = dict(e.kwargs)
+    wrappers: list[Callable[[gym.Env], gym.Env]] = []
     if is_atari(env_id):
-        kwargs = {"frameskip": 1, "repeat_action_probability": e.sticky_actions}
+        kwargs.update(frameskip=1, repeat_action_probability=e.sticky_actions)
         wrappers = [
             lambda env: gym.wrappers.AtariPreprocessing(
                 env, noop_max=e.noop_max, frame_skip=e.frame_skip, screen_size=84, grayscale_obs=True
             ),
             lambda env: gym.wrappers.FrameStackObservation(env, e.frame_stack),
         ]
-    env = gym.make_vec(
-        env_id,
-        num_envs=num_envs,
-        vectorization_mode="async" if asynchronous else "sync",
-        vector_kwargs={"autoreset_mode": AutoresetMode.NEXT_STEP},
-        wrappers=wrappers,
-        **kwargs,
-    )
-    space = env.single_action_space
-    box = isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and np.isfinite(space.low).all()
-    if not (isinstance(space, gym.spaces.Discrete) or box):
+    return kwargs, wrappers
+
+
+def _build(env_id: str, e: EnvConfig, make: Callable[[], Any]) -> Any:
+    """`make()`, with a constructor that refuses `env.kwargs` reported in one line."""
+    try:
+        return make()
+    except TypeError as exc:  # e.g. "__init__() got an unexpected keyword argument 'x'"
+        if not e.kwargs:
+            raise
         raise UserError(
-            f"env {env_id!r} has action space {space}: canopy acts in Discrete spaces (dqn) "
-            "and bounded 1-D Box spaces (td3)"
-        )
-    return gym.wrappers.vector.RecordEpisodeStatistics(env)
+            f"env.kwargs = {e.kwargs} do not fit {env_id!r}: {_one_line(exc)}: use keyword "
+            "arguments of the env's constructor"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -111,9 +207,11 @@ def env_spec(env_id: str, env_cfg: EnvConfig | None = None) -> EnvSpec:
         env.close()
 
 
-def random_stepping_rate(env_id: str, num_envs: int, seconds: float) -> float:
+def random_stepping_rate(
+    env_id: str, num_envs: int, seconds: float, env_cfg: EnvConfig | None = None
+) -> float:
     """Env steps/s of a vector env stepped with random actions: an actor's ceiling."""
-    env = make_vec(env_id, num_envs)
+    env = make_vec(env_id, num_envs, env_cfg)
     try:
         env.reset(seed=0)
         env.action_space.seed(0)

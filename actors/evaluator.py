@@ -1,11 +1,21 @@
-"""`canopy evaluator --id N`: greedy evaluation of each newest policy version.
+"""`canopy evaluator --id N`: the judge of every policy version, and keeper of the best one.
 
-The judge of "solved": epsilon 0, `eval.episodes` episodes run side by side in one vector
-env (each sub-env counts only its first episode), fresh seeds every time. Results go to
-the stats hash (`eval_return`, `eval_version`) and, one entry per evaluation, to the
-events stream (kind `eval`), which `canopy up` reads to decide when a run is solved.
-A population version (`learner.models > 1`) has each model judged on the same seeds; the
-best model's return is the version's (`eval_model`, `eval_model_returns` name them all).
+Place in the data flow: versions arrive from the cache tree like an actor's; verdicts go
+to the events stream, which `canopy up` reads to decide when a run is solved, and the best
+confirmed version is pinned in Redis (`eval:best`, cache/blob.py `pin`), which is what
+`canopy eval` and `canopy export` hand over.
+
+Two stages, both greedy (epsilon 0), every episode on a fresh seed, each stage one vector
+env whose sub-envs count only their first episode:
+- screen: each newest version over `eval.episodes` episodes (event `eval`, stats
+  `eval_return`); cheap, and noisy on purpose;
+- confirm: a version that screens above the best confirmed score (or the first one) is
+  judged again over `eval.confirm_episodes` episodes (event `confirm`). Only confirmed
+  scores count: "solved" is a confirmed mean at or above the threshold, and a confirmed
+  mean above the best one's replaces the pinned best version. A run that keeps training
+  therefore never hands over a worse model than one it already showed.
+A population version (`learner.models > 1`) has each model screened on the same seeds;
+the best model is the one confirmed and pinned (`model` in the record).
 """
 
 from __future__ import annotations
@@ -18,8 +28,9 @@ import numpy as np
 from actors.envs import make_vec
 from actors.explore import Explorer
 from actors.policy import limit_blas_threads, policy_from_arrays, population_arrays
+from cache import blob
 from cache.client import leaf_client
-from cluster.config import Config
+from cluster.config import Config, EnvConfig
 from cluster.keys import Keys
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
@@ -41,6 +52,36 @@ def evaluate(env, policy, seed: int) -> np.ndarray:
     return returns
 
 
+def judge(arch: str, arrays: dict[str, np.ndarray], env_cfg: EnvConfig, episodes: int, seed: int) -> dict:
+    """A policy's greedy score over `episodes` episodes on seeds seed, seed+1, ... (one vector env)."""
+    env = make_vec(env_cfg.id, episodes, env_cfg)
+    try:
+        return summarize(evaluate(env, policy_from_arrays(arch, arrays), seed))
+    finally:
+        env.close()
+
+
+def earns_confirmation(screen_mean: float, best_mean: float | None) -> bool:
+    """Whether a screened version may beat the best confirmed one, and so is judged in full."""
+    return best_mean is None or screen_mean > best_mean
+
+
+def improves(confirmed_mean: float, best_mean: float | None) -> bool:
+    """Whether a confirmed score replaces the pinned best (ties keep the older version)."""
+    return best_mean is None or confirmed_mean > best_mean
+
+
+def summarize(returns: np.ndarray) -> dict[str, float | int]:
+    """The figures every verdict reports, rounded for events and records."""
+    return {
+        "mean": round(float(returns.mean()), 3),
+        "std": round(float(returns.std()), 3),
+        "min": round(float(returns.min()), 3),
+        "max": round(float(returns.max()), 3),
+        "episodes": len(returns),
+    }
+
+
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     c = cfg.cluster
     keys = Keys(cfg.run.name)
@@ -48,9 +89,23 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     tel = Telemetry(r, keys, "evaluator", ident, cfg.run.heartbeat_s)
     tel.start()
     limit_blas_threads()
-    env = make_vec(cfg.env.id, cfg.eval.episodes, cfg.env)
+    screen_env = make_vec(cfg.env.id, cfg.eval.episodes, cfg.env)
+    confirm_env = make_vec(cfg.env.id, cfg.eval.confirm_episodes, cfg.env)
     models = leaf_client(c, cfg.cache, "evaluator", ident)
-    tel.counters.update(evals_total=0)
+    # A restarted evaluator (or a resumed run) goes on from the best it confirmed before.
+    best = {k.decode(): v.decode() for k, v in r.hgetall(keys.best).items()}
+    best_mean = float(best["mean"]) if "mean" in best else None
+    episodes_used = 0  # every episode takes the next fresh seed
+
+    def next_seed(n: int) -> int:
+        nonlocal episodes_used
+        seed = EVAL_SEED_OFFSET + cfg.run.seed * 10**7 + episodes_used
+        episodes_used += n
+        return seed
+
+    tel.counters.update(evals_total=0, confirms_total=0, best_version=best.get("version", ""))
+    if best_mean is not None:
+        tel.counters["best_return"] = best_mean
     tel.set_state("running")
     last = 0.0
     try:
@@ -61,35 +116,59 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             version, manifest, arrays = update
             stop.wait(max(0.0, last + cfg.eval.min_interval_s - time.monotonic()))
             last = time.monotonic()
-            seed = EVAL_SEED_OFFSET + cfg.run.seed * 10**6 + tel.counters["evals_total"] * env.num_envs
             # Every model of a population on the same seeds; the best one is the version's score.
-            per_model = [
-                evaluate(env, policy_from_arrays(manifest.arch, model), seed)
-                for model in population_arrays(arrays)
-            ]
-            best = int(np.argmax([r.mean() for r in per_model]))
-            returns = per_model[best]
-            mean = float(returns.mean())
+            members = population_arrays(arrays)
+            policies = [policy_from_arrays(manifest.arch, model) for model in members]
+            seed = next_seed(screen_env.num_envs)
+            per_model = [evaluate(screen_env, policy, seed) for policy in policies]
+            model = int(np.argmax([x.mean() for x in per_model]))
+            screen = summarize(per_model[model])
             tel.counters.update(
                 evals_total=tel.counters["evals_total"] + 1,
-                eval_return=mean,
+                eval_return=screen["mean"],
                 eval_version=str(version),
                 eval_seconds=round(time.monotonic() - last, 3),
             )
             extra = {}
             if len(per_model) > 1:
-                extra = {"model": best, "model_returns": " ".join(f"{r.mean():.2f}" for r in per_model)}
-                tel.counters.update(eval_model=best, eval_model_returns=extra["model_returns"])
+                extra = {"model": model, "model_returns": " ".join(f"{x.mean():.2f}" for x in per_model)}
+                tel.counters.update(eval_model=model, eval_model_returns=extra["model_returns"])
             tel.event(
                 "eval",
                 version=str(version),
-                mean_return=f"{mean:.2f}",
-                episodes=len(returns),
-                min_return=f"{returns.min():.2f}",
+                mean_return=f"{screen['mean']:.2f}",
+                episodes=screen["episodes"],
+                min_return=f"{screen['min']:.2f}",
                 **extra,
+            )
+            if not earns_confirmation(screen["mean"], best_mean):
+                continue
+            t_confirm = time.monotonic()
+            verdict = summarize(evaluate(confirm_env, policies[model], next_seed(confirm_env.num_envs)))
+            is_best = improves(verdict["mean"], best_mean)
+            if is_best:
+                best_mean = verdict["mean"]
+                record = {**verdict, "model": model, "confirmed_at": round(time.time(), 3)}
+                # Pinned before the event: whoever reads `confirm ... best=1` finds it in Redis.
+                blob.pin(r, keys, arrays, manifest, record)
+                tel.counters.update(best_version=str(version), best_return=best_mean)
+            tel.counters.update(
+                confirms_total=tel.counters["confirms_total"] + 1,
+                confirm_seconds=round(time.monotonic() - t_confirm, 3),
+            )
+            tel.event(
+                "confirm",
+                version=str(version),
+                model=model,
+                mean_return=f"{verdict['mean']:.2f}",
+                std_return=f"{verdict['std']:.2f}",
+                min_return=f"{verdict['min']:.2f}",
+                episodes=verdict["episodes"],
+                best=int(is_best),
             )
     finally:
         models.stop()
-        env.close()
+        screen_env.close()
+        confirm_env.close()
         tel.event("stop")
         tel.close()

@@ -297,6 +297,53 @@ def read(r: redis.Redis, keys: Keys, version: Version) -> tuple[Manifest, list[b
     return manifest, chunks
 
 
+def pin(r: redis.Redis, keys: Keys, state: dict[str, np.ndarray], manifest: Manifest, record: dict) -> None:
+    """Copy a version into the pinned slot of the best confirmed version, with its record.
+
+    The copy is raw (whatever codec the broadcast used) and lives outside `model:*`, so the
+    learner's trimming of old versions never reaches it; one transaction replaces the
+    previous pinned version, record included, so a reader never sees a record whose blob
+    is another version's.
+    """
+    pinned, chunks = pack(state, manifest.version, manifest.arch, manifest.learner)
+    old = r.hget(keys.best_manifest, "chunks")
+    stale = range(len(chunks), int(old) if old and old.isdigit() else 0)
+    pipe = r.pipeline(transaction=True)
+    if stale:
+        pipe.delete(*(keys.best_chunk(i) for i in stale))
+    for i, chunk in enumerate(chunks):
+        pipe.set(keys.best_chunk(i), chunk)
+    pipe.delete(keys.best_manifest)
+    pipe.hset(keys.best_manifest, mapping=pinned.to_fields())
+    pipe.delete(keys.best)
+    pipe.hset(keys.best, mapping={k: str(v) for k, v in {**record, "version": manifest.version}.items()})
+    pipe.execute()
+
+
+def read_pinned(r: redis.Redis, keys: Keys) -> tuple[Manifest, list[bytes], dict[str, str]]:
+    """The best confirmed version's manifest, chunks and record; ProtocolError if none or bad."""
+    for _ in range(3):  # the evaluator may pin a newer best between our reads: read again
+        pipe = r.pipeline(transaction=True)
+        pipe.hgetall(keys.best)
+        pipe.hgetall(keys.best_manifest)
+        raw_record, fields = pipe.execute()
+        if not raw_record or not fields:
+            raise ProtocolError("no version has been confirmed by the evaluator yet")
+        manifest = Manifest.from_fields(fields)
+        record = {_text(k): _text(v) for k, v in raw_record.items()}
+        if record.get("version") != str(manifest.version):
+            raise ProtocolError(
+                f"best record names {record.get('version')}, pinned blob is {manifest.version}"
+            )
+        chunks = r.mget([keys.best_chunk(i) for i in range(manifest.chunks)])
+        if _text(r.hget(keys.best, "version") or b"") != record["version"]:
+            continue
+        if any(c is None for c in chunks):
+            raise ProtocolError(f"pinned version {manifest.version} is missing chunks in Redis")
+        return manifest, chunks, record
+    raise ProtocolError("the best version kept changing while it was read: try again")
+
+
 def _delta_params(m: Manifest) -> tuple[int, list[tuple[float, float]]]:
     try:
         p = json.loads(m.params)

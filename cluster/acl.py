@@ -10,7 +10,8 @@ What each role may touch, under the run's prefix `canopy:<run>:`:
 | user | reads | writes |
 |---|---|---|
 | learner | the whole run | the whole run: model, ledger, lease, epoch, ckpt |
-| actor, evaluator | model, replay membership, epoch | own stats, liveness, control list |
+| actor | model, replay membership, epoch | own stats, liveness, control list |
+| evaluator | model, replay membership, epoch | own stats, liveness, control list; `eval:*` (best version) |
 | cache | model, epoch | own stats, liveness, control list |
 | replay | - | own stats, liveness, control list; replay membership |
 | status | the whole run | nothing (an operator's read-only view, `canopy status`) |
@@ -55,8 +56,10 @@ def _key_rules(role: str) -> tuple[list[str], list[str]]:
         return ["*"], []
     if role == "status":
         return [], ["*"]
-    if role in ("actor", "evaluator"):
+    if role == "actor":
         return _own(role), ["model:*", "replay:*", "learner:epoch"]
+    if role == "evaluator":
+        return [*_own(role), "eval:*"], ["model:*", "replay:*", "learner:epoch"]
     if role == "cache":
         return _own(role), ["model:*", "learner:epoch"]
     if role == "replay":

@@ -13,9 +13,9 @@ canopy bench faults [--faults a,b,c] --json FILE
 canopy cache plan --hosts H --actors N --model-mb M   fan-out and depth of the cache tree
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
 canopy keys DIR                                 CURVE keys for ZeroMQ across hosts
-canopy check-env ID                             gymnasium checks, spaces, stepping speed
-canopy export RUN_DIR --out FILE [--format F]    the policy as safetensors or TorchScript
-canopy eval RUN_DIR|FILE --episodes N [--video F.gif]
+canopy check-env ID [--set env.kwargs=...]      gymnasium checks, spaces, stepping speed
+canopy export RUN_DIR --out FILE [--format F] [--version best|newest|ID]   the policy as a file
+canopy eval RUN_DIR|FILE [--episodes 100] [--version best|newest|ID] [--video F.gif]
 canopy hosts plan CONFIG [--place ROLE=HOST]    role commands per host (bare metal)
 """
 
@@ -31,6 +31,8 @@ from cluster import config as config_mod
 from cluster.errors import CanopyError, ConfigError, DeadlineExceeded, UserError
 
 # role name -> module whose `run(cfg, ident, stop)` runs it
+VERSION_HELP = "best (the best version the evaluator confirmed; default), newest, or a version id"
+MODEL_HELP = "which model of a population run (default: the confirmed one of `best`, else 0)"
 ROLES = {
     "replay": "replay.role",
     "cache": "cache.role",
@@ -106,7 +108,10 @@ def _up(args: argparse.Namespace) -> int:
         "solved",
         "time_to_solve_s",
         "env_steps_to_solve",
-        "final_eval_return",
+        "best_version",
+        "best_return_mean",
+        "newest_version",
+        "newest_return_mean",
         "versions_published",
         "wall_s",
     )
@@ -159,8 +164,16 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
-    print(json.dumps(evaluate(args.source, args.episodes, args.seed, args.env, args.video, args.model)))
+    result = evaluate(args.source, args.episodes, args.seed, args.env, args.video, args.model, args.version)
+    print(json.dumps(result))
     return 0
+
+
+def _check_env(args: argparse.Namespace) -> int:
+    from actors import check_env
+
+    env = config_mod.load(None, [f"env.id={json.dumps(args.env_id)}", *args.set]).env
+    return check_env.main(args.env_id, env)
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -270,23 +283,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     ce = sub.add_parser("check-env", help="can canopy run this gymnasium env, and how fast?")
     ce.add_argument("env_id", metavar="ID")
-    ce.set_defaults(func=lambda a: importlib.import_module("actors.check_env").main(a.env_id))
+    ce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="env.* keys (env.kwargs)")
+    ce.set_defaults(func=_check_env)
 
-    ex = sub.add_parser("export", help="a run's newest policy as safetensors or TorchScript")
+    ex = sub.add_parser("export", help="a run's best confirmed policy as safetensors or TorchScript")
     ex.add_argument("run_dir", metavar="RUN_DIR")
     ex.add_argument("--out", required=True, help="file to write")
     ex.add_argument("--format", default="safetensors", help="safetensors | torchscript")
-    ex.add_argument("--version", default="", help="a version id instead of the newest")
-    ex.add_argument("--model", type=int, default=0, help="which model of a population (learner.models)")
+    ex.add_argument("--version", default="best", help=VERSION_HELP)
+    ex.add_argument("--model", type=int, default=None, help=MODEL_HELP)
     ex.set_defaults(func=_export)
 
-    ev = sub.add_parser("eval", help="greedy episodes with a run's newest policy or an exported file")
+    ev = sub.add_parser("eval", help="greedy episodes with a run's best confirmed policy or an exported file")
     ev.add_argument("source", metavar="RUN_DIR|FILE")
-    ev.add_argument("--episodes", type=int, default=10)
+    ev.add_argument("--episodes", type=int, default=100)
+    ev.add_argument("--version", default="best", help=VERSION_HELP)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--env", default="", help="env id (default: the run's or the file's)")
     ev.add_argument("--video", default="", help="GIF of the first episode")
-    ev.add_argument("--model", type=int, default=0, help="which model of a population run (learner.models)")
+    ev.add_argument("--model", type=int, default=None, help=MODEL_HELP)
     ev.set_defaults(func=_eval)
 
     ky = sub.add_parser("keys", help="CURVE keys for ZeroMQ sockets; set cluster.curve_dir to DIR")
@@ -309,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     e2e.add_argument("--json", required=True, help="file for the result")
     e2e.add_argument("--no-baseline", action="store_true", help="skip SB3 PPO even if installed")
     e2e.set_defaults(func=_bench)
+    zoo = bench_sub.add_parser("zoo", help="canopy vs SB3 (rl-zoo hyperparameters) at one wall-clock budget")
+    zoo.add_argument("--envs", default="CartPole-v1,Pendulum-v1", help="comma-separated gymnasium ids")
+    zoo.add_argument("--seeds", type=int, default=3)
+    zoo.add_argument("--budget-s", type=float, default=120.0, help="wall-clock budget of every run")
+    zoo.add_argument(
+        "--threshold", action="append", default=[], metavar="ENV=R", help="solved threshold of an env"
+    )
+    zoo.add_argument("--json", required=True, help="file for the result")
+    zoo.add_argument("--plot", default="", help="PNG of return vs wall clock and env steps")
+    zoo.add_argument("--work-dir", default="", help="where run dirs go (default runs/zoo-<time>)")
+    zoo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="canopy up override")
+    zoo.add_argument("--skip-sb3", action="store_true", help="run canopy only")
+    zoo.add_argument("--sb3-threads", type=int, default=1, help="torch threads of SB3 (0: torch's default)")
+    zoo.set_defaults(func=_bench)
     bc = bench_sub.add_parser("broadcast", help="model broadcast: cache tree vs flat Redis vs one PUB socket")
     bc.add_argument("--actors", type=int, default=1000)
     bc.add_argument("--model-mb", type=float, default=8.0)

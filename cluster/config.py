@@ -34,7 +34,17 @@ class RunConfig:
 
 @dataclass
 class EnvConfig:
+    # A registered gymnasium id, or module:id to import the module that registers it first
+    # (my_pkg.envs:MyEnv-v0; the module must be importable wherever canopy roles run).
     id: str = "CartPole-v1"
+    # Keyword arguments of the env's constructor, for every role that builds it: a TOML
+    # table, e.g. --set 'env.kwargs={g = 9.81}' or --set env.kwargs.g=9.81.
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Atari only: rewards stored in replay are sign(r); returns reported stay true game scores.
+    clip_rewards: bool = True
+    # Learner-side running mean/std of observations (learner/obsnorm.py), folded into the
+    # published MLP so actors keep acting on raw observations. Flat observations only.
+    normalize_obs: bool = False
     # Atari (ALE/... ids, with ale-py installed): the standard preprocessing of
     # actors/envs.py. Frames are grey 84x84, max-pooled over the last two of each skip.
     frame_skip: int = 4
@@ -110,17 +120,21 @@ class LearnerConfig:
     compile: bool = False  # torch.compile the networks (worth it for long runs on GPU)
     hidden: list[int] = field(default_factory=lambda: [128, 128])
     dueling: bool = False  # value + advantage heads (learner/network.py); actors see a plain mlp
-    # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py)
-    algorithm: str = "dqn"
+    # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py);
+    # auto: the one that fits the env's action space.
+    algorithm: str = "auto"
     tau: float = 0.005  # td3: Polyak rate of the target networks
     policy_delay: int = 2  # td3: critic updates per actor update
     target_noise: float = 0.2  # td3: std of the target policy smoothing noise (actions in [-1, 1])
     noise_clip: float = 0.5  # td3: ... clipped to this
     batch_size: int = 256
     lr: float = 1e-3
+    lr_anneal_updates: int = 0  # dqn: anneal lr linearly to lr_final over this many updates (0: constant)
+    lr_final: float = 1e-4
     gamma: float = 0.99
     n_step: int = 3
-    target_update_period: int = 250  # updates between hard target-network copies
+    target_update_period: int = 250  # dqn: updates between target-network updates ...
+    target_update_tau: float = 1.0  # ... each moving it this far toward the online net (1: hard copy)
     max_grad_norm: float = 10.0
     publish_every: int = 50  # updates between published policy versions
     keep_versions: int = 8  # published versions kept in Redis
@@ -150,8 +164,12 @@ class ActorConfig:
 
 @dataclass
 class EvalConfig:
+    # Every new version is screened over `episodes` fresh greedy episodes; one that screens
+    # above the best confirmed score is confirmed over `confirm_episodes` more (the gymnasium
+    # and rl-zoo convention is 100). Only confirmed scores count as solved or as the best.
     episodes: int = 10
-    min_interval_s: float = 0.0  # least time between two evaluations
+    confirm_episodes: int = 100
+    min_interval_s: float = 0.0  # least time between two screenings
 
 
 @dataclass
@@ -246,8 +264,11 @@ _MINIMUMS: dict[str, float] = {
     "learner.noise_clip": 0,
     "actors.action_noise": 0,
     "learner.lr": 0,
+    "learner.lr_anneal_updates": 0,
+    "learner.lr_final": 0,
     "learner.n_step": 1,
     "learner.target_update_period": 1,
+    "learner.target_update_tau": 0,
     "learner.publish_every": 1,
     "learner.keep_versions": 2,
     "learner.samples_in_flight": 1,
@@ -259,6 +280,7 @@ _MINIMUMS: dict[str, float] = {
     "actors.chunk": 1,
     "actors.inflight_chunks": 1,
     "eval.episodes": 1,
+    "eval.confirm_episodes": 1,
     "checkpoint.every_s": 0,
     "checkpoint.replicas": 1,
     "checkpoint.keep": 1,
@@ -270,7 +292,7 @@ _MINIMUMS: dict[str, float] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
-    "learner.algorithm": ("dqn", "td3"),
+    "learner.algorithm": ("auto", "dqn", "td3"),
     "checkpoint.placement": ("auto", "group", "ring"),
     "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
     "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),
@@ -337,13 +359,39 @@ def verify(cfg: Config) -> list[str]:
         problems.append(f"learner.model_lr has {len(lc.model_lr)} rates for learner.models = {lc.models}")
     if any(lr <= 0 for lr in lc.model_lr):
         problems.append("learner.model_lr rates must be positive")
-    if lc.models > 1 and lc.algorithm != "dqn":
+    if lc.models > 1 and lc.algorithm == "td3":
         problems.append('learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"')
     store = cfg.cluster.learner_store
     if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
         problems.append(f"cluster.learner_store = {store!r} must be host:port")
     if cfg.replay.min_size > cfg.replay.capacity:
         problems.append("replay.min_size must not exceed replay.capacity")
+    problems += _verify_env(cfg.env)
+    return problems
+
+
+# Set by canopy itself when it builds an env, so not allowed in env.kwargs.
+_RESERVED_KWARGS = {
+    "render_mode": "canopy eval --video sets it",
+    "num_envs": "set actors.envs",
+    "vectorization_mode": "set actors.async_envs",
+    "vector_kwargs": "canopy sets the autoreset mode",
+    "wrappers": "canopy wraps the env itself",
+}
+_ATARI_KWARGS = {"frameskip": "set env.frame_skip", "repeat_action_probability": "set env.sticky_actions"}
+
+
+def _verify_env(env: EnvConfig) -> list[str]:
+    problems = []
+    atari = env.id.rpartition(":")[2].startswith("ALE/")  # actors/envs.py is_atari, without its imports
+    reserved = {**_RESERVED_KWARGS, **(_ATARI_KWARGS if atari else {})}
+    for key in env.kwargs:
+        if not isinstance(key, str):
+            problems.append(f"env.kwargs key {key!r} must be a string")
+        elif key in reserved:
+            problems.append(f"env.kwargs.{key} is set by canopy: {reserved[key]}")
+    if env.normalize_obs and atari:
+        problems.append("env.normalize_obs needs flat observations; Atari frames are pixels: set it to false")
     return problems
 
 
@@ -399,6 +447,14 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
 def _check_type(hint: Any, value: Any) -> Any:
     """Return the value coerced to `hint` (int -> float allowed), or None when it does not fit."""
     origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is dict:  # a TOML table with string keys
+        key_hint, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            return None
+        items = {_check_type(key_hint, k): _check_type(item, v) for k, v in value.items()}
+        return None if any(k is None or v is None for k, v in items.items()) else items
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -423,4 +479,6 @@ def _check_type(hint: Any, value: Any) -> Any:
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if typing.get_origin(hint) is dict:
+        return "a table with string keys, e.g. {g = 9.81}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))

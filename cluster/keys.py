@@ -69,6 +69,23 @@ class Keys:
     def model_chunk(self, version: Version, index: int) -> str:
         return f"{self.prefix}model:{version}:chunk:{index}"
 
+    @property
+    def best(self) -> str:
+        """Hash: the best confirmed version (version, model, mean, std, min, episodes, confirmed_at).
+
+        Written by the evaluator after a confirming evaluation; its blob is pinned beside it
+        (`best_manifest`, `best_chunk`), so trimming old versions never takes it away.
+        """
+        return f"{self.prefix}eval:best"
+
+    @property
+    def best_manifest(self) -> str:
+        """Hash: the pinned copy of the best version's manifest (raw codec)."""
+        return f"{self.prefix}eval:best:manifest"
+
+    def best_chunk(self, index: int) -> str:
+        return f"{self.prefix}eval:best:chunk:{index}"
+
     def ledger_version(self, version: Version) -> str:
         """Hash: learner id, epoch, step, parent version, digest, publish time."""
         return f"{self.prefix}ledger:version:{version}"

@@ -4,7 +4,8 @@ build (ports, password, resolved config) -> init (Redis shards, then every role 
 the same `canopy <role> --config --id` commands operators run; cluster.json once all are
 up) -> run (progress line, metrics.jsonl, watch for a solving evaluation, a time limit,
 a dead child or a signal; restart any role that dies, Redis shards included) -> report
-(final greedy evaluation, a final snapshot of every replay shard, summary.json).
+(the newest and the best confirmed version scored on fresh episodes, the best saved as
+RUN_DIR/best.safetensors, a final snapshot of every replay shard, summary.json).
 Children die with the launcher even if it crashes (cluster/lifecycle.py).
 
 Resume (`canopy up --resume RUN_DIR`): the run's resolved config is loaded back, the Redis
@@ -44,12 +45,14 @@ from cluster.keys import Keys
 from cluster.ports import free_ports
 from cluster.progress import RunProgress, waiting
 from cluster.redisconn import connect, role_password_file
+from cluster.verdicts import StepClock, Verdicts
+from cluster.version import Version
 
 START_TIMEOUT_S = 90.0
 REDIS_START_TIMEOUT_S = 60.0  # a shard loads its append-only file before it answers
 SNAPSHOT_TIMEOUT_S = 60.0  # the final replay snapshot of a clean stop
 STOP_TIMEOUT_S = 10.0
-FINAL_EVAL_TIMEOUT_S = 60.0
+FINAL_EVAL_SEED = 2 * 10**9  # the hand-over's scoring seeds: none of the evaluator's or actors'
 # Stop order: producers first, so nobody waits on a role that is already gone.
 STOP_ORDER = ("actor", "learner", "evaluator", "cache", "replay", "redis")
 
@@ -92,6 +95,8 @@ class Launcher:
         # (role, id) -> (restart time, next backoff): roles that died and come back.
         self.restarts: dict[tuple[str, int], tuple[float, float]] = {}
         self.restarts_total = 0
+        self.clock = StepClock()
+        self.verdicts: Verdicts | None = None
 
     # ---- build --------------------------------------------------------------------
     def prepare(self) -> None:
@@ -306,7 +311,7 @@ class Launcher:
     # ---- run ----------------------------------------------------------------------
     def monitor(self, stop_flag: list[bool]) -> None:
         cfg = self.cfg
-        self.solve: dict[str, Any] | None = None
+        self.verdicts = Verdicts(self.run_dir / "evals.jsonl", cfg.run.stop_at_return)
         last_event = self.events_from
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
         scalars = tboard.open_log(self.run_dir, self.started_at)  # None without tensorboard
@@ -324,7 +329,7 @@ class Launcher:
                     for entry_id, fields in items:
                         last_event = entry_id
                         self._on_event({k.decode(): v.decode() for k, v in fields.items()})
-                if self.solve is None and time.monotonic() - last_row < 1.0:
+                if self.verdicts.solve is None and time.monotonic() - last_row < 1.0:
                     continue  # events can arrive many times a second; one metrics row per second
                 last_row = time.monotonic()
                 try:
@@ -336,7 +341,7 @@ class Launcher:
                 if scalars is not None:
                     scalars.write(snap)
                 progress.update(snap["wall_s"], _progress_line(snap))
-                if self.solve is not None:
+                if self.verdicts.solve is not None:
                     self.stop_reason = "solved"
                     break
                 if cfg.run.time_limit_s and snap["wall_s"] >= cfg.run.time_limit_s:
@@ -346,22 +351,19 @@ class Launcher:
                 self.stop_reason = "signal"
         finally:
             metrics.close()
+            self.verdicts.close()
             if scalars is not None:
                 scalars.close()
             progress.close()
 
     def _on_event(self, event: dict[str, str]) -> None:
-        if event.get("kind") != "eval" or self.solve is not None:
+        """A confirmed verdict: evals.jsonl, and the solve once one reaches the threshold."""
+        if event.get("kind") != "confirm" or self.verdicts is None:
             return
-        mean = float(event["mean_return"])
-        if mean >= self.cfg.run.stop_at_return:
-            snap = self.snapshot()
-            self.solve = {
-                "time_to_solve_s": snap["wall_s"],
-                "env_steps_to_solve": snap["env_steps"],
-                "solve_version": event["version"],
-                "solve_eval_return": mean,
-            }
+        snap = self.snapshot()  # fresh actor counts for the step clock
+        published = self.r.hget(self.keys.ledger_version(Version.parse(event["version"])), "published_at")
+        at = float(published) if published else time.time()
+        self.verdicts.on_confirm(event, snap["wall_s"], round(self.clock.steps_at(at)))
 
     def snapshot(self) -> dict[str, Any]:
         """One row of metrics.jsonl: the run's counters summed from the stats hashes."""
@@ -372,6 +374,9 @@ class Launcher:
         pipe.hgetall(self.keys.proc("learner", self.active_learner()))
         pipe.hgetall(self.keys.proc("evaluator", 0))
         *actor_stats, learner, evaluator = [_decode(h) for h in pipe.execute()]
+        for ch, s in zip(actors, actor_stats, strict=True):
+            if "updated_at" in s:
+                self.clock.observe(ch.ident, float(s["updated_at"]), int(s.get("env_steps_total", 0)))
         returns = [
             float(s["episode_return_mean"]) for s in actor_stats if s.get("episodes_total", "0") != "0"
         ]
@@ -425,29 +430,45 @@ class Launcher:
             out.append({"id": ch.ident, **reply})
         return out
 
-    def final_eval(self) -> dict[str, Any]:
-        """Greedy evaluation of the last published version, by the evaluator process."""
-        latest = self.r.get(self.keys.model_latest)
-        if latest is None:
-            return {}
-        latest = latest.decode()
-        deadline = time.monotonic() + FINAL_EVAL_TIMEOUT_S
-        last_id = self.events_from
-        found: dict[str, str] = {}
-        while time.monotonic() < deadline and not found:
-            for _, items in self.r.xread({self.keys.events: last_id}, count=1000, block=500) or []:
-                for entry_id, fields in items:
-                    last_id = entry_id
-                    event = {k.decode(): v.decode() for k, v in fields.items()}
-                    if event.get("kind") == "eval" and event.get("version") == latest:
-                        found = event
-        if not found:
-            return {"final_eval_version": latest, "final_eval_return": None}
-        return {
-            "final_eval_version": latest,
-            "final_eval_return": float(found["mean_return"]),
-            "final_eval_episodes": int(found["episodes"]),
-        }
+    def handover(self) -> dict[str, Any]:
+        """Score the newest and the best confirmed version on fresh episodes; save the best.
+
+        Both over `eval.confirm_episodes` episodes on seeds no evaluation used, so summary.json
+        says what a user gets, not what the evaluator saw; the best goes to RUN_DIR/best.safetensors.
+        """
+        from actors.evaluator import judge
+        from actors.policy import population_arrays
+        from learner.export import handover, write_policy
+
+        n, seed = self.cfg.eval.confirm_episodes, FINAL_EVAL_SEED + self.cfg.run.seed * 10_000
+        out: dict[str, Any] = {}
+        for which in ("newest", "best"):
+            try:
+                taken = handover(self.r, self.keys, which)
+            except (UserError, ProtocolError) as exc:
+                out[f"{which}_error"] = str(exc)
+                continue
+            models = population_arrays(taken.arrays)
+            if which == "newest":  # a population's newest version is worth its best model
+                scores = [judge(taken.manifest.arch, m, self.cfg.env, n, seed) for m in models]
+                model = max(range(len(scores)), key=lambda i: scores[i]["mean"])
+                score = scores[model]
+            else:
+                model = taken.model
+                score = judge(taken.manifest.arch, models[model], self.cfg.env, n, seed)
+                with contextlib.suppress(ProtocolError):  # a non-mlp policy: eval, not export
+                    write_policy(taken, self.cfg.env, self.run_dir / "best.safetensors", model=model)
+                    out["best_file"] = str(self.run_dir / "best.safetensors")
+                    out["best_confirmed_return"] = float(taken.record.get("mean", "nan"))
+            out |= {
+                f"{which}_version": str(taken.manifest.version),
+                f"{which}_model": model,
+                f"{which}_return_mean": score["mean"],
+                f"{which}_return_std": score["std"],
+                f"{which}_return_min": score["min"],
+                f"{which}_episodes": score["episodes"],
+            }
+        return out
 
     def summary(
         self,
@@ -459,20 +480,23 @@ class Launcher:
         import gymnasium
         import torch
 
-        solve = self.solve or {}
+        solve = (self.verdicts.solve if self.verdicts else None) or {}
         return {
             "run": self.cfg.run.name,
             "env_id": self.cfg.env.id,
             "seed": self.cfg.run.seed,
             "stop_at_return": self.cfg.run.stop_at_return,
-            "solved": self.solve is not None,
+            "solved": bool(solve),
             "stop_reason": self.stop_reason,
             "resumed": self.resume,
             "time_to_solve_s": solve.get("time_to_solve_s"),
             "env_steps_to_solve": solve.get("env_steps_to_solve"),
             "solve_version": solve.get("solve_version"),
             "solve_eval_return": solve.get("solve_eval_return"),
-            **{"final_eval_return": None, **final},
+            "solve_eval_std": solve.get("solve_eval_std"),
+            **final,
+            # The newest version's score, under the name runs before best-version pinning used.
+            "final_eval_return": final.get("newest_return_mean"),
             "versions_published": int(learner.get("versions_published_total", 0)),
             "updates": int(learner.get("updates_total", 0)),
             "env_steps": last.get("env_steps"),
@@ -520,12 +544,13 @@ def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
         launcher.monitor(stop_flag)
         last = launcher.snapshot()
         active = launcher.active_learner()  # before the stop releases its lease
-        launcher.stop_roles(("actor", "learner"))
+        # The evaluator too: it finishes the verdict in hand, so the pinned best is final.
+        launcher.stop_roles(("actor", "learner", "evaluator"))
         # Read now: the stats hash expires three heartbeats after the learner stopped, and
         # the final evaluation may take longer than that.
         learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", active)))
-        with waiting("final greedy evaluation of the last version"):
-            final = launcher.final_eval()
+        with waiting("scoring the newest and the best confirmed version"):
+            final = launcher.handover()
         summary = launcher.summary(final, learner, last, launcher.snapshot_replay())
         _write_json(launcher.run_dir / "summary.json", summary)
         return summary

@@ -1,9 +1,12 @@
 """`canopy export` and `canopy eval`: a run's policy out of Redis, into a file or an episode.
 
-Place in the data flow: after (or during) training. The newest published version sits at
-the Redis root (`model:latest`, cache/blob.py); a run that has stopped still has it in
-its persisted shard (RUN_DIR/redis-0), which these commands start on a free loopback port
-for as long as they read. The policy leaves canopy as
+Place in the data flow: after (or during) training. What a run hands over is its best
+confirmed version: the one the evaluator judged best over `eval.confirm_episodes` fresh
+episodes, pinned at the Redis root (`eval:best`, cache/blob.py `pin`) so it outlives the
+trimming of old versions; `--version newest` takes `model:latest` instead, `--version ID`
+any version still kept. A run that has stopped still has them in its persisted shard
+(RUN_DIR/redis-0), which these commands start on a free loopback port for as long as they
+read. The policy leaves canopy as
 - safetensors: the Q-network's state_dict plus metadata (env id, version, layer sizes),
   loadable with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
 - TorchScript: the network itself, loadable with `torch.jit.load` without canopy.
@@ -18,6 +21,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +29,11 @@ import redis
 
 from cache import blob
 from cluster import config as config_mod
+from cluster.config import EnvConfig
 from cluster.errors import ProtocolError, UserError
 from cluster.keys import Keys
 from cluster.ports import free_ports
+from cluster.progress import waiting
 from cluster.redisconn import connect
 from cluster.status import load_run
 from cluster.version import Version
@@ -88,6 +94,29 @@ def run_redis(run_dir: Path) -> Iterator[tuple[redis.Redis, Keys, config_mod.Con
         proc.wait(timeout=10)
 
 
+@dataclass
+class Handover:
+    """A policy version taken out of a run, and what the evaluator said of it (best only)."""
+
+    manifest: blob.Manifest
+    arrays: dict[str, np.ndarray]
+    model: int  # the model of a population the evaluator confirmed (0 for one model)
+    record: dict[str, str]  # the confirmation: mean, std, min, episodes, confirmed_at
+
+
+def handover(r: redis.Redis, keys: Keys, version: str = "best") -> Handover:
+    """`best` (the pinned best confirmed version), `newest`, or a version id still kept."""
+    if version != "best":
+        manifest, arrays = read_policy(r, keys, "" if version == "newest" else version)
+        return Handover(manifest, arrays, 0, {})
+    try:
+        manifest, chunks, record = blob.read_pinned(r, keys)
+    except ProtocolError as exc:
+        raise UserError(f"{exc}: wait for a confirmed evaluation, or pass --version newest") from None
+    model = int(record.get("model", "0")) if record.get("model", "0").isdigit() else 0
+    return Handover(manifest, blob.unpack(manifest, chunks), model, record)
+
+
 def read_policy(r: redis.Redis, keys: Keys, version: str = "") -> tuple[blob.Manifest, dict[str, np.ndarray]]:
     """A version's manifest and float32 arrays (the newest when `version` is empty)."""
     raw = version or r.get(keys.model_latest)
@@ -119,7 +148,20 @@ def pick_model(arrays: dict[str, np.ndarray], model: int) -> dict[str, np.ndarra
     return models[model]
 
 
-def export(run_dir: str, out: str, fmt: str, version: str = "", model: int = 0) -> Path:
+def export(run_dir: str, out: str, fmt: str, version: str = "best", model: int | None = None) -> Path:
+    """Write a run's policy (`version`: best | newest | an id) to `out`; `model`: default, the
+    confirmed model of a population's best version, else model 0."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    with run_redis(Path(run_dir)) as (r, keys, cfg):
+        taken = handover(r, keys, version)
+    return write_policy(taken, cfg.env, Path(out), fmt, taken.model if model is None else model)
+
+
+def write_policy(
+    taken: Handover, env: EnvConfig, path: Path, fmt: str = "safetensors", model: int = 0
+) -> Path:
+    """One model of a handed-over version as safetensors (with its confirmation) or TorchScript."""
     import torch
     from safetensors.torch import save_file
 
@@ -127,23 +169,21 @@ def export(run_dir: str, out: str, fmt: str, version: str = "", model: int = 0) 
     from learner.algorithms.td3 import Actor
     from learner.network import QNetwork
 
-    if fmt not in FORMATS:
-        raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    with run_redis(Path(run_dir)) as (r, keys, cfg):
-        manifest, arrays = read_policy(r, keys, version)
-    arrays = pick_model(arrays, model)
+    manifest = taken.manifest
+    arrays = pick_model(taken.arrays, model)
     obs_size, n_actions, hidden = layer_sizes(arrays)
     state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
-    path = Path(out)
     if fmt == "safetensors":
         meta = {
-            "env": cfg.env.id,
+            "env": env.id,
+            "env_kwargs": json.dumps(env.kwargs),  # `canopy eval FILE` builds the env the same way
             "version": str(manifest.version),
             "arch": manifest.arch,
             "obs_size": str(obs_size),
             "n_actions": str(n_actions),
             "hidden": json.dumps(hidden),
             "model": str(model),
+            **{f"eval_{k}": v for k, v in taken.record.items() if k in ("mean", "std", "min", "episodes")},
         }
         save_file(state, str(path), metadata=meta)
     else:
@@ -177,73 +217,93 @@ def load_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def evaluate(
-    source: str, episodes: int, seed: int, env_id: str = "", video: str = "", model: int = 0
+    source: str,
+    episodes: int,
+    seed: int,
+    env_id: str = "",
+    video: str = "",
+    model: int | None = None,
+    version: str = "best",
 ) -> dict:
-    """Greedy returns of `episodes` episodes with a run's newest policy or an exported file."""
-    import gymnasium as gym
-
+    """Greedy returns of `episodes` episodes (seeds seed, seed+1, ...) with a run's policy
+    (`version`: best | newest | an id) or an exported file, all episodes in one vector env."""
     from actors.envs import check_env_id
-    from actors.explore import Explorer
-    from actors.policy import policy_from_arrays
+    from actors.evaluator import judge
 
     path = Path(source)
+    env_cfg = EnvConfig(id=env_id)
     if path.is_dir():
         with run_redis(path) as (r, keys, cfg):
-            manifest, arrays = read_policy(r, keys)
-        arrays = {k: np.array(v) for k, v in pick_model(arrays, model).items()}
-        env_id, version, arch = env_id or cfg.env.id, str(manifest.version), manifest.arch
+            taken = handover(r, keys, version)
+        model = taken.model if model is None else model
+        arrays = {k: np.array(v) for k, v in pick_model(taken.arrays, model).items()}
+        env_cfg = cfg.env if not env_id or env_id == cfg.env.id else env_cfg
+        version, arch = str(taken.manifest.version), taken.manifest.arch
     else:
         arrays, meta = load_file(path)
-        env_id, version, arch = (
-            env_id or meta.get("env", ""),
-            meta.get("version", "?"),
-            meta.get("arch", "mlp"),
-        )
-        if not env_id:
+        env_cfg.id = env_id or meta.get("env", "")
+        if env_cfg.id == meta.get("env"):
+            env_cfg.kwargs = _kwargs_of(meta)
+        version, arch = meta.get("version", "?"), meta.get("arch", "mlp")
+        if not env_cfg.id:
             raise UserError(f"{path} names no environment: pass --env ID")
-    check_env_id(env_id)
-    policy = policy_from_arrays(arch, arrays)
-    env = gym.make(env_id, render_mode="rgb_array" if video else None)
-    explorer = Explorer(env.action_space, 1, np.random.default_rng(seed))
+    check_env_id(env_cfg.id)
     if video:
-        try:
-            env.reset(seed=seed)
-            env.render()
-        except gym.error.DependencyNotInstalled as exc:
-            env.close()
-            raise UserError(f"--video needs rendering for {env_id}: {exc}") from None
-    frames: list[np.ndarray] = []
-    returns = []
-    from rich.progress import track
-
-    try:
-        for i in track(range(episodes), description=f"eval {env_id}", transient=True):
-            obs, _ = env.reset(seed=seed + i)
-            total, done = 0.0, False
-            while not done:
-                if video and i == 0:
-                    frames.append(env.render())
-                action = explorer.greedy(policy, np.asarray(obs)[None])[0]
-                obs, reward, terminated, truncated, _ = env.step(action)
-                total += float(reward)
-                done = terminated or truncated
-            returns.append(total)
-    finally:
-        env.close()
-    if video:
-        write_gif(frames, Path(video))
-    r = np.array(returns)
+        write_gif(_first_episode_frames(env_cfg, arch, arrays, seed), Path(video))
+    with waiting(f"{episodes} greedy episodes of {env_cfg.id}"):
+        score = judge(arch, arrays, env_cfg, episodes, seed)
     return {
-        "env": env_id,
+        "env": env_cfg.id,
         "version": version,
         **({"model": model} if path.is_dir() else {}),
         "episodes": episodes,
-        "mean_return": float(r.mean()),
-        "std_return": float(r.std()),
-        "min_return": float(r.min()),
-        "max_return": float(r.max()),
+        "mean_return": score["mean"],
+        "std_return": score["std"],
+        "min_return": score["min"],
+        "max_return": score["max"],
         **({"video": video} if video else {}),
     }
+
+
+def _kwargs_of(meta: dict[str, str]) -> dict:
+    """The env.kwargs an exported file was trained with (none in files from older versions)."""
+    try:
+        kwargs = json.loads(meta.get("env_kwargs") or "{}")
+    except ValueError:
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise UserError("the file's env_kwargs metadata is not a JSON object: export it again")
+    return kwargs
+
+
+def _first_episode_frames(
+    env_cfg: EnvConfig, arch: str, arrays: dict[str, np.ndarray], seed: int
+) -> list[np.ndarray]:
+    """Rendered frames of one greedy episode on `seed` (the first episode `evaluate` scores)."""
+    import gymnasium as gym
+
+    from actors.envs import make_one
+    from actors.explore import Explorer
+    from actors.policy import policy_from_arrays
+
+    env_id = env_cfg.id
+    policy = policy_from_arrays(arch, arrays)
+    env = make_one(env_id, env_cfg, render_mode="rgb_array")
+    explorer = Explorer(env.action_space, 1, np.random.default_rng(seed))
+    frames: list[np.ndarray] = []
+    try:
+        obs, _ = env.reset(seed=seed)
+        done = False
+        while not done:  # one frame per step: the state each action was taken in
+            try:
+                frames.append(env.render())
+            except gym.error.DependencyNotInstalled as exc:
+                raise UserError(f"--video needs rendering for {env_id}: {exc}") from None
+            obs, _, terminated, truncated, _ = env.step(explorer.greedy(policy, np.asarray(obs)[None])[0])
+            done = terminated or truncated
+    finally:
+        env.close()
+    return frames
 
 
 def write_gif(frames: list[np.ndarray], path: Path, fps: int = 30) -> None:

@@ -53,6 +53,7 @@ from learner.checkpoint.state import Capturer, Snapshot, load_sampler_state, res
 from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
 from learner.group import LearnerGroup, params_digest
+from learner.obsnorm import ObsNorm
 from learner.overlap import GradSync, GroupLost
 from learner.population import Population
 from learner.priorities import PriorityReturn
@@ -103,7 +104,9 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     device = pick_device(lc.device, 0 if lc.learners > 1 else None)
     if device.type == "cpu":
         torch.set_num_threads(lc.threads)
-    algo, arch = algorithms.make(env_spec(cfg.env.id, cfg.env), lc, device)
+    spec = env_spec(cfg.env.id, cfg.env)
+    algo, arch = algorithms.make(spec, lc, device)
+    norm = ObsNorm.for_learner(cfg.env, spec, arch, device)  # None unless env.normalize_obs
     store = make_store(cfg, ident)
     lease = Lease(r, keys, ident, ck.lease_ttl_s, epoch_floor=lambda: _newest_epoch(store))
     if standby or lease.holder() is not None:
@@ -135,6 +138,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             loaded = store.recover()
         if loaded is not None:
             counters = restore(algo, loaded.snapshot)
+            _load_norm(norm, counters, tel)
             parent = loaded.ckpt
             tel.event(
                 "restore",
@@ -183,13 +187,13 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
             )
             # Every rank starts from this rank's state (restored or fresh) and its RNGs; each
             # follower finds its own sampler state under `ranks` (none on a fresh start).
-            snap = capturer.capture(algo, {"ranks": counters.get("ranks", [])}, {})
+            snap = capturer.capture(algo, {"ranks": counters.get("ranks", []), **_norm_state(norm)}, {})
             group.broadcast_bytes(snap.meta_bytes())
             group.broadcast_bytes(snap.flat.numpy().tobytes())
             _join_gradients(algo)
             c["rank"] = 0
         lease.check()
-        version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=parent)
+        version = publisher.publish(_export(algo, norm), step=algo.updates, arch=arch, checkpoint=parent)
         c["versions_published_total"] += 1
         c["policy_version"] = str(version)
         tel.set_state("running")
@@ -221,16 +225,18 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
                     rank_states = group.gather_bytes(json.dumps(sampler_state(sampler)).encode())
             elif batch is None:
                 break
-            _train(algo, batch, prioritized, priorities, c, sampler, version, t0, digest=group is not None)
+            _train(algo, batch, prioritized, priorities, c, sampler, version, t0, group is not None, norm)
             if algo.updates % lc.publish_every == 0:
                 lineage = writer.last_committed or parent
                 lease.check()  # no round trip: a learner resumed past its TTL stops here
-                version = publisher.publish(algo.export(), step=algo.updates, arch=arch, checkpoint=lineage)
+                version = publisher.publish(
+                    _export(algo, norm), step=algo.updates, arch=arch, checkpoint=lineage
+                )
                 c["versions_published_total"] += 1
                 c["policy_version"] = str(version)
             if checkpoint_now:
                 t1 = time.monotonic()
-                state = _state_counters(lease.epoch, c, sampler, rank_states)
+                state = {**_state_counters(lease.epoch, c, sampler, rank_states), **_norm_state(norm)}
                 snap = capturer.capture(algo, state, to_dict(cfg))
                 stall_ms = (time.monotonic() - t1) * 1000
                 writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
@@ -280,7 +286,9 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
     device = pick_device(lc.device, rank)
     if device.type == "cpu":
         torch.set_num_threads(lc.threads)
-    algo, _ = algorithms.make(env_spec(cfg.env.id, cfg.env), lc, device)
+    spec = env_spec(cfg.env.id, cfg.env)
+    algo, arch = algorithms.make(spec, lc, device)
+    norm = ObsNorm.for_learner(cfg.env, spec, arch, device)
     try:
         group = LearnerGroup.join(r, keys, rank, lc.learners, device, stop, GROUP_TIMEOUT_S)
     except GroupLost:
@@ -300,6 +308,7 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
     try:
         meta = group.broadcast_bytes(None)
         counters = restore(algo, Snapshot.from_bytes(meta, group.broadcast_bytes(None)))
+        _load_norm(norm, counters, tel)
         ranks = counters.get("ranks") or []
         if rank < len(ranks):
             _load_sampler(sampler, ranks[rank], tel)
@@ -316,7 +325,7 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
                 break
             if checkpoint_now:  # rank 0 checkpoints at this step: it keeps our sampler state
                 group.gather_bytes(json.dumps(sampler_state(sampler)).encode())
-            _train(algo, batch, prioritized, priorities, c, sampler, None, t0, digest=True)
+            _train(algo, batch, prioritized, priorities, c, sampler, None, t0, True, norm)
     except GroupLost as exc:
         tel.event("group_lost", epoch=group.epoch, rank=rank, message=str(exc)[:300])
     finally:
@@ -338,14 +347,15 @@ def _train(
     version: Version | None,
     t0: float,
     digest: bool,
+    norm: ObsNorm | None = None,
 ) -> None:
     """One update on `batches` (one per model) and the counters that follow it (every rank alike)."""
     c["sample_wait_seconds_total"] += time.monotonic() - t0
     if isinstance(algo, Population):
-        stats = algo.update([_to_batch(b, prioritized) for b in batches])
+        stats = algo.update([_to_batch(b, prioritized, norm) for b in batches])
         td_errors = algo.last_td_error
     else:
-        stats = algo.update(_to_batch(batches[0], prioritized))
+        stats = algo.update(_to_batch(batches[0], prioritized, norm))
         td_errors = [algo.last_td_error]
     if prioritized:
         # New priorities go back fire-and-forget; the shard drops any for slots
@@ -414,6 +424,25 @@ def _load_sampler(sampler: SampleClient, state: object, tel: Telemetry) -> None:
         tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
 
 
+def _export(algo: DQN | TD3 | Population, norm: ObsNorm | None) -> dict:
+    """The arrays to publish: with `env.normalize_obs`, the normalization folded in front."""
+    return algo.export() if norm is None else norm.fold(algo.export())
+
+
+def _norm_state(norm: ObsNorm | None) -> dict:
+    """Checkpoint counters of the observation statistics (none without `env.normalize_obs`)."""
+    return {} if norm is None else {"obs_norm": norm.state()}
+
+
+def _load_norm(norm: ObsNorm | None, counters: dict, tel: Telemetry) -> None:
+    if norm is None or "obs_norm" not in counters:
+        return
+    try:
+        norm.load(counters["obs_norm"])
+    except ProtocolError as exc:  # trains on with fresh statistics rather than not at all
+        tel.event("rejected_input", what="checkpoint obs_norm state", message=str(exc)[:300])
+
+
 def _state_counters(epoch: int, c: dict, sampler: SampleClient, rank_states: list[bytes]) -> dict:
     """Counters a restored learner continues from (the replay rate limiter lives in the shard).
 
@@ -445,7 +474,11 @@ def _run_started(r: redis.Redis, keys: Keys, store: CheckpointStore) -> bool:
     return False
 
 
-def _to_batch(batch: TensorBatch, weighted: bool) -> Batch:
+def _to_batch(batch: TensorBatch, weighted: bool, norm: ObsNorm | None = None) -> Batch:
     t = batch.tensors
     weight = t["weight"] if weighted else None
-    return Batch(t["obs"], t["action"], t["reward"], t["next_obs"], t["discount"], weight)
+    obs, next_obs = t["obs"], t["next_obs"]
+    if norm is not None:  # env.normalize_obs: statistics of the observations trained on
+        norm.update(obs)
+        obs, next_obs = norm.normalize(obs), norm.normalize(next_obs)
+    return Batch(obs, t["action"], t["reward"], next_obs, t["discount"], weight)

@@ -60,23 +60,12 @@ def run_canopy(
         cmd += ["--set", s]
     run_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = run_dir.with_suffix(".stderr")
-    deadline = time.monotonic() + time_limit + 180
     with open(stderr_path, "wb") as stderr:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr)
-        try:
-            while proc.poll() is None:
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, time_limit + 180)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=PROGRESS_EVERY_S)
-                on_progress(_latest_row(run_dir))
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    if proc.returncode != 0:
-        lines = stderr_path.read_text(errors="replace").strip().splitlines()
-        return {"seed": seed, "solved": False, "error": lines[-1:]}
+        code = watch(
+            cmd, subprocess.DEVNULL, stderr, time_limit + 180, lambda: on_progress(latest_row(run_dir))
+        )
+    if code != 0:
+        return {"seed": seed, "solved": False, "error": last_lines(stderr_path)}
     summary = json.loads((run_dir / "summary.json").read_text())
     keep = (
         "solved",
@@ -90,7 +79,33 @@ def run_canopy(
     return {"seed": seed, **{k: summary[k] for k in keep}}
 
 
-def _latest_row(run_dir: Path) -> str:
+def watch(cmd: list[str], stdout: Any, stderr: Any, timeout_s: float, on_tick: Callable[[], None]) -> int:
+    """Run `cmd` to its end, calling `on_tick` about every second; kill it past `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
+    try:
+        while proc.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout_s)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=PROGRESS_EVERY_S)
+            on_tick()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def last_lines(path: Path, n: int = 1) -> list[str]:
+    """The last `n` lines of a subprocess's stderr file: what it died of."""
+    try:
+        return path.read_text(errors="replace").strip().splitlines()[-n:]
+    except OSError:
+        return []
+
+
+def latest_row(run_dir: Path) -> str:
     """The newest metrics.jsonl row of a running `canopy up`, in a few words."""
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()

@@ -26,7 +26,12 @@ def make(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> tuple[Any, 
     from learner.network import build
     from learner.population import Population, member_configs
 
-    if cfg.algorithm == "dqn":
+    algorithm = cfg.algorithm
+    if algorithm == "auto":
+        algorithm = "dqn" if spec.discrete else "td3"
+    if algorithm == "td3" and cfg.models > 1:
+        raise UserError("learner.models > 1 trains dqn populations only: this env has Box actions (td3)")
+    if algorithm == "dqn":
         if not spec.discrete:
             raise UserError('this env has continuous (Box) actions: set learner.algorithm = "td3"')
         members = []

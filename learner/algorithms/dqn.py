@@ -40,6 +40,13 @@ class DQN:
         self.online = online
         self.target = copy.deepcopy(online).requires_grad_(False)
         self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr)
+        # Linear annealing of the step size to lr_final over lr_anneal_updates, then constant:
+        # late, small steps keep a policy that already balances from unlearning it.
+        self.scheduler = None
+        if cfg.lr_anneal_updates > 0:
+            self.scheduler = torch.optim.lr_scheduler.LinearLR(
+                self.optimizer, 1.0, cfg.lr_final / cfg.lr, total_iters=cfg.lr_anneal_updates
+            )
         self.updates = 0
         self.last_td_error: torch.Tensor | None = None
         # A data-parallel learner group (learner/overlap.py GradSync) averages the
@@ -100,7 +107,12 @@ class DQN:
         """Clip and step the gradients `backward` left (averaged over the group by then)."""
         nn.utils.clip_grad_norm_(self.online.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.updates += 1
-        # Hard copy every period: the regression target moves in steps, not every update.
+        # Every period the target moves a fraction tau toward the online net (tau 1: a hard
+        # copy). A slow-moving target keeps the regression from chasing its own latest errors.
         if self.updates % self.cfg.target_update_period == 0:
-            self.target.load_state_dict(self.online.state_dict())
+            with torch.no_grad():
+                for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
+                    t.copy_(o) if self.cfg.target_update_tau == 1 else t.lerp_(o, self.cfg.target_update_tau)

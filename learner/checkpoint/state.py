@@ -10,8 +10,10 @@ the learning-rate scheduler when the algorithm has one, step/version counters, p
 numpy and torch RNG states, the resolved config, and the learner's replay sample-client
 state (`sampler_state`: the generator that draws which shard serves each batch and the
 batch count that anneals the importance exponent), so the next batch is drawn as it would
-have been. Tensors travel as raw bytes named in a layout (name, torch dtype, shape,
-offset), so any dtype (bf16 included) round-trips exactly; everything else is msgpack.
+have been, and with `env.normalize_obs` the observation statistics (learner/obsnorm.py
+`ObsNorm.state`: float64 bytes among the counters). Tensors travel as raw bytes named in
+a layout (name, torch dtype, shape, offset), so any dtype (bf16 included) round-trips
+exactly; everything else is msgpack.
 
 What is not here, on purpose: the replay side. Each shard's rate limiter (inserts and
 samples counted against `samples_per_insert`), its tables, priorities and sampling RNG

@@ -1,4 +1,5 @@
-"""`canopy up` on a continuous-action env: TD3 learns Pendulum, then the stopped run's
+"""`canopy up` on a continuous-action env with defaults: TD3 (picked from the Box action space)
+learns Pendulum to a confirmed solve, then the stopped run's
 policy is exported and evaluated from its persisted Redis."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from test_up import SOLVE_TIMEOUT_S, assert_all_gone, canopy_cli, canopy_up  # n
 
 @pytest.mark.slow
 def test_td3_solves_pendulum_and_the_stopped_runs_policy_exports_and_evaluates(canopy_up) -> None:  # noqa: F811
-    run = canopy_up('--env Pendulum-v1 --stop-at-return -200 --time-limit 150 --set learner.algorithm="td3"')
+    run = canopy_up("--env Pendulum-v1 --stop-at-return -200 --time-limit 150")  # td3 picked by itself
     code = run.wait(SOLVE_TIMEOUT_S)
     assert code == 0, f"exit {code}; stderr: {run.stderr_text()[-2000:]}"
     summary = json.loads((run.run_dir / "summary.json").read_text())

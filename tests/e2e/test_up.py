@@ -165,12 +165,36 @@ def assert_no_password_leaked(run: Launch) -> None:
         assert pw not in run.stdout_text() and pw not in run.stderr_text()
 
 
+def assert_solve_was_confirmed(run_dir: Path, summary: dict) -> None:
+    """The solve is the first confirmed verdict at the threshold, and the best one is handed over."""
+    verdicts = [json.loads(line) for line in (run_dir / "evals.jsonl").read_text().splitlines()]
+    first = next(v for v in verdicts if v["mean"] >= summary["stop_at_return"])
+    assert first["episodes"] == 100, "a solve is claimed on 100 episodes, never on the screen"
+    assert (first["version"], first["wall_s"]) == (summary["solve_version"], summary["time_to_solve_s"])
+    assert summary["solve_eval_return"] == first["mean"]
+    best = max(verdicts, key=lambda v: v["mean"])
+    assert summary["best_version"] == best["version"], "the handed-over version is the best confirmed one"
+    assert summary["best_episodes"] == 100 and summary["newest_episodes"] == 100
+    assert (run_dir / "best.safetensors").is_file()
+    played = canopy_cli("eval", str(run_dir), "--episodes", "20")
+    assert played.returncode == 0, played.stderr
+    assert json.loads(played.stdout)["version"] == summary["best_version"]
+    newest = canopy_cli("eval", str(run_dir), "--episodes", "5", "--version", "newest")
+    assert json.loads(newest.stdout)["version"] == summary["newest_version"]
+
+
 SUMMARY_KEYS = {
     "env_id",
     "solved",
     "time_to_solve_s",
     "env_steps_to_solve",
     "final_eval_return",
+    "best_version",
+    "best_return_mean",
+    "best_return_std",
+    "newest_version",
+    "newest_return_mean",
+    "newest_return_std",
     "versions_published",
     "wall_s",
     "seed",
@@ -196,6 +220,7 @@ def test_up_solves_cartpole_writes_summary_and_cluster_json_and_leaves_no_proces
     assert summary["time_to_solve_s"] <= summary["wall_s"]
     assert summary["env_steps_to_solve"] > 0
     assert summary["versions_published"] >= 1
+    assert_solve_was_confirmed(run.run_dir, summary)
     printed = json.loads(run.stdout_text().strip().splitlines()[-1])
     assert printed["solved"] is True and printed["wall_s"] == summary["wall_s"]
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from conftest import free_port, stop_process, wait_for
 
+from cache import blob
 from cluster import config as config_mod
 from cluster import redis_server
 from cluster.keys import Keys
 from cluster.redisconn import connect
+from cluster.version import Version
 from learner import export
 from learner.network import ARCH, QNetwork
 from learner.publisher import Publisher
@@ -48,7 +50,12 @@ def run_dir(tmp_path: Path) -> Iterator[tuple[Path, QNetwork, subprocess.Popen]]
         wait_for(lambda: _pings(r), 10, what="redis-server")
         torch.manual_seed(3)
         net = QNetwork(4, 2, [32, 32])
-        Publisher(r, Keys(RUN), learner_id=0, keep=2).publish(net.export(), step=7, arch=ARCH)
+        publisher = Publisher(r, Keys(RUN), learner_id=0, keep=2)
+        publisher.publish(net.export(), step=7, arch=ARCH)
+        # As the evaluator does: version 7 confirmed and pinned as the best; a newer one follows.
+        manifest, chunks = blob.read(r, Keys(RUN), Version(publisher.epoch, 7))
+        blob.pin(r, Keys(RUN), blob.unpack(manifest, chunks), manifest, {"mean": 123.0, "episodes": 100})
+        publisher.publish(QNetwork(4, 2, [32, 32]).export(), step=9, arch=ARCH)
         yield tmp_path, net, proc
     finally:
         r.close()
@@ -137,3 +144,47 @@ def test_an_unknown_format_and_a_non_policy_file_are_one_line_errors(run_dir, tm
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="canopy export"):
         export.evaluate(str(tmp_path / "junk.safetensors"), episodes=1, seed=0, env_id="CartPole-v1")
+
+
+def test_the_best_confirmed_version_is_handed_over_unless_another_is_asked_for(run_dir, tmp_path) -> None:
+    path, net, _ = run_dir
+    best = export.evaluate(str(path), episodes=2, seed=5)
+    newest = export.evaluate(str(path), episodes=2, seed=5, version="newest")
+    assert best["version"].endswith(".7") and newest["version"].endswith(".9")
+    out = export.export(str(path), str(tmp_path / "best.safetensors"), "safetensors")
+    arrays, meta = export.load_file(out)
+    assert meta["version"].endswith(".7") and meta["eval_mean"] == "123.0" and meta["eval_episodes"] == "100"
+    for name, value in net.export().items():
+        np.testing.assert_array_equal(arrays[name], value)
+    by_id = export.export(str(path), str(tmp_path / "v9.st"), "safetensors", version=newest["version"])
+    assert export.load_file(by_id)[1]["version"] == newest["version"]
+
+
+def test_a_pinned_best_outlives_the_trimming_of_old_versions(run_dir) -> None:
+    path, net, _ = run_dir
+    cfg = config_mod.load(path / "config.toml")
+    r = connect(cfg.cluster, "test", 0)
+    try:
+        publisher = Publisher(r, Keys(RUN), learner_id=0, keep=2)
+        for step in (11, 13, 15):  # keep=2: version 7's own blob is long gone
+            publisher.publish(QNetwork(4, 2, [32, 32]).export(), step=step, arch=ARCH)
+        taken = export.handover(r, Keys(RUN), "best")
+    finally:
+        r.close()
+    assert str(taken.manifest.version).endswith(".7") and taken.record["mean"] == "123.0"
+    for name, value in net.export().items():
+        np.testing.assert_array_equal(taken.arrays[name], value)
+
+
+def test_without_a_confirmed_version_best_says_to_ask_for_the_newest(run_dir) -> None:
+    from cluster.errors import UserError
+
+    path, _, _ = run_dir
+    cfg = config_mod.load(path / "config.toml")
+    r = connect(cfg.cluster, "test", 0)
+    try:
+        r.delete(Keys(RUN).best)
+        with pytest.raises(UserError, match="--version newest"):
+            export.handover(r, Keys(RUN), "best")
+    finally:
+        r.close()

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from actors import check_env
+from cluster.config import EnvConfig
 from cluster.errors import UserError
 
 
@@ -60,3 +61,15 @@ def test_an_env_that_breaks_its_own_observation_space_fails_the_api_check() -> N
 def test_an_unknown_id_is_a_one_line_user_error() -> None:
     with pytest.raises(UserError, match="unknown env id"):
         check_env.check("NoSuchEnv-v9")
+
+
+def test_a_user_module_env_is_checked_with_its_kwargs() -> None:
+    env_id = "user_envs:CanopyUserDrift-v0"  # tests/user_envs.py
+    report = check_env.check(env_id, EnvConfig(id=env_id, kwargs={"speed": 0.5}))
+    assert report.usable
+    assert verdicts(report)["reset(seed) determinism"] == "ok"
+
+
+def test_a_kwarg_the_env_does_not_take_is_a_one_line_user_error() -> None:
+    with pytest.raises(UserError, match=r"env\.kwargs"):
+        check_env.check("Pendulum-v1", EnvConfig(id="Pendulum-v1", kwargs={"gravity": 1.0}))

@@ -200,3 +200,65 @@ def test_save_then_load_round_trips_the_infinite_default_stop_return(tmp_path: P
     path = tmp_path / "defaults.toml"
     config.save(Config(), path)
     assert config.load(path) == Config()
+
+
+def test_env_kwargs_is_a_toml_table_that_set_and_save_round_trip(tmp_path: Path) -> None:
+    cfg = config.load(
+        None,
+        ['env.kwargs={g = 9.81, render_fps = 30, mode = "hard", sizes = [1, 2], nested = {a = true}}'],
+    )
+    want = {"g": 9.81, "render_fps": 30, "mode": "hard", "sizes": [1, 2], "nested": {"a": True}}
+    assert cfg.env.kwargs == want
+    path = tmp_path / "saved.toml"
+    config.save(cfg, path)
+    assert config.load(path) == cfg
+    assert config.load(path, ["env.kwargs.g=1.6"]).env.kwargs["g"] == 1.6  # a dotted key merges in
+    assert Config().env.kwargs == {}
+    config.save(Config(), path)
+    assert config.load(path) == Config()  # the empty table round-trips too
+
+
+def test_env_kwargs_from_a_toml_file(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.toml"
+    path.write_text('[env]\nid = "Pendulum-v1"\n\n[env.kwargs]\ng = 3.7\n')
+    assert config.load(path).env.kwargs == {"g": 3.7}
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        pytest.param("env.kwargs=3", "env.kwargs = 3 has the wrong type: expected a table", id="not-a-table"),
+        pytest.param("env.kwargs.render_mode=human", "env.kwargs.render_mode is set by", id="reserved"),
+        pytest.param("env.kwargs.num_envs=4", "set actors.envs", id="reserved-vector"),
+    ],
+)
+def test_bad_env_kwargs_are_one_line_problems(override: str, needle: str) -> None:
+    problems = problems_of([override])
+    assert len(problems) == 1 and needle in problems[0]
+
+
+def test_atari_settings_in_env_kwargs_point_to_their_own_keys() -> None:
+    atari = ["env.id=ALE/Pong-v5", "env.kwargs.frameskip=2", "env.kwargs.repeat_action_probability=0"]
+    assert problems_of(atari) == [
+        "env.kwargs.frameskip is set by canopy: set env.frame_skip",
+        "env.kwargs.repeat_action_probability is set by canopy: set env.sticky_actions",
+    ]
+    # Not an Atari id: the env's own keyword.
+    assert config.load(None, ["env.kwargs.frameskip=2"]).env.kwargs == {"frameskip": 2}
+
+
+def test_env_kwargs_keys_must_be_strings() -> None:
+    cfg = Config()
+    cfg.env.kwargs = {1: 2}
+    assert config.verify(cfg) == ["env.kwargs key 1 must be a string"]
+
+
+def test_observation_normalization_is_refused_for_atari_frames() -> None:
+    problems = problems_of(["env.id=ALE/Pong-v5", "env.normalize_obs=true"])
+    assert problems == ["env.normalize_obs needs flat observations; Atari frames are pixels: set it to false"]
+    assert config.load(None, ["env.normalize_obs=true"]).env.normalize_obs
+
+
+def test_reward_clipping_is_on_by_default_and_can_be_turned_off() -> None:
+    assert Config().env.clip_rewards
+    assert not config.load(None, ["env.clip_rewards=false"]).env.clip_rewards

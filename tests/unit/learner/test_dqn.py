@@ -81,9 +81,30 @@ def test_repeated_updates_on_a_fixed_batch_drive_the_td_loss_down() -> None:
     assert td_loss(algo, batch) < 0.5 * before
 
 
+def test_polyak_target_moves_tau_of_the_way_toward_the_online_net_each_period() -> None:
+    algo = make_dqn(lr=1e-2, target_update_period=1, target_update_tau=0.25)
+    batch = make_batch()
+    for _ in range(3):
+        before = params(algo.target)
+        algo.update(batch)
+        expected = [t + 0.25 * (o - t) for t, o in zip(before, params(algo.online), strict=True)]
+        for got, want in zip(params(algo.target), expected, strict=True):
+            torch.testing.assert_close(got, want)
+
+
+def test_learning_rate_anneals_linearly_to_lr_final_then_stays() -> None:
+    algo = make_dqn(lr=1e-3, lr_anneal_updates=4, lr_final=2e-4)
+    batch = make_batch()
+    seen = []
+    for _ in range(6):
+        seen.append(algo.optimizer.param_groups[0]["lr"])
+        algo.update(batch)
+    assert seen == pytest.approx([1e-3, 8e-4, 6e-4, 4e-4, 2e-4, 2e-4])
+
+
 @pytest.mark.parametrize("period", [pytest.param(1, id="every-update"), pytest.param(3, id="every-third")])
 def test_target_network_is_a_hard_copy_every_target_update_period_updates(period: int) -> None:
-    algo = make_dqn(lr=1e-2, target_update_period=period)
+    algo = make_dqn(lr=1e-2, target_update_period=period, target_update_tau=1.0)
     batch = make_batch()
     initial = params(algo.target)
     assert same(initial, params(algo.online))

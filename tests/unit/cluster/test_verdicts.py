@@ -1,0 +1,82 @@
+"""cluster/verdicts.py: when a run counts as solved, and how many env steps made the model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cluster.verdicts import StepClock, Verdicts
+
+
+def confirm(version: str, mean: float, episodes: int = 100, best: bool = True) -> dict[str, str]:
+    return {
+        "kind": "confirm",
+        "version": version,
+        "model": "0",
+        "mean_return": f"{mean:.2f}",
+        "std_return": "3.00",
+        "min_return": f"{mean - 10:.2f}",
+        "episodes": str(episodes),
+        "best": "1" if best else "0",
+    }
+
+
+def test_a_run_is_solved_by_its_first_confirmed_verdict_at_the_threshold(tmp_path: Path) -> None:
+    verdicts = Verdicts(tmp_path / "evals.jsonl", threshold=475.0)
+    verdicts.on_confirm(confirm("1.100", 300.0), wall_s=10.0, env_steps=50_000)
+    verdicts.on_confirm(confirm("1.150", 474.99), wall_s=11.0, env_steps=60_000)
+    assert verdicts.solve is None
+    verdicts.on_confirm(confirm("1.200", 480.0), wall_s=12.5, env_steps=70_000)
+    verdicts.on_confirm(confirm("1.250", 500.0), wall_s=14.0, env_steps=80_000)
+    verdicts.close()
+    assert verdicts.solve == {
+        "time_to_solve_s": 12.5,
+        "env_steps_to_solve": 70_000,
+        "solve_version": "1.200",
+        "solve_eval_return": 480.0,
+        "solve_eval_std": 3.0,
+        "solve_eval_episodes": 100,
+    }
+    rows = [json.loads(line) for line in (tmp_path / "evals.jsonl").read_text().splitlines()]
+    assert [r["version"] for r in rows] == ["1.100", "1.150", "1.200", "1.250"]
+    assert rows[2] == {
+        "wall_s": 12.5,
+        "env_steps": 70_000,
+        "version": "1.200",
+        "model": 0,
+        "mean": 480.0,
+        "std": 3.0,
+        "min": 470.0,
+        "episodes": 100,
+        "best": True,
+    }
+
+
+def test_without_a_threshold_nothing_is_ever_solved(tmp_path: Path) -> None:
+    verdicts = Verdicts(tmp_path / "evals.jsonl", threshold=float("inf"))
+    verdicts.on_confirm(confirm("1.100", 500.0), wall_s=1.0, env_steps=1)
+    verdicts.close()
+    assert verdicts.solve is None
+
+
+def test_step_clock_interpolates_each_actor_and_sums() -> None:
+    clock = StepClock()
+    clock.observe(0, 100.0, 1_000)
+    clock.observe(0, 102.0, 5_000)
+    clock.observe(1, 101.0, 0)
+    clock.observe(1, 103.0, 2_000)
+    assert clock.steps_at(99.0) == 0  # before anyone reported
+    assert clock.steps_at(101.0) == pytest.approx(3_000 + 0)
+    assert clock.steps_at(102.0) == pytest.approx(5_000 + 1_000)
+
+
+def test_step_clock_goes_on_at_the_last_rate_past_the_last_refresh_and_ignores_repeats() -> None:
+    clock = StepClock()
+    clock.observe(0, 10.0, 100)
+    assert clock.steps_at(12.0) == 100  # one refresh: no rate yet
+    clock.observe(0, 11.0, 300)
+    clock.observe(0, 11.0, 999)  # the same refresh read again
+    clock.observe(0, 10.5, 0)  # older than what we have
+    assert clock.steps_at(12.0) == pytest.approx(500)
