@@ -65,9 +65,11 @@ class RedisConfig:
 @dataclass
 class ReplayConfig:
     shards: int = 1
-    capacity: int = 100_000
+    # Long memory: a policy that already balances keeps seeing the failures it no longer makes
+    # (100k items, 10 s of CartPole, let it forget them and collapse). capacity_mb bounds pixels.
+    capacity: int = 1_000_000
     min_size: int = 2_000  # no sampling before this many items
-    samples_per_insert: float = 4.0  # rate limiter target; 0 disables it
+    samples_per_insert: float = 16.0  # rate limiter target; 0 disables it
     error_buffer: float = 40_000.0  # slack of the limiter, in sampled items; see replay/limiter.py
     max_frame_mb: int = 64
     max_pending: int = 256  # requests parked by the rate limiter, per shard
@@ -78,7 +80,7 @@ class ReplayConfig:
     remover: str = "fifo"
     max_times_sampled: int = 0  # 0: unlimited; 1 with fifo/fifo makes a queue
     extra_tables: list[str] = field(default_factory=list)  # "name:sampler:remover[:mts[:capacity]]"
-    capacity_mb: int = 0  # byte bound per shard on top of `capacity` (0: items only)
+    capacity_mb: int = 2048  # byte bound per shard on top of `capacity` (0: items only)
     priority_exponent: float = 0.6  # alpha: P(i) ~ p_i ** alpha
     importance_exponent: float = 0.4  # beta at the start, annealed linearly ...
     importance_exponent_final: float = 1.0  # ... to this ...
@@ -123,18 +125,19 @@ class LearnerConfig:
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py);
     # auto: the one that fits the env's action space.
     algorithm: str = "auto"
-    tau: float = 0.005  # td3: Polyak rate of the target networks
+    # Polyak rate of the target networks: every target update moves them this far toward the
+    # online ones (td3: every policy update; dqn: every target_update_period updates; 1: a copy).
+    tau: float = 0.005
     policy_delay: int = 2  # td3: critic updates per actor update
     target_noise: float = 0.2  # td3: std of the target policy smoothing noise (actions in [-1, 1])
     noise_clip: float = 0.5  # td3: ... clipped to this
     batch_size: int = 256
-    lr: float = 1e-3
-    lr_anneal_updates: int = 0  # dqn: anneal lr linearly to lr_final over this many updates (0: constant)
-    lr_final: float = 1e-4
+    lr: float = 5e-4
+    lr_anneal_updates: int = 30_000  # dqn: anneal lr linearly to lr_final over this many updates (0: off)
+    lr_final: float = 5e-5
     gamma: float = 0.99
     n_step: int = 3
-    target_update_period: int = 250  # dqn: updates between target-network updates ...
-    target_update_tau: float = 1.0  # ... each moving it this far toward the online net (1: hard copy)
+    target_update_period: int = 1  # dqn: updates between target-network updates (see tau)
     max_grad_norm: float = 10.0
     publish_every: int = 50  # updates between published policy versions
     keep_versions: int = 8  # published versions kept in Redis
@@ -268,7 +271,6 @@ _MINIMUMS: dict[str, float] = {
     "learner.lr_final": 0,
     "learner.n_step": 1,
     "learner.target_update_period": 1,
-    "learner.target_update_tau": 0,
     "learner.publish_every": 1,
     "learner.keep_versions": 2,
     "learner.samples_in_flight": 1,

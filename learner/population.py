@@ -71,6 +71,23 @@ class JointOptimizer:
             base += len(ids)
 
 
+class JointSchedulers:
+    """The models' learning-rate schedulers as one state dict (a list, model by model)."""
+
+    def __init__(self, schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler]):
+        self.schedulers = list(schedulers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"members": [s.state_dict() for s in self.schedulers]}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        members = sd.get("members")
+        if not isinstance(members, list) or len(members) != len(self.schedulers):
+            raise ValueError(f"scheduler state does not hold {len(self.schedulers)} models")
+        for s, member in zip(self.schedulers, members, strict=True):
+            s.load_state_dict(member)
+
+
 class Population:
     """Example:
     pop = Population([DQN(net_k, cfg_k) for k in range(3)])
@@ -83,6 +100,8 @@ class Population:
         self.online = nn.ModuleList([m.online for m in self.members])
         self.target = nn.ModuleList([m.target for m in self.members])
         self.optimizer = JointOptimizer([m.optimizer for m in self.members])
+        schedulers = [m.scheduler for m in self.members if m.scheduler is not None]
+        self.scheduler = JointSchedulers(schedulers) if schedulers else None
         # With a process group up, each model's all-reduce overlaps the next one's backward
         # pass; alone, the same calls reduce nothing and the models train one after another.
         self.trainer = OverlapTrainer(self.members)

@@ -43,9 +43,10 @@ class DQN:
         # Linear annealing of the step size to lr_final over lr_anneal_updates, then constant:
         # late, small steps keep a policy that already balances from unlearning it.
         self.scheduler = None
-        if cfg.lr_anneal_updates > 0:
+        if cfg.lr_anneal_updates > 0 and cfg.lr > 0:
+            final = min(1.0, cfg.lr_final / cfg.lr)  # a model_lr below lr_final stays constant
             self.scheduler = torch.optim.lr_scheduler.LinearLR(
-                self.optimizer, 1.0, cfg.lr_final / cfg.lr, total_iters=cfg.lr_anneal_updates
+                self.optimizer, 1.0, final, total_iters=cfg.lr_anneal_updates
             )
         self.updates = 0
         self.last_td_error: torch.Tensor | None = None
@@ -115,4 +116,4 @@ class DQN:
         if self.updates % self.cfg.target_update_period == 0:
             with torch.no_grad():
                 for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
-                    t.copy_(o) if self.cfg.target_update_tau == 1 else t.lerp_(o, self.cfg.target_update_tau)
+                    t.copy_(o) if self.cfg.tau == 1 else t.lerp_(o, self.cfg.tau)

@@ -82,7 +82,7 @@ def test_repeated_updates_on_a_fixed_batch_drive_the_td_loss_down() -> None:
 
 
 def test_polyak_target_moves_tau_of_the_way_toward_the_online_net_each_period() -> None:
-    algo = make_dqn(lr=1e-2, target_update_period=1, target_update_tau=0.25)
+    algo = make_dqn(lr=1e-2, target_update_period=1, tau=0.25)
     batch = make_batch()
     for _ in range(3):
         before = params(algo.target)
@@ -104,7 +104,7 @@ def test_learning_rate_anneals_linearly_to_lr_final_then_stays() -> None:
 
 @pytest.mark.parametrize("period", [pytest.param(1, id="every-update"), pytest.param(3, id="every-third")])
 def test_target_network_is_a_hard_copy_every_target_update_period_updates(period: int) -> None:
-    algo = make_dqn(lr=1e-2, target_update_period=period, target_update_tau=1.0)
+    algo = make_dqn(lr=1e-2, target_update_period=period, tau=1.0)
     batch = make_batch()
     initial = params(algo.target)
     assert same(initial, params(algo.online))
