@@ -312,7 +312,7 @@ class Launcher:
     def monitor(self, stop_flag: list[bool]) -> None:
         cfg = self.cfg
         self.verdicts = Verdicts(self.run_dir / "evals.jsonl", cfg.run.stop_at_return)
-        last_event = self.events_from
+        self.last_event = self.events_from
         metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)
         scalars = tboard.open_log(self.run_dir, self.started_at)  # None without tensorboard
         progress = RunProgress(cfg.run.time_limit_s)
@@ -321,13 +321,13 @@ class Launcher:
             while not stop_flag[0]:
                 self._heal()
                 try:
-                    entries = self.r.xread({self.keys.events: last_event}, count=100, block=1000) or []
+                    entries = self.r.xread({self.keys.events: self.last_event}, count=100, block=1000) or []
                 except redis.ConnectionError:
                     time.sleep(0.5)  # the root shard died; _heal restarts it
                     continue
                 for _, items in entries:
                     for entry_id, fields in items:
-                        last_event = entry_id
+                        self.last_event = entry_id
                         self._on_event({k.decode(): v.decode() for k, v in fields.items()})
                 if self.verdicts.solve is None and time.monotonic() - last_row < 1.0:
                     continue  # events can arrive many times a second; one metrics row per second
@@ -351,10 +351,21 @@ class Launcher:
                 self.stop_reason = "signal"
         finally:
             metrics.close()
-            self.verdicts.close()
             if scalars is not None:
                 scalars.close()
             progress.close()
+
+    def drain_verdicts(self) -> None:
+        """Record the verdicts that came in after the monitor stopped (the evaluator finishes
+        the one in hand when it is stopped), so evals.jsonl ends with the pinned best's."""
+        assert self.verdicts is not None
+        with contextlib.suppress(redis.RedisError):
+            while entries := self.r.xread({self.keys.events: self.last_event}, count=1000):
+                for _, items in entries:
+                    for entry_id, fields in items:
+                        self.last_event = entry_id
+                        self._on_event({k.decode(): v.decode() for k, v in fields.items()})
+        self.verdicts.close()
 
     def _on_event(self, event: dict[str, str]) -> None:
         """A confirmed verdict: evals.jsonl, and the solve once one reaches the threshold."""
@@ -546,6 +557,7 @@ def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
         active = launcher.active_learner()  # before the stop releases its lease
         # The evaluator too: it finishes the verdict in hand, so the pinned best is final.
         launcher.stop_roles(("actor", "learner", "evaluator"))
+        launcher.drain_verdicts()
         # Read now: the stats hash expires three heartbeats after the learner stopped, and
         # the final evaluation may take longer than that.
         learner = _decode(launcher.r.hgetall(launcher.keys.proc("learner", active)))
