@@ -452,7 +452,8 @@ class Launcher:
         from learner.export import handover, write_policy
 
         n, seed = self.cfg.eval.confirm_episodes, FINAL_EVAL_SEED + self.cfg.run.seed * 10_000
-        out: dict[str, Any] = {}
+        figures = ("version", "model", "return_mean", "return_std", "return_min", "episodes")
+        out: dict[str, Any] = {f"{which}_{k}": None for which in ("newest", "best") for k in figures}
         for which in ("newest", "best"):
             try:
                 taken = handover(self.r, self.keys, which)

@@ -121,7 +121,7 @@ OUT_OF_RANGE_CASES = [
     pytest.param("learner.device=tpu", "learner.device", id="not-a-choice"),
     pytest.param("learner.hidden=[]", "learner.hidden", id="empty-hidden"),
     pytest.param("learner.hidden=[64, 0]", "learner.hidden", id="zero-width-layer"),
-    pytest.param("replay.min_size=200000", "replay.min_size", id="min-size-over-capacity"),
+    pytest.param("replay.min_size=2000000", "replay.min_size", id="min-size-over-capacity"),
     pytest.param("learner.learners=0", "learner.learners", id="no-learner-rank"),
     pytest.param('cluster.learner_store="nohostport"', "cluster.learner_store", id="store-not-host-port"),
 ]

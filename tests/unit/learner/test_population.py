@@ -24,7 +24,15 @@ SPEC = EnvSpec(obs_shape=(OBS,), obs_dtype="float32", discrete=True, actions=ACT
 
 def build(seed: int, rates: list[float]) -> Population:
     torch.manual_seed(seed)
-    cfg = LearnerConfig(hidden=[16, 16], models=len(rates), model_lr=rates, target_update_period=3)
+    # lr annealed over 6 updates: a checkpoint taken halfway must carry every model's schedule.
+    cfg = LearnerConfig(
+        hidden=[16, 16],
+        models=len(rates),
+        model_lr=rates,
+        target_update_period=3,
+        lr_anneal_updates=6,
+        lr_final=1e-4,
+    )
     algo, arch = algorithms.make(SPEC, cfg, torch.device("cpu"))
     assert isinstance(algo, Population) and arch == "mlp"
     return algo
@@ -72,6 +80,8 @@ def test_a_population_checkpoint_restores_and_continues_bit_for_bit() -> None:
     pop = build(1, [1e-3, 2e-3, 5e-3])
     for step in range(4):
         pop.update(batches(step, 3))
+    lrs = [g["lr"] for g in pop.optimizer.state_dict()["param_groups"]]
+    assert lrs == pytest.approx([r - 4 / 6 * (r - 1e-4) for r in (1e-3, 2e-3, 5e-3)])
     snap = Capturer().capture(pop, {"epoch": 2}, to_dict(Config()))
     meta, data = snap.meta_bytes(), bytes(snap.flat.numpy())
     for step in range(4, 9):
@@ -80,7 +90,7 @@ def test_a_population_checkpoint_restores_and_continues_bit_for_bit() -> None:
     fresh = build(99, [1e-3, 2e-3, 5e-3])
     counters = restore(fresh, Snapshot.from_bytes(meta, data))
     assert counters["updates"] == 4 and fresh.updates == 4
-    assert [g["lr"] for g in fresh.optimizer.state_dict()["param_groups"]] == [1e-3, 2e-3, 5e-3]
+    assert [g["lr"] for g in fresh.optimizer.state_dict()["param_groups"]] == lrs
     for step in range(4, 9):
         fresh.update(batches(step, 3))
     assert torch.equal(flat(fresh), flat(pop))
