@@ -321,14 +321,10 @@ class Launcher:
             while not stop_flag[0]:
                 self._heal()
                 try:
-                    entries = self.r.xread({self.keys.events: self.last_event}, count=100, block=1000) or []
+                    self._read_events(block_ms=1000)
                 except redis.ConnectionError:
                     time.sleep(0.5)  # the root shard died; _heal restarts it
                     continue
-                for _, items in entries:
-                    for entry_id, fields in items:
-                        self.last_event = entry_id
-                        self._on_event({k.decode(): v.decode() for k, v in fields.items()})
                 if self.verdicts.solve is None and time.monotonic() - last_row < 1.0:
                     continue  # events can arrive many times a second; one metrics row per second
                 last_row = time.monotonic()
@@ -360,12 +356,18 @@ class Launcher:
         the one in hand when it is stopped), so evals.jsonl ends with the pinned best's."""
         assert self.verdicts is not None
         with contextlib.suppress(redis.RedisError):
-            while entries := self.r.xread({self.keys.events: self.last_event}, count=1000):
-                for _, items in entries:
-                    for entry_id, fields in items:
-                        self.last_event = entry_id
-                        self._on_event({k.decode(): v.decode() for k, v in fields.items()})
+            while self._read_events(block_ms=None):
+                pass
         self.verdicts.close()
+
+    def _read_events(self, block_ms: int | None) -> int:
+        """Hand each event after the last one read to `_on_event`; how many there were."""
+        entries = self.r.xread({self.keys.events: self.last_event}, count=1000, block=block_ms) or []
+        for _, items in entries:
+            for entry_id, fields in items:
+                self.last_event = entry_id
+                self._on_event({k.decode(): v.decode() for k, v in fields.items()})
+        return sum(len(items) for _, items in entries)
 
     def _on_event(self, event: dict[str, str]) -> None:
         """A confirmed verdict: evals.jsonl, and the solve once one reaches the threshold."""
