@@ -135,6 +135,7 @@ class LearnerConfig:
     lr: float = 5e-4
     lr_anneal_updates: int = 30_000  # dqn: anneal lr linearly to lr_final over this many updates (0: off)
     lr_final: float = 5e-5
+    adam_eps: float = 1e-8  # dqn: Adam's epsilon
     gamma: float = 0.99
     n_step: int = 3
     target_update_period: int = 1  # dqn: updates between target-network updates (see tau)
@@ -269,6 +270,7 @@ _MINIMUMS: dict[str, float] = {
     "learner.lr": 0,
     "learner.lr_anneal_updates": 0,
     "learner.lr_final": 0,
+    "learner.adam_eps": 0,
     "learner.n_step": 1,
     "learner.target_update_period": 1,
     "learner.publish_every": 1,

@@ -39,7 +39,9 @@ class DQN:
         self.cfg = cfg
         self.online = online
         self.target = copy.deepcopy(online).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr)
+        # A large epsilon (Dopamine's choice) turns Adam into plain SGD once gradients are
+        # small: a converged Q-network stops drifting instead of taking lr-sized steps on noise.
+        self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         # Linear annealing of the step size to lr_final over lr_anneal_updates, then constant:
         # late, small steps keep a policy that already balances from unlearning it.
         self.scheduler = None

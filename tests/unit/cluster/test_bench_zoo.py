@@ -67,18 +67,7 @@ def test_an_unknown_env_is_a_user_error() -> None:
 def test_zoo_hyperparameters_are_the_zoo_files_and_unlisted_envs_fall_back_with_a_note() -> None:
     ppo, source = sb3.zoo_hyperparams("ppo", "CartPole-v1")
     assert "ppo.yml" in source
-    assert ppo == {
-        "n_envs": 8,
-        "n_timesteps": 1e5,
-        "n_steps": 32,
-        "batch_size": 256,
-        "gae_lambda": 0.8,
-        "gamma": 0.98,
-        "n_epochs": 20,
-        "ent_coef": 0.0,
-        "learning_rate": "lin_0.001",
-        "clip_range": "lin_0.2",
-    }
+    assert (ppo["n_envs"], ppo["n_steps"], ppo["n_epochs"], ppo["learning_rate"]) == (8, 32, 20, "lin_0.001")
     dqn, _ = sb3.zoo_hyperparams("dqn", "CartPole-v1")
     assert (dqn["n_timesteps"], dqn["train_freq"], dqn["gradient_steps"]) == (5e4, 256, 128)
     td3, _ = sb3.zoo_hyperparams("td3", "Pendulum-v1")
