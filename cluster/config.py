@@ -69,7 +69,7 @@ class ReplayConfig:
     # (100k items, 10 s of CartPole, let it forget them and collapse). capacity_mb bounds pixels.
     capacity: int = 1_000_000
     min_size: int = 2_000  # no sampling before this many items
-    samples_per_insert: float = 32.0  # rate limiter target; 0 disables it
+    samples_per_insert: float = 16.0  # rate limiter target; 0 disables it
     error_buffer: float = 40_000.0  # slack of the limiter, in sampled items; see replay/limiter.py
     max_frame_mb: int = 64
     max_pending: int = 256  # requests parked by the rate limiter, per shard
@@ -131,7 +131,7 @@ class LearnerConfig:
     policy_delay: int = 2  # td3: critic updates per actor update
     target_noise: float = 0.2  # td3: std of the target policy smoothing noise (actions in [-1, 1])
     noise_clip: float = 0.5  # td3: ... clipped to this
-    batch_size: int = 64  # with samples_per_insert 32: one update every two env steps
+    batch_size: int = 64  # with samples_per_insert 16: one update every four env steps
     lr: float = 1e-3
     lr_anneal_updates: int = 30_000  # dqn: anneal lr linearly to lr_final over this many updates (0: off)
     lr_final: float = 5e-5

@@ -213,7 +213,7 @@ class Launcher:
             for ch in pending:
                 pipe.hget(self.keys.proc(ch.role, ch.ident), "state")
             states = pipe.execute()
-            pending = [ch for ch, s in zip(pending, states, strict=True) if s != b"running"]
+            pending = [ch for ch, s in zip(pending, states, strict=True) if not _started(ch.role, s)]
             if pending and time.monotonic() > deadline:
                 names = ", ".join(f"{ch.role} {ch.ident}" for ch in pending)
                 raise UserError(
@@ -658,6 +658,12 @@ def _step_lag(learner_version: str, actor_version: str) -> int:
     if le != ae or not (ls.isdigit() and as_.isdigit()):
         return 0
     return max(0, int(ls) - int(as_))  # the two hashes refresh at different moments
+
+
+def _started(role: str, state: bytes | None) -> bool:
+    # A learner waiting as a standby is up too: on --resume the standby may take the lease
+    # first, and learner 0 then waits in its place.
+    return state == b"running" or (role == "learner" and state == b"standby")
 
 
 def _decode(h: dict) -> dict[str, str]:
