@@ -470,10 +470,10 @@ class Launcher:
             else:
                 model = taken.model
                 score = judge(taken.manifest.arch, models[model], self.cfg.env, n, seed)
+                out["best_confirmed_return"] = float(taken.record.get("mean", "nan"))
                 with contextlib.suppress(ProtocolError):  # a non-mlp policy: eval, not export
                     write_policy(taken, self.cfg.env, self.run_dir / "best.safetensors", model=model)
                     out["best_file"] = str(self.run_dir / "best.safetensors")
-                    out["best_confirmed_return"] = float(taken.record.get("mean", "nan"))
             out |= {
                 f"{which}_version": str(taken.manifest.version),
                 f"{which}_model": model,

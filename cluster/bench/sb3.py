@@ -45,6 +45,22 @@ MIN_SCREEN_EVERY = 1000
 SCREEN_SHARE = 0.15  # the most of the elapsed time screens may take before the next one waits
 EVAL_BATCH = 10  # episodes stepped side by side, so the policy's forward pass runs batched
 
+# The zoo gives LunarLander-v3 and Acrobot-v1 the same DQN entry.
+_DQN_LUNAR_ACROBOT = {
+    "n_timesteps": 1e5,
+    "learning_rate": 6.3e-4,
+    "batch_size": 128,
+    "buffer_size": 50000,
+    "learning_starts": 0,
+    "gamma": 0.99,
+    "target_update_interval": 250,
+    "train_freq": 4,
+    "gradient_steps": -1,
+    "exploration_fraction": 0.12,
+    "exploration_final_eps": 0.1,
+    "policy_kwargs": {"net_arch": [256, 256]},
+}
+
 # rl-baselines3-zoo hyperparameters, copied from hyperparams/ppo.yml, dqn.yml, sac.yml and
 # td3.yml of github.com/DLR-RM/rl-baselines3-zoo at commit 22e3ff2 (2026-04-23). Values keep
 # the zoo's spelling: "lin_X" is its linear_schedule (X * progress_remaining), noise_type and
@@ -167,34 +183,8 @@ ZOO: dict[str, dict[str, dict[str, Any]]] = {
             "exploration_final_eps": 0.07,
             "policy_kwargs": {"net_arch": [256, 256]},
         },
-        "LunarLander-v3": {
-            "n_timesteps": 1e5,
-            "learning_rate": 6.3e-4,
-            "batch_size": 128,
-            "buffer_size": 50000,
-            "learning_starts": 0,
-            "gamma": 0.99,
-            "target_update_interval": 250,
-            "train_freq": 4,
-            "gradient_steps": -1,
-            "exploration_fraction": 0.12,
-            "exploration_final_eps": 0.1,
-            "policy_kwargs": {"net_arch": [256, 256]},
-        },
-        "Acrobot-v1": {
-            "n_timesteps": 1e5,
-            "learning_rate": 6.3e-4,
-            "batch_size": 128,
-            "buffer_size": 50000,
-            "learning_starts": 0,
-            "gamma": 0.99,
-            "target_update_interval": 250,
-            "train_freq": 4,
-            "gradient_steps": -1,
-            "exploration_fraction": 0.12,
-            "exploration_final_eps": 0.1,
-            "policy_kwargs": {"net_arch": [256, 256]},
-        },
+        "LunarLander-v3": _DQN_LUNAR_ACROBOT,
+        "Acrobot-v1": _DQN_LUNAR_ACROBOT,
     },
     "sac": {
         "default": {"n_timesteps": 1e6},
