@@ -24,7 +24,7 @@ import numpy as np
 import redis
 import xxhash
 
-from cache import codecs
+from cache import codecs, ledger
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
 from cluster.version import Version
@@ -254,18 +254,7 @@ def write(r: redis.Redis, keys: Keys, manifest: Manifest, chunks: list[bytes]) -
     for i, chunk in enumerate(chunks):
         pipe.set(keys.model_chunk(v, i), chunk)
     pipe.hset(keys.model_manifest(v), mapping=manifest.to_fields())
-    pipe.hset(
-        keys.ledger_version(v),
-        mapping={
-            "learner": manifest.learner,
-            "epoch": v.epoch,
-            "step": v.step,
-            "digest": manifest.digest,
-            "published_at": f"{manifest.published_at:.6f}",
-            "parent": manifest.parent or "-",
-            "codec": manifest.codec,
-        },
-    )
+    pipe.hset(keys.ledger_version(v), mapping=ledger.entry(manifest))
     pipe.set(keys.model_latest, str(v))
     pipe.publish(keys.model_notify, str(v))
     pipe.execute()

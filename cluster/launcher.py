@@ -34,7 +34,7 @@ import redis
 import zmq
 
 from actors.envs import check_env_id
-from cache import topology
+from cache import ledger, topology
 from cache.shm import SHM_DIR
 from cluster import acl, curve, redis_server, tboard, wire
 from cluster import config as config_mod
@@ -47,6 +47,7 @@ from cluster.progress import RunProgress, waiting
 from cluster.redisconn import connect, role_password_file
 from cluster.verdicts import StepClock, Verdicts
 from cluster.version import Version
+from learner.checkpoint.lease import parse_token
 
 START_TIMEOUT_S = 90.0
 REDIS_START_TIMEOUT_S = 60.0  # a shard loads its append-only file before it answers
@@ -277,9 +278,8 @@ class Launcher:
             value = self.r.get(self.keys.lease)
         except redis.RedisError:
             return 0
-        if value is None:
-            return 0
-        return int(value.decode().partition(":")[2] or 0)
+        held = parse_token(value)
+        return held[1] if held is not None else 0
 
     def _write_cluster_json(self) -> None:
         roles: dict[str, list] = {}
@@ -374,8 +374,10 @@ class Launcher:
         if event.get("kind") != "confirm" or self.verdicts is None:
             return
         snap = self.snapshot()  # fresh actor counts for the step clock
-        published = self.r.hget(self.keys.ledger_version(Version.parse(event["version"])), "published_at")
-        at = float(published) if published else time.time()
+        key = self.keys.ledger_version(Version.parse(event["version"]))
+        at = ledger.published_at(self.r.hget(key, ledger.PUBLISHED_AT))
+        if at is None:
+            at = time.time()
         self.verdicts.on_confirm(event, snap["wall_s"], round(self.clock.steps_at(at)))
 
     def snapshot(self) -> dict[str, Any]:

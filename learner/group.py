@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from cluster.errors import UserError
 from cluster.keys import Keys
+from learner.checkpoint.lease import parse_token
 from learner.overlap import GroupLost
 
 JOIN_POLL_S = 0.2
@@ -118,9 +119,10 @@ class LearnerGroup:
                 record = {k.decode(): v.decode() for k, v in r.hgetall(keys.learner_group).items()}
             except redis.ConnectionError:
                 continue  # the root shard restarts; the lease holder will write the record again
-            if lease is None or not record:
+            held = parse_token(lease)
+            if held is None or not record:
                 continue
-            epoch = int(lease.decode().partition(":")[0])
+            epoch = held[0]
             if int(record.get("epoch", -1)) != epoch:
                 continue  # a record of an earlier group: its rank 0 is gone
             if int(record["world"]) != world:

@@ -14,19 +14,18 @@ from collections import deque
 import numpy as np
 import redis
 
-from cache import blob, codecs
+from cache import blob, codecs, ledger
 from cluster.keys import Keys
 from cluster.version import Version
-from learner.checkpoint.lease import Fenced, Lease
+from learner.checkpoint.lease import Fenced, Lease, fenced_script
 
 # KEYS: lease, latest, ledger entry; ARGV: token, version, notify channel, then ledger pairs.
-FENCED_PUBLISH = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+FENCED_PUBLISH = fenced_script("""
 redis.call('HSET', KEYS[3], unpack(ARGV, 4))
 redis.call('SET', KEYS[2], ARGV[2])
 redis.call('PUBLISH', ARGV[3], ARGV[2])
 return 1
-"""
+""")
 
 
 class Publisher:
@@ -74,19 +73,9 @@ class Publisher:
             pipe.set(self.keys.model_chunk(v, i), chunk)
         pipe.hset(self.keys.model_manifest(v), mapping=manifest.to_fields())
         pipe.execute()  # invisible until `model:latest` moves, so safe to write unfenced
-        ledger = {
-            "learner": self.learner_id,
-            "epoch": v.epoch,
-            "step": v.step,
-            "digest": manifest.digest,
-            "published_at": f"{manifest.published_at:.6f}",
-            "checkpoint": checkpoint or "-",  # the checkpoint this learner's state descends from
-            "parent": manifest.parent or "-",
-            "codec": manifest.codec,
-        }
         args = [self.lease.token, str(v), self.keys.model_notify]
-        for k, val in ledger.items():
-            args += [k, str(val)]
+        for k, val in ledger.entry(manifest, checkpoint).items():
+            args += [k, val]
         keys = [self.keys.lease, self.keys.model_latest, self.keys.ledger_version(v)]
         ok = self._fenced(keys=keys, args=args)
         if not ok:

@@ -36,6 +36,7 @@ from typing import Any
 
 import tomli_w
 
+from cache import ledger
 from cluster import config as config_mod
 from cluster import netns
 from cluster.bench.faults import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome
@@ -43,6 +44,7 @@ from cluster.errors import DeadlineExceeded, UserError
 from cluster.keys import Keys
 from cluster.lifecycle import wait_until
 from cluster.version import Version
+from learner.checkpoint.lease import parse_token
 
 CUT_FAULTS = ("cut-actors", "cut-learner")
 # Goals (s) from the cut (detection) or from the reconnect (actors) / the cut (learner).
@@ -180,8 +182,8 @@ class NetnsCluster:
         return float(value) if value else 0.0
 
     def active_learner(self) -> int | None:
-        value = self.cli("GET", self.keys.lease)
-        return int(value.partition(":")[2]) if value else None
+        held = parse_token(self.cli("GET", self.keys.lease))
+        return held[1] if held is not None else None
 
     def events_since(self, t: float, kind: str) -> list[dict[str, str]]:
         lines = self.cli("XRANGE", self.keys.events, f"{int(t * 1000)}-0", "+").splitlines()
@@ -206,8 +208,8 @@ class NetnsCluster:
         keys = self.cli("--scan", "--pattern", self.keys.ledger_version(f"{epoch}.*")).splitlines()
         out = []
         for key in keys:
-            published = self.cli("HGET", key, "published_at")
-            if published and float(published) >= t:
+            published = ledger.published_at(self.cli("HGET", key, ledger.PUBLISHED_AT))
+            if published is not None and published >= t:
                 out.append(key.rpartition(":")[2])
         return out
 

@@ -46,6 +46,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from cache import ledger
 from cluster import config as config_mod
 from cluster.bench import report
 from cluster.errors import DeadlineExceeded, UserError
@@ -53,6 +54,7 @@ from cluster.keys import Keys
 from cluster.lifecycle import wait_until
 from cluster.redisconn import connect
 from cluster.version import Version
+from learner.checkpoint.lease import parse_token
 from learner.checkpoint.placement import make_plan, shard_hosts_of
 from learner.checkpoint.store import CheckpointStore, Incomplete
 
@@ -227,8 +229,8 @@ class Cluster:
         return {k.decode(): v.decode() for k, v in h.items()}
 
     def active_learner(self) -> int | None:
-        value = self._get(lambda: self.r.get(self.keys.lease))
-        return int(value.decode().partition(":")[2]) if value else None
+        held = parse_token(self._get(lambda: self.r.get(self.keys.lease)))
+        return held[1] if held is not None else None
 
     def events_since(self, t: float, kind: str | None = None) -> list[tuple[float, dict[str, str]]]:
         """Events of the stream at or after wall time `t`, with their times (from the entry ids)."""
@@ -248,8 +250,9 @@ class Cluster:
         return None
 
     def published_at(self, v: Version) -> float | None:
-        value = self._get(lambda: self.r.hget(self.keys.ledger_version(str(v)), "published_at"))
-        return float(value) if value else None
+        return ledger.published_at(
+            self._get(lambda: self.r.hget(self.keys.ledger_version(str(v)), ledger.PUBLISHED_AT))
+        )
 
     def publish_gap_s(self, since: float) -> float | None:
         """Median time between the versions published since `since`: the run's normal cadence."""
@@ -261,9 +264,9 @@ class Cluster:
         pattern = self.keys.ledger_version(f"{epoch}.*" if epoch is not None else "*")
         out = []
         for key in self._get(lambda: list(self.r.scan_iter(match=pattern, count=1000)), []):
-            t = self._get(lambda k=key: self.r.hget(k, "published_at"))
-            if t is not None and float(t) >= since:
-                out.append((float(t), key.decode().rpartition(":")[2]))
+            t = ledger.published_at(self._get(lambda k=key: self.r.hget(k, ledger.PUBLISHED_AT)))
+            if t is not None and t >= since:
+                out.append((t, key.decode().rpartition(":")[2]))
         return out
 
     # ---- steady state ---------------------------------------------------------------

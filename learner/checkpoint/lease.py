@@ -4,7 +4,7 @@ Data flow: learner start -> `Lease.acquire` (waits while another learner holds i
 standby sits here) -> a new epoch from `learner:epoch`, stored in the lease value
 `<epoch>:<learner>` with a TTL -> a renewal thread keeps it alive -> every publish and
 checkpoint commit runs a Lua script that first compares the lease value with this
-learner's token (`FENCED_*` below), so the check and the write are one atomic step in
+learner's token (`fenced_script` below), so the check and the write are one atomic step in
 Redis. A learner that lost its lease (paused, partitioned, restarted after a kill) finds
 another token there and can neither publish nor commit, even if it comes back.
 
@@ -33,7 +33,45 @@ import redis
 from cluster.errors import CanopyError, DeadlineExceeded
 from cluster.keys import Keys
 
+# The fencing check: only the holder of the current lease token may go on. KEYS[1] must
+# be the lease key and ARGV[1] the caller's token; a refused script returns 0.
+FENCE = "\nif redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end"
+
+
+def token(epoch: int, owner: int) -> str:
+    """The lease value `<epoch>:<owner>` that `ACQUIRE` stores and fenced scripts compare."""
+    return f"{epoch}:{owner}"
+
+
+def parse_token(value: bytes | str | None) -> tuple[int, int] | None:
+    """(epoch, owner) of a lease value as read back; None when no lease is held.
+
+    An empty value counts as absent: `redis-cli --raw` prints a missing key as an empty
+    line. Raises ValueError when the value is not `<epoch>:<owner>` with integer parts.
+    """
+    if not value:
+        return None
+    text = value.decode() if isinstance(value, bytes) else value
+    epoch, sep, owner = text.partition(":")
+    try:
+        if sep:
+            return int(epoch), int(owner)
+    except ValueError:
+        pass
+    raise ValueError(f"malformed learner lease token {text!r}, expected '<epoch>:<owner>'")
+
+
+def fenced_script(body: str) -> str:
+    """Lua that runs `body` only while the caller holds the lease, atomically with the check.
+
+    The caller passes the lease key as KEYS[1] and its token (`Lease.token`) as ARGV[1];
+    `body` uses the rest and must not return 0 on success, since 0 means fenced.
+    """
+    return FENCE + "\n" + body.lstrip("\n")
+
+
 # KEYS[1] lease, KEYS[2] epoch counter; ARGV[1] learner id, ARGV[2] ttl ms, ARGV[3] epoch floor.
+# The value written is `token(epoch, learner)`.
 ACQUIRE = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 local epoch = redis.call('INCR', KEYS[2])
@@ -46,11 +84,10 @@ redis.call('SET', KEYS[1], epoch .. ':' .. ARGV[1], 'PX', ARGV[2])
 return epoch
 """
 # KEYS[1] lease; ARGV[1] token, ARGV[2] ttl ms.
-RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+RENEW = fenced_script("""
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return 1
-"""
+""")
 
 
 # Clock-rate slack between this host and Redis: the local deadline ends this much early.
@@ -99,7 +136,7 @@ class Lease:
             self._acquire(keys=[self.keys.lease, self.keys.epoch], args=[self.learner, self._ttl_ms, floor])
         )
         if epoch:
-            self.epoch, self.token = epoch, f"{epoch}:{self.learner}"
+            self.epoch, self.token = epoch, token(epoch, self.learner)
             self.deadline = sent + self.ttl_s
             self.lost.clear()
         return bool(epoch)

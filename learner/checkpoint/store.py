@@ -33,6 +33,7 @@ from redis.retry import Retry
 from cluster.errors import CanopyError, ProtocolError
 from cluster.keys import Keys
 from cluster.version import Version
+from learner.checkpoint.lease import fenced_script
 from learner.checkpoint.placement import Plan
 from learner.checkpoint.state import Snapshot
 
@@ -41,12 +42,11 @@ MAX_MANIFEST_BYTES = 4 << 20
 MAX_CHUNK_BYTES = 64 << 20  # far above any chunk_bytes a learner uses; bounds a forged manifest
 
 # KEYS: lease, manifest, index; ARGV: token, doc, digest, id, score.
-FENCED_COMMIT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+FENCED_COMMIT = fenced_script("""
 redis.call('HSET', KEYS[2], 'doc', ARGV[2], 'digest', ARGV[3])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[4])
 return 1
-"""
+""")
 
 
 def fail_fast(r: redis.Redis, timeout_s: float = 2.0) -> redis.Redis:

@@ -1,0 +1,53 @@
+"""The model ledger: one `ledger:version:<v>` hash per published version, the entry's schema.
+
+Place in the data flow: the learner writes an entry in the same step that makes a version
+visible, either in `blob.write`'s transaction or, under a lease, inside the publisher's
+fenced Lua script (learner/publisher.py); both take the fields from `entry`. The entry
+outlives the version's blob. Readers take the publish time with `published_at`: the
+launcher (env steps at a confirmed version's publish time, cluster/verdicts.py) and the
+fault and cutoff benches (publish cadence, versions a fenced learner still wrote).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cache.blob import Manifest
+
+PUBLISHED_AT = "published_at"  # wall-clock seconds, what every reader of the ledger asks for
+
+
+def entry(manifest: Manifest, checkpoint: str | None = None) -> dict[str, str]:
+    """A version's ledger fields, encoded as Redis stores them.
+
+    `checkpoint`: the checkpoint the learner's state descends from ("" when none, stored as
+    "-"); None leaves the field out, as a learner without a lease writes no checkpoints.
+    """
+    v = manifest.version
+    fields = {
+        "learner": str(manifest.learner),
+        "epoch": str(v.epoch),
+        "step": str(v.step),
+        "digest": manifest.digest,
+        PUBLISHED_AT: f"{manifest.published_at:.6f}",
+    }
+    if checkpoint is not None:
+        fields["checkpoint"] = checkpoint or "-"
+    fields["parent"] = manifest.parent or "-"
+    fields["codec"] = manifest.codec
+    return fields
+
+
+def published_at(value: bytes | str | None) -> float | None:
+    """The publish time from an entry's `published_at` field as read back; None when absent.
+
+    An empty value counts as absent (`redis-cli --raw` prints a missing field as an empty
+    line). Raises ValueError when the value is not a number.
+    """
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"malformed ledger {PUBLISHED_AT} {value!r}, expected seconds") from None
