@@ -1,6 +1,6 @@
 """Reads a version's chunks from the Redis root straight into one buffer per version.
 
-Used by a cache node whose parent is Redis (cache/node.py), for the chunks only: the
+Used by a cache node whose parent is Redis (cache/upstream.py), for the chunks only: the
 manifest and everything else still go through redis-py. Why not redis-py for the chunks:
 without hiredis its parser reads a reply 64 KiB at a time into a BytesIO and copies it out
 again; 8 MiB of GETs took 12-14 ms on an idle 2-core box and 21 ms under the broadcast

@@ -11,7 +11,8 @@ import threading
 import zmq
 
 from cache import topology
-from cache.node import CacheNode, Parent
+from cache.node import CacheNode
+from cache.upstream import Parent
 from cluster.config import Config
 from cluster.errors import UserError
 from cluster.keys import Keys

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import redis
 
-from cache.node import CacheNode, Parent
+from cache.node import CacheNode
+from cache.upstream import Parent
 from cluster.config import CacheConfig
 from cluster.keys import Keys
 

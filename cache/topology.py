@@ -23,7 +23,7 @@ deeper trees. Candidates are d = 1..MAX_DEPTH with the smallest f that reaches e
 
 Nodes are numbered breadth-first (`parents_of`): nodes 0..f-1 hang under Redis, node i >= f
 under node (i - f) // f. Every node keeps its grandparents and the Redis root as fallback
-parents (see cache/node.py).
+parents (see cache/upstream.py).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ from conftest import RedisServer, mlp_weights, wait_for
 
 from cache import blob, protocol
 from cache.client import ClientCore, HostWatch
-from cache.node import CacheNode, Parent
+from cache.node import CacheNode
+from cache.upstream import Parent
 from cluster.config import CacheConfig
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
@@ -254,8 +255,8 @@ def test_a_corrupt_chunk_in_redis_never_becomes_visible_in_the_ring(
         blob.write(redis_client, run_keys, manifest, [chunks[0], bytes(bad), *chunks[2:]])
         wait_for(lambda: node.counters["upstream_errors_total"] >= 1, TIMEOUT_S, what="the refusal")
         assert node.newest() == v1
-        assert node.shm is not None and manifest.version.packed() not in [
-            node.shm.slot_version(i) for i in range(node.shm.slots)
+        assert node.store.shm is not None and manifest.version.packed() not in [
+            node.store.shm.slot_version(i) for i in range(node.store.shm.slots)
         ]
         for _ in range(5):
             cores.pump()

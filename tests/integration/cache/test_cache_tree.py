@@ -196,7 +196,7 @@ def test_versions_with_an_oversized_or_missing_chunk_in_redis_are_refused_and_th
     _, _, arrays = receive(model_client, good.version)
     assert_same_arrays(arrays, {"big": state["big"] + 1})
     assert node.node.counters["policy_version"] == "5.3"
-    assert not ({Version(5, 1), Version(5, 2)} & set(node.node.versions))
+    assert not ({Version(5, 1), Version(5, 2)} & set(node.node.store.versions))
 
 
 def test_publisher_epochs_increase_across_instances_and_a_new_epoch_supersedes_any_step(

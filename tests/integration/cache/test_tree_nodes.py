@@ -21,7 +21,8 @@ from conftest import REPO_ROOT, RedisServer, mlp_weights, stop_process, wait_for
 
 from cache import blob, codecs, protocol
 from cache.client import ModelClient
-from cache.node import CacheNode, Parent
+from cache.node import CacheNode
+from cache.upstream import Parent
 from cluster import wire
 from cluster.config import CacheConfig
 from cluster.keys import Keys
@@ -171,7 +172,7 @@ def test_a_child_that_joins_late_catches_up_from_the_next_heartbeat_without_a_re
     for step in range(3):
         v = publish(redis_client, run_keys, mlp_weights(step), Version(1, step)).version
         wait_for(lambda v=v: root.counters["policy_version"] == str(v), TIMEOUT_S, what="root fetch")
-    seq_before = root.seq
+    seq_before = root.server.seq
     late, late_ep = tree.node([root_ep], name="late")
     client = client_for(late_ep, use_shm=False)
     try:
@@ -179,7 +180,7 @@ def test_a_child_that_joins_late_catches_up_from_the_next_heartbeat_without_a_re
     finally:
         client.stop()
     np.testing.assert_array_equal(update.arrays["layers.0.bias"], mlp_weights(2)["layers.0.bias"])
-    assert root.seq == seq_before == 3  # nothing was re-announced as new for the late joiner
+    assert root.server.seq == seq_before == 3  # nothing was re-announced as new for the late joiner
     assert late.counters["upstream_fetches_total"] == 1  # only the newest, not the history
 
 
@@ -381,7 +382,9 @@ def test_a_child_whose_parent_is_killed_mid_transfer_reattaches_to_redis(
             receive(client, v1)
             # A 44 MB version: the mid node dies once the leaf has some of its chunks, not all.
             v2 = publish(redis_client, run_keys, mlp_weights(2, rows=1_600_000), Version(1, 2)).version
-            wait_for(lambda: v2 in leaf.partial, TIMEOUT_S, interval=0.001, what="the leaf receiving v2")
+            wait_for(
+                lambda: v2 in leaf.store.partial, TIMEOUT_S, interval=0.001, what="the leaf receiving v2"
+            )
             mid.send_signal(signal.SIGKILL)
             wait_for(lambda: leaf.counters["parent"] == "redis", FAILOVER_S, what="reattach to Redis")
             assert client.current == v1  # keeps acting with what it holds meanwhile
