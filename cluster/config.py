@@ -24,9 +24,11 @@ from cluster.errors import ConfigError
 
 @dataclass
 class RunConfig:
+    """The run as a whole: its name, directory, seed and when it stops."""
+
     name: str = ""  # run id used in Redis key names; `canopy up` makes one when empty
     dir: str = ""  # run directory; `canopy up` uses runs/<name> when empty
-    seed: int = 0
+    seed: int = 0  # every role derives its RNG and env seeds from it and its id
     stop_at_return: float = math.inf  # stop once a greedy evaluation reaches this mean return
     time_limit_s: float = 0.0  # 0: no limit
     heartbeat_s: float = 2.0  # stats refresh period; keys expire after 3 periods
@@ -34,6 +36,8 @@ class RunConfig:
 
 @dataclass
 class EnvConfig:
+    """The gymnasium environment every actor and the evaluator build, and its preprocessing."""
+
     # A registered gymnasium id, or module:id to import the module that registers it first
     # (my_pkg.envs:MyEnv-v0; the module must be importable wherever canopy roles run).
     id: str = "CartPole-v1"
@@ -48,15 +52,17 @@ class EnvConfig:
     # Atari (ALE/... ids, with ale-py installed): the standard preprocessing of
     # actors/envs.py. Frames are grey 84x84, max-pooled over the last two of each skip.
     frame_skip: int = 4
-    frame_stack: int = 4
+    frame_stack: int = 4  # frames per observation
     sticky_actions: float = 0.25  # repeat_action_probability (Machado et al. 2018)
     noop_max: int = 30  # random no-ops at reset
 
 
 @dataclass
 class RedisConfig:
-    shards: int = 2
-    maxmemory_mb: int = 2048
+    """The Redis shards `canopy up` starts: shard 0 is the model root and holds monitoring keys."""
+
+    shards: int = 2  # redis-server processes; shard 0 is the root
+    maxmemory_mb: int = 2048  # per shard; the append-only file is rewritten only past twice this
     # Append-only file in RUN_DIR/redis-<i>, fsynced every second (cluster/redis_server.py):
     # a crashed shard or a stopped run comes back with its data (`canopy up --resume`).
     persist: bool = True
@@ -64,20 +70,22 @@ class RedisConfig:
 
 @dataclass
 class ReplayConfig:
-    shards: int = 1
+    """Replay shards: tables, sampling, the rate limiter, snapshots and membership."""
+
+    shards: int = 1  # replay shard processes
     # Long memory: a policy that already balances keeps seeing the failures it no longer makes
     # (100k items, 10 s of CartPole, let it forget them and collapse). capacity_mb bounds pixels.
     capacity: int = 1_000_000
     min_size: int = 2_000  # no sampling before this many items
     samples_per_insert: float = 16.0  # rate limiter target; 0 disables it
     error_buffer: float = 40_000.0  # slack of the limiter, in sampled items; see replay/limiter.py
-    max_frame_mb: int = 64
+    max_frame_mb: int = 64  # largest message frame a shard or its clients accept
     max_pending: int = 256  # requests parked by the rate limiter, per shard
     sample_wait_s: float = 2.0  # a parked sample request is answered `not_ready` after this
     # Tables (replay/table.py, replay/selectors.py): uniform | prioritized | fifo | lifo |
     # min_heap | max_heap for sampling; uniform | fifo | lifo | min_heap | max_heap for removal.
     sampler: str = "uniform"
-    remover: str = "fifo"
+    remover: str = "fifo"  # which item leaves a full table
     max_times_sampled: int = 0  # 0: unlimited; 1 with fifo/fifo makes a queue
     extra_tables: list[str] = field(default_factory=list)  # "name:sampler:remover[:mts[:capacity]]"
     capacity_mb: int = 2048  # byte bound per shard on top of `capacity` (0: items only)
@@ -88,12 +96,12 @@ class ReplayConfig:
     # Snapshots (replay/snapshot.py): a shard writes its tables under
     # <snapshot_dir>/shard-<id>/ this often and restores the newest one at start.
     snapshot_dir: str = ""  # empty: no snapshots; `canopy up` uses RUN_DIR/replay
-    snapshot_interval_s: float = 60.0
+    snapshot_interval_s: float = 60.0  # seconds between two snapshots
     # Pixel tables (replay/frames.py): inserts carrying `frame` columns store each frame once
     # and rebuild stacks of `frame_stack` frames at sample time; a frame may be referenced by
     # later inserts until `frame_window` newer frames have reached the shard.
     frame_stack: int = 4
-    frame_window: int = 65_536
+    frame_window: int = 65_536  # newest frames kept pinned so later inserts may name them
     # Membership (replay/membership.py): a shard refreshes its deadline every third of this;
     # clients rehash when a shard has missed it (killed) or left.
     member_ttl_s: float = 3.0
@@ -101,8 +109,10 @@ class ReplayConfig:
 
 @dataclass
 class CacheConfig:
-    nodes: int = 1
-    keep_versions: int = 4
+    """Cache nodes: the tree that carries each policy version from Redis to the actors."""
+
+    nodes: int = 1  # cache node processes
+    keep_versions: int = 4  # newest versions each node keeps
     poll_s: float = 1.0  # re-read `model:latest` this often in case a notification was missed
     heartbeat_s: float = 0.25  # notify re-sent (and child heartbeats sent) this often
     parent_timeout_s: float = 1.0  # a parent silent this long is replaced by the next candidate
@@ -117,10 +127,12 @@ class CacheConfig:
 
 @dataclass
 class LearnerConfig:
+    """The learner: network, algorithm, optimizer, publishing and learner groups."""
+
     device: str = "auto"  # auto | cpu | cuda
     bf16: bool = False  # CUDA: forward and backward passes under bfloat16 autocast
     compile: bool = False  # torch.compile the networks (worth it for long runs on GPU)
-    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    hidden: list[int] = field(default_factory=lambda: [128, 128])  # widths of the hidden layers
     dueling: bool = False  # value + advantage heads (learner/network.py); actors see a plain mlp
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py);
     # auto: the one that fits the env's action space.
@@ -132,14 +144,14 @@ class LearnerConfig:
     target_noise: float = 0.2  # td3: std of the target policy smoothing noise (actions in [-1, 1])
     noise_clip: float = 0.5  # td3: ... clipped to this
     batch_size: int = 64  # with samples_per_insert 16: one update every four env steps
-    lr: float = 1e-3
+    lr: float = 1e-3  # Adam's step size (td3: actor and critics alike)
     lr_anneal_updates: int = 30_000  # dqn: anneal lr linearly to lr_final over this many updates (0: off)
-    lr_final: float = 5e-5
+    lr_final: float = 5e-5  # dqn: the step size once the anneal is over
     adam_eps: float = 1e-8  # dqn: Adam's epsilon
-    gamma: float = 0.99
-    n_step: int = 3
+    gamma: float = 0.99  # discount per env step, in (0, 1]
+    n_step: int = 3  # env steps summed into each transition's return (on the actor)
     target_update_period: int = 1  # dqn: updates between target-network updates (see tau)
-    max_grad_norm: float = 10.0
+    max_grad_norm: float = 10.0  # gradients are clipped to this global norm
     publish_every: int = 50  # updates between published policy versions
     keep_versions: int = 8  # published versions kept in Redis
     samples_in_flight: int = 4  # sample requests outstanding per replay shard
@@ -156,29 +168,35 @@ class LearnerConfig:
 
 @dataclass
 class ActorConfig:
-    count: int = 2
+    """Actors: vector envs, insert chunks and exploration."""
+
+    count: int = 2  # actor processes
     envs: int = 8  # copies in each actor's vector env
     async_envs: bool = False  # one subprocess per copy: for slow envs (Atari, MuJoCo), not CartPole
     chunk: int = 64  # transitions per insert message
     inflight_chunks: int = 4  # unacknowledged inserts before the actor waits (backpressure)
     eps_base: float = 0.4  # Ape-X ladder: slot i of N acts with eps_base ** (1 + alpha * i / (N-1))
-    eps_alpha: float = 7.0
+    eps_alpha: float = 7.0  # alpha of that ladder
     action_noise: float = 0.1  # Box actions: std of the Gaussian exploration noise, actions in [-1, 1]
 
 
 @dataclass
 class EvalConfig:
+    """The evaluator: how versions are screened and confirmed."""
+
     # Every new version is screened over `episodes` fresh greedy episodes; one that screens
     # above the best confirmed score is confirmed over `confirm_episodes` more (the gymnasium
     # and rl-zoo convention is 100). Only confirmed scores count as solved or as the best.
     episodes: int = 10
-    confirm_episodes: int = 100
+    confirm_episodes: int = 100  # more episodes for a version that screened above the best
     min_interval_s: float = 0.0  # least time between two screenings
 
 
 @dataclass
 class CheckpointConfig:
-    enabled: bool = True
+    """Learner checkpoints in replicated Redis shards, the lease, and restarts."""
+
+    enabled: bool = True  # the active learner takes checkpoints
     every_s: float = 15.0  # seconds between checkpoints (0: only on demand)
     replicas: int = 2  # copies of every chunk, each on a shard of a distinct host
     keep: int = 3  # committed checkpoints kept; older ones are deleted
@@ -197,13 +215,15 @@ class CheckpointConfig:
 
 @dataclass
 class ClusterConfig:
+    """Addresses and secrets of every listening role (filled in by `canopy up`)."""
+
     host: str = "127.0.0.1"  # where `canopy up` puts every role
     # Bind every listening socket on all interfaces (containers, several hosts): clients keep
     # connecting to the addresses listed below, which may then be DNS names.
     bind_all: bool = False
     redis: list[str] = field(default_factory=list)  # "host:port" per Redis shard; shard 0 is root
-    redis_user: str = "canopy"
-    password_file: str = ""
+    redis_user: str = "canopy"  # the operator's Redis user
+    password_file: str = ""  # that user's password; role passwords lie beside it
     replay: list[str] = field(default_factory=list)  # ZeroMQ endpoint per replay shard
     cache_fetch: list[str] = field(default_factory=list)  # ROUTER endpoint per cache node
     cache_notify: list[str] = field(default_factory=list)  # PUB endpoint per cache node

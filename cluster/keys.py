@@ -1,6 +1,8 @@
-"""Every Redis key name canopy uses, in one place, so code, CLI and README never drift.
+"""Every Redis key name canopy uses, in one place, so code, CLI and docs never drift.
 
-All keys live under `canopy:<run>:` with `:` separators (see README, "Redis keys").
+All keys live under `canopy:<run>:` with `:` separators. Each docstring opens with the key's
+Redis type, then ": " and its content: scripts/gen_docs.py builds the key table of
+docs/contracts.md from them, so keep that shape when adding a key.
 """
 
 from __future__ import annotations
@@ -21,16 +23,23 @@ class Keys:
         self.prefix = f"canopy:{run}:"
 
     def proc(self, role: str, ident: int) -> str:
-        """Hash: host, pid, state, started_at and Prometheus-style counters; has a TTL."""
+        """Hash: host, pid, state, started_at, updated_at, `rss_bytes`, `curve_refused_total` and
+        Prometheus-style counters (`env_steps_total`, `episodes_total`, `episode_return_mean`,
+        `updates_total`, `versions_published_total`, `policy_version`, `inserts_total`,
+        `samples_total`, `rejected_total`, `eval_return`; with `learner.models > 1` also
+        `model_losses`, `policy_model`, `eval_model_returns`, ...). Refreshed every
+        `run.heartbeat_s`; its TTL is three periods."""
         return f"{self.prefix}proc:{role}:{ident}"
 
     def alive(self, role: str) -> str:
-        """Sorted set: member = id, score = liveness deadline (unix seconds)."""
+        """Sorted set: member = id, score = liveness deadline (unix seconds); `ZRANGEBYSCORE key
+        -inf <now>` lists the dead."""
         return f"{self.prefix}alive:{role}"
 
     @property
     def replay_members(self) -> str:
-        """Sorted set: member = replay shard id, score = liveness deadline (Redis clock, unix s)."""
+        """Sorted set: member = replay shard id, score = liveness deadline (Redis clock, unix s;
+        0 once it stopped cleanly), refreshed every `replay.member_ttl_s`/3."""
         return f"{self.prefix}replay:members"
 
     @property
@@ -39,22 +48,24 @@ class Keys:
         return f"{self.prefix}replay:endpoints"
 
     def control(self, role: str, ident: int) -> str:
-        """List: operator commands for one process (RPUSH; taken once per heartbeat)."""
+        """List: operator commands for one process (RPUSH; taken once per heartbeat): `pause`,
+        `resume` (actors), `checkpoint` (learners)."""
         return f"{self.prefix}control:{role}:{ident}"
 
     @property
     def events(self) -> str:
-        """Stream of notable events (start, stop, publish, eval, rejected input)."""
+        """Stream: notable events (`start`, `stop`, `eval` with version and mean_return, `command`,
+        checkpoint and failover events, `rejected_input`, ...), capped at about 10k entries."""
         return f"{self.prefix}events"
 
     @property
     def epoch(self) -> str:
-        """Counter INCR'd by every learner start: the epoch of its versions, and its fence."""
+        """String: a counter INCR'd by every learner start; the epoch of its versions, and its fence."""
         return f"{self.prefix}learner:epoch"
 
     @property
     def model_latest(self) -> str:
-        """String: newest published version id."""
+        """String: newest published version id, `<epoch>.<step>`."""
         return f"{self.prefix}model:latest"
 
     @property
@@ -63,15 +74,17 @@ class Keys:
         return f"{self.prefix}model:notify"
 
     def model_manifest(self, version: Version) -> str:
-        """Hash: digest, size, codec, layout, chunk count, learner, publish time."""
+        """Hash: version, epoch, step, size, digest (xxh3-64), chunks, layout (JSON), arch, codec,
+        learner, published_at."""
         return f"{self.prefix}model:{version}:manifest"
 
     def model_chunk(self, version: Version, index: int) -> str:
+        """String: raw tensor bytes of one chunk (1 MiB) of a published version."""
         return f"{self.prefix}model:{version}:chunk:{index}"
 
     @property
     def best(self) -> str:
-        """Hash: the best confirmed version (version, model, mean, std, min, episodes, confirmed_at).
+        """Hash: the best confirmed version (version, model, mean, std, min, max, episodes, confirmed_at).
 
         Written by the evaluator after a confirming evaluation; its blob is pinned beside it
         (`best_manifest`, `best_chunk`), so trimming old versions never takes it away.
@@ -84,10 +97,12 @@ class Keys:
         return f"{self.prefix}eval:best:manifest"
 
     def best_chunk(self, index: int) -> str:
+        """String: one chunk of the best version's pinned blob, never trimmed with old versions."""
         return f"{self.prefix}eval:best:chunk:{index}"
 
     def ledger_version(self, version: Version) -> str:
-        """Hash: learner id, epoch, step, parent version, digest, publish time."""
+        """Hash: learner id, epoch, step, checkpoint (the one its learner's state descends from),
+        parent version, codec, digest, published_at."""
         return f"{self.prefix}ledger:version:{version}"
 
     @property
@@ -97,12 +112,13 @@ class Keys:
 
     @property
     def lease(self) -> str:
-        """String `<epoch>:<learner id>` with a TTL: the active learner's lease (fencing token)."""
+        """String with a TTL: `<epoch>:<learner id>`, the active learner's lease (fencing token)."""
         return f"{self.prefix}learner:lease"
 
     @property
     def learner_group(self) -> str:
-        """Hash `epoch`, `store` (host:port), `world`: the data-parallel learner group to join."""
+        """Hash: `epoch`, `store` (host:port), `world` of the data-parallel learner group that
+        followers join (`learner.learners > 1`)."""
         return f"{self.prefix}learner:group"
 
     @property
@@ -115,5 +131,5 @@ class Keys:
         return f"{self.prefix}ckpt:{ckpt}:manifest"
 
     def ckpt_chunk(self, ckpt: str, index: int) -> str:
-        """String on each shard the plan names; expires unless its checkpoint commits."""
+        """String, on each shard the plan names: one checkpoint chunk; expires unless it commits."""
         return f"{self.prefix}ckpt:{ckpt}:chunk:{index}"
