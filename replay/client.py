@@ -261,6 +261,17 @@ class _Shard:
     size: int = 0
     min_weight: float = 0.0
     heard: bool = False  # answered at least once: its total is known (0 when not ready)
+    # Reports the connection dropping: the shard process died, and the requests it held
+    # died with it (see `SampleClient._restarted`).
+    monitor: zmq.Socket = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
 
 
 @dataclass
@@ -328,6 +339,7 @@ class SampleClient:
         self.beta0, self.beta1, self.anneal = is_exponent, is_exponent_final, max(1, anneal_batches)
         self.shards: dict[int, _Shard] = {}
         self.by_sock: dict[int, int] = {}  # id(socket) -> shard id
+        self.by_monitor: dict[int, int] = {}  # id(monitor socket) -> shard id
         self.poller = zmq.Poller()
         self.req = itertools.count()
         self.rng = np.random.default_rng(seed)
@@ -431,7 +443,7 @@ class SampleClient:
 
     def close(self) -> None:
         for s in self.shards.values():
-            s.sock.close(0)
+            s.close()
 
     def _slice_ms(self, deadline: float, timeout: float) -> int:
         """How long the next wait may be: short enough to notice membership changes."""
@@ -450,21 +462,46 @@ class SampleClient:
         self.generation = generation
         for sid, shard in list(self.shards.items()):
             if live.get(sid) != shard.endpoint:
-                self.poller.unregister(shard.sock)
-                del self.by_sock[id(shard.sock)]
-                shard.sock.close(0)
-                del self.shards[sid]
-                self.shard_changes_total += 1
+                self._drop(sid)
         for sid, endpoint in live.items():
-            if sid in self.shards:
-                continue
-            sock = _dealer(self.ctx, endpoint, self.max_frame)
-            shard = self.shards[sid] = _Shard(endpoint, sock, awaited=self.batches == 0, owed=self.inflight)
-            self.by_sock[id(sock)] = sid
-            self.poller.register(sock, zmq.POLLIN)
-            self._top_up(shard)
-            if self.batches:
-                self.shard_changes_total += 1
+            if sid not in self.shards:
+                self._add(sid, endpoint)
+
+    def _add(self, sid: int, endpoint: str) -> None:
+        sock = _dealer(self.ctx, endpoint, self.max_frame)
+        shard = self.shards[sid] = _Shard(endpoint, sock, awaited=self.batches == 0, owed=self.inflight)
+        self.by_sock[id(sock)] = sid
+        self.by_monitor[id(shard.monitor)] = sid
+        self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(shard.monitor, zmq.POLLIN)
+        self._top_up(shard)
+        if self.batches:
+            self.shard_changes_total += 1
+
+    def _drop(self, sid: int) -> None:
+        shard = self.shards.pop(sid)
+        self.poller.unregister(shard.sock)
+        self.poller.unregister(shard.monitor)
+        del self.by_sock[id(shard.sock)]
+        del self.by_monitor[id(shard.monitor)]
+        shard.close()
+        self.shard_changes_total += 1
+
+    def _restarted(self, sid: int) -> None:
+        """Replace a shard whose connection dropped with a fresh one on its endpoint.
+
+        A shard restarted within its membership TTL keeps its endpoint, so `_follow` sees
+        no change; but the sample requests it held died with the old process and would
+        never be answered, and a draw that picked it would wait out the deadline. Treated
+        as a leave and a join: its batches go, new requests go to the new process.
+        """
+        shard = self.shards[sid]
+        lost = False
+        while shard.monitor.poll(0):
+            lost |= recv_monitor_message(shard.monitor)["event"] == zmq.EVENT_DISCONNECTED
+        if lost:
+            self._drop(sid)
+            self._add(sid, shard.endpoint)
 
     def _receive(self, wait_ms: int) -> None:
         """Take every reply already queued (waiting up to `wait_ms` for the first one).
@@ -472,6 +509,11 @@ class SampleClient:
         Batches wait in their shard's `ready` queue; `next` re-requests as it consumes them.
         """
         for sock, _ in self.poller.poll(wait_ms):
+            if id(sock) in self.by_monitor:
+                self._restarted(self.by_monitor[id(sock)])
+                continue
+            if id(sock) not in self.by_sock:
+                continue  # its shard was replaced by a restart found earlier in this poll
             shard = self.shards[self.by_sock[id(sock)]]
             while True:
                 try:

@@ -20,7 +20,7 @@ from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
 from cluster import config as config_mod
 from cluster.errors import DeadlineExceeded
 from cluster.keys import Keys
-from replay.client import InsertClient, request_stats
+from replay.client import InsertClient, SampleClient, request_stats
 
 pytestmark = pytest.mark.fault
 
@@ -104,3 +104,38 @@ def test_an_insert_client_drops_what_a_restarted_shard_lost_and_inserts_again(
         assert request_stats(endpoint, timeout=5.0)["main_items"] == CHUNK
     finally:
         client.close()
+
+
+def test_a_sample_client_asks_a_restarted_shard_again_instead_of_waiting_for_lost_requests(
+    shard: tuple[Shard, str],
+) -> None:
+    s, endpoint = shard
+    first = s.start()
+    wait_for(lambda: answering(endpoint) or first.poll() is not None, TIMEOUT_S, 0.1, "the shard")
+    assert first.poll() is None, s.log.read_text()[-2000:]
+    inserter = InsertClient(endpoint, inflight=1)
+    sampler = SampleClient([endpoint], batch=4, inflight=2)
+    try:
+        inserter.insert(chunk(), timeout=TIMEOUT_S)
+        inserter.flush(timeout=TIMEOUT_S)
+        # 10 items at one sample per insert: the limiter lets 12 be sampled, then holds the
+        # next requests at the shard, where they die with it.
+        for _ in range(3):
+            assert sampler.next(timeout=TIMEOUT_S) is not None
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        second = s.start()
+        wait_for(lambda: answering(endpoint) or second.poll() is not None, TIMEOUT_S, 0.1, "the restart")
+        refill = InsertClient(endpoint, inflight=1)
+        try:
+            refill.insert(chunk(), timeout=TIMEOUT_S)
+            refill.flush(timeout=TIMEOUT_S)
+        finally:
+            refill.close()
+        # Before the fix: the one shard stayed drawn with requests nobody would answer.
+        batch = sampler.next(timeout=TIMEOUT_S)
+        assert batch is not None and len(batch["slot"]) == 4
+        assert sampler.shard_changes_total >= 2  # the old process left, the new one joined
+    finally:
+        inserter.close()
+        sampler.close()
