@@ -11,10 +11,12 @@ tree, the ledger, policy lag and the host's shared-memory ring stay exactly as t
 and every model advances in the same update anyway. The price is M times the bytes per
 version, which is small for the MLP and Nature-CNN sizes a population is made of.
 
-To the learner loop and the checkpoint capture a population looks like one algorithm:
-`online` and `target` are ModuleLists of the models' networks (state-dict names
-`<k>.<name>`), `optimizer` shows the M optimizers as one (`JointOptimizer`), `updates`
-is the shared update count.
+To the learner loop and the checkpoint a population is one `Algorithm`
+(learner/algorithms/base.py): `update` takes M batches, `priorities` gives one tensor per
+model's batch, stats add each model's loss as "m<k>/loss". Its checkpoint state is one
+DQN's, widened: `online` and `target` are ModuleLists of the models' networks
+(state-dict names `<k>.<name>`), `optimizer` shows the M optimizers as one
+(`JointOptimizer`), `updates` is the shared update count.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.algorithms.dqn import DQN, Batch
+from learner.algorithms.base import Batch, Stats, TrainingState, load_torch_state, torch_state
+from learner.algorithms.dqn import DQN
 from learner.overlap import OverlapTrainer
 
 MEMBER_PREFIX = "m"  # a population version's array names: "m<k>/<name>"
@@ -124,12 +127,19 @@ class Population:
         """Each model's TD errors on its own batch (new priorities for those items)."""
         return [m.last_td_error for m in self.members]
 
-    def update(self, batches: Sequence[Batch]) -> dict[str, torch.Tensor]:
+    def priorities(self) -> list[torch.Tensor] | None:
+        """Each model's |TD errors| on its own batch, in batch order."""
+        errors = [m.last_td_error for m in self.members]
+        if any(e is None for e in errors):
+            return None  # before the first update
+        return errors
+
+    def update(self, batches: Sequence[Batch]) -> Stats:
         stats = self.trainer.step(batches, overlap=True)
         return {
             "loss": torch.stack([s["loss"] for s in stats]).mean(),
             "q_mean": torch.stack([s["q_mean"] for s in stats]).mean(),
-            "losses": torch.stack([s["loss"] for s in stats]),
+            **{f"{MEMBER_PREFIX}{k}/loss": s["loss"] for k, s in enumerate(stats)},
         }
 
     def export(self) -> dict[str, np.ndarray]:
@@ -138,6 +148,19 @@ class Population:
             for k, m in enumerate(self.members)
             for name, array in m.export().items()
         }
+
+    def state(self) -> TrainingState:
+        modules = {"online": self.online, "target": self.target}
+        return torch_state(self.updates, modules, self.optimizer, self.scheduler)
+
+    def restore(self, state: TrainingState) -> None:
+        modules = {"online": self.online, "target": self.target}
+        load_torch_state(state, modules, self.optimizer, self.scheduler)
+        self.updates = state.updates
+
+    def join_group(self) -> None:
+        """Nothing to hook: `OverlapTrainer` reduces each model's gradients over the group
+        by itself once the process group is up, overlapping them with the next backward."""
 
 
 def member_configs(cfg: Any) -> list[Any]:

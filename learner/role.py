@@ -20,6 +20,11 @@ optimizer state plus every rank's sampler state (gathered at the checkpoint's st
 A population (`learner.models = M > 1`, learner/population.py): every update takes M
 batches, one per model; in a group the models' all-reduces overlap their backward passes.
 One published version holds all M models.
+
+The algorithm is only an `Algorithm` here (learner/algorithms/base.py: update, priorities,
+export, state/restore, join_group), built by `algorithms.make`. One training loop
+(`_Trainer.run`) serves the lease holder and its followers alike; what only the lease
+holder does after an update (publish, checkpoint) is `_Lead`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import redis
 import torch
@@ -44,8 +50,7 @@ from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 from cluster.version import Version
 from learner import algorithms
-from learner.algorithms.dqn import DQN, Batch
-from learner.algorithms.td3 import TD3
+from learner.algorithms import Algorithm, Batch, Stats, host_stats
 from learner.checkpoint.lease import Fenced, Lease
 from learner.checkpoint.placement import make_plan, shard_hosts_of
 from learner.checkpoint.prefetch import Prefetcher
@@ -54,8 +59,7 @@ from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
 from learner.group import LearnerGroup, params_digest
 from learner.obsnorm import ObsNorm
-from learner.overlap import GradSync, GroupLost
-from learner.population import Population
+from learner.overlap import GroupLost
 from learner.priorities import PriorityReturn
 from learner.publisher import Publisher
 from replay.client import SampleClient, TensorBatch
@@ -64,7 +68,7 @@ from replay.membership import RedisMembers
 SAMPLE_TIMEOUT_S = 120.0
 # A rank silent this long (stuck, paused) ends the group; longer than a sample wait.
 GROUP_TIMEOUT_S = SAMPLE_TIMEOUT_S + 60.0
-# Stats every rank's training loop (_train) keeps up to date, as they read before the first update.
+# Stats every rank's training loop (_Trainer) keeps up to date, as they read before the first update.
 TRAINING_STATS = {"loss": 0.0, "q_mean": 0.0, "sample_wait_seconds_total": 0.0, "policy_lag_mean": 0.0}
 
 
@@ -100,77 +104,22 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     tel.start()
 
     # Build everything before asking for the lease: a standby waits here warm.
-    torch.manual_seed(cfg.run.seed)
-    device = pick_device(lc.device, 0 if lc.learners > 1 else None)
-    if device.type == "cpu":
-        torch.set_num_threads(lc.threads)
-    spec = env_spec(cfg.env.id, cfg.env)
-    algo, arch = algorithms.make(spec, lc, device)
-    norm = ObsNorm.for_learner(cfg.env, spec, arch, device)  # None unless env.normalize_obs
+    model = _Model.build(cfg, 0 if lc.learners > 1 else None)
     store = make_store(cfg, ident)
     lease = Lease(r, keys, ident, ck.lease_ttl_s, epoch_floor=lambda: _newest_epoch(store))
-    if standby or lease.holder() is not None:
-        tel.set_state("standby")
-    # A standby keeps the newest checkpoint read and verified while it waits (warm state).
-    prefetch = Prefetcher(store) if ck.enabled and (standby or lease.holder() is not None) else None
-    try:
-        if standby:
-            # A standby only takes over: it leaves a fresh run's first lease to the primary.
-            while not _run_started(r, keys, store) and not stop.wait(0.05):
-                pass
-        lease.acquire(timeout=None, stop=stop)
-    except DeadlineExceeded:
-        if prefetch is not None:
-            prefetch.take(timeout=1.0)
+    took = _take_lease(lease, r, keys, store, tel, stop, standby, ck.enabled)
+    if took is None:
         tel.close()
         return
-    t_lease = time.monotonic()
-    if standby:
-        tel.event("failover", epoch=lease.epoch)
-    lease.start_renewing(on_lost=stop.set)
-
-    parent = "-"
-    counters: dict = {}
-    if ck.enabled:
-        loaded = prefetch.take() if prefetch is not None else None
-        prefetched = loaded is not None
-        if loaded is None:
-            loaded = store.recover()
-        if loaded is not None:
-            counters = restore(algo, loaded.snapshot)
-            _load_norm(norm, counters, tel)
-            parent = loaded.ckpt
-            tel.event(
-                "restore",
-                ckpt=loaded.ckpt,
-                epoch=lease.epoch,
-                seconds=round(time.monotonic() - t_lease, 3),
-                prefetched=int(prefetched),
-                bad_replicas=len(loaded.bad_replicas),
-                skipped=len(loaded.skipped),
-                detail="; ".join((loaded.skipped + loaded.bad_replicas)[:5])[:500],
-            )
-    encoder = Encoder(cfg.cache.codec, cfg.cache.codec_levels, cfg.cache.keyframe_every)
-    publisher = Publisher(r, keys, ident, lc.keep_versions, lease=lease, encoder=encoder)
-    # The lease's local deadline guards every commit, and every publish below.
-    writer = Writer(
-        store,
-        ident,
-        tel.event,
-        on_fenced=stop.set,
-        guard=lease.check,
-        token=lease.token,
-        repair_every_s=ck.repair_every_s if ck.enabled else 0.0,
-    )
-    capturer = Capturer(pin=device.type == "cuda")
-    prioritized = cfg.replay.sampler == "prioritized"
-    members, sampler = _sample_client(cfg, r, keys, ident)
+    prefetch, t_lease = took
+    counters, parent = _restore_newest(ck.enabled, store, prefetch, model, lease.epoch, t_lease, tel)
+    lead = _Lead(cfg, ident, r, keys, tel, lease, store, model, parent, stop)
+    trainer = _Trainer(model, _prioritized(cfg), _sample_client(cfg, r, keys, ident), tel.counters)
     if "sampler" in counters:
-        _load_sampler(sampler, counters["sampler"], tel)  # the next batch is drawn as before the stop
-    priorities = PriorityReturn(sampler, device)
+        _load_sampler(trainer.sampler, counters["sampler"], tel)  # the next batch is drawn as before the stop
     c = tel.counters
     c.update(
-        updates_total=algo.updates,
+        updates_total=model.algo.updates,
         versions_published_total=int(counters.get("versions_published_total", 0)),
         epoch=lease.epoch,
         **TRAINING_STATS,
@@ -178,72 +127,29 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         checkpoint_stall_ms_last=0.0,
         checkpoint=parent,
     )
-    version = None
     group: LearnerGroup | None = None
     try:
         if lc.learners > 1:
             group = LearnerGroup.form(
-                r, keys, lease.epoch, cfg.cluster.learner_store, lc.learners, device, stop, GROUP_TIMEOUT_S
+                r,
+                keys,
+                lease.epoch,
+                cfg.cluster.learner_store,
+                lc.learners,
+                model.device,
+                stop,
+                GROUP_TIMEOUT_S,
             )
-            # Every rank starts from this rank's state (restored or fresh) and its RNGs; each
-            # follower finds its own sampler state under `ranks` (none on a fresh start).
-            snap = capturer.capture(algo, {"ranks": counters.get("ranks", []), **_norm_state(norm)}, {})
-            group.broadcast_bytes(snap.meta_bytes())
-            group.broadcast_bytes(snap.flat.numpy().tobytes())
-            _join_gradients(algo)
+            lead.share_state(group, counters.get("ranks", []))
+            model.algo.join_group()
             c["rank"] = 0
-        lease.check()
-        version = publisher.publish(_export(algo, norm), step=algo.updates, arch=arch, checkpoint=parent)
-        c["versions_published_total"] += 1
-        c["policy_version"] = str(version)
+        lead.publish(parent)
         tel.set_state("running")
-        tel.event("start", epoch=lease.epoch, device=str(device), version=str(version), checkpoint=parent)
-        period = ck.every_s if ck.every_s > 0 else math.inf  # 0: only on demand
-        next_ckpt = time.monotonic() + period
-        deferred = False
-        # On `device` (zero-copy on CPU); the iterator ends as soon as `stop` is set.
-        batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
-        while True:
-            t0 = time.monotonic()
-            batch = None if stop.is_set() else _take(batches, lc.models)
-            if not tel.commands.empty() and tel.commands.get() == "checkpoint":
-                next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
-            checkpoint_now = ck.enabled and time.monotonic() >= next_ckpt
-            if checkpoint_now and writer.busy():
-                # Do not queue behind a slow write: keep it due and take the newest state
-                # once the writer is free (every due checkpoint coalesces into one).
-                if not deferred:
-                    tel.event("checkpoint_deferred", reason="previous checkpoint still writing")
-                    deferred = True
-                checkpoint_now = False
-            rank_states: list[bytes] = []
-            if group is not None:
-                halt, checkpoint_now = group.control(batch is None, checkpoint_now)
-                if halt:
-                    break
-                if checkpoint_now:
-                    rank_states = group.gather_bytes(json.dumps(sampler_state(sampler)).encode())
-            elif batch is None:
-                break
-            _train(algo, batch, prioritized, priorities, c, sampler, version, t0, group is not None, norm)
-            if algo.updates % lc.publish_every == 0:
-                lineage = writer.last_committed or parent
-                lease.check()  # no round trip: a learner resumed past its TTL stops here
-                version = publisher.publish(
-                    _export(algo, norm), step=algo.updates, arch=arch, checkpoint=lineage
-                )
-                c["versions_published_total"] += 1
-                c["policy_version"] = str(version)
-            if checkpoint_now:
-                t1 = time.monotonic()
-                state = {**_state_counters(lease.epoch, c, sampler, rank_states), **_norm_state(norm)}
-                snap = capturer.capture(algo, state, to_dict(cfg))
-                stall_ms = (time.monotonic() - t1) * 1000
-                writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
-                c["checkpoint_stall_ms_last"] = stall_ms
-                c["checkpoints_total"] = writer.commits
-                next_ckpt = time.monotonic() + period
-                deferred = False
+        tel.event(
+            "start", epoch=lease.epoch, device=str(model.device), version=str(lead.version), checkpoint=parent
+        )
+        lead.start_clock()
+        trainer.run(stop, group, lead)
     except Fenced as exc:
         tel.event("fence", what="publish", message=str(exc))
     except GroupLost as exc:
@@ -254,18 +160,12 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         # brings the root back and a standby takes over under a newer epoch.
         tel.event("fence", what="root", message=str(exc)[:300])
     finally:
-        if lease.lost.is_set():
-            tel.event("fence", what="lease", epoch=lease.epoch)
-        else:
-            writer.close(timeout=10.0)
-        lease.stop()
-        priorities.flush()
-        sampler.close()
-        members.close()
-        extra = {"rank": 0, "digest": params_digest(algo.online)} if group is not None else {}
+        lead.close()
+        trainer.close()
+        extra = {"rank": 0, "digest": params_digest(model.algo.online)} if group is not None else {}
         if group is not None:
             group.close()
-        tel.event("stop", updates=algo.updates, version=str(version), **extra)
+        tel.event("stop", updates=model.algo.updates, version=str(lead.version), **extra)
         tel.close("fenced" if lease.lost.is_set() else "stopped")
 
 
@@ -276,106 +176,317 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
     same loop as rank 0 without publish and checkpoint writes) -> report. It stops when any
     rank stops; `canopy up` starts it again for the next group.
     """
-    lc = cfg.learner
     keys = Keys(cfg.run.name)
     r = connect(cfg.cluster, "learner", ident)
     tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s)
     tel.start()
     tel.set_state("joining")
-    torch.manual_seed(cfg.run.seed)
-    device = pick_device(lc.device, rank)
-    if device.type == "cpu":
-        torch.set_num_threads(lc.threads)
-    spec = env_spec(cfg.env.id, cfg.env)
-    algo, arch = algorithms.make(spec, lc, device)
-    norm = ObsNorm.for_learner(cfg.env, spec, arch, device)
+    model = _Model.build(cfg, rank)
+    algo = model.algo
     try:
-        group = LearnerGroup.join(r, keys, rank, lc.learners, device, stop, GROUP_TIMEOUT_S)
+        group = LearnerGroup.join(r, keys, rank, cfg.learner.learners, model.device, stop, GROUP_TIMEOUT_S)
     except GroupLost:
         tel.close()
         return
-    prioritized = cfg.replay.sampler == "prioritized"
-    members, sampler = _sample_client(cfg, r, keys, ident)
-    priorities = PriorityReturn(sampler, device)
+    trainer = _Trainer(model, _prioritized(cfg), _sample_client(cfg, r, keys, ident), tel.counters)
     c = tel.counters
-    c.update(
-        rank=rank,
-        epoch=group.epoch,
-        updates_total=0,
-        versions_published_total=0,
-        **TRAINING_STATS,
-    )
+    c.update(rank=rank, epoch=group.epoch, updates_total=0, versions_published_total=0, **TRAINING_STATS)
     try:
         meta = group.broadcast_bytes(None)
         counters = restore(algo, Snapshot.from_bytes(meta, group.broadcast_bytes(None)))
-        _load_norm(norm, counters, tel)
+        _load_norm(model.norm, counters, tel)
         ranks = counters.get("ranks") or []
         if rank < len(ranks):
-            _load_sampler(sampler, ranks[rank], tel)
-        _join_gradients(algo)
+            _load_sampler(trainer.sampler, ranks[rank], tel)
+        algo.join_group()
         c["updates_total"] = algo.updates
         tel.set_state("running")
-        tel.event("start", epoch=group.epoch, rank=rank, device=str(device), updates=algo.updates)
-        batches = sampler.tensor_batches(device, SAMPLE_TIMEOUT_S, stop)
-        while True:
-            t0 = time.monotonic()
-            batch = None if stop.is_set() else _take(batches, lc.models)
-            halt, checkpoint_now = group.control(batch is None, False)
-            if halt:
-                break
-            if checkpoint_now:  # rank 0 checkpoints at this step: it keeps our sampler state
-                group.gather_bytes(json.dumps(sampler_state(sampler)).encode())
-            _train(algo, batch, prioritized, priorities, c, sampler, None, t0, True, norm)
+        tel.event("start", epoch=group.epoch, rank=rank, device=str(model.device), updates=algo.updates)
+        trainer.run(stop, group, None)
     except GroupLost as exc:
         tel.event("group_lost", epoch=group.epoch, rank=rank, message=str(exc)[:300])
     finally:
-        priorities.flush()
-        sampler.close()
-        members.close()
+        trainer.close()
         group.close()
         tel.event("stop", updates=algo.updates, rank=rank, digest=params_digest(algo.online))
         tel.close()
 
 
-def _train(
-    algo: DQN | TD3 | Population,
-    batches: list[TensorBatch],
-    prioritized: bool,
-    priorities: PriorityReturn,
-    c: dict,
-    sampler: SampleClient,
-    version: Version | None,
-    t0: float,
-    digest: bool,
-    norm: ObsNorm | None = None,
-) -> None:
-    """One update on `batches` (one per model) and the counters that follow it (every rank alike)."""
-    c["sample_wait_seconds_total"] += time.monotonic() - t0
-    if isinstance(algo, Population):
-        stats = algo.update([_to_batch(b, prioritized, norm) for b in batches])
-        td_errors = algo.last_td_error
-    else:
-        stats = algo.update(_to_batch(batches[0], prioritized, norm))
-        td_errors = [algo.last_td_error]
-    if prioritized:
-        # New priorities go back fire-and-forget; the shard drops any for slots
-        # overwritten since (their generation moved on).
-        for batch, td_error in zip(batches, td_errors, strict=True):
+@dataclass
+class _Model:
+    """What every rank builds first: the algorithm on its device, and the observation statistics."""
+
+    algo: Algorithm
+    arch: str  # the architecture name published versions carry (actors/policy.py)
+    norm: ObsNorm | None  # None unless env.normalize_obs
+    device: torch.device
+
+    @classmethod
+    def build(cls, cfg: Config, rank: int | None) -> _Model:
+        lc = cfg.learner
+        torch.manual_seed(cfg.run.seed)
+        device = pick_device(lc.device, rank)
+        if device.type == "cpu":
+            torch.set_num_threads(lc.threads)
+        spec = env_spec(cfg.env.id, cfg.env)
+        built = algorithms.make(spec, lc, device)
+        return cls(
+            built.algorithm, built.arch, ObsNorm.for_learner(cfg.env, spec, built.arch, device), device
+        )
+
+    def export(self) -> dict:
+        return _export(self.algo, self.norm)
+
+
+class _Trainer:
+    """One rank's training loop, the same for the lease holder and every follower of its
+    group: next batch(es), one control step with the group, update, priorities back to
+    replay, counters; then what only the lease holder does (`_Lead`)."""
+
+    def __init__(
+        self, model: _Model, prioritized: bool, sampling: tuple[RedisMembers, SampleClient], c: dict
+    ):
+        self.model, self.algo, self.prioritized, self.c = model, model.algo, prioritized, c
+        self.members, self.sampler = sampling  # `_sample_client`
+        self.priorities = PriorityReturn(self.sampler, model.device)
+
+    def run(self, stop: threading.Event, group: LearnerGroup | None, lead: _Lead | None) -> None:
+        """Train until `stop` or the sampler ends; in a group, until any rank stops."""
+        # On the device (zero-copy on CPU); the iterator ends as soon as `stop` is set.
+        batches = self.sampler.tensor_batches(self.model.device, SAMPLE_TIMEOUT_S, stop)
+        while True:
+            t0 = time.monotonic()
+            batch = None if stop.is_set() else _take(batches, self.algo.models)
+            checkpoint_now = lead is not None and lead.checkpoint_due()
+            rank_states: list[bytes] = []
+            if group is not None:
+                # Only rank 0's checkpoint request counts; every rank learns of it here.
+                halt, checkpoint_now = group.control(batch is None, checkpoint_now)
+                if halt:
+                    break
+                if checkpoint_now:  # rank 0 checkpoints at this step and keeps every rank's sampler state
+                    rank_states = group.gather_bytes(json.dumps(sampler_state(self.sampler)).encode())
+            elif batch is None:
+                break
+            self.step(batch, None if lead is None else lead.version, t0, digest=group is not None)
+            if lead is not None:
+                lead.after_update(checkpoint_now, self.sampler, rank_states)
+
+    def step(self, batches: list[TensorBatch], version: Version | None, t0: float, digest: bool) -> None:
+        """One update on `batches` (one per model) and the counters that follow it (every rank alike)."""
+        algo, c = self.algo, self.c
+        c["sample_wait_seconds_total"] += time.monotonic() - t0
+        inputs = [_to_batch(b, self.prioritized, self.model.norm) for b in batches]
+        stats = algo.update(inputs[0] if algo.models == 1 else inputs)
+        if self.prioritized:
+            self._return_priorities(batches)
+        c["updates_total"] = algo.updates
+        if algo.updates % 50 == 0:
+            self._report(stats, batches, version, digest)
+
+    def _return_priorities(self, batches: list[TensorBatch]) -> None:
+        """New priorities go back fire-and-forget; the shard drops any for slots overwritten
+        since (their generation moved on)."""
+        new = self.algo.priorities()
+        if new is None:  # an algorithm without priorities: the actors' initial ones stay
+            return
+        for batch, td_error in zip(batches, new, strict=True):
             arrays = batch.arrays
-            priorities.push(td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
-    c["updates_total"] = algo.updates
-    if algo.updates % 50 == 0:
-        c.update(loss=stats["loss"].item(), q_mean=stats["q_mean"].item())  # the only host syncs
-        if "losses" in stats:
-            c["model_losses"] = " ".join(f"{x:.4g}" for x in stats["losses"].tolist())
+            self.priorities.push(td_error, arrays["shard"][0], arrays["slot"], arrays["gen"])
+
+    def _report(
+        self, stats: Stats, batches: list[TensorBatch], version: Version | None, digest: bool
+    ) -> None:
+        c = self.c
+        values = host_stats(stats)  # the only host sync
+        c.update({k: v for k, v in values.items() if "/" not in k})
+        losses = [v for k, v in values.items() if k.endswith("/loss")]  # a population's, model by model
+        if losses:
+            c["model_losses"] = " ".join(f"{x:.4g}" for x in losses)
         if version is not None:
             # How old the data is, in learner steps (only comparable within one epoch).
             data_steps = batches[0].arrays["version"] & 0xFFFFFFFF
             c["policy_lag_mean"] = float(version.step - data_steps.mean())
-        c["replay_shards"] = len(sampler.shards)
+        c["replay_shards"] = len(self.sampler.shards)
         if digest:
             # Every rank of a group reports the same digest at the same update count.
-            c["params_digest"] = f"{algo.updates}:{params_digest(algo.online)}"
+            c["params_digest"] = f"{self.algo.updates}:{params_digest(self.algo.online)}"
+
+    def close(self) -> None:
+        self.priorities.flush()
+        self.sampler.close()
+        self.members.close()
+
+
+class _Lead:
+    """What only the lease holder does: publish every `publish_every` updates and checkpoint
+    every `checkpoint.every_s` (or on an operator's command) through the background writer.
+    The lease's local deadline guards every commit and every publish (fencing)."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        ident: int,
+        r: redis.Redis,
+        keys: Keys,
+        tel: Telemetry,
+        lease: Lease,
+        store: CheckpointStore,
+        model: _Model,
+        parent: str,
+        stop: threading.Event,
+    ):
+        ck = cfg.checkpoint
+        self.cfg, self.tel, self.lease, self.model, self.parent = cfg, tel, lease, model, parent
+        self.c = tel.counters
+        encoder = Encoder(cfg.cache.codec, cfg.cache.codec_levels, cfg.cache.keyframe_every)
+        self.publisher = Publisher(r, keys, ident, cfg.learner.keep_versions, lease=lease, encoder=encoder)
+        self.writer = Writer(
+            store,
+            ident,
+            tel.event,
+            on_fenced=stop.set,
+            guard=lease.check,
+            token=lease.token,
+            repair_every_s=ck.repair_every_s if ck.enabled else 0.0,
+        )
+        self.capturer = Capturer(pin=model.device.type == "cuda")
+        self.version: Version | None = None
+        self.period = ck.every_s if ck.every_s > 0 else math.inf  # 0: only on demand
+        self.next_ckpt = time.monotonic() + self.period
+        self.deferred = False
+
+    def share_state(self, group: LearnerGroup, ranks: list) -> None:
+        """Every rank starts from this rank's state (restored or fresh) and its RNGs; each
+        follower finds its own sampler state under `ranks` (none on a fresh start)."""
+        snap = self.capturer.capture(self.model.algo, {"ranks": ranks, **_norm_state(self.model.norm)}, {})
+        group.broadcast_bytes(snap.meta_bytes())
+        group.broadcast_bytes(snap.flat.numpy().tobytes())
+
+    def publish(self, lineage: str) -> None:
+        self.lease.check()  # no round trip: a learner resumed past its TTL stops here
+        algo = self.model.algo
+        self.version = self.publisher.publish(
+            self.model.export(), step=algo.updates, arch=self.model.arch, checkpoint=lineage
+        )
+        self.c["versions_published_total"] += 1
+        self.c["policy_version"] = str(self.version)
+
+    def start_clock(self) -> None:
+        """The first periodic checkpoint falls due one period after training starts."""
+        self.next_ckpt = time.monotonic() + self.period
+
+    def checkpoint_due(self) -> bool:
+        """A checkpoint is due (period or operator) and the writer is free to take it."""
+        if not self.tel.commands.empty() and self.tel.commands.get() == "checkpoint":
+            self.next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
+        if not (self.cfg.checkpoint.enabled and time.monotonic() >= self.next_ckpt):
+            return False
+        if self.writer.busy():
+            # Do not queue behind a slow write: keep it due and take the newest state
+            # once the writer is free (every due checkpoint coalesces into one).
+            if not self.deferred:
+                self.tel.event("checkpoint_deferred", reason="previous checkpoint still writing")
+                self.deferred = True
+            return False
+        return True
+
+    def after_update(self, checkpoint_now: bool, sampler: SampleClient, rank_states: list[bytes]) -> None:
+        algo = self.model.algo
+        if algo.updates % self.cfg.learner.publish_every == 0:
+            self.publish(self.writer.last_committed or self.parent)
+        if checkpoint_now:
+            self._checkpoint(sampler, rank_states)
+
+    def _checkpoint(self, sampler: SampleClient, rank_states: list[bytes]) -> None:
+        """Capture the state now (the training thread's only stall) for the background writer."""
+        algo, lease, c = self.model.algo, self.lease, self.c
+        t1 = time.monotonic()
+        state = {**_state_counters(lease.epoch, c, sampler, rank_states), **_norm_state(self.model.norm)}
+        snap = self.capturer.capture(algo, state, to_dict(self.cfg))
+        stall_ms = (time.monotonic() - t1) * 1000
+        self.writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
+        c["checkpoint_stall_ms_last"] = stall_ms
+        c["checkpoints_total"] = self.writer.commits
+        self.next_ckpt = time.monotonic() + self.period
+        self.deferred = False
+
+    def close(self) -> None:
+        if self.lease.lost.is_set():
+            self.tel.event("fence", what="lease", epoch=self.lease.epoch)
+        else:
+            self.writer.close(timeout=10.0)
+        self.lease.stop()
+
+
+def _take_lease(
+    lease: Lease,
+    r: redis.Redis,
+    keys: Keys,
+    store: CheckpointStore,
+    tel: Telemetry,
+    stop: threading.Event,
+    standby: bool,
+    checkpoints: bool,
+) -> tuple[Prefetcher | None, float] | None:
+    """Wait for the lease, then renew it (losing it sets `stop`): the standby's prefetcher
+    and when the lease was taken; None when `stop` came first.
+
+    A standby only takes over: it leaves a fresh run's first lease to the primary.
+    """
+    waiting = standby or lease.holder() is not None
+    if waiting:
+        tel.set_state("standby")
+    # A standby keeps the newest checkpoint read and verified while it waits (warm state).
+    prefetch = Prefetcher(store) if checkpoints and waiting else None
+    try:
+        if standby:
+            while not _run_started(r, keys, store) and not stop.wait(0.05):
+                pass
+        lease.acquire(timeout=None, stop=stop)
+    except DeadlineExceeded:
+        if prefetch is not None:
+            prefetch.take(timeout=1.0)
+        return None
+    t_lease = time.monotonic()
+    if standby:
+        tel.event("failover", epoch=lease.epoch)
+    lease.start_renewing(on_lost=stop.set)
+    return prefetch, t_lease
+
+
+def _restore_newest(
+    enabled: bool,
+    store: CheckpointStore,
+    prefetch: Prefetcher | None,
+    model: _Model,
+    epoch: int,
+    t_lease: float,
+    tel: Telemetry,
+) -> tuple[dict, str]:
+    """The newest checkpoint with every chunk valid on some shard (a standby's prefetched
+    copy when it has one) into `model`: its counters and name ("-", {} on a fresh start)."""
+    if not enabled:
+        return {}, "-"
+    loaded = prefetch.take() if prefetch is not None else None
+    prefetched = loaded is not None
+    if loaded is None:
+        loaded = store.recover()
+    if loaded is None:
+        return {}, "-"
+    counters = restore(model.algo, loaded.snapshot)
+    _load_norm(model.norm, counters, tel)
+    tel.event(
+        "restore",
+        ckpt=loaded.ckpt,
+        epoch=epoch,
+        seconds=round(time.monotonic() - t_lease, 3),
+        prefetched=int(prefetched),
+        bad_replicas=len(loaded.bad_replicas),
+        skipped=len(loaded.skipped),
+        detail="; ".join((loaded.skipped + loaded.bad_replicas)[:5])[:500],
+    )
+    return counters, loaded.ckpt
 
 
 def _take(batches: Iterator[TensorBatch], n: int) -> list[TensorBatch] | None:
@@ -389,14 +500,9 @@ def _take(batches: Iterator[TensorBatch], n: int) -> list[TensorBatch] | None:
     return out
 
 
-def _join_gradients(algo: DQN | TD3 | Population) -> None:
-    """Average gradients over the (now formed) group from the next update on.
-
-    A population's OverlapTrainer reduces over the group by itself, one model's all-reduce
-    overlapping the next one's backward pass; a single model reduces through its hook.
-    """
-    if not isinstance(algo, Population):
-        algo.grad_sync = GradSync()
+def _prioritized(cfg: Config) -> bool:
+    """Prioritized replay: batches carry importance weights, updates send priorities back."""
+    return cfg.replay.sampler == "prioritized"
 
 
 def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple[RedisMembers, SampleClient]:
@@ -424,7 +530,7 @@ def _load_sampler(sampler: SampleClient, state: object, tel: Telemetry) -> None:
         tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
 
 
-def _export(algo: DQN | TD3 | Population, norm: ObsNorm | None) -> dict:
+def _export(algo: Algorithm, norm: ObsNorm | None) -> dict:
     """The arrays to publish: with `env.normalize_obs`, the normalization folded in front."""
     return algo.export() if norm is None else norm.fold(algo.export())
 

@@ -4,29 +4,25 @@ Each replay item is already an n-step transition built by actors/adder.py:
     (s_t, a_t, R = sum_{k<n} g^k r_{t+k}, s_{t+n}, discount = g^n, or 0 if the episode
     terminated inside the window)
 so the learner never needs to know about episode boundaries or truncation.
+
+An `Algorithm` (learner/algorithms/base.py); `build` at the end is its registry entry.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from actors.envs import EnvSpec
 from cluster.config import LearnerConfig
-
-
-@dataclass
-class Batch:
-    obs: torch.Tensor
-    action: torch.Tensor
-    reward: torch.Tensor
-    next_obs: torch.Tensor
-    discount: torch.Tensor
-    weight: torch.Tensor | None = None  # importance-sampling weights from prioritized replay
+from cluster.errors import UserError
+from learner import network
+from learner.algorithms.base import Batch, Built, Stats, TrainingState, load_torch_state, torch_state
+from learner.overlap import GradSync
 
 
 class DQN:
@@ -34,6 +30,8 @@ class DQN:
     algo = DQN(QNetwork(4, 2, [128, 128]), cfg.learner)
     stats = algo.update(batch)  # {'loss': tensor, 'q_mean': tensor}
     """
+
+    models = 1  # one replay batch per update
 
     def __init__(self, online: nn.Module, cfg: LearnerConfig):
         self.cfg = cfg
@@ -60,7 +58,7 @@ class DQN:
         """The online network's arrays, as actors act with them."""
         return self.online.export()
 
-    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def update(self, batch: Batch) -> Stats:
         stats = self.backward(batch)
         if self.grad_sync is not None:
             # Average before clipping: every rank then clips and steps the same gradient.
@@ -72,7 +70,7 @@ class DQN:
         """The parameters whose gradients `backward` fills (a learner group averages them)."""
         return self.online.parameters()
 
-    def backward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def backward(self, batch: Batch) -> Stats:
         """The loss on `batch` and its gradients; `apply` then steps (update = both).
 
         Split in two so a learner group training several models (learner/population.py)
@@ -103,7 +101,7 @@ class DQN:
         loss.backward()
         self.last_td_error = (target - q).detach().abs()  # new priorities, for prioritized replay
         # Tensors, not floats: `.item()` would wait for the GPU every update; the learner
-        # reads them only when it reports.
+        # reads them only when it reports (base.py `Algorithm.update`).
         return {"loss": loss.detach(), "q_mean": q.detach().mean()}
 
     def apply(self) -> None:
@@ -119,3 +117,36 @@ class DQN:
             with torch.no_grad():
                 for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
                     t.copy_(o) if self.cfg.tau == 1 else t.lerp_(o, self.cfg.tau)
+
+    def priorities(self) -> list[torch.Tensor] | None:
+        """|TD error| of the last update's items: their new replay priorities."""
+        return None if self.last_td_error is None else [self.last_td_error]
+
+    def state(self) -> TrainingState:
+        """Online and target networks, Adam, the lr schedule and the update count."""
+        modules = {"online": self.online, "target": self.target}
+        return torch_state(self.updates, modules, self.optimizer, self.scheduler)
+
+    def restore(self, state: TrainingState) -> None:
+        modules = {"online": self.online, "target": self.target}
+        load_torch_state(state, modules, self.optimizer, self.scheduler)
+        self.updates = state.updates
+
+    def join_group(self) -> None:
+        """From the next update on, gradients are averaged over the learner group."""
+        self.grad_sync = GradSync()
+
+
+def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
+    """A DQN for a Discrete env on `device`; with `learner.models > 1` a population of them."""
+    from learner.population import Population, member_configs  # population.py imports DQN
+
+    if not spec.discrete:
+        raise UserError('this env has continuous (Box) actions: set learner.algorithm = "td3"')
+    members = []
+    for member_cfg in member_configs(cfg):
+        net, arch = network.build(spec.obs_shape, spec.obs_dtype, spec.actions, cfg.hidden, cfg.dueling)
+        if cfg.compile:
+            net.compile()  # in place: parameter names (checkpoints, actors) stay as they are
+        members.append(DQN(net.to(device), member_cfg))
+    return Built(members[0] if cfg.models == 1 else Population(members), arch)

@@ -8,23 +8,27 @@ with eps ~ N(0, target_noise). The three fixes over DDPG, each at its line below
 critics (the min curbs overestimation), target policy smoothing (the noise), and a
 delayed, less frequent actor update.
 
-Checkpoint contract (learner/checkpoint/state.py): `online` and `target` hold every
-network, `optimizer` every parameter (one Adam, a param group per network, so the
-state capture needs nothing TD3-specific), `updates` counts critic updates.
+An `Algorithm` (learner/algorithms/base.py); `build` at the end is its registry entry.
+Its checkpoint state: `online` and `target` hold every network, `optimizer` every
+parameter (one Adam, a param group per network), `updates` counts critic updates.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
+from actors.envs import EnvSpec
 from cluster.config import LearnerConfig
-from learner.algorithms.dqn import Batch
+from cluster.errors import UserError
+from learner.algorithms.base import Batch, Built, Stats, TrainingState, load_torch_state, torch_state
+from learner.overlap import GradSync
 
 ARCH = "tanh_mlp"  # actors/policy.py: an mlp whose output goes through tanh
 
@@ -76,6 +80,8 @@ class TD3:
     actor_arrays = algo.export()  # what actors act with
     """
 
+    models = 1  # one replay batch per update
+
     def __init__(self, obs_size: int, act_size: int, cfg: LearnerConfig):
         self.cfg = cfg
         self.online = nn.ModuleDict(
@@ -98,7 +104,7 @@ class TD3:
     def export(self) -> dict[str, np.ndarray]:
         return self.online["actor"].export()
 
-    def update(self, batch: Batch) -> dict[str, float]:
+    def update(self, batch: Batch) -> Stats:
         actor, critic = self.online["actor"], self.online["critic"]
         cfg = self.cfg
         with torch.no_grad():
@@ -134,10 +140,39 @@ class TD3:
             nn.utils.clip_grad_norm_(actor_params, cfg.max_grad_norm)
             self.optimizer.step()
             self._soft_update()
-        return {"loss": loss.detach(), "q_mean": q1.detach().mean()}  # no host sync (see dqn.py)
+        # 0-d tensors, as DQN's: no host sync here (base.py `Algorithm.update`).
+        return {"loss": loss.detach(), "q_mean": q1.detach().mean()}
 
     @torch.no_grad()
     def _soft_update(self) -> None:
         # Polyak averaging: targets trail the online networks smoothly.
         for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
             t.lerp_(o, self.cfg.tau)
+
+    def priorities(self) -> list[torch.Tensor] | None:
+        """|TD error| of the first critic on the last update's items: their new priorities."""
+        return None if self.last_td_error is None else [self.last_td_error]
+
+    def state(self) -> TrainingState:
+        """Actor, twin critic and their targets, the one Adam, and the update count."""
+        return torch_state(self.updates, {"online": self.online, "target": self.target}, self.optimizer)
+
+    def restore(self, state: TrainingState) -> None:
+        load_torch_state(state, {"online": self.online, "target": self.target}, self.optimizer)
+        self.updates = state.updates
+
+    def join_group(self) -> None:
+        """From the next update on, gradients are averaged over the learner group."""
+        self.grad_sync = GradSync()
+
+
+def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
+    """A TD3 for a Box env on `device`."""
+    if cfg.models > 1:
+        raise UserError("learner.models > 1 trains dqn populations only: this env has Box actions (td3)")
+    if spec.discrete:
+        raise UserError('this env has Discrete actions: set learner.algorithm = "dqn"')
+    algo = TD3(math.prod(spec.obs_shape), spec.actions, cfg)
+    algo.online.to(device)
+    algo.target.to(device)
+    return Built(algo, ARCH)

@@ -5,15 +5,18 @@ host buffer: the only cost the training thread pays) -> `Snapshot` (msgpack meta
 raw tensor bytes) -> background writer -> Redis shards. Recovery runs the other way:
 chunks -> `Snapshot` -> `restore` into freshly built networks and optimizer.
 
-What is captured: online and target networks, optimizer state (tensors and param groups),
-the learning-rate scheduler when the algorithm has one, step/version counters, python,
+What is captured: the algorithm's own training state (`Algorithm.state`,
+learner/algorithms/base.py: for DQN and TD3 the online and target networks, optimizer
+state and the learning-rate scheduler when there is one; the algorithm decides, this module
+only stores its tensors and plain metadata), step/version counters, python,
 numpy and torch RNG states, the resolved config, and the learner's replay sample-client
 state (`sampler_state`: the generator that draws which shard serves each batch and the
 batch count that anneals the importance exponent), so the next batch is drawn as it would
 have been, and with `env.normalize_obs` the observation statistics (learner/obsnorm.py
 `ObsNorm.state`: float64 bytes among the counters). Tensors travel as raw bytes named in
 a layout (name, torch dtype, shape, offset), so any dtype (bf16 included) round-trips
-exactly; everything else is msgpack.
+exactly; everything else is msgpack. The algorithm's metadata sits at the top level of
+the map beside this module's own keys (`ENVELOPE`), where format 1 always had it.
 
 What is not here, on purpose: the replay side. Each shard's rate limiter (inserts and
 samples counted against `samples_per_insert`), its tables, priorities and sampling RNG
@@ -34,8 +37,12 @@ import numpy as np
 import torch
 
 from cluster.errors import ProtocolError
+from learner.algorithms.base import Algorithm, TrainingState
 
 FORMAT = 1
+# The metadata keys this module owns; every other key is the algorithm's (`TrainingState.meta`).
+ENVELOPE = ("format", "layout", "rng", "counters", "config")
+RNG_PREFIX = "rng."  # tensor names this module owns; every other tensor is the algorithm's
 MAX_META_BYTES = 16 << 20
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -121,44 +128,31 @@ def _layout_bytes(layout: list) -> int:
     return end
 
 
-def named_tensors(algo: Any) -> list[tuple[str, torch.Tensor]]:
+def named_tensors(algo: Algorithm, state: TrainingState | None = None) -> list[tuple[str, torch.Tensor]]:
     """Every tensor of the training state in a fixed order (the capture layout)."""
-    items: list[tuple[str, torch.Tensor]] = []
-    items += [(f"online.{k}", v) for k, v in algo.online.state_dict().items()]
-    items += [(f"target.{k}", v) for k, v in algo.target.state_dict().items()]
-    for idx, st in algo.optimizer.state_dict()["state"].items():
-        items += [(f"optim.{idx}.{k}", v) for k, v in st.items() if isinstance(v, torch.Tensor)]
+    state = algo.state() if state is None else state
+    clash = [k for k in state.tensors if k.startswith(RNG_PREFIX)]
+    if clash:
+        raise ValueError(f"algorithm tensor names {clash[:3]} use the checkpoint's {RNG_PREFIX!r} prefix")
+    items = list(state.tensors.items())
     items.append(("rng.torch", torch.get_rng_state()))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         items += [(f"rng.cuda.{i}", s) for i, s in enumerate(torch.cuda.get_rng_state_all())]
     return items
 
 
-def _plain(value: Any) -> Any:
-    """Optimizer/scheduler values as msgpack-able data (tuples become lists)."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    return value
-
-
-def _meta(algo: Any, counters: dict[str, Any], config: dict[str, Any], layout: list) -> dict[str, Any]:
-    opt = algo.optimizer.state_dict()
-    scalars = {
-        str(idx): {k: _plain(v) for k, v in st.items() if not isinstance(v, torch.Tensor)}
-        for idx, st in opt["state"].items()
-    }
-    sched = getattr(algo, "scheduler", None)
+def _meta(
+    state: TrainingState, counters: dict[str, Any], config: dict[str, Any], layout: list
+) -> dict[str, Any]:
+    clash = [k for k in state.meta if k in ENVELOPE]
+    if clash:
+        raise ValueError(f"algorithm metadata keys {clash} are the checkpoint's own")
     np_state = np.random.get_state(legacy=True)
     py_state = random.getstate()
     return {
         "format": FORMAT,
         "layout": layout,
-        "optimizer": {"param_groups": _plain(opt["param_groups"]), "scalars": scalars},
-        "scheduler": _plain(sched.state_dict()) if sched is not None else None,
+        **state.meta,
         "rng": {
             "python": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy": [
@@ -169,7 +163,7 @@ def _meta(algo: Any, counters: dict[str, Any], config: dict[str, Any], layout: l
                 float(np_state[4]),
             ],
         },
-        "counters": {"updates": algo.updates, **counters},
+        "counters": {"updates": state.updates, **counters},
         "config": config,
     }
 
@@ -192,9 +186,14 @@ class Capturer:
         self.next = 0
 
     def capture(
-        self, algo: Any, counters: dict[str, Any], config: dict[str, Any], avoid: torch.Tensor | None = None
+        self,
+        algo: Algorithm,
+        counters: dict[str, Any],
+        config: dict[str, Any],
+        avoid: torch.Tensor | None = None,
     ) -> Snapshot:
-        items = named_tensors(algo)
+        state = algo.state()
+        items = named_tensors(algo, state)
         layout, offset = [], 0
         for name, t in items:
             nbytes = t.numel() * t.element_size()
@@ -220,8 +219,8 @@ class Capturer:
                 buf[off : off + nbytes].copy_(t.detach().reshape(-1).view(torch.uint8), non_blocking=True)
         if on_gpu:
             torch.cuda.synchronize()
-        meta = _meta(algo, counters, config, layout)
-        return Snapshot(meta=meta, flat=buf, step=algo.updates)
+        meta = _meta(state, counters, config, layout)
+        return Snapshot(meta=meta, flat=buf, step=state.updates)
 
 
 def sampler_state(sampler: Any) -> dict[str, Any]:
@@ -245,36 +244,22 @@ def load_sampler_state(sampler: Any, state: Any) -> None:
     sampler.batches = batches
 
 
-def restore(algo: Any, snap: Snapshot) -> dict[str, Any]:
+def restore(algo: Algorithm, snap: Snapshot) -> dict[str, Any]:
     """Load a snapshot into an algorithm built from the same config; returns its counters.
 
-    Restores networks, optimizer, scheduler, the update counter and every RNG, so the next
-    update is bit for bit the one the captured learner would have made.
+    Hands the algorithm its own tensors (copies, owned by it from now on) and metadata
+    through `Algorithm.restore`, and sets every RNG back, so the next update is bit for bit
+    the one the captured learner would have made.
     """
     tensors = snap.tensors()
-
-    def part(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)}
-
-    algo.online.load_state_dict(part("online."))
-    algo.target.load_state_dict(part("target."))
     meta = snap.meta
-    state: dict[int, dict[str, Any]] = {}
-    for idx, scalars in meta["optimizer"]["scalars"].items():
-        state[int(idx)] = dict(scalars)
-    for name, t in tensors.items():
-        if name.startswith("optim."):
-            _, idx, key = name.split(".", 2)
-            state.setdefault(int(idx), {})[key] = t.clone()
-    groups = meta["optimizer"]["param_groups"]
-    for g in groups:
-        if "betas" in g:
-            g["betas"] = tuple(g["betas"])
-    algo.optimizer.load_state_dict({"state": state, "param_groups": groups})
-    sched = getattr(algo, "scheduler", None)
-    if sched is not None and meta.get("scheduler") is not None:
-        sched.load_state_dict(meta["scheduler"])
-    algo.updates = int(meta["counters"]["updates"])
+    algo.restore(
+        TrainingState(
+            tensors={k: v.clone() for k, v in tensors.items() if not k.startswith(RNG_PREFIX)},
+            meta={k: v for k, v in meta.items() if k not in ENVELOPE},
+            updates=int(meta["counters"]["updates"]),
+        )
+    )
     py = meta["rng"]["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     kind, keys, pos, has_gauss, cached = meta["rng"]["numpy"]

@@ -148,7 +148,7 @@ def population_in_step(rank: int, world: int) -> dict:
     """A DQN population (learner/population.py) in a group: overlapped, on each rank's batches."""
     torch.manual_seed(0)  # same initial networks on every rank, as the learner's broadcast gives
     cfg = LearnerConfig(hidden=[32], models=2, model_lr=[1e-2, 3e-2], target_update_period=3)
-    pop, _ = algorithms.make(EnvSpec((4,), "float32", 2, True), cfg, torch.device("cpu"))
+    pop = algorithms.make(EnvSpec((4,), "float32", 2, True), cfg, torch.device("cpu")).algorithm
     before = params_digest(pop.online)
     g = torch.Generator().manual_seed(rank)
     for _ in range(5):

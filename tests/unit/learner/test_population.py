@@ -33,9 +33,9 @@ def build(seed: int, rates: list[float]) -> Population:
         lr_anneal_updates=6,
         lr_final=1e-4,
     )
-    algo, arch = algorithms.make(SPEC, cfg, torch.device("cpu"))
-    assert isinstance(algo, Population) and arch == "mlp"
-    return algo
+    built = algorithms.make(SPEC, cfg, torch.device("cpu"))
+    assert isinstance(built.algorithm, Population) and built.arch == "mlp"
+    return built.algorithm
 
 
 def batches(seed: int, models: int, n: int = 32) -> list[Batch]:
@@ -67,13 +67,16 @@ def test_each_model_trains_exactly_as_it_would_alone_with_its_own_learning_rate(
         stats = pop.update(bs)
         for m, b in zip(alone, bs, strict=True):
             m.update(b)
-        assert stats["losses"].shape == (2,)
+        # Each model's loss as "m<k>/loss", 0-d tensors like the mean's (no host sync).
+        assert list(stats) == ["loss", "q_mean", "m0/loss", "m1/loss"]
+        assert all(v.shape == () for v in stats.values())
     assert pop.updates == 7
     for m, ref in zip(pop.members, alone, strict=True):
         assert torch.equal(flat(m), flat(ref))
     a, b = (np.concatenate([v.ravel() for v in m.export().values()]) for m in pop.members)
     assert not np.allclose(a, b), "two models with different rates and inits ended up alike"
     assert [len(td) for td in pop.last_td_error] == [32, 32]
+    assert [len(td) for td in pop.priorities()] == [32, 32]
 
 
 def test_a_population_checkpoint_restores_and_continues_bit_for_bit() -> None:
