@@ -22,34 +22,62 @@ class MLPPolicy:
     """Example:
     policy = MLPPolicy.from_arrays("mlp", arrays)
     q = policy.q_values(obs)  # [batch, actions]
+
+    A hidden layer may carry layer normalization (`layers.<i>.norm_weight/norm_bias`, the
+    learner's `learner.layer_norm`): applied to its output before the ReLU, as torch's
+    LayerNorm does it (biased variance, epsilon 1e-5).
     """
 
-    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]]):
+    LN_EPS = np.float32(1e-5)
+
+    def __init__(
+        self,
+        layers: list[tuple[np.ndarray, np.ndarray]],
+        norms: list[tuple[np.ndarray, np.ndarray] | None] | None = None,
+    ):
         self.layers = layers
+        self.norms = norms or [None] * len(layers)
 
     @classmethod
     def from_arrays(cls, arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy:
         if arch != "mlp":
             raise ProtocolError(f"actors cannot run architecture {arch!r}")
-        names = list(arrays)
-        if len(names) % 2 or not names:
+        if not arrays:
             raise ProtocolError("an mlp needs weight/bias pairs")
-        layers = []
-        for w_name, b_name in zip(names[::2], names[1::2], strict=True):
-            w, b = arrays[w_name], arrays[b_name]
-            if (
-                not (w_name.endswith(".weight") and b_name.endswith(".bias"))
-                or w.ndim != 2
-                or b.shape != (w.shape[0],)
-            ):
-                raise ProtocolError(f"bad mlp layer {w_name} {w.shape} / {b_name} {b.shape}")
+        by_index: dict[int, dict[str, np.ndarray]] = {}
+        for name, array in arrays.items():
+            prefix, index, kind = [*name.split("."), "", ""][:3]
+            if prefix != "layers" or not index.isdigit() or kind not in _MLP_KINDS or name.count(".") != 2:
+                raise ProtocolError(f"bad mlp array name {name!r}")
+            by_index.setdefault(int(index), {})[kind] = array
+        if sorted(by_index) != list(range(len(by_index))):
+            raise ProtocolError(f"mlp layers are numbered {sorted(by_index)}, not 0..{len(by_index) - 1}")
+        layers, norms = [], []
+        for i in range(len(by_index)):
+            layer = by_index[i]
+            w, b = layer.get("weight"), layer.get("bias")
+            if w is None or b is None or w.ndim != 2 or b.shape != (w.shape[0],):
+                raise ProtocolError(f"bad mlp layer {i}: weight {_shape(w)} / bias {_shape(b)}")
             # No copy: the arrays may be read-only views on the host's shared copy (cache/shm.py),
             # and thousands of actors must not each hold their own. `w.T` is a view too.
             layers.append((np.asarray(w, dtype=np.float32).T, np.asarray(b, dtype=np.float32)))
+            g, beta = layer.get("norm_weight"), layer.get("norm_bias")
+            if g is None and beta is None:
+                norms.append(None)
+                continue
+            if (
+                i == len(by_index) - 1
+                or g is None
+                or beta is None
+                or g.shape != b.shape
+                or beta.shape != b.shape
+            ):
+                raise ProtocolError(f"bad layer norm on mlp layer {i}: {_shape(g)} / {_shape(beta)}")
+            norms.append((np.asarray(g, dtype=np.float32), np.asarray(beta, dtype=np.float32)))
         for (w0, _), (w1, _) in itertools.pairwise(layers):
             if w0.shape[1] != w1.shape[0]:
                 raise ProtocolError("mlp layer sizes do not chain")
-        return cls(layers)
+        return cls(layers, norms)
 
     @property
     def in_features(self) -> int:
@@ -57,11 +85,24 @@ class MLPPolicy:
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
         x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
-        for i, (w, b) in enumerate(self.layers):
+        last = len(self.layers) - 1
+        for i, ((w, b), norm) in enumerate(zip(self.layers, self.norms, strict=True)):
             x = x @ w + b  # allocates a fresh x: the shared weights are never written
-            if i < len(self.layers) - 1:
+            if norm is not None:
+                x -= x.mean(axis=1, keepdims=True)
+                x /= np.sqrt((x * x).mean(axis=1, keepdims=True) + self.LN_EPS)
+                x *= norm[0]
+                x += norm[1]
+            if i < last:
                 np.maximum(x, 0, out=x)
         return x
+
+
+_MLP_KINDS = ("weight", "bias", "norm_weight", "norm_bias")
+
+
+def _shape(a: np.ndarray | None) -> object:
+    return None if a is None else a.shape
 
 
 class TanhMLPPolicy(MLPPolicy):
@@ -137,7 +178,8 @@ def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | 
     if arch == "nature_cnn":
         return NatureCNNPolicy(arrays)
     if arch == "tanh_mlp":
-        return TanhMLPPolicy(MLPPolicy.from_arrays("mlp", arrays).layers)
+        mlp = MLPPolicy.from_arrays("mlp", arrays)
+        return TanhMLPPolicy(mlp.layers, mlp.norms)
     return MLPPolicy.from_arrays(arch, arrays)
 
 

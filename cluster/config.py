@@ -3,7 +3,8 @@
 The same tree describes a local `canopy up` run and a cluster spread over hosts: the
 `[cluster]` section holds the addresses (filled in by `canopy up`, written by operators
 elsewhere). Each role receives only its own section plus `cluster` and `run`.
-`verify` reports every problem at once, each on one line naming the key and what is allowed.
+`verify` reports every problem at once, each on one line naming the key and what is allowed;
+cluster/config_checks.py merges the overrides and checks every value's type.
 """
 
 from __future__ import annotations
@@ -11,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from cluster.config_checks import apply_overrides, build
 from cluster.errors import ConfigError
 
 
@@ -134,6 +134,7 @@ class LearnerConfig:
     compile: bool = False  # torch.compile the networks (worth it for long runs on GPU)
     hidden: list[int] = field(default_factory=lambda: [128, 128])  # widths of the hidden layers
     dueling: bool = False  # value + advantage heads (learner/network.py); actors see a plain mlp
+    layer_norm: bool = False  # dqn mlp: layer normalization after every hidden layer
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py);
     # auto: the one that fits the env's action space.
     algorithm: str = "auto"
@@ -341,21 +342,8 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
             raise ConfigError([f"config file {path} not found"]) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"override {item!r} must look like section.key=value")
-            continue
-        parts = key.strip().split(".")
-        node = data
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"override {key}: {part} is not a section")
-                break
-        else:
-            node[parts[-1]] = _parse_value(raw.strip())
-    cfg = _build(Config, data, "", problems)
+    apply_overrides(data, overrides or [], problems)
+    cfg = build(Config, data, "", problems)
     problems += verify(cfg)
     if problems:
         raise ConfigError(problems)
@@ -431,78 +419,3 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 def save(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as TOML; `load(path)` gives the same tree back."""
     Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
-
-
-def _parse_value(raw: str) -> Any:
-    """Read an override as a TOML value (`3`, `1e-3`, `[64, 64]`, `true`), else as a string."""
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    if not isinstance(data, dict):
-        problems.append(f"{prefix.rstrip('.') or 'config'} must be a table")
-        return cls()
-    for key in data:
-        if key not in names:
-            problems.append(
-                f"unknown config key '{prefix}{key}': known keys here are {', '.join(sorted(names))}"
-            )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        hint, value, key = hints[f.name], data[f.name], f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, value, key + ".", problems)
-        else:
-            checked = _check_type(hint, value)
-            if checked is None:
-                problems.append(f"{key} = {value!r} has the wrong type: expected {_type_name(hint)}")
-            else:
-                kwargs[f.name] = checked
-    return cls(**kwargs)
-
-
-def _check_type(hint: Any, value: Any) -> Any:
-    """Return the value coerced to `hint` (int -> float allowed), or None when it does not fit."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is dict:  # a TOML table with string keys
-        key_hint, item = typing.get_args(hint)
-        if not isinstance(value, dict):
-            return None
-        items = {_check_type(key_hint, k): _check_type(item, v) for k, v in value.items()}
-        return None if any(k is None or v is None for k, v in items.items()) else items
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        if not isinstance(value, list):
-            return None
-        items = [_check_type(item, v) for v in value]
-        return None if any(i is None for i in items) else items
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            checked = _check_type(option, value)
-            if checked is not None:
-                return checked
-        return None
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint in (str, bool) and type(value) is hint:
-        return value
-    return None
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is list:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}"
-    if typing.get_origin(hint) is dict:
-        return "a table with string keys, e.g. {g = 9.81}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))

@@ -26,23 +26,36 @@ class QNetwork(nn.Module):
     a dueling network as the plain `mlp` they know, with exactly the learner's Q-values.
     """
 
-    def __init__(self, obs_size: int, n_actions: int, hidden: list[int], dueling: bool = False):
+    def __init__(
+        self,
+        obs_size: int,
+        n_actions: int,
+        hidden: list[int],
+        dueling: bool = False,
+        layer_norm: bool = False,
+    ):
         super().__init__()
         self.dueling = dueling
         sizes = [obs_size, *hidden] if dueling else [obs_size, *hidden, n_actions]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        # Layer normalization after every hidden layer (before its ReLU): it bounds the
+        # features the Q-values are linear in, which keeps bootstrapped targets from
+        # feeding their own growth; the Q-values themselves stay unnormalised.
+        self.norms = nn.ModuleList(nn.LayerNorm(h) for h in hidden) if layer_norm else None
         if dueling:
             self.value = nn.Linear(sizes[-1], 1)
             self.advantage = nn.Linear(sizes[-1], n_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         x = obs.flatten(1).float()
+        hidden = self.layers if self.dueling else self.layers[:-1]
+        for i, layer in enumerate(hidden):
+            x = layer(x)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = torch.relu(x)
         if not self.dueling:
-            for layer in self.layers[:-1]:
-                x = torch.relu(layer(x))
             return self.layers[-1](x)
-        for layer in self.layers:
-            x = torch.relu(layer(x))
         a = self.advantage(x)
         # Subtracting the mean advantage makes V and A identifiable (any constant could
         # otherwise move between them) without changing which action is best.
@@ -54,6 +67,9 @@ class QNetwork(nn.Module):
         for i, layer in enumerate(self.layers):
             arrays[f"layers.{i}.weight"] = _np(layer.weight)
             arrays[f"layers.{i}.bias"] = _np(layer.bias)
+            if self.norms is not None and i < len(self.norms):
+                arrays[f"layers.{i}.norm_weight"] = _np(self.norms[i].weight)
+                arrays[f"layers.{i}.norm_bias"] = _np(self.norms[i].bias)
         if self.dueling:
             w_a, b_a = _np(self.advantage.weight), _np(self.advantage.bias)
             n = len(self.layers)
@@ -94,9 +110,17 @@ class NatureCNN(nn.Module):
         return {k: _np(v) for k, v in self.state_dict().items()}
 
 
-def build(obs_shape: tuple[int, ...], obs_dtype: str, n_actions: int, hidden: list[int], dueling: bool):
+def build(
+    obs_shape: tuple[int, ...],
+    obs_dtype: str,
+    n_actions: int,
+    hidden: list[int],
+    dueling: bool,
+    layer_norm: bool = False,
+):
     """The Q-network for an observation space and its architecture name for actors:
     the Nature CNN for stacked uint8 frames, an MLP on the flattened observation else."""
     if obs_dtype == "uint8" and len(obs_shape) == 3 and obs_shape[1:] == (84, 84):
         return NatureCNN(obs_shape[0], n_actions), CNN_ARCH
-    return QNetwork(int(np.prod(obs_shape)), n_actions, hidden, dueling=dueling), ARCH
+    net = QNetwork(int(np.prod(obs_shape)), n_actions, hidden, dueling=dueling, layer_norm=layer_norm)
+    return net, ARCH

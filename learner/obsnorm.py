@@ -175,6 +175,8 @@ def _fold_one(
     }
     for name, array in layers.items():
         _, index, kind = name.split(".")
-        if index != "0":
+        # Every layer moves one on; layer 0's weight and bias are replaced above, but its
+        # layer norm (`norm_weight/norm_bias`) acts on the same outputs, now layer 1's.
+        if index != "0" or kind.startswith("norm_"):
             out[f"layers.{int(index) + 1}.{kind}"] = array
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

@@ -145,7 +145,9 @@ def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
         raise UserError('this env has continuous (Box) actions: set learner.algorithm = "td3"')
     members = []
     for member_cfg in member_configs(cfg):
-        net, arch = network.build(spec.obs_shape, spec.obs_dtype, spec.actions, cfg.hidden, cfg.dueling)
+        net, arch = network.build(
+            spec.obs_shape, spec.obs_dtype, spec.actions, cfg.hidden, cfg.dueling, cfg.layer_norm
+        )
         if cfg.compile:
             net.compile()  # in place: parameter names (checkpoints, actors) stay as they are
         members.append(DQN(net.to(device), member_cfg))

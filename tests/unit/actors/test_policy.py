@@ -49,6 +49,21 @@ def test_numpy_policy_accepts_float64_observations_like_cartpole_may_give() -> N
     np.testing.assert_allclose(MLPPolicy.from_arrays(ARCH, net.export()).q_values(obs), expected, atol=1e-5)
 
 
+def test_the_numpy_mlp_with_layer_norm_matches_the_learners_q_network() -> None:
+    torch.manual_seed(0)
+    net = QNetwork(4, 3, [16, 8], layer_norm=True)
+    with torch.no_grad():  # away from LayerNorm's initial scale 1, shift 0
+        for norm in net.norms:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+    obs = np.random.default_rng(2).normal(size=(7, 4)).astype(np.float32)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(obs)).numpy()
+    arrays = net.export()
+    assert "layers.1.norm_bias" in arrays and "layers.2.norm_weight" not in arrays
+    np.testing.assert_allclose(MLPPolicy.from_arrays(ARCH, arrays).q_values(obs), expected, atol=1e-5)
+
+
 def weights(*shapes: tuple[int, ...]) -> dict[str, np.ndarray]:
     names = ["layers.0.weight", "layers.0.bias", "layers.1.weight", "layers.1.bias"]
     return {n: np.zeros(s, np.float32) for n, s in zip(names, shapes, strict=False)}
@@ -63,8 +78,17 @@ BAD_WEIGHTS = [
     pytest.param("mlp", weights((4, 3), (4,), (2, 5), (2,)), id="layers-do-not-chain"),
     pytest.param(
         "mlp",
-        {"layers.0.bias": np.zeros(4, np.float32), "layers.0.weight": np.zeros((4, 3), np.float32)},
-        id="bias-before-weight",
+        {"layers.0.weight": np.zeros((4, 3), np.float32), "layer.0.bias": np.zeros(4, np.float32)},
+        id="bad-name",
+    ),
+    pytest.param(
+        "mlp", weights((4, 3), (4,), (2, 4), (2,)) | {"layers.1.norm_weight": np.ones(2)}, id="norm-on-output"
+    ),
+    pytest.param(
+        "mlp", weights((4, 3), (4,), (2, 4), (2,)) | {"layers.0.norm_weight": np.ones(4)}, id="half-a-norm"
+    ),
+    pytest.param(
+        "mlp", weights((4, 3), (4,), (2, 4), (2,)) | {"layers.2.bias": np.ones(2)}, id="bias-only-layer"
     ),
 ]
 

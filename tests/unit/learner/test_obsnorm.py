@@ -175,3 +175,18 @@ def test_only_learners_that_asked_get_one_and_pixel_envs_are_refused() -> None:
     frames = EnvSpec((4, 84, 84), "uint8", 6, discrete=True)
     with pytest.raises(ConfigError, match=r"env\.normalize_obs needs flat observations"):
         ObsNorm.for_learner(EnvConfig(id="MyPixels-v0", normalize_obs=True), frames, "nature_cnn", CPU)
+
+
+def test_a_layer_normed_mlp_keeps_its_norms_on_the_right_layers_when_folded() -> None:
+    torch.manual_seed(0)
+    net = QNetwork(OBS, 2, [8, 8], layer_norm=True)
+    with torch.no_grad():
+        for norm_layer in net.norms:
+            norm_layer.weight.uniform_(0.5, 1.5)
+            norm_layer.bias.uniform_(-0.5, 0.5)
+    norm = fed(observations())
+    x = probe(norm)
+    with torch.no_grad():
+        want = net(norm.normalize(x)).numpy()
+    got = policy_from_arrays("mlp", norm.fold(net.export())).q_values(x.numpy())
+    np.testing.assert_allclose(got, want, atol=1e-4)
