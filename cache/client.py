@@ -34,12 +34,10 @@ import zmq
 
 from cache import blob, protocol
 from cache.shm import ShmReader
-from cluster import curve, wire
+from cluster import curve
 from cluster.config import CacheConfig, ClusterConfig
 from cluster.errors import ProtocolError
 from cluster.version import NO_VERSION, Version
-
-MAX_REPLY_BYTES = protocol.MAX_REPLY_BYTES
 
 
 @dataclass
@@ -133,7 +131,7 @@ class ClientCore:
         self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
         curve.connect(self.sub, notify)
         self.req = self._dealer(fetch)
-        self.req.send_multipart(wire.encode({"op": "hello"}))
+        self.req.send_multipart(protocol.hello())
         self._sent_at, self._asked = time.monotonic(), None
         self._last_heard = time.monotonic()
 
@@ -151,12 +149,12 @@ class ClientCore:
         """A HostWatch hears this core's current parent's landed versions for it."""
         return self.watch is not None and self.watch.notify == self.parents[self.parent_index][1]
 
-    def offer(self, msg: wire.Message, version: Version | None, seq: int) -> Update | None:
+    def offer(self, notice: protocol.Notice) -> Update | None:
         """A landed notification of this core's parent, heard by the process's HostWatch."""
         if not self.watched:
             return None
-        self._note(msg, version, seq)
-        return self._consider(version)
+        self._note(notice)
+        return self._consider(notice.version)
 
     def acting(self, version: Version) -> None:
         """The caller now acts with `version`: its shared slot must not be overwritten."""
@@ -187,7 +185,7 @@ class ClientCore:
             self._sent_at = None
             self._request_wanted()
         if now >= self._next_hb and self.req is not None:
-            self.req.send_multipart(wire.encode({"op": "hb", "child": self.name}))
+            self.req.send_multipart(protocol.heartbeat(self.name))
             self._next_hb = now + self.heartbeat_s
 
     def close_sockets(self) -> None:
@@ -200,36 +198,32 @@ class ClientCore:
     def _dealer(self, fetch: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
+        sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_BYTES)
         curve.connect(sock, fetch)
         return sock
 
     def _on_notify(self) -> Update | None:
         assert self.sub is not None
-        newest = None
+        newest: Version | None = None
         while True:
             try:
-                msg, v, seq = protocol.recv_notify(self.sub)
+                notice = protocol.recv_notify(self.sub)
             except zmq.Again:
                 break
             except ProtocolError:
                 self.rejected_total += 1
                 continue
-            self._note(msg, v, seq)
-            if v is not None:
-                newest = v if newest is None else max(newest, v)
+            self._note(notice)
+            if notice.version is not None:
+                newest = notice.version if newest is None else max(newest, notice.version)
         return self._consider(newest)
 
-    def _note(self, msg: wire.Message, v: Version | None, seq: int) -> None:
+    def _note(self, notice: protocol.Notice) -> None:
         self._last_heard = time.monotonic()
-        if self._shm_offer[1] >= 0:
-            try:
-                tag = protocol.header_str(msg.header, "shm")
-            except ProtocolError:
-                self.rejected_total += 1
-                tag = ""
-            if tag and tag != self._shm_offer[0] and msg.header.get("host") == protocol.HOST:
-                self._shm_offer = (tag, self._shm_offer[1])  # the ring may appear after hello
+        tag, reader = self._shm_offer
+        if reader >= 0 and notice.shm and notice.shm != tag and notice.host == protocol.HOST:
+            self._shm_offer = (notice.shm, reader)  # the ring may appear after hello
+        seq = notice.seq
         if self._last_seq is not None and seq > self._last_seq + 1:
             self.missed_notifications_total += seq - self._last_seq - 1
         self._last_seq = seq if self._last_seq is None or seq > self._last_seq else self._last_seq
@@ -269,13 +263,13 @@ class ClientCore:
     def _request_wanted(self) -> None:
         if self.wanted is None or self.wanted <= self.current or self.req is None:
             return
-        self.req.send_multipart(wire.encode({"op": "get", "version": str(self.wanted)}))
+        self.req.send_multipart(protocol.get(self.wanted))
         self._sent_at, self._asked = time.monotonic(), self.wanted
 
     def _on_reply(self, frames: list) -> Update | None:
         try:
-            msg = wire.decode(frames, protocol.MAX_CHUNK_FRAME)
-            if msg.op in ("version", "chunk"):
+            msg = protocol.read_reply(frames)
+            if msg.op in (protocol.VERSION, protocol.CHUNK):
                 self._sent_at = time.monotonic()  # the stream is progressing
                 if not self.assembly.feed_message(msg):
                     return None
@@ -285,16 +279,14 @@ class ClientCore:
                 assert manifest is not None
                 return self._on_version(manifest, chunks)
             self._sent_at = None
-            if msg.op == "hello":
+            if msg.op == protocol.HELLO:
                 self._last_heard = time.monotonic()
                 self._answered = True
-                tag = protocol.header_str(msg.header, "shm")
-                reader = int(msg.header.get("reader", -1))
-                same_host = protocol.header_str(msg.header, "host") == protocol.HOST
-                self._shm_offer = (tag, reader) if same_host and reader >= 0 else ("", -1)
-                text = protocol.header_str(msg.header, "version")
-                return self._consider(Version.parse(text) if text else None)
-            if msg.op == "error":
+                hello = protocol.read_hello(msg)
+                same_host = hello.host == protocol.HOST
+                self._shm_offer = (hello.shm, hello.reader) if same_host and hello.reader >= 0 else ("", -1)
+                return self._consider(hello.version)
+            if msg.op == protocol.ERROR:
                 self.assembly.reset()
                 return None  # unknown_version: the next notification brings it
             raise ProtocolError(f"unexpected reply {msg.op!r}")
@@ -312,7 +304,7 @@ class ClientCore:
             if self.keyframe is None or str(self.keyframe[0]) != manifest.base:
                 # Fetch the keyframe first, then this version again.
                 assert self.req is not None
-                self.req.send_multipart(wire.encode({"op": "get", "version": manifest.base}))
+                self.req.send_multipart(protocol.get(manifest.base))
                 self._sent_at = time.monotonic()
                 return None
             base = self.keyframe[1]
@@ -357,7 +349,7 @@ class HostWatch:
         self.cores.append(core)
 
     def on_readable(self) -> list[tuple[ClientCore, Update]]:
-        notes = []
+        notes: list[protocol.Notice] = []
         while True:
             try:
                 notes.append(protocol.recv_notify(self.sub))
@@ -366,9 +358,9 @@ class HostWatch:
             except ProtocolError:
                 self.rejected_total += 1
         updates = []
-        for msg, version, seq in notes:
+        for notice in notes:
             for core in self.cores:
-                update = core.offer(msg, version, seq)
+                update = core.offer(notice)
                 if update is not None:
                     updates.append((core, update))
         return updates

@@ -1,5 +1,10 @@
 """The cache tree's wire protocol, shared by nodes (both sides) and actor clients.
 
+Every message of the cache tree is built and checked here, and nowhere else: the serve
+thread (cache/serving.py), the upstream thread (cache/upstream.py), the store's ready-made
+replies (cache/store.py) and the actors' client (cache/client.py) name ops by the constants
+below, build messages with the builders and read them with the checks.
+
 Every tier speaks the same two-socket clone pattern (zguide ch. 5), so a node's parent
 may be another node and a child may be a node or an actor:
 
@@ -21,10 +26,12 @@ may be another node and a child may be a node or an actor:
                                    {op: chunk, version, i} + the chunk's raw frame
         {op: latest}            -> the newest version, as for get
         {op: hb, child}         -> no reply: the child's heartbeat to its parent
-    errors: {op: error, code: bad_request | unknown_version | upstream, message}
+    errors: {op: error, code: bad_request | unknown_version, message}
 
 `version` strings are `<epoch>.<step>`; `shm` names the host's shared-memory ring
 (cache/shm.py) and `reader` the pin cells given to this child, or "" / -1 for none.
+String fields are at most MAX_FIELD_CHARS long; a message larger than its socket's limit
+(MAX_REQUEST_BYTES, MAX_NOTIFY_BYTES, MAX_REPLY_BYTES) is dropped by ZeroMQ unread.
 
 Chunks travel as separate messages so a node can pass chunk i on while chunk i+1 is
 still arriving from its parent (cut-through): a tier adds about one chunk's transfer
@@ -36,6 +43,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,39 +54,162 @@ from cluster import wire
 from cluster.errors import ProtocolError
 from cluster.version import Version
 
+# ---- ops ------------------------------------------------------------------------------
+NOTIFY = "notify"  # PUB -> SUB
+HELLO = "hello"  # request and its reply
+GET = "get"
+LATEST = "latest"
+HB = "hb"
+VERSION = "version"  # replies to get / latest: the manifest, then its chunks
+CHUNK = "chunk"
+ERROR = "error"
+
+# ---- error codes ----------------------------------------------------------------------
+BAD_REQUEST = "bad_request"  # a request that fails the checks: never retried as is
+UNKNOWN_VERSION = "unknown_version"  # not held (evicted, never published, or lost upstream)
+
+# ---- limits ---------------------------------------------------------------------------
 MAX_REQUEST_BYTES = 4096
 MAX_NOTIFY_BYTES = 4096
 MAX_CHUNK_FRAME = blob.CHUNK_BYTES
 MAX_REPLY_BYTES = blob.CHUNK_BYTES + wire.MAX_HEADER_BYTES  # one message: a chunk and its header
-HOST = socket.gethostname()
+MAX_FIELD_CHARS = 200
+CHUNK_ARRAY = "c"  # the name of a chunk message's one raw frame
 
+HOST = socket.gethostname()
 
 TOPIC_LANDED, TOPIC_BEAT, TOPIC_ARRIVING = b"v", b"b", b"a"
 TOPICS = (TOPIC_LANDED, TOPIC_BEAT, TOPIC_ARRIVING)
 
 
-def notify(version: str, seq: int, node: str, shm: str, arriving: str = "", topic: bytes = b"") -> list:
+# ---- notify ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Notice:
+    """One checked notification (the fields its receivers act on)."""
+
+    version: Version | None  # the newest version the sender holds; None before its first
+    seq: int
+    host: str  # the sender's host: its `shm` ring can be read only there
+    shm: str
+    arriving: Version | None  # topic `a`: the version whose chunks are coming in
+
+
+def notify(
+    version: Version | str | None,
+    seq: int,
+    node: str,
+    shm: str,
+    arriving: Version | str | None = "",
+    topic: bytes = b"",
+) -> list:
     """The frames of one notification; the topic defaults to what the fields say it is."""
+    arriving = _text(arriving)
     topic = topic or (TOPIC_ARRIVING if arriving else TOPIC_BEAT)
-    header = {"op": "notify", "version": version, "seq": seq, "node": node, "host": HOST, "shm": shm}
-    return [topic, *wire.encode({**header, "arriving": arriving})]
+    header = {
+        "op": NOTIFY,
+        "version": _text(version),
+        "seq": seq,
+        "node": node,
+        "host": HOST,
+        "shm": shm,
+        "arriving": arriving,
+    }
+    return [topic, *wire.encode(header)]
 
 
-def recv_notify(sock: zmq.Socket) -> tuple[wire.Message, Version | None, int]:
-    """Take one queued notification without blocking: (message, version or None, seq).
+def recv_notify(sock: zmq.Socket) -> Notice:
+    """Take one queued notification without blocking.
 
     Raises zmq.Again when none is queued and ProtocolError when one is malformed.
     """
     frames = sock.recv_multipart(zmq.NOBLOCK)
     if len(frames) < 2 or frames[0] not in TOPICS:
         raise ProtocolError("notification without a known topic frame")
-    msg = wire.decode(frames[1:], MAX_NOTIFY_BYTES)
-    text = header_str(msg.header, "version")
+    header = wire.decode(frames[1:], MAX_NOTIFY_BYTES).header
     try:
-        seq = int(msg.header.get("seq", 0))
+        seq = int(header.get("seq", 0))
     except (ValueError, TypeError):
         raise ProtocolError("notification seq is not an integer") from None
-    return msg, (Version.parse(text) if text else None), seq
+    return Notice(
+        _version_field(header, "version"),
+        seq,
+        _str_field(header, "host"),
+        _str_field(header, "shm"),
+        _version_field(header, "arriving"),
+    )
+
+
+# ---- requests (child -> parent, fetch socket) -----------------------------------------
+def hello() -> list:
+    return wire.encode({"op": HELLO})
+
+
+def get(version: Version | str) -> list:
+    return wire.encode({"op": GET, "version": str(version)})
+
+
+def heartbeat(child: str) -> list:
+    return wire.encode({"op": HB, "child": child})
+
+
+def read_request(frames: Sequence[zmq.Frame | bytes]) -> wire.Message:
+    """A request's frames (after the ROUTER's identity), checked as a wire message. The
+    parent dispatches on its op (HELLO, LATEST, HB) and hands any other to
+    `requested_version`, which refuses all but GET."""
+    return wire.decode(frames, MAX_REQUEST_BYTES)
+
+
+def requested_version(msg: wire.Message) -> Version:
+    """The version a `get` asks for; ProtocolError for a bad id or an op no parent takes."""
+    if msg.op != GET:
+        raise ProtocolError(f"unknown op {msg.op!r}")
+    return Version.parse(_str_field(msg.header, "version"))
+
+
+# ---- replies (parent -> child, fetch socket) ------------------------------------------
+@dataclass(frozen=True)
+class Hello:
+    """A checked `hello` reply: what the parent holds and what it offers this child."""
+
+    version: Version | None
+    host: str
+    shm: str
+    reader: int  # the pin cells of the host's ring given to this child; -1: none
+
+
+def hello_reply(version: Version | None, seq: int, node: str, shm: str, reader: int) -> list:
+    return wire.encode(
+        {
+            "op": HELLO,
+            "version": _text(version),
+            "seq": seq,
+            "node": node,
+            "host": HOST,
+            "shm": shm,
+            "reader": reader,
+        }
+    )
+
+
+def read_hello(msg: wire.Message) -> Hello:
+    header = msg.header
+    try:
+        reader = int(header.get("reader", -1))
+    except (ValueError, TypeError):
+        raise ProtocolError("hello reader is not an integer") from None
+    return Hello(
+        _version_field(header, "version"), _str_field(header, "host"), _str_field(header, "shm"), reader
+    )
+
+
+def error_reply(code: str, message: str) -> list:
+    """`code` is BAD_REQUEST or UNKNOWN_VERSION; `message` is for people."""
+    return wire.error_reply(code, message)
+
+
+def read_reply(frames: Sequence[zmq.Frame | bytes]) -> wire.Message:
+    """A reply's frames, checked as a wire message of at most one chunk."""
+    return wire.decode(frames, MAX_CHUNK_FRAME)
 
 
 def version_messages(manifest: blob.Manifest, chunks: Sequence[bytes | memoryview]) -> list[list]:
@@ -87,12 +218,12 @@ def version_messages(manifest: blob.Manifest, chunks: Sequence[bytes | memoryvie
 
 
 def version_header(manifest: blob.Manifest) -> list:
-    return wire.encode({"op": "version", "manifest": manifest.to_fields()})
+    return wire.encode({"op": VERSION, "manifest": manifest.to_fields()})
 
 
 def chunk_message(version: Version, i: int, chunk: bytes | memoryview) -> list:
     return wire.encode(
-        {"op": "chunk", "version": str(version), "i": i}, {"c": np.frombuffer(chunk, np.uint8)}
+        {"op": CHUNK, "version": str(version), "i": i}, {CHUNK_ARRAY: np.frombuffer(chunk, np.uint8)}
     )
 
 
@@ -122,20 +253,20 @@ class Assembly:
         self.manifest, self.chunks = None, []
 
     def feed(self, frames: Sequence[zmq.Frame | bytes]) -> bool:
-        return self.feed_message(wire.decode(frames, MAX_CHUNK_FRAME))
+        return self.feed_message(read_reply(frames))
 
     def feed_message(self, msg: wire.Message) -> bool:
-        if msg.op == "error":
+        if msg.op == ERROR:
             self.reset()
             raise ProtocolError(f"{msg.header.get('code')}: {msg.header.get('message')}")
-        if msg.op == "version":
+        if msg.op == VERSION:
             self.manifest, self.chunks = blob.Manifest.from_fields(msg.header.get("manifest") or {}), []
             return False
-        if msg.op != "chunk":
+        if msg.op != CHUNK:
             raise ProtocolError(f"expected a version or chunk reply, got {msg.op!r}")
-        if self.manifest is None or header_str(msg.header, "version") != str(self.manifest.version):
+        if self.manifest is None or _str_field(msg.header, "version") != str(self.manifest.version):
             return False  # a late chunk of an earlier request
-        i, data = msg.header.get("i"), msg.arrays.get("c")
+        i, data = msg.header.get("i"), msg.arrays.get(CHUNK_ARRAY)
         if i != len(self.chunks) or data is None or len(msg.arrays) != 1:
             self.reset()
             raise ProtocolError(f"chunk {i!r} out of order or malformed")
@@ -148,8 +279,19 @@ class Assembly:
         return self.complete
 
 
-def header_str(header: dict[str, Any], key: str, limit: int = 200) -> str:
+# ---- fields ---------------------------------------------------------------------------
+def _text(version: Version | str | None) -> str:
+    """A version field's wire form: "" stands for none."""
+    return "" if version is None else str(version)
+
+
+def _str_field(header: dict[str, Any], key: str) -> str:
     value = header.get(key, "")
-    if not isinstance(value, str) or len(value) > limit:
-        raise ProtocolError(f"field {key!r} must be a string of at most {limit} characters")
+    if not isinstance(value, str) or len(value) > MAX_FIELD_CHARS:
+        raise ProtocolError(f"field {key!r} must be a string of at most {MAX_FIELD_CHARS} characters")
     return value
+
+
+def _version_field(header: dict[str, Any], key: str) -> Version | None:
+    text = _str_field(header, key)
+    return Version.parse(text) if text else None

@@ -25,12 +25,11 @@ from cache import protocol
 from cache.handoff import Handoff, Note
 from cache.shm import MAX_READERS
 from cache.store import Entry, VersionStore
-from cluster import curve, wire
+from cluster import curve
 from cluster.config import CacheConfig
 from cluster.errors import ProtocolError
 from cluster.version import Version
 
-MAX_REQUEST_BYTES = protocol.MAX_REQUEST_BYTES
 MAX_PARKED = 100_000
 MAX_BATCH = 1024  # requests taken per wake-up: notes from upstream are not kept waiting long
 
@@ -58,7 +57,7 @@ class Server:
         self.notify_sock = ctx.socket(zmq.PUB)
         for s in (self.fetch_sock, self.notify_sock):
             s.setsockopt(zmq.LINGER, 0)
-        self.fetch_sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
+        self.fetch_sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REQUEST_BYTES)
         self.notify_sock.setsockopt(zmq.SNDHWM, 100_000)
         self.fetch_sock.setsockopt(zmq.SNDHWM, 100_000)
         self.parked: dict[Version, list[Parked]] = {}
@@ -105,12 +104,10 @@ class Server:
         self.counters["children"] = len(self.children)
         if newest is not None:
             self.notify_sock.send_multipart(
-                protocol.notify(
-                    str(newest), self.seq, self.name, self.store.shm_name(), topic=protocol.TOPIC_BEAT
-                )
+                protocol.notify(newest, self.seq, self.name, self.store.shm_name(), topic=protocol.TOPIC_BEAT)
             )
         else:  # a heartbeat still: children must know their parent lives before any version
-            beat = protocol.notify("", self.seq, self.name, "", topic=protocol.TOPIC_BEAT)
+            beat = protocol.notify(None, self.seq, self.name, "", topic=protocol.TOPIC_BEAT)
             self.notify_sock.send_multipart(beat)
 
     # ---- notes from the upstream thread -------------------------------------------------
@@ -134,18 +131,14 @@ class Server:
                 self._send_version(ident, entry)
         else:
             for ident in [*streaming, *waiting]:
-                self.fetch_sock.send_multipart(
-                    [ident, *wire.error_reply("unknown_version", f"upstream does not hold {version}")]
-                )
+                self._refuse(ident, protocol.UNKNOWN_VERSION, f"upstream does not hold {version}")
 
     def _on_chunk(self, version: Version) -> None:
         if version not in self.announced:  # child nodes may start streaming it now
             self.announced.add(version)
             newest = self.store.newest()
             self.notify_sock.send_multipart(
-                protocol.notify(
-                    str(newest) if newest else "", self.seq, self.name, self.store.shm_name(), str(version)
-                )
+                protocol.notify(newest, self.seq, self.name, self.store.shm_name(), version)
             )
         parked = self.parked.get(version, [])
         if all(self._start_stream(p.ident, version) for p in parked):
@@ -155,9 +148,7 @@ class Server:
 
     def _announce_landed(self, version: Version) -> None:
         self.notify_sock.send_multipart(
-            protocol.notify(
-                str(version), self.seq, self.name, self.store.shm_name(), topic=protocol.TOPIC_LANDED
-            )
+            protocol.notify(version, self.seq, self.name, self.store.shm_name(), topic=protocol.TOPIC_LANDED)
         )
         # It told every child what the next beat would: skip that one (a beat wakes
         # every actor of the host).
@@ -191,7 +182,7 @@ class Server:
     def _send_version(self, ident: bytes, entry: Entry | None, sent: int = -1) -> None:
         """The whole reply, or (sent >= 0) the chunks after the `sent` a stream already had."""
         if entry is None:
-            self.fetch_sock.send_multipart([ident, *wire.error_reply("unknown_version", "evicted")])
+            self._refuse(ident, protocol.UNKNOWN_VERSION, "evicted")
             return
         sizes = [0, *(len(c[-1]) for c in entry.messages[1:])]
         for i in range(sent + 1, len(entry.messages)):
@@ -214,9 +205,7 @@ class Server:
             keep = [p for p in self.parked[version] if p.deadline > now]
             for p in self.parked[version]:
                 if p.deadline <= now:
-                    self.fetch_sock.send_multipart(
-                        [p.ident, *wire.error_reply("unknown_version", f"{version} did not arrive in time")]
-                    )
+                    self._refuse(p.ident, protocol.UNKNOWN_VERSION, f"{version} did not arrive in time")
             if keep:
                 self.parked[version] = keep
             else:
@@ -227,58 +216,40 @@ class Server:
     def _handle(self, frames: list[bytes]) -> None:
         ident = frames[0]
         try:
-            msg = wire.decode(frames[1:], MAX_REQUEST_BYTES)
+            msg = protocol.read_request(frames[1:])
             self.children[ident] = time.monotonic()
-            if msg.op == "hb":
+            if msg.op == protocol.HB:
                 return
             self.counters["fetch_requests_total"] += 1
-            if msg.op == "hello":
+            if msg.op == protocol.HELLO:
                 self._hello(ident)
                 return
-            if msg.op == "latest":
-                version = self.store.newest()
-            elif msg.op == "get":
-                version = Version.parse(protocol.header_str(msg.header, "version"))
-            else:
-                raise ProtocolError(f"unknown op {msg.op!r}")
+            # `requested_version` refuses every op but GET (HB and HELLO were answered above).
+            version = self.store.newest() if msg.op == protocol.LATEST else protocol.requested_version(msg)
             entry, arriving = self.store.lookup(version)
             if entry is not None:
                 self._send_version(ident, entry)
             elif arriving and self._start_stream(ident, version):
                 self._stream(version)  # cut-through: the chunks so far now, the rest as they come
-            elif msg.op == "get" and sum(map(len, self.parked.values())) < MAX_PARKED:
+            elif msg.op == protocol.GET and sum(map(len, self.parked.values())) < MAX_PARKED:
                 # Single flight: park the child; one upstream fetch serves every parked child.
                 self._park(version, ident)
                 if self.store.claim(version):
                     self.handoff.want(version)
             else:
-                self.fetch_sock.send_multipart(
-                    [ident, *wire.error_reply("unknown_version", f"this node does not hold {version}")]
-                )
+                self._refuse(ident, protocol.UNKNOWN_VERSION, f"this node does not hold {version}")
         except (ProtocolError, ValueError, TypeError, KeyError) as exc:
             # Input that slipped past the schema checks must not take the node down either.
             self.counters["rejected_total"] += 1
-            self.fetch_sock.send_multipart([ident, *wire.error_reply("bad_request", str(exc))])
+            self._refuse(ident, protocol.BAD_REQUEST, str(exc))
 
     def _hello(self, ident: bytes) -> None:
         # Pin cells are handed out by the node, not the ring: they stay valid when a larger
         # version makes the node open a new ring under a new tag.
-        reader = self.next_reader if self.shm_tag and self.next_reader < MAX_READERS else None
-        self.next_reader += reader is not None
-        newest = self.store.newest()
-        self.fetch_sock.send_multipart(
-            [
-                ident,
-                *wire.encode(
-                    {
-                        "op": "hello",
-                        "version": str(newest) if newest else "",
-                        "seq": self.seq,
-                        "node": self.name,
-                        "host": protocol.HOST,
-                        "shm": self.store.shm_name(),
-                        "reader": -1 if reader is None else reader,
-                    }
-                ),
-            ]
-        )
+        reader = self.next_reader if self.shm_tag and self.next_reader < MAX_READERS else -1
+        self.next_reader += reader >= 0
+        reply = protocol.hello_reply(self.store.newest(), self.seq, self.name, self.store.shm_name(), reader)
+        self.fetch_sock.send_multipart([ident, *reply])
+
+    def _refuse(self, ident: bytes, code: str, message: str) -> None:
+        self.fetch_sock.send_multipart([ident, *protocol.error_reply(code, message)])

@@ -26,7 +26,7 @@ from cache import blob, protocol
 from cache.handoff import Handoff, Note
 from cache.rawget import ChunkReader
 from cache.store import VersionStore
-from cluster import curve, wire
+from cluster import curve
 from cluster.config import CacheConfig
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
@@ -244,7 +244,7 @@ class Upstream:
                 if now - link.last_heard > patience:
                     return  # parent silent: fail over
                 if now >= next_hb:
-                    link.req.send_multipart(wire.encode({"op": "hb", "child": self.name}))
+                    link.req.send_multipart(protocol.heartbeat(self.name))
                     next_hb = now + self.cfg.heartbeat_s
                 self._drain_wanted(lambda version: self._fetch_node(link, version))
         except ParentLost:
@@ -255,25 +255,25 @@ class Upstream:
     def _read_notifies(self, link: NodeLink) -> None:
         while True:
             try:
-                msg, version, seq = protocol.recv_notify(link.sub)
-                arriving = protocol.header_str(msg.header, "arriving")
-                if arriving:  # the parent is receiving it: ask now and get it streamed
-                    self.store.stage(Version.parse(arriving), "heard")
-                    self._want_newer(Version.parse(arriving))
+                notice = protocol.recv_notify(link.sub)
             except zmq.Again:
                 return
             except ProtocolError:
                 self.counters["rejected_total"] += 1
                 continue
+            if notice.arriving is not None:  # the parent is receiving it: ask now and get it streamed
+                self.store.stage(notice.arriving, "heard")
+                self._want_newer(notice.arriving)
             link.last_heard = time.monotonic()
+            seq = notice.seq
             if link.last_seq is not None and seq > link.last_seq + 1:
                 self.counters["missed_notifications_total"] += seq - link.last_seq - 1
             link.last_seq = seq if link.last_seq is None else max(link.last_seq, seq)
-            if version is not None:
-                self._want_newer(version)
+            if notice.version is not None:
+                self._want_newer(notice.version)
 
     def _fetch_node(self, link: NodeLink, version: Version) -> tuple[blob.Manifest, list]:
-        link.req.send_multipart(wire.encode({"op": "get", "version": str(version)}))
+        link.req.send_multipart(protocol.get(version))
         assembly, passed = protocol.Assembly(), 0
         deadline = time.monotonic() + self.cfg.request_timeout_s
         while time.monotonic() < deadline:

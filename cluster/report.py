@@ -161,20 +161,22 @@ def snapshot_replay(shards: list[Child]) -> list[dict[str, Any]]:
 
 def replay_request(endpoint: str, header: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request to a replay shard; its reply header (`error` for an error reply)."""
+    from replay import protocol  # on first use, as `handover` loads actors and learner
+
+    request = protocol.one_off(header)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     curve.connect(sock, endpoint)
     try:
-        sock.send_multipart(wire.encode({**header, "req": 0}))
+        sock.send_multipart(wire.encode(request))
         if not sock.poll(int(timeout * 1000)):
             raise DeadlineExceeded(f"replay shard {endpoint} did not answer {header['op']} in {timeout:.0f}s")
-        msg = wire.decode(sock.recv_multipart(), 1 << 20)
+        msg = wire.decode(sock.recv_multipart(), protocol.REPLY_MAX_FRAME)
     finally:
         sock.close(0)
-    reply = {k: v for k, v in msg.header.items() if k not in ("req", "arrays")}
-    if msg.op == "error":
-        return {"error": str(reply.get("message", reply))}
-    return reply
+    if protocol.error_code(msg.header) is not None:
+        return {"error": protocol.error_message(protocol.reply_fields(msg.header))}
+    return protocol.reply_fields(msg.header)
 
 
 def machine_facts() -> dict[str, Any]:

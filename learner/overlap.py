@@ -7,8 +7,10 @@ optimizer state, so the ranks' parameters stay identical without ever being broa
 
 Two users:
 
-- The learner role (learner/role.py, `learner.learners > 1`): `GradSync` is the hook an
-  algorithm calls after each backward pass (learner/algorithms/dqn.py, td3.py).
+- A learner group (`learner.learners > 1`): once the group is formed, the learner role
+  calls the algorithm's `join_group` (learner/algorithms/base.py), which installs
+  `GradSync` as the hook it calls after each backward pass (learner/algorithms/dqn.py,
+  td3.py).
 - A group that trains several models at once (`OverlapTrainer`, e.g. a small population
   with different learning rates): while model k's gradients are being all-reduced
   (`async_op=True`), the ranks compute model k+1's gradients; each model steps once its own
@@ -121,7 +123,7 @@ class GradSync:
     """The hook an algorithm calls after backward: average the gradients over the group now.
 
     Example:
-        algo.grad_sync = GradSync()  # learner/role.py, once the process group is up
+        self.grad_sync = GradSync()  # the algorithm's join_group, once the process group is up
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None, bucket_mb: float = DEFAULT_BUCKET_MB):

@@ -20,7 +20,8 @@ PRIORITY_EPS = 1e-3  # keeps every item drawable: a zero priority is never sampl
 class PriorityReturn:
     """Example:
     back = PriorityReturn(sampler, device)
-    back.push(algo.last_td_error, shard, slots, gens)  # every update
+    for td, (shard, slots, gens) in zip(algo.priorities(), batches):  # every update
+        back.push(td, shard, slots, gens)
     back.flush()  # at the end
     """
 

@@ -24,14 +24,12 @@ One published version holds all M models.
 The algorithm is only an `Algorithm` here (learner/algorithms/base.py: update, priorities,
 export, state/restore, join_group), built by `algorithms.make`. One training loop
 (`_Trainer.run`) serves the lease holder and its followers alike; what only the lease
-holder does after an update (publish, checkpoint) is `_Lead`.
+holder does (lease, publish, checkpoint) is `Lead` in learner/lead.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import threading
 import time
 from collections.abc import Iterator
@@ -41,9 +39,8 @@ import redis
 import torch
 
 from actors.envs import env_spec
-from cache.codecs import Encoder
-from cluster.config import Config, to_dict
-from cluster.errors import DeadlineExceeded, ProtocolError
+from cluster.config import Config
+from cluster.errors import ProtocolError
 from cluster.hostplan import follower_rank
 from cluster.keys import Keys
 from cluster.redisconn import connect
@@ -52,16 +49,14 @@ from cluster.version import Version
 from learner import algorithms
 from learner.algorithms import Algorithm, Batch, Stats, host_stats
 from learner.checkpoint.lease import Fenced, Lease
-from learner.checkpoint.placement import make_plan, shard_hosts_of
 from learner.checkpoint.prefetch import Prefetcher
-from learner.checkpoint.state import Capturer, Snapshot, load_sampler_state, restore, sampler_state
+from learner.checkpoint.state import Snapshot, load_sampler_state, restore, sampler_state
 from learner.checkpoint.store import CheckpointStore
-from learner.checkpoint.writer import Writer
 from learner.group import LearnerGroup, params_digest
+from learner.lead import Lead, make_store, take_lease
 from learner.obsnorm import ObsNorm
 from learner.overlap import GroupLost
 from learner.priorities import PriorityReturn
-from learner.publisher import Publisher
 from replay.client import SampleClient, TensorBatch
 from replay.membership import RedisMembers
 
@@ -81,18 +76,8 @@ def pick_device(choice: str, rank: int | None = None) -> torch.device:
     return torch.device(choice)
 
 
-def make_store(cfg: Config, ident: int) -> CheckpointStore:
-    """The checkpoint store over every Redis shard, with this learner's placement plan."""
-    ck = cfg.checkpoint
-    clients = [connect(cfg.cluster, "learner", ident, shard=i) for i in range(len(cfg.cluster.redis))]
-    hosts = shard_hosts_of(ck.shard_hosts, cfg.cluster.redis)
-    plan = make_plan(hosts, ck.replicas, ck.learner_host, ident, ck.placement)
-    return CheckpointStore(
-        clients, Keys(cfg.run.name), plan, ck.chunk_mb << 20, ck.keep, ck.rate_mb_s * 2**20
-    )
-
-
 def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -> None:
+    """The lease holder (or its warm standby) until `stop`; a group's followers go to `follow`."""
     lc, ck = cfg.learner, cfg.checkpoint
     rank = follower_rank(lc.learners, ident)
     if rank is not None:
@@ -107,13 +92,13 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     model = _Model.build(cfg, 0 if lc.learners > 1 else None)
     store = make_store(cfg, ident)
     lease = Lease(r, keys, ident, ck.lease_ttl_s, epoch_floor=lambda: _newest_epoch(store))
-    took = _take_lease(lease, r, keys, store, tel, stop, standby, ck.enabled)
+    took = take_lease(lease, r, keys, store, tel, stop, standby, ck.enabled)
     if took is None:
         tel.close()
         return
     prefetch, t_lease = took
     counters, parent = _restore_newest(ck.enabled, store, prefetch, model, lease.epoch, t_lease, tel)
-    lead = _Lead(cfg, ident, r, keys, tel, lease, store, model, parent, stop)
+    lead = Lead(cfg, ident, r, keys, tel, lease, store, model, parent, stop)
     trainer = _Trainer(model, _prioritized(cfg), _sample_client(cfg, r, keys, ident), tel.counters)
     if "sampler" in counters:
         _load_sampler(trainer.sampler, counters["sampler"], tel)  # the next batch is drawn as before the stop
@@ -241,7 +226,7 @@ class _Model:
 class _Trainer:
     """One rank's training loop, the same for the lease holder and every follower of its
     group: next batch(es), one control step with the group, update, priorities back to
-    replay, counters; then what only the lease holder does (`_Lead`)."""
+    replay, counters; then what only the lease holder does (`Lead`, learner/lead.py)."""
 
     def __init__(
         self, model: _Model, prioritized: bool, sampling: tuple[RedisMembers, SampleClient], c: dict
@@ -250,7 +235,7 @@ class _Trainer:
         self.members, self.sampler = sampling  # `_sample_client`
         self.priorities = PriorityReturn(self.sampler, model.device)
 
-    def run(self, stop: threading.Event, group: LearnerGroup | None, lead: _Lead | None) -> None:
+    def run(self, stop: threading.Event, group: LearnerGroup | None, lead: Lead | None) -> None:
         """Train until `stop` or the sampler ends; in a group, until any rank stops."""
         # On the device (zero-copy on CPU); the iterator ends as soon as `stop` is set.
         batches = self.sampler.tensor_batches(self.model.device, SAMPLE_TIMEOUT_S, stop)
@@ -316,143 +301,6 @@ class _Trainer:
         self.priorities.flush()
         self.sampler.close()
         self.members.close()
-
-
-class _Lead:
-    """What only the lease holder does: publish every `publish_every` updates and checkpoint
-    every `checkpoint.every_s` (or on an operator's command) through the background writer.
-    The lease's local deadline guards every commit and every publish (fencing)."""
-
-    def __init__(
-        self,
-        cfg: Config,
-        ident: int,
-        r: redis.Redis,
-        keys: Keys,
-        tel: Telemetry,
-        lease: Lease,
-        store: CheckpointStore,
-        model: _Model,
-        parent: str,
-        stop: threading.Event,
-    ):
-        ck = cfg.checkpoint
-        self.cfg, self.tel, self.lease, self.model, self.parent = cfg, tel, lease, model, parent
-        self.c = tel.counters
-        encoder = Encoder(cfg.cache.codec, cfg.cache.codec_levels, cfg.cache.keyframe_every)
-        self.publisher = Publisher(r, keys, ident, cfg.learner.keep_versions, lease=lease, encoder=encoder)
-        self.writer = Writer(
-            store,
-            ident,
-            tel.event,
-            on_fenced=stop.set,
-            guard=lease.check,
-            token=lease.token,
-            repair_every_s=ck.repair_every_s if ck.enabled else 0.0,
-        )
-        self.capturer = Capturer(pin=model.device.type == "cuda")
-        self.version: Version | None = None
-        self.period = ck.every_s if ck.every_s > 0 else math.inf  # 0: only on demand
-        self.next_ckpt = time.monotonic() + self.period
-        self.deferred = False
-
-    def share_state(self, group: LearnerGroup, ranks: list) -> None:
-        """Every rank starts from this rank's state (restored or fresh) and its RNGs; each
-        follower finds its own sampler state under `ranks` (none on a fresh start)."""
-        snap = self.capturer.capture(self.model.algo, {"ranks": ranks, **_norm_state(self.model.norm)}, {})
-        group.broadcast_bytes(snap.meta_bytes())
-        group.broadcast_bytes(snap.flat.numpy().tobytes())
-
-    def publish(self, lineage: str) -> None:
-        self.lease.check()  # no round trip: a learner resumed past its TTL stops here
-        algo = self.model.algo
-        self.version = self.publisher.publish(
-            self.model.export(), step=algo.updates, arch=self.model.arch, checkpoint=lineage
-        )
-        self.c["versions_published_total"] += 1
-        self.c["policy_version"] = str(self.version)
-
-    def start_clock(self) -> None:
-        """The first periodic checkpoint falls due one period after training starts."""
-        self.next_ckpt = time.monotonic() + self.period
-
-    def checkpoint_due(self) -> bool:
-        """A checkpoint is due (period or operator) and the writer is free to take it."""
-        if not self.tel.commands.empty() and self.tel.commands.get() == "checkpoint":
-            self.next_ckpt = 0.0  # operator: RPUSH control:learner:<id> checkpoint
-        if not (self.cfg.checkpoint.enabled and time.monotonic() >= self.next_ckpt):
-            return False
-        if self.writer.busy():
-            # Do not queue behind a slow write: keep it due and take the newest state
-            # once the writer is free (every due checkpoint coalesces into one).
-            if not self.deferred:
-                self.tel.event("checkpoint_deferred", reason="previous checkpoint still writing")
-                self.deferred = True
-            return False
-        return True
-
-    def after_update(self, checkpoint_now: bool, sampler: SampleClient, rank_states: list[bytes]) -> None:
-        algo = self.model.algo
-        if algo.updates % self.cfg.learner.publish_every == 0:
-            self.publish(self.writer.last_committed or self.parent)
-        if checkpoint_now:
-            self._checkpoint(sampler, rank_states)
-
-    def _checkpoint(self, sampler: SampleClient, rank_states: list[bytes]) -> None:
-        """Capture the state now (the training thread's only stall) for the background writer."""
-        algo, lease, c = self.model.algo, self.lease, self.c
-        t1 = time.monotonic()
-        state = {**_state_counters(lease.epoch, c, sampler, rank_states), **_norm_state(self.model.norm)}
-        snap = self.capturer.capture(algo, state, to_dict(self.cfg))
-        stall_ms = (time.monotonic() - t1) * 1000
-        self.writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
-        c["checkpoint_stall_ms_last"] = stall_ms
-        c["checkpoints_total"] = self.writer.commits
-        self.next_ckpt = time.monotonic() + self.period
-        self.deferred = False
-
-    def close(self) -> None:
-        if self.lease.lost.is_set():
-            self.tel.event("fence", what="lease", epoch=self.lease.epoch)
-        else:
-            self.writer.close(timeout=10.0)
-        self.lease.stop()
-
-
-def _take_lease(
-    lease: Lease,
-    r: redis.Redis,
-    keys: Keys,
-    store: CheckpointStore,
-    tel: Telemetry,
-    stop: threading.Event,
-    standby: bool,
-    checkpoints: bool,
-) -> tuple[Prefetcher | None, float] | None:
-    """Wait for the lease, then renew it (losing it sets `stop`): the standby's prefetcher
-    and when the lease was taken; None when `stop` came first.
-
-    A standby only takes over: it leaves a fresh run's first lease to the primary.
-    """
-    waiting = standby or lease.holder() is not None
-    if waiting:
-        tel.set_state("standby")
-    # A standby keeps the newest checkpoint read and verified while it waits (warm state).
-    prefetch = Prefetcher(store) if checkpoints and waiting else None
-    try:
-        if standby:
-            while not _run_started(r, keys, store) and not stop.wait(0.05):
-                pass
-        lease.acquire(timeout=None, stop=stop)
-    except DeadlineExceeded:
-        if prefetch is not None:
-            prefetch.take(timeout=1.0)
-        return None
-    t_lease = time.monotonic()
-    if standby:
-        tel.event("failover", epoch=lease.epoch)
-    lease.start_renewing(on_lost=stop.set)
-    return prefetch, t_lease
 
 
 def _restore_newest(
@@ -535,11 +383,6 @@ def _export(algo: Algorithm, norm: ObsNorm | None) -> dict:
     return algo.export() if norm is None else norm.fold(algo.export())
 
 
-def _norm_state(norm: ObsNorm | None) -> dict:
-    """Checkpoint counters of the observation statistics (none without `env.normalize_obs`)."""
-    return {} if norm is None else {"obs_norm": norm.state()}
-
-
 def _load_norm(norm: ObsNorm | None, counters: dict, tel: Telemetry) -> None:
     if norm is None or "obs_norm" not in counters:
         return
@@ -549,35 +392,9 @@ def _load_norm(norm: ObsNorm | None, counters: dict, tel: Telemetry) -> None:
         tel.event("rejected_input", what="checkpoint obs_norm state", message=str(exc)[:300])
 
 
-def _state_counters(epoch: int, c: dict, sampler: SampleClient, rank_states: list[bytes]) -> dict:
-    """Counters a restored learner continues from (the replay rate limiter lives in the shard).
-
-    `rank_states`: each rank's sampler state (JSON bytes, gathered at this step) when the
-    learner trains in a group; a restored group hands entry r back to rank r.
-    """
-    state = {
-        "epoch": epoch,
-        "versions_published_total": c["versions_published_total"],
-        "replay_not_ready_total": sampler.not_ready_total,
-        "sample_wait_seconds_total": c["sample_wait_seconds_total"],
-        "sampler": sampler_state(sampler),
-    }
-    if rank_states:
-        state["ranks"] = [json.loads(b) for b in rank_states]
-    return state
-
-
 def _newest_epoch(store: CheckpointStore) -> int:
     """The newest epoch any committed checkpoint on any shard names: the next epoch's floor."""
     return max((Version.parse(ckpt).epoch for ckpt in store.committed()), default=0)
-
-
-def _run_started(r: redis.Redis, keys: Keys, store: CheckpointStore) -> bool:
-    """A primary took the lease before: the epoch counter exists, or (the root shard came
-    back without its data) some shard still holds a committed checkpoint."""
-    with contextlib.suppress(redis.RedisError):
-        return bool(r.exists(keys.epoch)) or bool(store.committed())
-    return False
 
 
 def _to_batch(batch: TensorBatch, weighted: bool, norm: ObsNorm | None = None) -> Batch:

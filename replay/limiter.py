@@ -1,5 +1,8 @@
 """Samples-per-insert rate limiter (Reverb's SampleToInsertRatio), in units of items.
 
+Place in the data flow: every table of a shard (replay/server.py) has one; inserts and
+samples the limiter holds back wait, parked, until the other side has moved.
+
 `diff = inserted * spi - sampled` must stay within `offset +- error_buffer`, where
 `offset = spi * min_size`. Inserts wait while diff is above the band (the learner is
 behind), samples wait while it is below (the actors are behind) or the table is smaller
@@ -12,7 +15,7 @@ min_size items went in); a sample is refused only when diff - batch < min_diff, 
 then diff < max_diff, so an insert is allowed. One side can always move.
 With spi = 0 the limiter only enforces min_size.
 
-Runtime changes (`configure` op, replay/server.py) build a new limiter that keeps the
+Runtime changes (`configure` op, replay/protocol.py) build a new limiter that keeps the
 inserted/sampled counts, then serve parked requests at once. The argument above holds for
 the new band as long as the new error_buffer still satisfies the same two conditions; a
 diff left outside the new band moves back in because the side that pulls it back is the
@@ -21,9 +24,11 @@ one allowed to proceed.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class RateLimiter:
-    def __init__(self, samples_per_insert: float, min_size: int, error_buffer: float):
+    def __init__(self, samples_per_insert: float, min_size: int, error_buffer: float) -> None:
         self.spi = samples_per_insert
         self.min_size = min_size
         offset = samples_per_insert * min_size
@@ -57,3 +62,15 @@ class RateLimiter:
         if self.spi and self.diff > self.max_diff:
             return "blocking_inserts"
         return "open"
+
+    def settings(self) -> dict[str, float]:
+        """The constructor's arguments: what `configure` changes and a snapshot restores."""
+        return {
+            "samples_per_insert": self.spi,
+            "min_size": self.min_size,
+            "error_buffer": self.max_diff - self.spi * self.min_size,
+        }
+
+    def view(self) -> dict[str, Any]:
+        """State and settings, as the stats hash and the `configured` reply show them."""
+        return {"limiter_state": self.state(), "limiter_diff": round(self.diff, 1), **self.settings()}

@@ -1,6 +1,6 @@
 """Packed sample replies: every column of a batch in one ZeroMQ frame.
 
-Place in the data flow: a SampleClient (replay/client.py) asks with `packed: true`; the
+Place in the data flow: a SampleClient (replay/sample.py) asks with `packed: true`; the
 shard (replay/server.py) then gathers the batch's columns straight into one buffer
 (`Table.gather` with `out=` views, no per-column arrays, no per-column frames) and
 replies in wire.py's format with a single uint8 array `packed` and a header `layout`:
@@ -47,6 +47,7 @@ from cluster.errors import ProtocolError
 ALIGN = 64
 POOL = 12  # large reply buffers kept per layout: more than the requests a client keeps in flight
 PACKED = "packed"  # the name of the one array of a packed reply
+LAYOUT = "layout"  # the header field that says where each column sits in PACKED
 FRAMES = "frames"  # the distinct frames of a unique-frame reply, its second array
 INDEX = "_frame_index"  # suffix of the columns that name each stack's frames in FRAMES
 _SNDMORE = int(zmq.SNDMORE)
@@ -87,7 +88,7 @@ class Layout:
             at += self.n * math.prod(shape) * dtype.itemsize
         self.nbytes = at
         self.small = at < zmq.COPY_THRESHOLD  # send copies it: one buffer serves every reply
-        self.layout_tail = msgpack.packb("layout") + msgpack.packb(spec)
+        self.layout_tail = msgpack.packb(LAYOUT) + msgpack.packb(spec)
         self.tail = msgpack.packb("arrays") + msgpack.packb([[PACKED, "|u1", [at]]]) + self.layout_tail
 
     def acquire(self) -> _Buffer:
@@ -180,7 +181,7 @@ class Unpacker:
     def __call__(self, header: dict, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The named arrays; a unique-frame reply's keep FRAMES and the index columns (see
         `rebuild`), every index checked to name one of its frames."""
-        layout = header.pop("layout")
+        layout = header.pop(LAYOUT)
         packed = arrays.get(PACKED)
         frames = arrays.get(FRAMES)
         if (

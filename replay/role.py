@@ -1,5 +1,9 @@
 """`canopy replay --id N`: run replay shard N, bound to `cluster.replay[N]`.
 
+Place in the data flow: the supervisor (cluster/supervisor.py) starts one per entry of
+`cluster.replay`; the shard joins the live set in Redis (replay/membership.py), where
+actors' and learners' clients find it, and its counters go to Redis as its stats hash.
+
 With `replay.snapshot_dir` set, the shard first restores the newest valid snapshot under
 `<snapshot_dir>/shard-<N>/` (replay/snapshot.py), snapshots itself every
 `replay.snapshot_interval_s`, and writes a last one when SIGTERM stops it.

@@ -1,32 +1,11 @@
 """Replay shard server: a ZeroMQ ROUTER in front of named tables, each with a rate limiter.
 
-Place in the data flow: actors' InsertClients send chunks here, learners' SampleClients
-pull batches and send priority updates back; `canopy replay` (replay/role.py) runs one
-server per shard and mirrors its counters into Redis.
+Place in the data flow: actors' InsertClients (replay/insert.py) send chunks here,
+learners' SampleClients (replay/sample.py) pull batches and send priority updates back;
+`canopy replay` (replay/role.py) runs one server per shard and mirrors its counters into
+Redis. Every op, its fields and its limits are in replay/protocol.py; requests are checked
+and replies built there, and the tables live in replay/shard.py.
 
-Protocol (wire.py frames; every request may carry `req`, echoed in the reply, and
-`table`, the main table when absent):
-    insert {n}                         + arrays (+ optional float `priority`) -> ack {size}
-    sample {batch, packed?, batches?, unique_frames?}
-                                       -> batch {size, total, min_weight, batches} + arrays
-                                          + slot, gen (item address), prob (within table);
-                                          with `packed: true` all of them in one frame
-                                          (replay/packed.py: `layout` + array `packed`);
-                                          `batches` (default 1) asks for up to that many
-                                          independent draws of `batch` items in one reply
-                                          (rows batch after batch; the reply's `batches`
-                                          says how many the rate limiter allowed, >= 1);
-                                          `unique_frames` with `packed` on a pixel table:
-                                          frames plus per-item frame indexes instead of
-                                          whole stacks (replay/packed.py)
-    priority                           + slot (i8), gen (i8), priority (f8)
-                                       -> updated {applied, dropped}
-    configure {samples_per_insert?, min_size?, error_buffer?} -> configured {limiter}
-    snapshot                           -> snapshot {ok, seq, path, seconds, pause_ms (fork),
-                                          request_max_ms (longest request served meanwhile)}, sent
-                                          when a snapshot that began after the request is
-                                          on disk (error `snapshots_off` without a directory)
-    stats                              -> stats {...}
 Pixel tables take `frame`, `frame_key`, `frame_prev` columns and frame keys as obs and
 next_obs (replay/frames.py); their samples carry the rebuilt uint8 stacks.
 Anything malformed gets `error {code, message}` and bumps `rejected_total`; the shard keeps
@@ -43,9 +22,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zmq
@@ -54,75 +33,17 @@ from cluster import curve, wire
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
 from cluster.telemetry import rss_bytes, trim_heap
-from replay import snapshot
+from replay import protocol, shard, snapshot
 from replay.limiter import RateLimiter
-from replay.packed import Columns, Layouts
+from replay.packed import Columns
+from replay.protocol import Code, Op, SampleRequest
+from replay.shard import Parked, Slot
 from replay.table import Table
 
-MAIN = "main"
-MAX_LIMITER_VALUE = 1e15  # items: far beyond any table, far inside int64 and float precision
-MAX_SAMPLE_ITEMS = 65536  # batch x batches of one sample request
 _SNDMORE = int(zmq.SNDMORE)
 TRIM_EVERY_S = 10.0  # freed request buffers go back to the OS (cluster/telemetry.py: trim_heap)
 FINAL_SNAPSHOT_TIMEOUT_S = 300.0  # a stopping shard waits this long for its last snapshot
-# Each sampled item's address and probability, after its columns in a packed reply.
-_ADDRESS = [
-    ("slot", np.dtype(np.int64), ()),
-    ("gen", np.dtype(np.int64), ()),
-    ("prob", np.dtype(np.float64), ()),
-]
-
-
-@dataclass
-class _Parked:
-    ident: bytes
-    msg: wire.Message
-    deadline: float
-
-
-@dataclass
-class _Slot:
-    """A table with its limiter and its own parked queues (one table never blocks another)."""
-
-    table: Table
-    limiter: RateLimiter
-    inserts: deque[_Parked] = field(default_factory=deque)
-    samples: deque[_Parked] = field(default_factory=deque)
-    layouts: Layouts = field(default_factory=Layouts)  # packed sample replies, by batch length
-
-
-def table_specs(cfg: ReplayConfig) -> list[dict]:
-    """The main table from the [replay] keys, then each `extra_tables` entry.
-
-    An extra entry reads `name:sampler:remover[:max_times_sampled[:capacity]]`, e.g.
-    `queue:fifo:fifo:1:10000` (a queue: each item is sampled once, oldest first).
-    """
-    specs = [
-        dict(
-            name=MAIN,
-            sampler=cfg.sampler,
-            remover=cfg.remover,
-            max_times_sampled=cfg.max_times_sampled,
-            capacity=cfg.capacity,
-        )
-    ]
-    for entry in cfg.extra_tables:
-        parts = entry.split(":")
-        if not 3 <= len(parts) <= 5 or not parts[0] or parts[0] == MAIN:
-            raise ValueError(
-                f"replay.extra_tables entry {entry!r} must read name:sampler:remover"
-                "[:max_times_sampled[:capacity]] with a name other than 'main'"
-            )
-        specs.append(
-            dict(
-                name=parts[0],
-                sampler=parts[1],
-                remover=parts[2],
-                max_times_sampled=int(parts[3]) if len(parts) > 3 else 0,
-                capacity=int(parts[4]) if len(parts) > 4 else cfg.capacity,
-            )
-        )
-    return specs
+_PARKED_FULL = "too many parked requests; retry later"
 
 
 class ReplayServer:
@@ -143,10 +64,10 @@ class ReplayServer:
         seed: int = 0,
         ctx: zmq.Context | None = None,
         snapshot_dir: Path | None = None,
-    ):
+    ) -> None:
         self.cfg = cfg
         self.seed = seed
-        self.tables = self._build_tables()
+        self.tables = shard.build(cfg, seed)
         self.rng = np.random.default_rng(seed)
         self.max_frame = cfg.max_frame_mb * 2**20
         self.ctx = ctx or zmq.Context.instance()
@@ -154,7 +75,7 @@ class ReplayServer:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.max_frame)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.counters: dict[str, float | int | str] = {
+        self.counters: dict[str, Any] = {
             "inserts_total": 0,
             "samples_total": 0,
             "sample_requests_total": 0,
@@ -165,6 +86,14 @@ class ReplayServer:
             "items": 0,
             "bytes": 0,
             "limiter_diff": 0.0,
+        }
+        self._handlers: dict[str, Callable[[bytes, wire.Message], None]] = {
+            Op.INSERT: self._insert_or_park,
+            Op.SAMPLE: self._sample_or_park,
+            Op.PRIORITY: self._update_priorities,
+            Op.CONFIGURE: self._configure,
+            Op.SNAPSHOT: self._snapshot_request,
+            Op.STATS: self._stats_request,
         }
         self._rate_mark = (time.monotonic(), 0, 0)
         self.snaps: snapshot.Snapshotter | None = None
@@ -178,35 +107,14 @@ class ReplayServer:
             self.next_snapshot = time.monotonic() + cfg.snapshot_interval_s
             self.counters.update(snapshots_total=0, snapshot_failures_total=0, snapshot_pause_ms_max=0.0)
 
-    def _build_tables(self) -> dict[str, _Slot]:
-        cfg = self.cfg
-        tables: dict[str, _Slot] = {}
-        specs = table_specs(cfg)
-        for i, spec in enumerate(specs):
-            table = Table(
-                spec["capacity"],
-                sampler=spec["sampler"],
-                remover=spec["remover"],
-                max_times_sampled=spec["max_times_sampled"],
-                priority_exponent=cfg.priority_exponent,
-                max_bytes=int(cfg.capacity_mb * 2**20 / len(specs)),  # the shard's budget, split
-                name=spec["name"],
-                seed=self.seed * 7919 + i,
-                frame_stack=cfg.frame_stack,
-                frame_window=cfg.frame_window,
-            )
-            limiter = RateLimiter(cfg.samples_per_insert, cfg.min_size, cfg.error_buffer)
-            tables[spec["name"]] = _Slot(table, limiter)
-        return tables
-
     @property
     def table(self) -> Table:
         """The main table (most deployments have only this one)."""
-        return self.tables[MAIN].table
+        return self.tables[protocol.MAIN].table
 
     @property
     def limiter(self) -> RateLimiter:
-        return self.tables[MAIN].limiter
+        return self.tables[protocol.MAIN].limiter
 
     def bind(self, endpoint: str) -> str:
         curve.bind(self.sock, endpoint)
@@ -251,49 +159,18 @@ class ReplayServer:
         ident = frames[0].bytes
         try:
             msg = wire.decode(frames[1:], self.max_frame)
-            op = msg.op
-            if op == "insert":
-                self._insert_or_park(ident, msg)
-            elif op == "sample":
-                h = msg.header
-                batch, batches = h.get("batch"), h.get("batches", 1)
-                if not isinstance(batch, int) or not 0 < batch <= MAX_SAMPLE_ITEMS:
-                    raise ProtocolError(f"sample needs an integer 'batch' in 1..{MAX_SAMPLE_ITEMS}")
-                if type(batches) is not int or not 0 < batches * batch <= MAX_SAMPLE_ITEMS:
-                    raise ProtocolError(
-                        f"sample: 'batches' x 'batch' must be an integer in 1..{MAX_SAMPLE_ITEMS}"
-                    )
-                if not isinstance(h.get("packed", False), bool) or not isinstance(
-                    h.get("unique_frames", False), bool
-                ):
-                    raise ProtocolError("sample: 'packed' and 'unique_frames' must be true or false")
-                self.counters["sample_requests_total"] += 1
-                self._sample_or_park(ident, msg)
-            elif op == "priority":
-                self._update_priorities(ident, msg)
-            elif op == "configure":
-                self._configure(ident, msg)
-            elif op == "snapshot":
-                if self.snaps is None:
-                    self._reply(
-                        ident, msg, _error("snapshots_off", "set replay.snapshot_dir to take snapshots")
-                    )
-                elif len(self.snapshot_waiters) >= self.cfg.max_pending:
-                    self._reply(ident, msg, _error("busy", "too many snapshot requests waiting; retry later"))
-                else:  # answered by _snapshot_tick once a snapshot taken from now on is written
-                    self.snapshot_waiters.append((ident, msg))
-            elif op == "stats":
-                self._reply(ident, msg, {"op": "stats", **self.stats()})
-            else:
-                raise ProtocolError(f"unknown op {op!r}")
+            handler = self._handlers.get(msg.op)
+            if handler is None:
+                raise ProtocolError(f"unknown op {msg.op!r}")
+            handler(ident, msg)
         except ProtocolError as exc:
             self._reject(ident, frames, str(exc))
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             # Input that slipped past the schema checks must not take the shard down.
             self._reject(ident, frames, f"malformed request ({type(exc).__name__}: {exc})"[:300])
 
-    def _slot(self, msg: wire.Message) -> _Slot:
-        name = msg.header.get("table", MAIN)
+    def _slot(self, msg: wire.Message) -> Slot:
+        name = protocol.table_name(msg.header)
         slot = self.tables.get(name) if isinstance(name, str) else None
         if slot is None:
             raise ProtocolError(f"unknown table {name!r}: this shard has {', '.join(self.tables)}")
@@ -302,7 +179,8 @@ class ReplayServer:
     def _reject(self, ident: bytes, frames: list[zmq.Frame], reason: str) -> None:
         self.counters["rejected_total"] += 1
         req = wire.peek_req(frames[1]) if len(frames) > 1 else None
-        self.sock.send_multipart([ident, *wire.error_reply("bad_request", reason, req=req)])
+        reply = protocol.answer(protocol.error(Code.BAD_REQUEST, reason), req)
+        self.sock.send_multipart([ident, *wire.encode(reply)])
 
     def _parked_count(self) -> int:
         return sum(len(s.inserts) + len(s.samples) for s in self.tables.values())
@@ -313,100 +191,94 @@ class ReplayServer:
         if not slot.inserts and slot.limiter.can_insert():
             self._insert(slot, ident, msg)
         elif self._parked_count() < self.cfg.max_pending:
-            slot.inserts.append(_Parked(ident, msg, 0.0))
+            slot.inserts.append(Parked(ident, msg, 0.0))
         else:
-            self._reply(ident, msg, _error("busy", "too many parked requests; retry later"))
+            self._reply(ident, msg, protocol.error(Code.BUSY, _PARKED_FULL))
 
-    def _insert(self, slot: _Slot, ident: bytes, msg: wire.Message) -> None:
+    def _insert(self, slot: Slot, ident: bytes, msg: wire.Message) -> None:
         n = slot.table.insert(msg.arrays)
         slot.limiter.inserted += n
         self.counters["inserts_total"] += n
-        self._reply(ident, msg, {"op": "ack", "size": slot.table.size})
+        self._reply(ident, msg, protocol.ack(slot.table.size))
 
     def _sample_or_park(self, ident: bytes, msg: wire.Message) -> None:
+        want = protocol.parse_sample(msg.header)
+        self.counters["sample_requests_total"] += 1
         slot = self._slot(msg)
-        if not slot.samples and self._can_sample(slot, msg):
-            self._sample(slot, ident, msg)
+        if not slot.samples and self._can_sample(slot, want):
+            self._sample(slot, ident, msg, want)
         elif self._parked_count() < self.cfg.max_pending:
-            slot.samples.append(_Parked(ident, msg, time.monotonic() + self.cfg.sample_wait_s))
+            deadline = time.monotonic() + self.cfg.sample_wait_s
+            slot.samples.append(Parked(ident, msg, deadline, want))
         else:
-            self._reply(ident, msg, _error("busy", "too many parked requests; retry later"))
+            self._reply(ident, msg, protocol.error(Code.BUSY, _PARKED_FULL))
 
-    def _can_sample(self, slot: _Slot, msg: wire.Message) -> bool:
-        return slot.table.size > 0 and slot.limiter.can_sample(slot.table.size, msg.header["batch"])
+    @staticmethod
+    def _can_sample(slot: Slot, want: SampleRequest) -> bool:
+        return slot.table.size > 0 and slot.limiter.can_sample(slot.table.size, want.batch)
 
-    def _sample(self, slot: _Slot, ident: bytes, msg: wire.Message) -> None:
+    def _sample(self, slot: Slot, ident: bytes, msg: wire.Message, want: SampleRequest) -> None:
         table = slot.table
-        h = msg.header
-        batch = h["batch"]
         # Several batches draw at once only where draws do not remove items; each is still
         # `batch` independent draws, as if asked for one after another with nothing between.
-        most = h.get("batches", 1) if table.max_times_sampled == 0 else 1
-        batches = max(1, slot.limiter.batches(table.size, batch, most))
-        slots, gens, probs, total, min_weight = table.draw(batch * batches, self.rng)
+        most = want.batches if table.max_times_sampled == 0 else 1
+        batches = max(1, slot.limiter.batches(table.size, want.batch, most))
+        slots, gens, probs, total, min_weight = table.draw(want.batch * batches, self.rng)
         n = len(slots)
         slot.limiter.sampled += n
         self.counters["samples_total"] += n
-        fields = {"op": "batch", "size": table.size, "total": total, "min_weight": min_weight}
-        fields["batches"] = batches
-        fields["req"] = h.get("req")
-        if h.get("packed"):  # one frame, gathered in place (replay/packed.py)
-            unique = bool(h.get("unique_frames")) and table.frames is not None
+        req = protocol.request_id(msg.header)
+        fields = protocol.batch_reply(table.size, total, min_weight, batches, req)
+        address = protocol.address(slots, gens, probs)
+        if want.packed:  # one frame, gathered in place (replay/packed.py)
+            unique = want.unique_frames and table.frames is not None
             layout = slot.layouts.get(n, lambda: _packed_columns(table, n, unique), unique)
             buf = layout.acquire()
             views = buf.views
             table.gather(slots, views)
-            views["slot"][:] = slots
-            views["gen"][:] = gens
-            views["prob"][:] = probs
+            for name, a in address.items():
+                views[name][:] = a
             frames = table.gather_frames(slots, views, buf.frames) if unique else -1
             layout.send(self.sock, ident, fields, buf, frames)
             return
-        arrays = {**table.gather(slots), "slot": slots, "gen": gens, "prob": probs}
-        frames = [ident, *wire.encode(fields, arrays)]
+        out = [ident, *wire.encode(fields, {**table.gather(slots), **address})]
         send = self.sock.send  # int flags: send_multipart spends microseconds on enum arithmetic
-        for frame in frames[:-1]:
+        for frame in out[:-1]:
             send(frame, _SNDMORE, copy=False)
-        send(frames[-1], 0, copy=False)
+        send(out[-1], 0, copy=False)
 
     def _update_priorities(self, ident: bytes, msg: wire.Message) -> None:
         slot = self._slot(msg)
-        a = msg.arrays
-        if set(a) != {"slot", "gen", "priority"}:
-            raise ProtocolError("priority update needs exactly the arrays slot, gen, priority")
-        kinds = (a["slot"].dtype.kind, a["gen"].dtype.kind, a["priority"].dtype.kind)
-        if kinds[0] not in "iu" or kinds[1] not in "iu" or kinds[2] != "f":
-            raise ProtocolError("priority update: slot and gen must be integers, priority a float")
-        applied = slot.table.update_priorities(a["slot"], a["gen"], a["priority"])
-        dropped = len(a["slot"]) - applied
+        slots, gens, priorities = protocol.parse_priority(msg.arrays)
+        applied = slot.table.update_priorities(slots, gens, priorities)
+        dropped = len(slots) - applied
         self.counters["priority_updates_total"] += applied
         self.counters["priority_updates_dropped_total"] += dropped
-        if not msg.header.get("noreply"):
-            self._reply(ident, msg, {"op": "updated", "applied": applied, "dropped": dropped})
+        if protocol.wants_reply(msg.header):
+            self._reply(ident, msg, protocol.updated(applied, dropped))
 
     def _configure(self, ident: bytes, msg: wire.Message) -> None:
         """Change a table's rate limiter at runtime; its insert/sample counts carry over."""
         slot = self._slot(msg)
         old = slot.limiter
-        h = msg.header
-        values = {
-            "samples_per_insert": h.get("samples_per_insert", old.spi),
-            "min_size": h.get("min_size", old.min_size),
-            "error_buffer": h.get("error_buffer", old.max_diff - old.spi * old.min_size),
-        }
-        for key, v in values.items():
-            # Bounded too: the limiter's state goes back out in msgpack (64-bit at most).
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= MAX_LIMITER_VALUE:
-                raise ProtocolError(f"configure: {key} must be a number in [0, {MAX_LIMITER_VALUE:g}]")
-        if values["min_size"] < 1 or int(values["min_size"]) != values["min_size"]:
-            raise ProtocolError("configure: min_size must be an integer >= 1")
-        new = RateLimiter(
-            float(values["samples_per_insert"]), int(values["min_size"]), float(values["error_buffer"])
-        )
+        new = RateLimiter(**protocol.parse_configure(msg.header, old.settings()))
         new.inserted, new.sampled = old.inserted, old.sampled
         slot.limiter = new
         self._serve_parked()  # a looser limiter may free parked requests at once
-        self._reply(ident, msg, {"op": "configured", "limiter": _limiter_view(new)})
+        self._reply(ident, msg, protocol.configured(new.view()))
+
+    def _snapshot_request(self, ident: bytes, msg: wire.Message) -> None:
+        if self.snaps is None:
+            reply = protocol.error(Code.SNAPSHOTS_OFF, "set replay.snapshot_dir to take snapshots")
+            self._reply(ident, msg, reply)
+        elif len(self.snapshot_waiters) >= self.cfg.max_pending:
+            reply = protocol.error(Code.BUSY, "too many snapshot requests waiting; retry later")
+            self._reply(ident, msg, reply)
+        else:  # answered by _snapshot_tick once a snapshot taken from now on is written
+            self.snapshot_waiters.append((ident, msg))
+
+    def _stats_request(self, ident: bytes, msg: wire.Message) -> None:
+        self._reply(ident, msg, protocol.stats_reply(self.stats()))
 
     def _serve_parked(self) -> None:
         now = time.monotonic()
@@ -414,9 +286,9 @@ class ReplayServer:
             progress = True
             while progress:
                 progress = False
-                if slot.samples and self._can_sample(slot, slot.samples[0].msg):
+                if slot.samples and self._can_sample(slot, slot.samples[0].sample):
                     p = slot.samples.popleft()
-                    self._sample(slot, p.ident, p.msg)
+                    self._sample(slot, p.ident, p.msg, p.sample)
                     progress = True
                 if slot.inserts and slot.limiter.can_insert():
                     p = slot.inserts.popleft()
@@ -424,20 +296,20 @@ class ReplayServer:
                         self._insert(slot, p.ident, p.msg)
                     except ProtocolError as exc:
                         self.counters["rejected_total"] += 1
-                        self._reply(p.ident, p.msg, _error("bad_request", str(exc)))
+                        self._reply(p.ident, p.msg, protocol.error(Code.BAD_REQUEST, str(exc)))
                     progress = True
             while slot.samples and slot.samples[0].deadline < now:
                 p = slot.samples.popleft()
                 self.counters["not_ready_total"] += 1
-                self._reply(p.ident, p.msg, _error("not_ready", "rate limiter held the sample"))
+                self._reply(p.ident, p.msg, protocol.error(Code.NOT_READY, "rate limiter held the sample"))
 
-    def _reply(self, ident: bytes, msg: wire.Message, header: dict) -> None:
-        header["req"] = msg.header.get("req")
-        self.sock.send_multipart([ident, *wire.encode(header)])
+    def _reply(self, ident: bytes, msg: wire.Message, reply: dict[str, Any]) -> None:
+        reply = protocol.answer(reply, protocol.request_id(msg.header))
+        self.sock.send_multipart([ident, *wire.encode(reply)])
 
     # -- telemetry ------------------------------------------------------------------------
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """Flat counters (the Redis stats hash): shard totals, then `<table>_<field>` per table."""
         now = time.monotonic()
         t0, ins0, smp0 = self._rate_mark
@@ -446,7 +318,7 @@ class ReplayServer:
             self.counters["inserts_per_s"] = round((ins - ins0) / (now - t0), 1)
             self.counters["samples_per_s"] = round((smp - smp0) / (now - t0), 1)
             self._rate_mark = (now, ins, smp)
-        main = self.tables[MAIN]
+        main = self.tables[protocol.MAIN]
         self.counters.update(
             items=sum(s.table.size for s in self.tables.values()),
             bytes=sum(s.table.nbytes for s in self.tables.values()),
@@ -456,7 +328,7 @@ class ReplayServer:
             tables=",".join(self.tables),
         )
         for name, slot in self.tables.items():
-            for key, value in {**slot.table.stats(), **_limiter_view(slot.limiter)}.items():
+            for key, value in {**slot.table.stats(), **slot.limiter.view()}.items():
                 self.counters[f"{name}_{key}"] = value
         self.counters["rss_bytes"] = rss = rss_bytes()
         if self.counters["items"]:  # the whole process, per stored item: what capacity planning needs
@@ -465,42 +337,13 @@ class ReplayServer:
 
     # -- snapshots ------------------------------------------------------------------------
 
-    def snapshot_state(self) -> tuple[dict, snapshot.Groups]:
+    def snapshot_state(self) -> tuple[dict[str, Any], snapshot.Groups]:
         """Every table and limiter as (JSON state, arrays per table): what a snapshot holds."""
-        state: dict = {"tables": {}, "limiters": {}}
-        groups: snapshot.Groups = {}
-        for name, slot in self.tables.items():
-            state["tables"][name], groups[name] = slot.table.export()
-            lim = slot.limiter
-            state["limiters"][name] = {
-                "samples_per_insert": lim.spi,
-                "min_size": lim.min_size,
-                "error_buffer": lim.max_diff - lim.spi * lim.min_size,
-                "inserted": lim.inserted,
-                "sampled": lim.sampled,
-            }
-        return state, groups
+        return shard.export(self.tables)
 
-    def _accept_snapshot(self, state: dict, groups: snapshot.Groups) -> None:
+    def _accept_snapshot(self, state: dict[str, Any], groups: snapshot.Groups) -> None:
         """Load a snapshot into fresh tables; nothing changes unless all of it loads."""
-        if not isinstance(state, dict) or not isinstance(state.get("tables"), dict):
-            raise ValueError("its state is not a map of tables")
-        if set(state["tables"]) != set(self.tables):
-            raise ValueError(
-                f"it holds tables {sorted(state['tables'])}, this shard has {sorted(self.tables)}"
-            )
-        fresh = self._build_tables()
-        try:
-            for name, slot in fresh.items():
-                slot.table.load(state["tables"][name], groups.get(name, {}))
-                lim = state["limiters"][name]
-                slot.limiter = RateLimiter(
-                    float(lim["samples_per_insert"]), int(lim["min_size"]), float(lim["error_buffer"])
-                )
-                slot.limiter.inserted, slot.limiter.sampled = int(lim["inserted"]), int(lim["sampled"])
-        except (KeyError, TypeError, IndexError, AttributeError) as exc:
-            raise ValueError(f"its state does not fit this shard ({type(exc).__name__}: {exc})") from None
-        self.tables = fresh
+        self.tables = shard.load(self.cfg, self.seed, state, groups)
 
     def _snapshot_tick(self) -> None:
         outcome = self.snaps.poll()
@@ -529,10 +372,16 @@ class ReplayServer:
             snapshot.log(
                 f"replay: snapshot {outcome.seq} failed (the writer's error is above); the previous one stays"
             )
-        reply = {"op": "snapshot", "ok": outcome.ok, "seq": outcome.seq, "path": outcome.path}
-        reply.update(seconds=round(outcome.seconds, 3), pause_ms=round(outcome.pause_ms, 3))
-        reply["request_max_ms"] = round(self.snapshot_request_ms, 3)
-        self.counters["snapshot_request_max_ms"] = reply["request_max_ms"]
+        request_max_ms = round(self.snapshot_request_ms, 3)
+        self.counters["snapshot_request_max_ms"] = request_max_ms
+        reply = protocol.snapshot_reply(
+            outcome.ok,
+            outcome.seq,
+            outcome.path,
+            seconds=round(outcome.seconds, 3),
+            pause_ms=round(outcome.pause_ms, 3),
+            request_max_ms=request_max_ms,
+        )
         for ident, msg in self.snapshot_writing:
             self._reply(ident, msg, dict(reply))
         self.snapshot_writing = []
@@ -557,20 +406,6 @@ def _packed_columns(table: Table, n: int, unique: bool) -> tuple[Columns, tuple[
     """A packed reply's columns: the table's, then each item's address and probability
     (which win over table columns of the same name, as in the unpacked reply). Unique-frame
     replies carry frame indexes instead of the stacks, and room for n items' frames."""
-    names = {name for name, _, _ in _ADDRESS}
-    columns = [c for c in table.item_layout(unique) if c[0] not in names] + _ADDRESS
+    names = {name for name, _, _ in protocol.ADDRESS}
+    columns = [c for c in table.item_layout(unique) if c[0] not in names] + protocol.ADDRESS
     return columns, ((n * table.frames_per_item, table.frames.frame_shape) if unique else None)
-
-
-def _limiter_view(lim: RateLimiter) -> dict:
-    return {
-        "limiter_state": lim.state(),
-        "limiter_diff": round(lim.diff, 1),
-        "samples_per_insert": lim.spi,
-        "min_size": lim.min_size,
-        "error_buffer": lim.max_diff - lim.spi * lim.min_size,
-    }
-
-
-def _error(code: str, message: str) -> dict:
-    return {"op": "error", "code": code, "message": message}

@@ -5,7 +5,8 @@ Place in the data flow: replay/server.py calls `Snapshotter.start` every
 loads the newest valid snapshot with `load_newest`. Files live under
 `<replay.snapshot_dir>/shard-<id>/snap-<seq>/`: one `.npy` per array (np.save,
 allow_pickle=False) and `manifest.json` (format, seq, the shard's JSON state, and per
-array its file, dtype, shape and xxh3-64 checksum), written last.
+array its file, dtype, shape and xxh3-64 checksum), written last. `request` is the client
+side: it asks a running shard for a snapshot now.
 
 Why fork (as Redis BGSAVE does): the child gets a copy-on-write image of every table at
 one instant between two requests, so the serving loop pauses only for fork() itself
@@ -38,13 +39,13 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xxhash
-import zmq
 
-from cluster import curve, wire
-from cluster.errors import DeadlineExceeded, ProtocolError, UserError
+from cluster.errors import ProtocolError, UserError
+from replay import connect, protocol
 
 FORMAT = 1
 KEEP = 2
@@ -286,19 +287,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def request(endpoint: str, timeout: float) -> dict:
+def request(endpoint: str, timeout: float) -> dict[str, Any]:
     """Ask a running shard for a snapshot now (e.g. before a planned shutdown); returns the
     shard's `snapshot` reply once that snapshot is on disk."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    curve.connect(sock, endpoint)
-    try:
-        sock.send_multipart(wire.encode({"op": "snapshot", "req": 0}))
-        if not sock.poll(int(timeout * 1000)):
-            raise DeadlineExceeded(f"replay shard {endpoint} wrote no snapshot within {timeout:g}s")
-        reply = wire.decode(sock.recv_multipart(), 2**20).header
-    finally:
-        sock.close(0)
-    if reply.get("op") != "snapshot":
-        raise ProtocolError(f"replay shard {endpoint} refused a snapshot: {reply.get('message')}")
+    late = f"replay shard {endpoint} wrote no snapshot within {timeout:g}s"
+    reply = connect.call(endpoint, protocol.snapshot_request(), timeout, late)
+    if reply.get("op") != protocol.Reply.SNAPSHOT:
+        raise ProtocolError(f"replay shard {endpoint} refused a snapshot: {protocol.error_message(reply)}")
     return reply

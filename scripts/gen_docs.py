@@ -57,18 +57,12 @@ def _class(tree: ast.Module, name: str) -> ast.ClassDef:
     raise LookupError(f"class {name} not found")
 
 
-def _method(cls: ast.ClassDef, name: str) -> ast.FunctionDef:
-    for node in cls.body:
+def _function(parent: ast.Module | ast.ClassDef, name: str) -> ast.FunctionDef:
+    """A function of a module, or a method of a class: defined right in `parent`'s body."""
+    for node in parent.body:
         if isinstance(node, ast.FunctionDef) and node.name == name:
             return node
-    raise LookupError(f"method {cls.name}.{name} not found")
-
-
-def _function(tree: ast.Module, name: str) -> ast.FunctionDef:
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef) and node.name == name:
-            return node
-    raise LookupError(f"function {name} not found")
+    raise LookupError(f"function {name} not found in {getattr(parent, 'name', 'the module')}")
 
 
 def _returned_dict(func: ast.FunctionDef) -> ast.Dict:
@@ -398,7 +392,7 @@ def _field_rows(names: list[str], described: dict[str, str], table: str) -> list
 def cluster_fields() -> list[str]:
     """Every field of cluster.json, from Supervisor.describe and Child.describe."""
     _, tree = _parse("cluster/supervisor.py")
-    top = _returned_dict(_method(_class(tree, "Supervisor"), "describe"))
+    top = _returned_dict(_function(_class(tree, "Supervisor"), "describe"))
     names = []
     for key, value in zip(top.keys, top.values, strict=True):
         if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
@@ -407,7 +401,7 @@ def cluster_fields() -> list[str]:
         if isinstance(value, ast.ListComp) and isinstance(value.elt, ast.Dict):
             names += _dict_keys(value.elt, f"{key.value}[].")
         if key.value == "roles":
-            child = _returned_dict(_method(_class(tree, "Child"), "describe"))
+            child = _returned_dict(_function(_class(tree, "Child"), "describe"))
             names += _dict_keys(child, "roles.<role>[].")
             for node in ast.walk(child):  # optional fields: **({"standby": True} if ... else {})
                 if isinstance(node, ast.IfExp) and isinstance(node.body, ast.Dict):
@@ -417,7 +411,7 @@ def cluster_fields() -> list[str]:
 
 def _handover_fields(tree: ast.Module) -> list[str]:
     """The figures `Report.handover` returns: `<which>_<figure>` for newest and best, and the rest."""
-    func = _method(_class(tree, "Report"), "handover")
+    func = _function(_class(tree, "Report"), "handover")
     whiches: list[str] = []
     figures: list[str] = []
     extra: list[str] = []
@@ -439,7 +433,7 @@ def _handover_fields(tree: ast.Module) -> list[str]:
 def summary_fields() -> list[str]:
     """Every field of summary.json, from Report.summary (and handover, for `**final`)."""
     _, tree = _parse("cluster/report.py")
-    body = _returned_dict(_method(_class(tree, "Report"), "summary"))
+    body = _returned_dict(_function(_class(tree, "Report"), "summary"))
     names = []
     for key, value in zip(body.keys, body.values, strict=True):
         if key is None:  # **final: the hand-over's figures

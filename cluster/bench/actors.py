@@ -12,19 +12,19 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import time
+from typing import Any
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
-from rich.progress import Progress
 
 from actors.adder import NStepAdder
 from actors.envs import make_vec, random_stepping_rate
 from actors.policy import MLPPolicy, NatureCNNPolicy, limit_blas_threads, policy_from_arrays
-from cluster.bench import report
+from cluster.bench import harness, report
 from learner.network import build
 
 
-def random_policy(env) -> MLPPolicy | NatureCNNPolicy:
+def random_policy(env: Any) -> MLPPolicy | NatureCNNPolicy:
     """The actor's forward pass for this env's network, with freshly initialised weights."""
     import torch
 
@@ -35,6 +35,7 @@ def random_policy(env) -> MLPPolicy | NatureCNNPolicy:
 
 
 def acting(env_id: str, envs: int, seconds: float, chunk: int = 64) -> float:
+    """Env steps/s of the actor's loop (forward pass, epsilon-greedy, n-step adder) over `seconds`."""
     env = make_vec(env_id, envs)
     try:
         n_actions = int(env.single_action_space.n)
@@ -66,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         skipped["ALE/Pong-v5"] = "ale-py or opencv is not installed: pip install 'canopy-rl[atari]'"
     figures: dict[str, dict] = {}
-    with Progress(transient=True) as progress:
+    with harness.progress() as progress:
         task = progress.add_task("actor bench", total=2 * len(envs_ids) * len(args.envs))
         for env_id in envs_ids:
             for n in args.envs:

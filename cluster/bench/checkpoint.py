@@ -22,24 +22,21 @@ hosts) beside a training loop, then real `canopy learner` processes for recovery
    to the first version of a newer epoch in `model:latest`. The killed learner is a real
    `canopy learner` that restored the benchmark's checkpoint and published; it is given no
    replay shard, so it idles in sampling afterwards (recovery does not depend on that).
+
+The shards, the learner processes and the recovery trials are checkpoint_procs.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import math
 import os
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +44,17 @@ import redis
 import torch
 from rich.progress import Progress
 
-from cluster import config as config_mod
-from cluster.bench import report
+from cluster.bench import harness, report
+from cluster.bench.checkpoint_procs import Cluster, cluster, recovery_trial
 from cluster.config import Config
 from cluster.keys import Keys
-from cluster.lifecycle import wait_until
-from cluster.ports import free_ports
 from cluster.redisconn import connect
-from cluster.version import Version
 
 GOAL_OVERHEAD_PCT = 3.0
 GOAL_STALL_MS = 20.0
 GOAL_COLD_S = 5.0
 GOAL_WARM_S = 1.5
 OBS, ACTIONS, LAYERS = 4, 2, 3  # CartPole-sized ends, so `canopy learner` processes can restore it
-START_TIMEOUT_S = 120.0
-RECOVERY_TIMEOUT_S = 60.0
 
 
 def hidden_for(state_mb: float) -> list[int]:
@@ -74,87 +66,6 @@ def hidden_for(state_mb: float) -> list[int]:
     return [max(1, round(h))] * LAYERS
 
 
-@dataclass
-class Cluster:
-    """The benchmark's Redis shards and learner processes; `close` ends every one of them."""
-
-    cfg: Config
-    config_path: Path
-    procs: list[subprocess.Popen] = field(default_factory=list)
-
-    def spawn(self, role: str, ident: int, *args: str) -> subprocess.Popen:
-        log = open(Path(self.cfg.run.dir) / f"{role}-{ident}.log", "ab")  # noqa: SIM115 (child owns it)
-        env = {**os.environ, "CANOPY_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "cluster.cli", role, "--config", str(self.config_path)]
-        proc = subprocess.Popen(
-            [*cmd, "--id", str(ident), *args], stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-        log.close()
-        self.procs.append(proc)
-        return proc
-
-    def clients(self) -> list[redis.Redis]:
-        return [connect(self.cfg.cluster, "bench", 0, shard=i) for i in range(len(self.cfg.cluster.redis))]
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 5
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def cluster(args: argparse.Namespace, workdir: Path) -> Iterator[Cluster]:
-    cfg = Config()
-    cfg.run.name = "bench-ckpt-" + os.urandom(3).hex()
-    cfg.run.dir = str(workdir)
-    cfg.env.id = "CartPole-v1"
-    cfg.redis.shards = args.shards
-    # Every shard may hold R/shards of keep+1 states plus a pending one: leave room.
-    cfg.redis.maxmemory_mb = max(256, int(args.state_mb * 4 * args.replicas))
-    cfg.learner.hidden = hidden_for(args.state_mb)
-    cfg.learner.device = "cpu"
-    cfg.learner.threads = 1
-    cfg.learner.batch_size = args.batch
-    ck = cfg.checkpoint
-    ck.replicas, ck.every_s, ck.keep = args.replicas, args.period, 2
-    ck.shard_hosts = [f"host{i % args.hosts}" for i in range(args.shards)]
-    ports = free_ports(args.shards + 1)
-    cfg.cluster.redis = [f"127.0.0.1:{p}" for p in ports[:-1]]
-    # No replay shard listens here: a recovered learner publishes, then waits in sampling.
-    cfg.cluster.replay = [f"tcp://127.0.0.1:{ports[-1]}"]
-    pw = workdir / "redis.password"
-    fd = os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(os.urandom(18).hex())
-    cfg.cluster.password_file = str(pw)
-    config_path = workdir / "config.toml"
-    config_mod.save(cfg, config_path)
-    c = Cluster(cfg, config_path)
-    try:
-        for i in range(args.shards):
-            c.spawn("redis", i)
-        for r in c.clients():
-            wait_until(lambda r=r: _pings(r), 15, "a redis shard to answer")
-            r.close()
-        yield c
-    finally:
-        c.close()
-
-
-def _pings(r: redis.Redis) -> bool:
-    try:
-        return bool(r.ping())
-    except redis.ConnectionError:
-        return False
-
-
 # ---- training arms ---------------------------------------------------------------------
 class Trainer:
     """A real DQN learner state, updated on a fixed random batch (the model is what matters here)."""
@@ -164,7 +75,8 @@ class Trainer:
         from learner.network import QNetwork
 
         torch.manual_seed(0)
-        self.algo = DQN(QNetwork(OBS, ACTIONS, cfg.learner.hidden), cfg.learner)
+        net = QNetwork(OBS, ACTIONS, cfg.learner.hidden, layer_norm=cfg.learner.layer_norm)
+        self.algo = DQN(net, cfg.learner)
         n = cfg.learner.batch_size
         self.batch = Batch(
             torch.randn(n, OBS),
@@ -212,19 +124,6 @@ def train(
     return {"steps": steps, "stalls": stalls, "deferred": deferred, "wall_s": time.monotonic() - t_start}
 
 
-def _ms(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"n": 0, "mean": None, "p50": None, "p99": None, "max": None}
-    s = sorted(values)
-    return {
-        "n": len(s),
-        "mean": round(1000 * statistics.fmean(s), 3),
-        "p50": round(1000 * s[len(s) // 2], 3),
-        "p99": round(1000 * s[min(len(s) - 1, int(0.99 * len(s)))], 3),
-        "max": round(1000 * s[-1], 3),
-    }
-
-
 # ---- baselines -------------------------------------------------------------------------
 def _state_dict(trainer: Trainer) -> dict[str, Any]:
     a = trainer.algo
@@ -251,7 +150,7 @@ def torch_save_baseline(trainer: Trainer, workdir: Path, trials: int) -> dict[st
         loads.append(time.monotonic() - t0)
     size = path.stat().st_size
     path.unlink()
-    return {"bytes": size, "blocking_ms": _ms(saves), "load_ms": _ms(loads)}
+    return {"bytes": size, "blocking_ms": harness.ms_summary(saves), "load_ms": harness.ms_summary(loads)}
 
 
 def dcp_async_baseline(trainer: Trainer, workdir: Path, trials: int) -> dict[str, Any]:
@@ -276,201 +175,195 @@ def dcp_async_baseline(trainer: Trainer, workdir: Path, trials: int) -> dict[str
         finally:
             if own_group:
                 dist.destroy_process_group()
-        return {"available": True, "blocking_ms": _ms(blocking), "complete_ms": _ms(total)}
+        return {
+            "available": True,
+            "blocking_ms": harness.ms_summary(blocking),
+            "complete_ms": harness.ms_summary(total),
+        }
     except Exception as exc:  # a baseline that cannot run is reported, not fatal
         return {"available": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
 
 
-# ---- recovery --------------------------------------------------------------------------
-def _latest(r: redis.Redis, keys: Keys) -> Version | None:
-    try:
-        raw = r.get(keys.model_latest)
-    except redis.RedisError:
-        return None
-    return Version.parse(raw) if raw else None
+# ---- the checkpoint path ---------------------------------------------------------------
+class Checkpointing:
+    """The learner's checkpoint path on the bench's shards: its lease, a capturer and the
+    writer thread; `events` collects what the writer reports (commits, repairs, failures)."""
 
+    def __init__(self, cfg: Config, r: redis.Redis, keys: Keys):
+        from cluster.config import to_dict
+        from learner.checkpoint.lease import Lease
+        from learner.checkpoint.state import Capturer
+        from learner.checkpoint.writer import Writer
+        from learner.role import make_store
 
-def _newer(r: redis.Redis, keys: Keys, epoch: int) -> Version | None:
-    v = _latest(r, keys)
-    return v if v is not None and v.epoch > epoch else None
+        self.r, self.keys = r, keys
+        self.events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # the writer thread reports while the bench reads
+        self.lease = Lease(r, keys, learner=0, ttl_s=cfg.checkpoint.lease_ttl_s)
+        self.lease.acquire(timeout=10)
+        self.lease.start_renewing(on_lost=lambda: None)
+        self.writer = Writer(make_store(cfg, 0), 0, self.event, guard=self.lease.check)
+        self.capturer = Capturer()
+        self.cfg_dict = to_dict(cfg)
 
+    def event(self, kind: str, **fields: Any) -> None:
+        with self._lock:
+            self.events.append({"kind": kind, **fields})
 
-def _events(r: redis.Redis, keys: Keys, kind: str) -> list[dict[str, str]]:
-    out = []
-    for _, fields in r.xrange(keys.events, count=100_000):
-        e = {k.decode(): v.decode() for k, v in fields.items()}
-        if e.get("kind") == kind:
-            out.append(e)
-    return out
+    def first_captures(self, trainer: Trainer) -> float:
+        """Allocate both capture buffers (and fault their pages in) before the timed arms: a
+        one-time cost per learner start, reported on its own; the first one's seconds."""
+        t0 = time.monotonic()
+        self.capturer.capture(trainer.algo, {}, self.cfg_dict)
+        first_capture_s = time.monotonic() - t0
+        self.capturer.capture(trainer.algo, {}, self.cfg_dict)
+        return first_capture_s
 
-
-def recovery_trial(c: Cluster, r: redis.Redis, keys: Keys, warm: bool) -> dict[str, Any]:
-    """Start a primary (and a standby when warm), SIGKILL the primary, time the takeover."""
-    before = _latest(r, keys)
-    primary = c.spawn("learner", 0)
-    standby = None
-    try:
-        first = wait_until(
-            lambda: _newer(r, keys, before.epoch if before else 0),
-            START_TIMEOUT_S,
-            "the learner's first version",
-        )
-        if warm:
-            # Started once the primary holds the lease, so the primary is the one killed.
-            standby = c.spawn("learner", 1, "--standby")
-            wait_until(
-                lambda: r.hget(keys.proc("learner", 1), "state") == b"standby",
-                START_TIMEOUT_S,
-                "the standby to be built",
-            )
-        time.sleep(0.5)  # a few lease renewals, as in a running learner
-        n_restores = len(_events(r, keys, "restore"))
-        primary.send_signal(signal.SIGKILL)
-        t_kill = time.monotonic()
-        primary.wait(timeout=10)
-        successor = standby if standby is not None else c.spawn("learner", 0)
-        after = wait_until(
-            lambda: _newer(r, keys, first.epoch), RECOVERY_TIMEOUT_S, "a version of a newer epoch", 0.002
-        )
-        seconds = time.monotonic() - t_kill
-        restores = _events(r, keys, "restore")[n_restores:]
+    def arm(self, period: float) -> dict[str, Any]:
+        """What `train` needs to checkpoint every `period` s."""
         return {
-            "seconds": round(seconds, 3),
-            "killed_version": str(first),
-            "new_version": str(after),
-            "restored": restores[0]["ckpt"] if restores else None,
-            "restore_s": float(restores[0]["seconds"]) if restores else None,
-            "prefetched": restores[0].get("prefetched") == "1" if restores else False,
-            "successor_pid": successor.pid,
+            "capturer": self.capturer,
+            "writer": self.writer,
+            "lease": self.lease,
+            "cfg": self.cfg_dict,
+            "period": period,
         }
-    finally:
-        for p in (primary, standby):
-            if p is not None and p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        # Whoever took over dies too: the next trial starts from a free lease.
-        for p in c.procs:
-            if p.args[3] == "learner" and p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
-        wait_until(lambda: not r.exists(keys.lease), 10, "the lease to expire")
+
+    def last(self, trainer: Trainer) -> None:
+        """One more committed checkpoint of the final state, for the recovery trials; then
+        the lease is handed over at once: the benchmark's trainer is done."""
+        self.writer.submit(
+            self.capturer.capture(trainer.algo, {}, self.cfg_dict),
+            f"{self.lease.epoch}.{trainer.algo.updates}",
+            self.lease.token,
+        )
+        self.writer.wait_idle(120)
+        self.writer.close()
+        self.lease.stop()
+        self.r.delete(self.keys.lease)
+
+
+@dataclass
+class Measured:
+    """What the bench measured while its cluster was up."""
+
+    state_bytes: int
+    first_capture_s: float
+    arms: dict[str, list[dict[str, Any]]]  # "off" / "on": what `train` returned, per run of each
+    commits: list[dict[str, Any]]  # commit events of the timed arm
+    failed: list[dict[str, Any]]  # writer events that were neither a commit nor a repair
+    save: dict[str, Any]  # torch.save + fsync baseline
+    dcp: dict[str, Any]  # torch.distributed.checkpoint.async_save baseline
+    recovery: dict[str, list[dict[str, Any]]]  # "cold" / "warm": one entry per trial
+
+    @property
+    def overhead_pct(self) -> float:
+        off = [s for a in self.arms["off"] for s in a["steps"]]
+        on = [s for a in self.arms["on"] for s in a["steps"]]
+        return 100 * (statistics.fmean(on) / statistics.fmean(off) - 1)
+
+    @property
+    def stalls(self) -> list[float]:
+        return [s for a in self.arms["on"] for s in a["stalls"]]
+
+    def save_overhead_pct(self, period: float) -> float | None:
+        """What torch.save + fsync at the same period would take from training: its blocking
+        time per period."""
+        save_ms = self.save["blocking_ms"]["p50"]
+        return 100 * (save_ms / 1000) / period if save_ms is not None else None
+
+    @property
+    def load_s(self) -> float | None:
+        return self.save["load_ms"]["p50"] / 1000 if self.save["load_ms"]["p50"] is not None else None
+
+    def recovery_s(self, kind: str) -> float | None:
+        """Median seconds of the `kind` recovery trials."""
+        seconds = [t["seconds"] for t in self.recovery[kind]]
+        return harness.round_or_none(statistics.median(seconds)) if seconds else None
+
+
+def measure(args: argparse.Namespace, c: Cluster, workdir: Path, bar: Progress) -> Measured:
+    """Train with and without checkpoints, the baselines, then the recovery trials."""
+    cfg, keys = c.cfg, Keys(c.cfg.run.name)
+    r = connect(cfg.cluster, "bench", 0)
+    task = bar.add_task("building the model", total=None)
+    trainer = Trainer(cfg)
+    state_bytes = sum(t.numel() * t.element_size() for t in _flat(trainer))
+    ck = Checkpointing(cfg, r, keys)
+    first_capture_s = ck.first_captures(trainer)
+    arms = train_arms(args, trainer, ck, bar, task)
+    bar.update(task, description="baseline: torch.save + fsync", total=None)
+    arm_events = len(ck.events)  # commit figures cover the timed arm only
+    ck.last(trainer)
+    save = torch_save_baseline(trainer, workdir, args.baseline_trials)
+    bar.update(task, description="baseline: torch.distributed.checkpoint.async_save")
+    dcp = (
+        dcp_async_baseline(trainer, workdir, args.baseline_trials)
+        if not args.no_dcp
+        else {"available": False, "reason": "--no-dcp"}
+    )
+    del trainer  # the learner processes below need the memory more
+    recovery: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
+    if not args.no_recovery:
+        for i in range(args.recovery_trials):
+            for kind in ("cold", "warm"):
+                bar.update(task, description=f"recovery, {kind}, trial {i + 1}/{args.recovery_trials}")
+                recovery[kind].append(recovery_trial(c, r, keys, warm=kind == "warm"))
+    bar.update(task, description="done", total=1, completed=1)
+    r.close()
+    return Measured(
+        state_bytes=state_bytes,
+        first_capture_s=first_capture_s,
+        arms=arms,
+        commits=[e for e in ck.events[:arm_events] if e["kind"] == "checkpoint_commit"],
+        failed=[e for e in ck.events if e["kind"] not in ("checkpoint_commit", "checkpoint_repair")],
+        save=save,
+        dcp=dcp,
+        recovery=recovery,
+    )
+
+
+def train_arms(
+    args: argparse.Namespace, trainer: Trainer, ck: Checkpointing, bar: Progress, task: Any
+) -> dict[str, list[dict[str, Any]]]:
+    """The arms in the order off / on / off (see the module docstring)."""
+    d = args.duration
+    bar.update(task, description="training, no checkpoints (1/2)", total=2 * d, completed=0)
+    arms: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+
+    def ticker(offset: float) -> Callable[[], None]:
+        t = time.monotonic()
+        return lambda: bar.update(task, completed=offset + time.monotonic() - t)
+
+    arms["off"].append(train(trainer, d / 2, ticker(0)))
+    bar.update(task, description=f"training, checkpoint every {args.period:g}s")
+    arms["on"].append(train(trainer, d, ticker(d / 2), ck.arm(args.period)))
+    ck.writer.wait_idle(120)  # outside the timed arm: the last write finishes before "off" resumes
+    bar.update(task, description="training, no checkpoints (2/2)")
+    arms["off"].append(train(trainer, d / 2, ticker(1.5 * d)))
+    bar.update(task, completed=2 * d)
+    return arms
 
 
 # ---- main --------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
-    from cluster.config import to_dict
-    from learner.checkpoint.lease import Lease
-    from learner.checkpoint.state import Capturer
-    from learner.checkpoint.writer import Writer
-    from learner.role import make_store
-
     torch.set_num_threads(1)
-    tmp_parent = args.workdir or None
-    with tempfile.TemporaryDirectory(prefix="canopy-bench-ckpt-", dir=tmp_parent) as tmp:
-        workdir = Path(tmp)
-        with cluster(args, workdir) as c, Progress() as bar:
-            cfg, keys = c.cfg, Keys(c.cfg.run.name)
-            r = connect(cfg.cluster, "bench", 0)
-            task = bar.add_task("building the model", total=None)
-            trainer = Trainer(cfg)
-            state_bytes = sum(t.numel() * t.element_size() for t in _flat(trainer))
-            events: list[dict[str, Any]] = []
-            lock = threading.Lock()
+    with (
+        harness.scratch_dir("canopy-bench-ckpt-", args.workdir or None) as workdir,
+        cluster(args, workdir, hidden_for(args.state_mb)) as c,
+        harness.progress(transient=False) as bar,
+    ):
+        m = measure(args, c, workdir, bar)
+        cfg = c.cfg
+    report.write(args.json, "checkpoint", figures_of(args, cfg, m), checks_of(args, m))
+    return 0
 
-            def event(kind: str, **fields: Any) -> None:
-                with lock:
-                    events.append({"kind": kind, **fields})
 
-            lease = Lease(r, keys, learner=0, ttl_s=cfg.checkpoint.lease_ttl_s)
-            lease.acquire(timeout=10)
-            lease.start_renewing(on_lost=lambda: None)
-            store = make_store(cfg, 0)
-            writer = Writer(store, 0, event, guard=lease.check)
-            capturer = Capturer()
-            cfg_dict = to_dict(cfg)
-            # Both capture buffers are allocated (and their pages faulted in) before the timed
-            # arms: a one-time cost per learner start, reported on its own.
-            t0 = time.monotonic()
-            capturer.capture(trainer.algo, {}, cfg_dict)
-            first_capture_s = time.monotonic() - t0
-            capturer.capture(trainer.algo, {}, cfg_dict)
-
-            d = args.duration
-            bar.update(task, description="training, no checkpoints (1/2)", total=2 * d, completed=0)
-            arms: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
-
-            def ticker(offset: float) -> Any:
-                t = time.monotonic()
-                return lambda: bar.update(task, completed=offset + time.monotonic() - t)
-
-            arms["off"].append(train(trainer, d / 2, ticker(0)))
-            bar.update(task, description=f"training, checkpoint every {args.period:g}s")
-            on = {
-                "capturer": capturer,
-                "writer": writer,
-                "lease": lease,
-                "cfg": cfg_dict,
-                "period": args.period,
-            }
-            arms["on"].append(train(trainer, d, ticker(d / 2), on))
-            writer.wait_idle(120)  # outside the timed arm: the last write finishes before "off" resumes
-            bar.update(task, description="training, no checkpoints (2/2)")
-            arms["off"].append(train(trainer, d / 2, ticker(1.5 * d)))
-            bar.update(task, completed=2 * d)
-
-            bar.update(task, description="baseline: torch.save + fsync", total=None)
-            arm_events = len(events)  # commit figures cover the timed arm only
-            # One more committed checkpoint of the final state for the recovery trials.
-            writer.submit(
-                capturer.capture(trainer.algo, {}, cfg_dict),
-                f"{lease.epoch}.{trainer.algo.updates}",
-                lease.token,
-            )
-            writer.wait_idle(120)
-            writer.close()
-            lease.stop()
-            r.delete(keys.lease)  # hand over at once: the benchmark's trainer is done
-            save = torch_save_baseline(trainer, workdir, args.baseline_trials)
-            bar.update(task, description="baseline: torch.distributed.checkpoint.async_save")
-            dcp = (
-                dcp_async_baseline(trainer, workdir, args.baseline_trials)
-                if not args.no_dcp
-                else {
-                    "available": False,
-                    "reason": "--no-dcp",
-                }
-            )
-            del trainer  # the learner processes below need the memory more
-
-            recovery: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
-            if not args.no_recovery:
-                for i in range(args.recovery_trials):
-                    for kind in ("cold", "warm"):
-                        bar.update(
-                            task, description=f"recovery, {kind}, trial {i + 1}/{args.recovery_trials}"
-                        )
-                        recovery[kind].append(recovery_trial(c, r, keys, warm=kind == "warm"))
-            bar.update(task, description="done", total=1, completed=1)
-            r.close()
-
-    off = [s for a in arms["off"] for s in a["steps"]]
-    on_steps = [s for a in arms["on"] for s in a["steps"]]
-    stalls = [s for a in arms["on"] for s in a["stalls"]]
-    commits = [e for e in events[:arm_events] if e["kind"] == "checkpoint_commit"]
-    failed = [e for e in events if e["kind"] not in ("checkpoint_commit", "checkpoint_repair")]
-    mean_off, mean_on = statistics.fmean(off), statistics.fmean(on_steps)
-    overhead_pct = 100 * (mean_on / mean_off - 1)
-    stall_ms = _ms(stalls)
-    save_ms = save["blocking_ms"]["p50"]
-    # What torch.save + fsync at the same period would take from training: its blocking time per period.
-    save_overhead_pct = 100 * (save_ms / 1000) / args.period if save_ms is not None else None
-    cold = [t["seconds"] for t in recovery["cold"]]
-    warm = [t["seconds"] for t in recovery["warm"]]
-    load_s = save["load_ms"]["p50"] / 1000 if save["load_ms"]["p50"] is not None else None
-    figures: dict[str, Any] = {
+def figures_of(args: argparse.Namespace, cfg: Config, m: Measured) -> dict[str, Any]:
+    return {
         "config": {
             "state_mb": args.state_mb,
-            "state_bytes": state_bytes,
+            "state_bytes": m.state_bytes,
             "params": trainer_params(cfg),
             "hidden": cfg.learner.hidden,
             "batch": args.batch,
@@ -486,30 +379,37 @@ def main(args: argparse.Namespace) -> int:
             "torch_threads": 1,
             "load_average_at_end": list(os.getloadavg()),
         },
-        "step_ms_off": _ms(off),
-        "step_ms_on": _ms(on_steps),
-        "step_overhead_pct": round(overhead_pct, 2),
-        "stall_ms": stall_ms,
-        "first_capture_ms": round(1000 * first_capture_s, 2),
-        "checkpoints": len(stalls),
-        "deferred": sum(a["deferred"] for a in arms["on"]),
-        "commit_ms": _ms([float(e["commit_s"]) for e in commits]),
-        "write_ms": _ms([float(e["write_s"]) for e in commits]),
-        "commit_failures": failed,
-        "recovery_cold": recovery["cold"],
-        "recovery_warm": recovery["warm"],
-        "baseline_torch_save_fsync": {**save, "overhead_pct_at_period": _r(save_overhead_pct)},
-        "baseline_dcp_async_save": dcp,
+        "step_ms_off": harness.ms_summary([s for a in m.arms["off"] for s in a["steps"]]),
+        "step_ms_on": harness.ms_summary([s for a in m.arms["on"] for s in a["steps"]]),
+        "step_overhead_pct": round(m.overhead_pct, 2),
+        "stall_ms": harness.ms_summary(m.stalls),
+        "first_capture_ms": round(1000 * m.first_capture_s, 2),
+        "checkpoints": len(m.stalls),
+        "deferred": sum(a["deferred"] for a in m.arms["on"]),
+        "commit_ms": harness.ms_summary([float(e["commit_s"]) for e in m.commits]),
+        "write_ms": harness.ms_summary([float(e["write_s"]) for e in m.commits]),
+        "commit_failures": m.failed,
+        "recovery_cold": m.recovery["cold"],
+        "recovery_warm": m.recovery["warm"],
+        "baseline_torch_save_fsync": {
+            **m.save,
+            "overhead_pct_at_period": harness.round_or_none(m.save_overhead_pct(args.period)),
+        },
+        "baseline_dcp_async_save": m.dcp,
     }
-    cold_s = _r(statistics.median(cold)) if cold else None
-    warm_s = _r(statistics.median(warm)) if warm else None
-    checks = [
+
+
+def checks_of(args: argparse.Namespace, m: Measured) -> list[dict[str, Any]]:
+    overhead_pct, stall_ms = m.overhead_pct, harness.ms_summary(m.stalls)
+    cold_s, warm_s = m.recovery_s("cold"), m.recovery_s("warm")
+    load_s = harness.round_or_none(m.load_s)
+    return [
         report.check(
             "step_time_overhead",
             round(overhead_pct, 2),
             "%",
             f"<= {GOAL_OVERHEAD_PCT:g}",
-            _r(save_overhead_pct),
+            harness.round_or_none(m.save_overhead_pct(args.period)),
             overhead_pct <= GOAL_OVERHEAD_PCT,
         ),
         report.check(
@@ -517,7 +417,7 @@ def main(args: argparse.Namespace) -> int:
             stall_ms["max"],
             "ms",
             f"<= {GOAL_STALL_MS:g}",
-            save_ms,
+            m.save["blocking_ms"]["p50"],
             stall_ms["max"] is not None and stall_ms["max"] <= GOAL_STALL_MS,
         ),
         report.check(
@@ -525,7 +425,7 @@ def main(args: argparse.Namespace) -> int:
             cold_s,
             "s",
             f"<= {GOAL_COLD_S:g}",
-            _r(load_s),
+            load_s,
             cold_s is not None and cold_s <= GOAL_COLD_S,
         ),
         report.check(
@@ -533,12 +433,10 @@ def main(args: argparse.Namespace) -> int:
             warm_s,
             "s",
             f"<= {GOAL_WARM_S:g}",
-            _r(load_s),
+            load_s,
             warm_s is not None and warm_s <= GOAL_WARM_S,
         ),
     ]
-    report.write(args.json, "checkpoint", figures, checks)
-    return 0
 
 
 def _flat(trainer: Trainer) -> list[torch.Tensor]:
@@ -550,7 +448,3 @@ def _flat(trainer: Trainer) -> list[torch.Tensor]:
 def trainer_params(cfg: Config) -> int:
     sizes = [OBS, *cfg.learner.hidden, ACTIONS]
     return sum(a * b + b for a, b in itertools.pairwise(sizes))
-
-
-def _r(x: float | None, nd: int = 3) -> float | None:
-    return None if x is None else round(x, nd)

@@ -39,7 +39,8 @@ import tomli_w
 from cache import ledger
 from cluster import config as config_mod
 from cluster import netns
-from cluster.bench.faults import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome
+from cluster.bench import harness
+from cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome
 from cluster.errors import DeadlineExceeded, UserError
 from cluster.keys import Keys
 from cluster.lifecycle import wait_until
@@ -108,7 +109,7 @@ def host_plan(
         for role, hosts in placement.items()
     ]
     out = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "hosts", "plan", str(config), *places, "--json"],
+        harness.canopy("hosts", "plan", str(config), *places, "--json"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -138,12 +139,10 @@ class NetnsCluster:
         self.logs.mkdir(exist_ok=True)
         self.procs: dict[str, subprocess.Popen] = {}  # "role-id" -> its process
         self.leftover: list[str] = []
-        self.env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-            "CANOPY_PARENT_PID": str(os.getpid()),  # the roles die with this process
-        }
+        # The roles die with this process; `canopy` on PATH is this interpreter's.
+        self.env = harness.child_env(
+            PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        )
 
     def __enter__(self) -> NetnsCluster:
         self.start()
@@ -252,15 +251,9 @@ class NetnsCluster:
 
     def close(self) -> None:
         """Stop every role, actors first and Redis last; `leftover` names any that would not stop."""
-        for name, proc in reversed(list(self.procs.items())):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    self.leftover.append(name)
-                    proc.kill()
-                    proc.wait(timeout=15)
+        for name, proc in reversed(list(self.procs.items())):  # one at a time: each after its clients
+            if harness.stop([proc], 15.0):
+                self.leftover.append(name)
 
     # ---- faults ---------------------------------------------------------------------
     def inject(self, fault: str) -> Outcome:

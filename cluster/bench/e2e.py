@@ -10,24 +10,18 @@ in the same invocation and timed to a mean training return >= threshold over its
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.progress import Progress
-
-from cluster.bench import report
+from cluster.bench import harness, report
 
 GOAL_MEDIAN_S = 30.0
 SB3_MAX_STEPS = 200_000
-PROGRESS_EVERY_S = 1.0
 
 
 def run_canopy(
@@ -40,32 +34,21 @@ def run_canopy(
     on_progress: Callable[[str], None],
 ) -> dict:
     """One `canopy up` to the threshold; `on_progress` gets its newest metrics row as text."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "cluster.cli",
-        "up",
-        "--env",
-        env,
-        "--seed",
-        str(seed),
-        "--stop-at-return",
-        str(threshold),
-        "--time-limit",
-        str(time_limit),
-        "--run-dir",
-        str(run_dir),
-    ]
-    for s in sets:
-        cmd += ["--set", s]
+    cmd = harness.up_command(
+        env, run_dir, seed=seed, stop_at_return=threshold, time_limit=time_limit, sets=sets
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     stderr_path = run_dir.with_suffix(".stderr")
     with open(stderr_path, "wb") as stderr:
-        code = watch(
-            cmd, subprocess.DEVNULL, stderr, time_limit + 180, lambda: on_progress(latest_row(run_dir))
+        code = harness.watch(
+            cmd,
+            subprocess.DEVNULL,
+            stderr,
+            time_limit + 180,
+            lambda: on_progress(harness.latest_row(run_dir)),
         )
     if code != 0:
-        return {"seed": seed, "solved": False, "error": last_lines(stderr_path)}
+        return {"seed": seed, "solved": False, "error": harness.last_lines(stderr_path)}
     summary = json.loads((run_dir / "summary.json").read_text())
     keep = (
         "solved",
@@ -77,46 +60,6 @@ def run_canopy(
         "wall_s",
     )
     return {"seed": seed, **{k: summary[k] for k in keep}}
-
-
-def watch(cmd: list[str], stdout: Any, stderr: Any, timeout_s: float, on_tick: Callable[[], None]) -> int:
-    """Run `cmd` to its end, calling `on_tick` about every second; kill it past `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr)
-    try:
-        while proc.poll() is None:
-            if time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(cmd, timeout_s)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=PROGRESS_EVERY_S)
-            on_tick()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
-
-
-def last_lines(path: Path, n: int = 1) -> list[str]:
-    """The last `n` lines of a subprocess's stderr file: what it died of."""
-    try:
-        return path.read_text(errors="replace").strip().splitlines()[-n:]
-    except OSError:
-        return []
-
-
-def latest_row(run_dir: Path) -> str:
-    """The newest metrics.jsonl row of a running `canopy up`, in a few words."""
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        row = json.loads(lines[-1]) if lines else None
-    except (OSError, ValueError):
-        row = None
-    if not isinstance(row, dict):
-        return "starting"
-    evaluation = row.get("eval_return")
-    shown = "-" if evaluation is None else f"{evaluation:.0f}"
-    return f"{row.get('wall_s', 0):.0f}s, {row.get('env_steps', 0):,} steps, eval {shown}"
 
 
 def run_sb3_ppo(env_id: str, seed: int, threshold: float) -> dict:
@@ -135,7 +78,7 @@ def run_sb3_ppo(env_id: str, seed: int, threshold: float) -> dict:
                 return False
             return True
 
-    def linear(start: float):
+    def linear(start: float) -> Callable[[float], float]:
         return lambda progress: progress * start
 
     t0 = time.monotonic()
@@ -181,7 +124,7 @@ def main(args: argparse.Namespace) -> int:
         have_sb3 = not args.no_baseline
     except ImportError:
         have_sb3 = False
-    with tempfile.TemporaryDirectory(prefix="canopy-bench-") as tmp, Progress(transient=True) as bar:
+    with harness.scratch_dir("canopy-bench-") as tmp, harness.progress() as bar:
         task = bar.add_task("canopy up per seed", total=len(seeds) * (2 if have_sb3 else 1))
         for seed in seeds:
 
@@ -189,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
                 bar.update(task, description=f"canopy up, seed {seed}: {text}")
 
             show("starting")
-            run_dir = Path(tmp) / f"seed-{seed}"
+            run_dir = tmp / f"seed-{seed}"
             ours.append(run_canopy(args.env, seed, args.threshold, args.time_limit, args.set, run_dir, show))
             bar.advance(task)
             if have_sb3:

@@ -26,37 +26,23 @@ be gone. The baseline beside each recovery time is the run's normal gap between 
 from __future__ import annotations
 
 import argparse
-import itertools
-import json
 import os
-import re
 import signal
-import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import redis
 from rich.console import Console
-from rich.table import Table
 
-from cache import ledger
-from cluster import config as config_mod
-from cluster.bench import report
+from cluster.bench import cutoff, harness, report
+from cluster.bench.liverun import LiveRun
+from cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome, table
 from cluster.errors import DeadlineExceeded, UserError
-from cluster.keys import Keys
 from cluster.lifecycle import wait_until
-from cluster.redisconn import connect
 from cluster.version import Version
-from learner.checkpoint.lease import parse_token
-from learner.checkpoint.placement import make_plan, shard_hosts_of
-from learner.checkpoint.store import CheckpointStore, Incomplete
+from learner.checkpoint.store import Incomplete
 
 FAULTS = ("actor", "replay", "cache", "redis", "learner", "standby", "zombie", "root")
 # Recovery goals (s) on a small shared machine; a warm standby must take over within 5 s.
@@ -79,61 +65,11 @@ UP_SETTINGS = (
     "actors.count=2",
     "learner.publish_every=20",
 )
-START_TIMEOUT_S = 180.0
-SETTLE_TIMEOUT_S = 120.0
-RECOVER_TIMEOUT_S = 60.0
 EVAL_WAIT_S = 30.0
-ACTOR_STEPS = 500  # env steps every actor must take after recovery
-STOP_TIMEOUT_S = 60.0
-LAUNCHER_LINE = re.compile(r"^canopy: (role_died|restart) (.*)$")
 
 
-@dataclass
-class Outcome:
-    """What one fault did to the run; `ok` is the check the JSON reports."""
-
-    fault: str
-    target: str
-    goal_s: float
-    detect_s: float | None = None
-    detected_by: str = ""
-    recover_s: float | None = None
-    recovered_by: str = ""
-    version_before: str = ""
-    version_after: str = ""
-    versions_increasing: bool = False
-    eval_before: float | None = None
-    eval_after: float | None = None
-    checkpoints_checked: int = 0
-    checkpoints_lost: list[str] = field(default_factory=list)
-    fenced: bool | None = None  # zombie only: it stopped after waking
-    zombie_writes: list[str] = field(default_factory=list)  # zombie only: versions/ckpts after SIGCONT
-    error: str = ""
-
-    @property
-    def eval_collapsed(self) -> bool:
-        """A policy that was worth keeping (return >= 100) lost more than half of its return."""
-        if self.eval_before is None or self.eval_before < 100:
-            return False
-        return self.eval_after is None or self.eval_after < 0.5 * self.eval_before
-
-    @property
-    def ok(self) -> bool:
-        return (
-            not self.error
-            and self.detect_s is not None
-            and self.recover_s is not None
-            and self.recover_s <= self.goal_s
-            and self.versions_increasing
-            and not self.checkpoints_lost
-            and not self.eval_collapsed
-            and self.fenced is not False
-            and not self.zombie_writes
-        )
-
-
-class Cluster:
-    """A `canopy up` run under test: its Redis view, launcher lines and every pid it started.
+class Cluster(LiveRun):
+    """A `canopy up` run that takes the faults of FAULTS one at a time (liverun.py watches it).
 
     Example:
         with Cluster(Path("/tmp/run")) as c:
@@ -142,174 +78,15 @@ class Cluster:
     """
 
     def __init__(self, run_dir: Path, time_limit_s: float = 900.0, settings: tuple[str, ...] = UP_SETTINGS):
-        self.run_dir = run_dir
-        env = {**os.environ}
-        env.pop("CANOPY_PARENT_PID", None)  # this run is not a child of any other canopy up
-        cmd = [sys.executable, "-m", "cluster.cli", "up", "--env", "CartPole-v1", "--run-dir", str(run_dir)]
-        cmd += ["--stop-at-return", "1e9", "--time-limit", str(time_limit_s)]
-        for item in settings:
-            cmd += ["--set", item]
-        self.up = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True
-        )
-        self.lines: list[tuple[float, str, dict[str, str]]] = []  # (wall time, kind, fields)
-        self.stderr_tail: list[str] = []
-        self.pids: dict[int, str] = {}  # pid -> its start time in /proc, for pid reuse
-        self.leftover: list[int] = []
-        self.closed = False
-        self._stop = threading.Event()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        threading.Thread(target=self._track_pids, daemon=True).start()
-        try:
-            self._connect()
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self) -> Cluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # ---- watching -------------------------------------------------------------------
-    def _read_stderr(self) -> None:
-        assert self.up.stderr is not None
-        for raw in self.up.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.stderr_tail = ([*self.stderr_tail, line])[-20:]
-            m = LAUNCHER_LINE.match(line)
-            if m:
-                fields = dict(kv.split("=", 1) for kv in m.group(2).split() if "=" in kv)
-                self.lines.append((time.time(), m.group(1), fields))
-
-    def _track_pids(self) -> None:
-        while not self._stop.wait(0.5):
-            self.pids.update(_descendants(self.up.pid))
-
-    def _connect(self) -> None:
-        cluster_json = self.run_dir / "cluster.json"
-        try:
-            wait_until(
-                lambda: cluster_json.exists() or self.up.poll() is not None, START_TIMEOUT_S, "cluster.json"
-            )
-        except DeadlineExceeded:
-            raise UserError(f"canopy up did not start in {START_TIMEOUT_S:.0f}s: {self.tail()}") from None
-        if self.up.poll() is not None:
-            raise UserError(f"canopy up exited with code {self.up.returncode}: {self.tail()}")
-        self.cfg = config_mod.load(self.run_dir / "config.toml")
-        self.keys = Keys(self.cfg.run.name)
-        n = len(self.cfg.cluster.redis)
-        self.shards = [connect(self.cfg.cluster, "bench", 0, shard=i) for i in range(n)]
-        for r in self.shards:
-            r.connection_pool.connection_kwargs.update(socket_timeout=2.0, socket_connect_timeout=1.0)
-        self.r = self.shards[0]
-
-        plan = make_plan(shard_hosts_of(self.cfg.checkpoint.shard_hosts, self.cfg.cluster.redis), 1)
-        self.store = CheckpointStore(self.shards, self.keys, plan)
-        self.redis_pids = {i: e["pid"] for i, e in enumerate(_read_json(cluster_json)["redis"])}
-        self.pids.update(_descendants(self.up.pid))
-
-    def tail(self) -> str:
-        return " | ".join(self.stderr_tail[-5:])
-
-    def _get(self, fn: Callable[[], Any], default: Any = None) -> Any:
-        """A read from Redis that answers `default` while a shard is down."""
-        try:
-            return fn()
-        except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError):
-            return default
-
-    def latest(self) -> Version | None:
-        value = self._get(lambda: self.r.get(self.keys.model_latest))
-        return Version.parse(value) if value else None
-
-    def proc(self, role: str, ident: int) -> dict[str, str]:
-        h = self._get(lambda: self.r.hgetall(self.keys.proc(role, ident)), {})
-        return {k.decode(): v.decode() for k, v in h.items()}
-
-    def active_learner(self) -> int | None:
-        held = parse_token(self._get(lambda: self.r.get(self.keys.lease)))
-        return held[1] if held is not None else None
-
-    def events_since(self, t: float, kind: str | None = None) -> list[tuple[float, dict[str, str]]]:
-        """Events of the stream at or after wall time `t`, with their times (from the entry ids)."""
-        entries = self._get(lambda: self.r.xrange(self.keys.events, min=f"{int(t * 1000)}-0"), [])
-        out = []
-        for entry_id, fields in entries:
-            event = {k.decode(): v.decode() for k, v in fields.items()}
-            if kind is None or event.get("kind") == kind:
-                out.append((int(entry_id.decode().partition("-")[0]) / 1000, event))
-        return out
-
-    def launcher_line(self, kind: str, role: str, ident: int, after: float) -> float | None:
-        """Wall time of the launcher's first `kind` line for one role since `after`."""
-        for t, k, f in list(self.lines):
-            if t >= after and k == kind and f.get("role") == role and f.get("ident") == str(ident):
-                return t
-        return None
-
-    def published_at(self, v: Version) -> float | None:
-        return ledger.published_at(
-            self._get(lambda: self.r.hget(self.keys.ledger_version(str(v)), ledger.PUBLISHED_AT))
-        )
-
-    def publish_gap_s(self, since: float) -> float | None:
-        """Median time between the versions published since `since`: the run's normal cadence."""
-        times = sorted(t for t, _ in self._ledger_since(since))
-        gaps = [b - a for a, b in itertools.pairwise(times)]
-        return round(statistics.median(gaps), 3) if gaps else None
-
-    def _ledger_since(self, since: float, epoch: int | None = None) -> list[tuple[float, str]]:
-        pattern = self.keys.ledger_version(f"{epoch}.*" if epoch is not None else "*")
-        out = []
-        for key in self._get(lambda: list(self.r.scan_iter(match=pattern, count=1000)), []):
-            t = ledger.published_at(self._get(lambda k=key: self.r.hget(k, ledger.PUBLISHED_AT)))
-            if t is not None and t >= since:
-                out.append((t, key.decode().rpartition(":")[2]))
-        return out
-
-    # ---- steady state ---------------------------------------------------------------
-    def settle(self, since: float) -> None:
-        """Wait until every role runs, a standby is warm, and a checkpoint was committed since `since`."""
-        counts = {"replay": self.cfg.replay.shards, "cache": self.cfg.cache.nodes}
-        counts |= {"evaluator": 1, "actor": self.cfg.actors.count}
-
-        def steady() -> bool:
-            if not all(self._get(r.ping, False) for r in self.shards):
-                return False
-            active = self.active_learner()
-            if active is None or self.proc("learner", active).get("state") != "running":
-                return False
-            if self.cfg.checkpoint.standby and self.proc("learner", 1 - active).get("state") != "standby":
-                return False
-            for role, n in counts.items():
-                for i in range(n):
-                    h = self.proc(role, i)
-                    if h.get("state") != "running" or not _alive(int(h.get("pid", 0))):
-                        return False
-            commits = self.events_since(since, "checkpoint_commit")
-            return any(Version.parse(e["ckpt"]).epoch == self._epoch() for _, e in commits)
-
-        try:
-            wait_until(
-                lambda: self.up.poll() is not None or steady(), SETTLE_TIMEOUT_S, "a steady cluster", 0.2
-            )
-        except DeadlineExceeded:
-            raise UserError(f"the run did not settle in {SETTLE_TIMEOUT_S:.0f}s: {self.tail()}") from None
-        if self.up.poll() is not None:
-            raise UserError(f"canopy up exited with code {self.up.returncode}: {self.tail()}")
-
-    def _epoch(self) -> int:
-        v = self.latest()
-        return v.epoch if v else 0
+        self._last_recovery = 0.0  # the next fault waits for a checkpoint committed after this
+        super().__init__(run_dir, time_limit_s, settings)
 
     # ---- faults ---------------------------------------------------------------------
     def inject(self, fault: str) -> Outcome:
         """Settle, apply `fault`, measure detection, recovery and the aftermath."""
         if fault not in FAULTS:
             raise UserError(f"unknown fault {fault!r}: choose from {', '.join(FAULTS)}")
-        self.settle(getattr(self, "_last_recovery", 0.0))
+        self.settle(self._last_recovery)
         t_settled = time.time()
         before = self.latest()
         assert before is not None
@@ -334,8 +111,8 @@ class Cluster:
     def redis_pid(self, ident: int) -> int:
         """The pid of the redis-server behind shard `ident` (restarted shards have new ones)."""
         conf = f"/redis-{ident}/redis.conf"
-        for pid in _descendants(self.up.pid):
-            cmd = _cmdline(pid)
+        for pid in harness.descendants(self.up.pid):
+            cmd = harness.cmdline(pid)
             if "redis-server" in cmd and conf in cmd:
                 return pid
         return self.redis_pids[ident]
@@ -450,13 +227,13 @@ class Cluster:
 
         def stopped() -> bool:
             fenced = any(e.get("id") == str(active) for _, e in self.events_since(t_cont, "fence"))
-            return fenced or not _alive(pid)
+            return fenced or not harness.alive(pid)
 
         try:
             out.fenced = wait_until(stopped, RECOVER_TIMEOUT_S, "the zombie to stop", 0.1)
         except DeadlineExceeded:
             out.fenced = False
-        wait_until(lambda: not _alive(pid), RECOVER_TIMEOUT_S, "the zombie process to exit", 0.1)
+        wait_until(lambda: not harness.alive(pid), RECOVER_TIMEOUT_S, "the zombie process to exit", 0.1)
         out.zombie_writes = [v for _, v in self._ledger_since(t_cont, zombie_epoch)]
         out.zombie_writes += [
             f"checkpoint {e['ckpt']}"
@@ -536,95 +313,10 @@ class Cluster:
 
         wait_until(flowing, RECOVER_TIMEOUT_S, f"every actor to step {ACTOR_STEPS} more env steps", 0.2)
 
-    def _last_eval(self, since: float) -> float | None:
-        evals = self.events_since(since, "eval")
-        return float(evals[-1][1]["mean_return"]) if evals else None
-
-    # ---- end ------------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop `canopy up`; `leftover` lists every process of the run still alive after it."""
-        if self.closed:
-            return
-        self.closed = True
-        self.pids.update(_descendants(self.up.pid))
-        self._stop.set()
-        if self.up.poll() is None:
-            self.up.send_signal(signal.SIGTERM)
-            try:
-                self.up.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.up.kill()
-                self.up.wait()
-        for r in getattr(self, "shards", []):
-            r.close()
-        try:
-            wait_until(
-                lambda: not any(_same(p, s) for p, s in self.pids.items()), 10.0, "the run's processes"
-            )
-        except DeadlineExceeded:
-            self.leftover = [p for p, s in self.pids.items() if _same(p, s)]
-            for pid in self.leftover:  # report them, but leave none behind on this machine
-                os.kill(pid, signal.SIGKILL)
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """Every live descendant of `root` with its start time (field 22 of /proc/<pid>/stat)."""
-    parent: dict[int, int] = {}
-    start: dict[int, str] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        parent[int(entry.name)], start[int(entry.name)] = int(fields[1]), fields[19]
-    found: dict[int, str] = {}
-    frontier = [root]
-    while frontier:
-        p = frontier.pop()
-        for child, ppid in parent.items():
-            if ppid == p and child not in found:
-                found[child] = start[child]
-                frontier.append(child)
-    return found
-
-
-def _same(pid: int, start: str) -> bool:
-    """`pid` is still the process first seen with start time `start`, and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return fields[0] != "Z" and fields[19] == start
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
 
 def parse_faults(text: str) -> list[str]:
     """`a,b,c` -> the faults in the order given; one line naming the known ones otherwise."""
-    from cluster.bench.cutoff import CUT_FAULTS
-
-    known = (*FAULTS, *CUT_FAULTS)
+    known = (*FAULTS, *cutoff.CUT_FAULTS)
     names = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in names if f not in known]
     if unknown or not names:
@@ -632,45 +324,7 @@ def parse_faults(text: str) -> list[str]:
     return names
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def table(outcomes: list[Outcome], baseline_s: float | None) -> Table:
-    t = Table(title=f"fault matrix (normal gap between versions: {_fmt(baseline_s)} s)")
-    for col in (
-        "fault",
-        "target",
-        "detect s",
-        "by",
-        "recover s",
-        "goal s",
-        "versions",
-        "eval",
-        "ckpts",
-        "ok",
-    ):
-        t.add_column(col)
-    for o in outcomes:
-        extra = "" if o.fenced is None else (" fenced" if o.fenced else " NOT fenced")
-        t.add_row(
-            o.fault,
-            o.target + extra,
-            _fmt(o.detect_s),
-            o.detected_by,
-            _fmt(o.recover_s),
-            f"{o.goal_s:.0f}",
-            f"{o.version_before} -> {o.version_after or '?'}",
-            f"{_fmt(o.eval_before)} -> {_fmt(o.eval_after)}",
-            f"{o.checkpoints_checked - len(o.checkpoints_lost)}/{o.checkpoints_checked}",
-            "yes" if o.ok else f"NO {o.error[:60]}",
-        )
-    return t
-
-
 def main(args: argparse.Namespace) -> int:
-    from cluster.bench import cutoff
-
     faults = parse_faults(args.faults)
     run_dir = Path(tempfile.mkdtemp(prefix="canopy-faults-"))
     console = Console(stderr=True, width=200)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -31,11 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from rich.progress import Progress
 from torch import nn
 
-from cluster.bench import report
+from cluster.bench import harness, report
 from cluster.config import LearnerConfig
+from cluster.ports import free_ports
 from learner.algorithms.dqn import DQN, Batch
 from learner.network import NatureCNN, QNetwork
 from learner.overlap import Member, OverlapTrainer
@@ -75,7 +74,7 @@ def bare_step(online: nn.Module, target: nn.Module, opt: torch.optim.Optimizer, 
     opt.step()
 
 
-def rate(step, seconds: float, device: str) -> float:
+def rate(step: Callable[[], Any], seconds: float, device: str) -> float:
     """Steps per second over about `seconds`, after a warm-up."""
     for _ in range(3):
         step()
@@ -113,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     figures: dict[str, dict] = {}
-    with Progress(transient=True) as progress:
+    with harness.progress() as progress:
         task = progress.add_task("learner bench", total=len(WORKLOADS) * len(devices))
         for device in devices:
             for name in WORKLOADS:
@@ -158,9 +157,7 @@ def spawn_ranks(
     this machine, one torch thread each; returns each rank's JSON-able result, in rank order.
 
     NCCL: rank r uses GPU r (one GPU per rank)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_ports(1)[0]
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _rank_main,

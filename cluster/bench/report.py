@@ -15,6 +15,7 @@ def check(name: str, value: Any, unit: str, goal: str, baseline: Any, met: bool)
 
 
 def write(path: str | Path, bench: str, figures: dict[str, Any], checks: list[dict[str, Any]]) -> None:
+    """The whole document to `path`; its checks alone on stdout, where every bench prints them."""
     doc = {"bench": bench, **figures, "machine": machine_facts(), "checks": checks}
     Path(path).write_text(json.dumps(doc, indent=2) + "\n")
     print(json.dumps({"bench": bench, "checks": checks}, indent=2))

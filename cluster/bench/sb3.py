@@ -4,7 +4,7 @@
 --started-at T ...` once per SB3 algorithm, one after another, so that each trains alone on the
 machine. The run:
 
-- builds the model with the rl-baselines3-zoo hyperparameters of the env (`ZOO` below; envs
+- builds the model with the rl-baselines3-zoo hyperparameters of the env (`ZOO` in rlzoo.py; envs
   missing there get rl-zoo's `default` entry, i.e. SB3's defaults, and a note in the JSON);
 - trains until the wall-clock budget runs out or the zoo's `n_timesteps` is reached, whichever
   comes first. The clock starts at `--started-at` (the parent's time just before it started
@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from cluster.bench.rlzoo import ZOO, zoo_hyperparams
+
 SCREEN_EPISODES = 10
 CONFIRM_EPISODES = 100
 # Screens per zoo schedule: each costs SCREEN_EPISODES episodes (10 x 500 steps on a solved
@@ -44,238 +46,6 @@ SCREENS_PER_SCHEDULE = 25
 MIN_SCREEN_EVERY = 1000
 SCREEN_SHARE = 0.15  # the most of the elapsed time screens may take before the next one waits
 EVAL_BATCH = 10  # episodes stepped side by side, so the policy's forward pass runs batched
-
-# The zoo gives LunarLander-v3 and Acrobot-v1 the same DQN entry.
-_DQN_LUNAR_ACROBOT = {
-    "n_timesteps": 1e5,
-    "learning_rate": 6.3e-4,
-    "batch_size": 128,
-    "buffer_size": 50000,
-    "learning_starts": 0,
-    "gamma": 0.99,
-    "target_update_interval": 250,
-    "train_freq": 4,
-    "gradient_steps": -1,
-    "exploration_fraction": 0.12,
-    "exploration_final_eps": 0.1,
-    "policy_kwargs": {"net_arch": [256, 256]},
-}
-
-# rl-baselines3-zoo hyperparameters, copied from hyperparams/ppo.yml, dqn.yml, sac.yml and
-# td3.yml of github.com/DLR-RM/rl-baselines3-zoo at commit 22e3ff2 (2026-04-23). Values keep
-# the zoo's spelling: "lin_X" is its linear_schedule (X * progress_remaining), noise_type and
-# noise_std build the action noise, normalize wraps the training env in VecNormalize (gamma =
-# the algorithm's), policy_kwargs are the zoo's dict(...) strings as dicts. "default" is the
-# zoo's entry for envs it does not list.
-ZOO: dict[str, dict[str, dict[str, Any]]] = {
-    "ppo": {
-        "default": {"n_timesteps": 1e6},
-        "CartPole-v1": {
-            "n_envs": 8,
-            "n_timesteps": 1e5,
-            "n_steps": 32,
-            "batch_size": 256,
-            "gae_lambda": 0.8,
-            "gamma": 0.98,
-            "n_epochs": 20,
-            "ent_coef": 0.0,
-            "learning_rate": "lin_0.001",
-            "clip_range": "lin_0.2",
-        },
-        "Pendulum-v1": {
-            "n_envs": 4,
-            "n_timesteps": 1e5,
-            "n_steps": 1024,
-            "gae_lambda": 0.95,
-            "gamma": 0.9,
-            "n_epochs": 10,
-            "ent_coef": 0.0,
-            "learning_rate": 1e-3,
-            "clip_range": 0.2,
-            "use_sde": True,
-            "sde_sample_freq": 4,
-        },
-        "Acrobot-v1": {
-            "normalize": True,
-            "n_envs": 16,
-            "n_timesteps": 1e6,
-            "n_steps": 256,
-            "gae_lambda": 0.94,
-            "gamma": 0.99,
-            "n_epochs": 4,
-            "ent_coef": 0.0,
-        },
-        "MountainCar-v0": {
-            "normalize": True,
-            "n_envs": 16,
-            "n_timesteps": 1e6,
-            "n_steps": 16,
-            "gae_lambda": 0.98,
-            "gamma": 0.99,
-            "n_epochs": 4,
-            "ent_coef": 0.0,
-        },
-        "MountainCarContinuous-v0": {
-            "normalize": True,
-            "n_envs": 1,
-            "n_timesteps": 20000,
-            "batch_size": 256,
-            "n_steps": 8,
-            "gamma": 0.9999,
-            "learning_rate": 7.77e-05,
-            "ent_coef": 0.00429,
-            "clip_range": 0.1,
-            "n_epochs": 10,
-            "gae_lambda": 0.9,
-            "max_grad_norm": 5,
-            "vf_coef": 0.19,
-            "use_sde": True,
-            "policy_kwargs": {"log_std_init": -3.29, "ortho_init": False},
-        },
-        "LunarLander-v3": {
-            "n_envs": 16,
-            "n_timesteps": 1e6,
-            "n_steps": 1024,
-            "batch_size": 64,
-            "gae_lambda": 0.98,
-            "gamma": 0.999,
-            "n_epochs": 4,
-            "ent_coef": 0.01,
-        },
-        "LunarLanderContinuous-v3": {
-            "n_envs": 16,
-            "n_timesteps": 1e6,
-            "n_steps": 1024,
-            "batch_size": 64,
-            "gae_lambda": 0.98,
-            "gamma": 0.999,
-            "n_epochs": 4,
-            "ent_coef": 0.01,
-        },
-    },
-    "dqn": {
-        "default": {"n_timesteps": 1e6},
-        "CartPole-v1": {
-            "n_timesteps": 5e4,
-            "learning_rate": 2.3e-3,
-            "batch_size": 64,
-            "buffer_size": 100000,
-            "learning_starts": 1000,
-            "gamma": 0.99,
-            "target_update_interval": 10,
-            "train_freq": 256,
-            "gradient_steps": 128,
-            "exploration_fraction": 0.16,
-            "exploration_final_eps": 0.04,
-            "policy_kwargs": {"net_arch": [256, 256]},
-        },
-        "MountainCar-v0": {
-            "n_timesteps": 1.2e5,
-            "learning_rate": 4e-3,
-            "batch_size": 128,
-            "buffer_size": 10000,
-            "learning_starts": 1000,
-            "gamma": 0.98,
-            "target_update_interval": 600,
-            "train_freq": 16,
-            "gradient_steps": 8,
-            "exploration_fraction": 0.2,
-            "exploration_final_eps": 0.07,
-            "policy_kwargs": {"net_arch": [256, 256]},
-        },
-        "LunarLander-v3": _DQN_LUNAR_ACROBOT,
-        "Acrobot-v1": _DQN_LUNAR_ACROBOT,
-    },
-    "sac": {
-        "default": {"n_timesteps": 1e6},
-        "Pendulum-v1": {"n_timesteps": 20000, "learning_rate": 1e-3},
-        "MountainCarContinuous-v0": {
-            "n_timesteps": 50000,
-            "learning_rate": 3e-4,
-            "buffer_size": 50000,
-            "batch_size": 512,
-            "ent_coef": 0.1,
-            "train_freq": 32,
-            "gradient_steps": 32,
-            "gamma": 0.9999,
-            "tau": 0.01,
-            "learning_starts": 0,
-            "use_sde": True,
-            "policy_kwargs": {"log_std_init": -3.67, "net_arch": [64, 64]},
-        },
-        "LunarLanderContinuous-v3": {
-            "n_timesteps": 5e5,
-            "batch_size": 256,
-            "learning_rate": "lin_7.3e-4",
-            "buffer_size": 1000000,
-            "ent_coef": "auto",
-            "gamma": 0.99,
-            "tau": 0.01,
-            "train_freq": 1,
-            "gradient_steps": 1,
-            "learning_starts": 10000,
-            "policy_kwargs": {"net_arch": [400, 300]},
-        },
-    },
-    "td3": {
-        "default": {
-            "n_timesteps": 1e6,
-            "train_freq": 1,
-            "gradient_steps": 1,
-            "noise_type": "normal",
-            "noise_std": 0.1,
-        },
-        "Pendulum-v1": {
-            "n_timesteps": 20000,
-            "gamma": 0.98,
-            "buffer_size": 200000,
-            "learning_starts": 10000,
-            "noise_type": "normal",
-            "noise_std": 0.1,
-            "gradient_steps": 1,
-            "train_freq": 1,
-            "learning_rate": 1e-3,
-            "policy_kwargs": {"net_arch": [400, 300]},
-        },
-        "MountainCarContinuous-v0": {
-            "n_timesteps": 300000,
-            "noise_type": "ornstein-uhlenbeck",
-            "noise_std": 0.5,
-            "gradient_steps": 1,
-            "train_freq": 1,
-            "learning_rate": 1e-3,
-            "batch_size": 256,
-            "policy_kwargs": {"net_arch": [400, 300]},
-        },
-        "LunarLanderContinuous-v3": {
-            "n_timesteps": 3e5,
-            "gamma": 0.98,
-            "buffer_size": 200000,
-            "learning_starts": 10000,
-            "noise_type": "normal",
-            "noise_std": 0.1,
-            "gradient_steps": 1,
-            "train_freq": 1,
-            "learning_rate": 1e-3,
-            "policy_kwargs": {"net_arch": [400, 300]},
-        },
-    },
-}
-ZOO_SOURCE = "rl-baselines3-zoo hyperparams/{algo}.yml @ 22e3ff2"
-
-# Which SB3 algorithms fit an action space, as rl-zoo would run them.
-ALGOS = {"discrete": ("ppo", "dqn"), "box": ("ppo", "sac", "td3")}
-
-
-def zoo_hyperparams(algo: str, env_id: str) -> tuple[dict[str, Any], str]:
-    """The zoo's hyperparameters of `algo` on `env_id` and where they came from (a note if defaulted)."""
-    table = ZOO[algo]
-    if env_id in table:
-        return dict(table[env_id]), ZOO_SOURCE.format(algo=algo)
-    return dict(table["default"]), (
-        f"{env_id} has no entry in {ZOO_SOURCE.format(algo=algo)}: SB3 defaults "
-        "(the zoo's `default` entry, n_timesteps 1e6)"
-    )
 
 
 def schedule(value: Any) -> Any:
@@ -365,25 +135,14 @@ def stats(returns: list[float]) -> dict[str, float]:
     }
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """One budgeted SB3 run (see the module docstring); the dict is what main prints."""
+def build(args: argparse.Namespace, own: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """The model of `args.algo` on its training env, as rl-zoo builds it: (model, the
+    VecNormalize wrapper or None)."""
     import gymnasium as gym
-    import stable_baselines3
-    import torch
     from stable_baselines3 import DQN, PPO, SAC, TD3
-    from stable_baselines3.common.callbacks import BaseCallback
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
-    def elapsed() -> float:
-        return time.time() - args.started_at
-
-    params, source = zoo_hyperparams(args.algo, args.env)
-    own, kwargs = split_hyperparams(params)
-    n_timesteps = int(own.get("n_timesteps", 1e6))
     env = make_vec_env(args.env, n_envs=int(own.get("n_envs", 1)), seed=args.seed)
     norm: VecNormalize | None = None
     if own.get("normalize"):
@@ -396,42 +155,89 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if noise is not None:
             kwargs["action_noise"] = noise
     cls = {"ppo": PPO, "dqn": DQN, "sac": SAC, "td3": TD3}[args.algo]
-    model = cls(own.get("policy", "MlpPolicy"), env, seed=args.seed, verbose=0, **kwargs)
+    return cls(own.get("policy", "MlpPolicy"), env, seed=args.seed, verbose=0, **kwargs), norm
 
-    def act_with(obs_rms: Any) -> Callable[[np.ndarray], np.ndarray]:
+
+class Screens:
+    """The screens of one run: its curve, the best-screening parameters (the hand-over, as
+    rl-zoo's EvalCallback keeps best_model) and the first confirmed solve."""
+
+    def __init__(self, args: argparse.Namespace, model: Any, norm: Any, elapsed: Callable[[], float]):
+        self.args, self.model, self.norm, self.elapsed = args, model, norm, elapsed
+        self.curve: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None
+        self.best_params: tuple[dict[str, Any], Any] | None = None
+        self.solve: dict[str, Any] | None = None
+        self.seconds = 0.0  # spent screening, counted against SCREEN_SHARE
+
+    def act_with(self, obs_rms: Any) -> Callable[[np.ndarray], np.ndarray]:
+        """Deterministic actions, observations scaled with `obs_rms` (the training env's, frozen)."""
+        norm = self.norm
+
         def act(obs: np.ndarray) -> np.ndarray:
-            if obs_rms is not None and norm is not None:  # the training env's statistics, frozen
+            if obs_rms is not None and norm is not None:
                 scaled = (obs - obs_rms.mean) / np.sqrt(obs_rms.var + norm.epsilon)
                 obs = np.clip(scaled, -norm.clip_obs, norm.clip_obs)
-            return model.predict(obs, deterministic=True)[0]
+            return self.model.predict(obs, deterministic=True)[0]
 
         return act
 
-    every = screen_every(n_timesteps)
-    budget = args.budget_s
-    curve: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"best": None, "best_params": None, "solve": None, "screen_s": 0.0}
-
-    def screen(steps: int) -> None:
+    def screen(self, steps: int) -> None:
+        """Screen the model now; confirm a screen at the threshold while the budget lasts."""
         t = time.time()
-        rms = copy.deepcopy(norm.obs_rms) if norm is not None else None
-        base = 1_000_000 + 100_000 * args.seed + len(curve) * CONFIRM_EPISODES
-        mean = float(np.mean(run_episodes(args.env, act_with(rms), SCREEN_EPISODES, base)))
-        point = {"wall_s": round(elapsed(), 2), "env_steps": steps, "mean": mean}
-        curve.append({**point, "episodes": SCREEN_EPISODES})
-        if state["best"] is None or mean > state["best"]["mean"]:
-            state["best"] = point
-            params_now = {k: v.detach().clone() for k, v in model.policy.state_dict().items()}
-            state["best_params"] = (params_now, rms)
+        args, budget = self.args, self.args.budget_s
+        rms = copy.deepcopy(self.norm.obs_rms) if self.norm is not None else None
+        base = 1_000_000 + 100_000 * args.seed + len(self.curve) * CONFIRM_EPISODES
+        mean = float(np.mean(run_episodes(args.env, self.act_with(rms), SCREEN_EPISODES, base)))
+        point = {"wall_s": round(self.elapsed(), 2), "env_steps": steps, "mean": mean}
+        self.curve.append({**point, "episodes": SCREEN_EPISODES})
+        if self.best is None or mean > self.best["mean"]:
+            self.best = point
+            params_now = {k: v.detach().clone() for k, v in self.model.policy.state_dict().items()}
+            self.best_params = (params_now, rms)
         threshold = args.threshold
-        if threshold is not None and state["solve"] is None and mean >= threshold and elapsed() < budget:
-            confirm = float(np.mean(run_episodes(args.env, act_with(rms), CONFIRM_EPISODES, base + 50_000)))
-            point = {"wall_s": round(elapsed(), 2), "env_steps": steps, "mean": confirm}
-            curve.append({**point, "episodes": CONFIRM_EPISODES, "confirm": True})
+        if threshold is not None and self.solve is None and mean >= threshold and self.elapsed() < budget:
+            confirm = float(
+                np.mean(run_episodes(args.env, self.act_with(rms), CONFIRM_EPISODES, base + 50_000))
+            )
+            point = {"wall_s": round(self.elapsed(), 2), "env_steps": steps, "mean": confirm}
+            self.curve.append({**point, "episodes": CONFIRM_EPISODES, "confirm": True})
             # A confirmation that ends after the budget is one the run did not have time for.
             if confirm >= threshold and point["wall_s"] <= budget:
-                state["solve"] = point
-        state["screen_s"] += time.time() - t
+                self.solve = point
+        self.seconds += time.time() - t
+
+    def hand_over(self, steps: int) -> tuple[dict[str, Any], Any, str]:
+        """Load the best-screening parameters into the model: (what was handed over, its
+        observation statistics, a note when there was no screen to choose from)."""
+        if self.best_params is not None:
+            params_best, rms_best = self.best_params
+            self.model.policy.load_state_dict(params_best)
+            return {"from": "best screen", **self.best}, rms_best, ""
+        rms_best = copy.deepcopy(self.norm.obs_rms) if self.norm is not None else None
+        note = "the budget ran out before the first screen: the final model is handed over"
+        return {"from": "final model", "env_steps": steps}, rms_best, note
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """One budgeted SB3 run (see the module docstring); the dict is what main prints."""
+    import stable_baselines3
+    import torch
+    from stable_baselines3.common.callbacks import BaseCallback
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    def elapsed() -> float:
+        return time.time() - args.started_at
+
+    params, source = zoo_hyperparams(args.algo, args.env)
+    own, kwargs = split_hyperparams(params)
+    n_timesteps = int(own.get("n_timesteps", 1e6))
+    model, norm = build(args, own, kwargs)
+    every = screen_every(n_timesteps)
+    budget = args.budget_s
+    screens = Screens(args, model, norm, elapsed)
 
     class Clock(BaseCallback):
         """Stops at the budget; screens every `every` env steps unless screening ran over its share."""
@@ -442,9 +248,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             if elapsed() >= budget:
                 return False
             due = self.num_timesteps - self.last >= every
-            if due and state["screen_s"] <= SCREEN_SHARE * elapsed():
+            if due and screens.seconds <= SCREEN_SHARE * elapsed():
                 self.last = self.num_timesteps
-                screen(self.num_timesteps)
+                screens.screen(self.num_timesteps)
             return elapsed() < budget
 
     clock = Clock()
@@ -452,20 +258,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     steps = int(model.num_timesteps)
     stopped = "budget" if elapsed() >= budget else "n_timesteps"
     if stopped == "n_timesteps" and clock.last != steps:
-        screen(steps)  # the schedule's end, while the budget lasts: the final model may be the best
+        screens.screen(steps)  # the schedule's end, while the budget lasts: the final model may be the best
     train_s = round(elapsed(), 2)
-
-    note = ""
-    if state["best_params"] is not None:
-        params_best, rms_best = state["best_params"]
-        model.policy.load_state_dict(params_best)
-        handed = {"from": "best screen", **state["best"]}
-    else:
-        rms_best = copy.deepcopy(norm.obs_rms) if norm is not None else None
-        handed = {"from": "final model", "env_steps": steps}
-        note = "the budget ran out before the first screen: the final model is handed over"
-    score = stats(run_episodes(args.env, act_with(rms_best), args.score_episodes, args.score_seed))
-    solve = state["solve"]
+    handed, rms_best, note = screens.hand_over(steps)
+    score = stats(run_episodes(args.env, screens.act_with(rms_best), args.score_episodes, args.score_seed))
+    solve = screens.solve
     return {
         "algo": args.algo,
         "env": args.env,
@@ -477,7 +274,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "budget_s": budget,
         "stopped": stopped,
         "train_s": train_s,
-        "screen_s": round(state["screen_s"], 2),
+        "screen_s": round(screens.seconds, 2),
         "env_steps": steps,
         "threshold": args.threshold,
         "solved": solve is not None,
@@ -486,7 +283,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "solve_mean": solve["mean"] if solve else None,
         "handed_over": handed,
         "score": {**score, "seed": args.score_seed},
-        "curve": curve,
+        "curve": screens.curve,
         "torch_threads": torch.get_num_threads(),
         "device": str(model.device),
         "versions": {"stable_baselines3": stable_baselines3.__version__, "torch": torch.__version__},

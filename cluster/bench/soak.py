@@ -16,23 +16,20 @@ training. The baseline beside each RSS is the role's RSS at the end of warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from rich.progress import Progress
 
 from cluster import config as config_mod
-from cluster.bench import report
-from cluster.errors import DeadlineExceeded, UserError
+from cluster.bench import harness, report
+from cluster.config import Config
+from cluster.errors import DeadlineExceeded
 
 CHUNK = 64
 SAMPLE_S = 5.0
@@ -51,7 +48,7 @@ def chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
-def worker(config_path: str, first: int, count: int, period_s: float, out, stop) -> None:
+def worker(config_path: str, first: int, count: int, period_s: float, out: Any, stop: Any) -> None:
     """`count` simulated actors in one process; puts (inserts, held_back, versions, errors)."""
     from cache.client import leaf_client
     from cluster.keys import Keys
@@ -96,22 +93,15 @@ def worker(config_path: str, first: int, count: int, period_s: float, out, stop)
         members.close()
 
 
-def rss_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
-    except (OSError, StopIteration):
-        return None
-
-
 def role_pids(cluster: dict) -> dict[str, int]:
+    """Every role process of a run by name (`redis-0`, `learner-0`, ...), from its cluster.json."""
     pids = {f"redis-{i}": e["pid"] for i, e in enumerate(cluster["redis"])}
     for role, entries in cluster["roles"].items():
         pids.update({f"{role}-{e['id']}": e["pid"] for e in entries})
     return pids
 
 
-def learner_updates(cfg) -> int:
+def learner_updates(cfg: Config) -> int:
     from cluster.keys import Keys
     from cluster.redisconn import connect
 
@@ -124,79 +114,9 @@ def learner_updates(cfg) -> int:
 
 def main(args: argparse.Namespace) -> int:
     duration = args.minutes * 60
-    run_dir = Path(tempfile.mkdtemp(prefix="canopy-soak-"))
-    up = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "up",
-            "--env",
-            "CartPole-v1",
-            "--run-dir",
-            str(run_dir),
-            "--stop-at-return",
-            "1e9",
-            "--time-limit",
-            str(duration + START_TIMEOUT_S + 60),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=open(run_dir / "up.stderr", "wb"),  # noqa: SIM115
-        start_new_session=True,
-    )
-    ctx = mp.get_context("spawn")
-    stop, out = ctx.Event(), ctx.Queue()
-    procs: list = []
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not (run_dir / "cluster.json").exists():
-            if up.poll() is not None or time.monotonic() > deadline:
-                raise UserError(f"canopy up did not start; see {run_dir}/up.stderr")
-            time.sleep(0.2)
-        cluster = json.loads((run_dir / "cluster.json").read_text())
-        cfg = config_mod.load(cluster["config"])
-        pids = role_pids(cluster)
-        per = -(-args.actors // args.processes)
-        for p in range(args.processes):
-            first, count = 1000 + p * per, min(per, args.actors - p * per)
-            if count > 0:
-                procs.append(
-                    ctx.Process(target=worker, args=(cluster["config"], first, count, args.period, out, stop))
-                )
-                procs[-1].start()
-        series: list[dict] = []
-        totals = np.zeros(4, np.int64)
-        start = time.monotonic()
-        with Progress() as progress:
-            task = progress.add_task(f"soak: {args.actors} simulated actors", total=duration)
-            while (elapsed := time.monotonic() - start) < duration:
-                time.sleep(SAMPLE_S)
-                window = np.zeros(4, np.int64)
-                while not out.empty():
-                    window += out.get()
-                totals += window
-                series.append(
-                    {
-                        "t_s": round(time.monotonic() - start, 1),
-                        "inserts_per_s": round(window[0] * CHUNK / SAMPLE_S),
-                        "held_back_per_s": round(window[1] / SAMPLE_S, 1),
-                        "versions_received_per_s": round(window[2] / SAMPLE_S, 1),
-                        "errors": int(window[3]),
-                        "learner_updates": learner_updates(cfg),
-                        "rss_bytes": {name: rss_of(pid) for name, pid in pids.items()},
-                    }
-                )
-                progress.update(task, completed=min(elapsed, duration))
-    finally:
-        stop.set()
-        for p in procs:
-            p.join(timeout=30)
-            if p.is_alive():
-                p.kill()
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGTERM)
-            up.wait(timeout=60)
-    shutil.rmtree(run_dir, ignore_errors=True)  # scratch once measured; kept for a failed start
+    # Scratch once measured; kept when the run fails, for its logs.
+    with harness.scratch_dir("canopy-soak-", keep_on_error=True) as run_dir:
+        series, totals = soak(args, run_dir, duration)
     warm = series[max(0, int(len(series) * WARMUP_FRACTION) - 1)]
     last = series[-1]
     growth = {
@@ -232,3 +152,62 @@ def main(args: argparse.Namespace) -> int:
     }
     report.write(args.json, "soak", figures, checks)
     return 0 if all(c["met"] for c in checks) else 1
+
+
+def soak(args: argparse.Namespace, run_dir: Path, duration: float) -> tuple[list[dict], np.ndarray]:
+    """A `canopy up` in `run_dir` under the simulated actors for `duration` s: (the samples, totals)."""
+    cmd = harness.up_command(
+        "CartPole-v1", run_dir, stop_at_return="1e9", time_limit=duration + START_TIMEOUT_S + 60
+    )
+    with open(run_dir / "up.stderr", "wb") as stderr:
+        up = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    procs: list = []
+    try:
+        cluster = harness.wait_started(up, run_dir, START_TIMEOUT_S, lambda: f"see {run_dir}/up.stderr")
+        per = -(-args.actors // args.processes)
+        for p in range(args.processes):
+            first, count = 1000 + p * per, min(per, args.actors - p * per)
+            if count > 0:
+                procs.append(
+                    ctx.Process(target=worker, args=(cluster["config"], first, count, args.period, out, stop))
+                )
+                procs[-1].start()
+        return sample(args, duration, config_mod.load(cluster["config"]), role_pids(cluster), out)
+    finally:
+        stop.set()
+        harness.join(procs, 30.0)
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGTERM)  # the launcher's session: it stops its roles itself
+            up.wait(timeout=60)
+
+
+def sample(
+    args: argparse.Namespace, duration: float, cfg: Config, pids: dict[str, int], out: Any
+) -> tuple[list[dict], np.ndarray]:
+    """Every SAMPLE_S until `duration`: the workers' counts, the learner's updates, each role's RSS."""
+    series: list[dict] = []
+    totals = np.zeros(4, np.int64)
+    start = time.monotonic()
+    with harness.progress(transient=False) as progress:
+        task = progress.add_task(f"soak: {args.actors} simulated actors", total=duration)
+        while (elapsed := time.monotonic() - start) < duration:
+            time.sleep(SAMPLE_S)
+            window = np.zeros(4, np.int64)
+            while not out.empty():
+                window += out.get()
+            totals += window
+            series.append(
+                {
+                    "t_s": round(time.monotonic() - start, 1),
+                    "inserts_per_s": round(window[0] * CHUNK / SAMPLE_S),
+                    "held_back_per_s": round(window[1] / SAMPLE_S, 1),
+                    "versions_received_per_s": round(window[2] / SAMPLE_S, 1),
+                    "errors": int(window[3]),
+                    "learner_updates": learner_updates(cfg),
+                    "rss_bytes": {name: harness.rss_bytes(pid) for name, pid in pids.items()},
+                }
+            )
+            progress.update(task, completed=min(elapsed, duration))
+    return series, totals

@@ -41,14 +41,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import report
-from cluster.bench.e2e import last_lines, latest_row, watch
-from cluster.bench.sb3 import ALGOS, CONFIRM_EPISODES, zoo_hyperparams
+from cluster.bench import harness, report
+from cluster.bench.harness import read_jsonl
+from cluster.bench.rlzoo import ALGOS, zoo_hyperparams
+from cluster.bench.sb3 import CONFIRM_EPISODES
+from cluster.bench.zoo_report import env_checks, plot, print_table
 from cluster.errors import UserError
 
 # Envs whose gymnasium spec has no reward_threshold; --threshold ENV=R overrides these.
 DEFAULT_THRESHOLDS: dict[str, float] = {"Pendulum-v1": -200.0}
-CARTPOLE_STEPS_GOAL = 150_000  # median env steps to a confirmed CartPole solve
 SB3_MISSING = (
     "canopy bench zoo: stable-baselines3 is not installed (pip install 'canopy-rl[bench]'); "
     "running canopy only, the SB3 checks are not met"
@@ -137,23 +138,6 @@ def canopy_picks_algorithm() -> bool:
     return LearnerConfig().algorithm == "auto"
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]] | None:
-    """Rows of a JSON-lines file; None when it is missing, lines cut short by a crash skipped."""
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return None
-    rows = []
-    for line in lines:
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
 def first_solve(evals: list[dict[str, Any]] | None, threshold: float | None) -> dict[str, Any] | None:
     """The first confirmed evaluation (>= 100 episodes) at or above the threshold."""
     if not evals or threshold is None:
@@ -169,7 +153,7 @@ def first_solve(evals: list[dict[str, Any]] | None, threshold: float | None) -> 
 
 def canopy_eval(run_dir: Path, seed: int, version: str | None) -> dict[str, Any]:
     """`canopy eval RUN_DIR --episodes 100` (optionally `--version V`): its JSON, or why not."""
-    cmd = [sys.executable, "-m", "cluster.cli", "eval", str(run_dir), "--episodes", str(CONFIRM_EPISODES)]
+    cmd = harness.canopy("eval", str(run_dir), "--episodes", str(CONFIRM_EPISODES))
     cmd += ["--seed", str(score_seed(seed)), *(["--version", version] if version else [])]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=EVAL_TIMEOUT_S)
@@ -194,68 +178,76 @@ def run_canopy(
     on_progress: Callable[[str], None],
 ) -> dict[str, Any]:
     """One `canopy up` for the budget, then its hand-over and newest version scored over 100 episodes."""
-    cmd = [sys.executable, "-m", "cluster.cli", "up", "--env", plan["env"], "--seed", str(seed)]
-    cmd += ["--time-limit", str(budget_s), "--run-dir", str(run_dir)]
     if plan["action_space"] == "box" and not canopy_picks_algorithm():
-        cmd += ["--set", 'learner.algorithm="td3"']  # an older default (dqn) refuses Box actions
-    for s in sets:
-        cmd += ["--set", s]
+        sets = ['learner.algorithm="td3"', *sets]  # an older default (dqn) refuses Box actions
+    cmd = harness.up_command(plan["env"], run_dir, seed=seed, time_limit=budget_s, sets=sets)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     stderr_path = run_dir.with_suffix(".stderr")
     started = time.time()
     row: dict[str, Any] = {"seed": seed, "run_dir": str(run_dir), "notes": []}
     try:
         with open(stderr_path, "wb") as stderr:
-            code = watch(
+            code = harness.watch(
                 cmd,
                 subprocess.DEVNULL,
                 stderr,
                 budget_s + CANOPY_SLACK_S,
-                lambda: on_progress(latest_row(run_dir)),
+                lambda: on_progress(harness.latest_row(run_dir)),
             )
     except subprocess.TimeoutExpired:
         code, row["error"] = -1, [f"canopy up ran past the budget + {CANOPY_SLACK_S:g} s: killed"]
     if code != 0:
-        row.setdefault("error", last_lines(stderr_path))
+        row.setdefault("error", harness.last_lines(stderr_path))
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         summary = {}
+    row.update(run_figures(run_dir, summary, started, plan["threshold"], row["notes"]))
+    if summary:
+        score_handover(row, run_dir, seed)
+    return row
+
+
+def run_figures(
+    run_dir: Path, summary: dict[str, Any], started: float, threshold: float | None, notes: list[str]
+) -> dict[str, Any]:
+    """What one canopy run's records say: steps, the first confirmed solve and its curves,
+    on the bench's clock (from the process start)."""
     # canopy's clock starts with its launcher; the bench's with the process.
     offset = summary["started_at"] - started if isinstance(summary.get("started_at"), int | float) else 0.0
     metrics = read_jsonl(run_dir / "metrics.jsonl") or []
     evals = read_jsonl(run_dir / "evals.jsonl")
     if evals is None:
-        row["notes"].append("no evals.jsonl (a canopy without it): no confirmed evaluations, no solve")
-    solve = first_solve(evals, plan["threshold"])
-    row.update(
-        {
-            "startup_offset_s": round(offset, 3),
-            "wall_s": summary.get("wall_s"),
-            "stop_reason": summary.get("stop_reason"),
-            "env_steps": summary.get("env_steps") or (metrics[-1].get("env_steps") if metrics else None),
-            "solved": solve is not None,
-            "time_to_solve_s": round(solve["wall_s"] + offset, 2) if solve else None,
-            "env_steps_to_solve": solve.get("env_steps") if solve else None,
-            "solve_version": solve.get("version") if solve else None,
-            "curve": [
-                {
-                    "wall_s": round(r["wall_s"] + offset, 2),
-                    "env_steps": r.get("env_steps"),
-                    "mean": r["eval_return"],
-                }
-                for r in metrics
-                if isinstance(r.get("wall_s"), int | float) and isinstance(r.get("eval_return"), int | float)
-            ],
-            "confirms": [
-                {"wall_s": round(r["wall_s"] + offset, 2), "env_steps": r.get("env_steps"), "mean": r["mean"]}
-                for r in evals or []
-                if isinstance(r.get("wall_s"), int | float) and isinstance(r.get("mean"), int | float)
-            ],
-        }
-    )
-    if not summary:
-        return row
+        notes.append("no evals.jsonl (a canopy without it): no confirmed evaluations, no solve")
+    solve = first_solve(evals, threshold)
+    return {
+        "startup_offset_s": round(offset, 3),
+        "wall_s": summary.get("wall_s"),
+        "stop_reason": summary.get("stop_reason"),
+        "env_steps": summary.get("env_steps") or (metrics[-1].get("env_steps") if metrics else None),
+        "solved": solve is not None,
+        "time_to_solve_s": round(solve["wall_s"] + offset, 2) if solve else None,
+        "env_steps_to_solve": solve.get("env_steps") if solve else None,
+        "solve_version": solve.get("version") if solve else None,
+        "curve": [
+            {
+                "wall_s": round(r["wall_s"] + offset, 2),
+                "env_steps": r.get("env_steps"),
+                "mean": r["eval_return"],
+            }
+            for r in metrics
+            if isinstance(r.get("wall_s"), int | float) and isinstance(r.get("eval_return"), int | float)
+        ],
+        "confirms": [
+            {"wall_s": round(r["wall_s"] + offset, 2), "env_steps": r.get("env_steps"), "mean": r["mean"]}
+            for r in evals or []
+            if isinstance(r.get("wall_s"), int | float) and isinstance(r.get("mean"), int | float)
+        ],
+    }
+
+
+def score_handover(row: dict[str, Any], run_dir: Path, seed: int) -> None:
+    """`score` (the hand-over) and `newest` of a finished run, each over 100 fresh episodes."""
     row["score"] = canopy_eval(run_dir, seed, None)
     newest = canopy_eval(run_dir, seed, "newest")
     if newest.get("unsupported"):
@@ -268,7 +260,6 @@ def run_canopy(
         row["notes"].append(f"no best confirmed version ({row['score']['error']}): the newest is handed over")
         row["score"] = newest
     row["newest"] = newest
-    return row
 
 
 # ---- Stable-Baselines3 ---------------------------------------------------------------------
@@ -292,11 +283,11 @@ def run_sb3(
     try:
         with open(stdout_path, "wb") as stdout, open(stderr_path, "wb") as stderr:
             cmd += ["--started-at", repr(time.time())]  # its clock: from here, imports included
-            code = watch(cmd, stdout, stderr, budget_s + SB3_SLACK_S, on_tick)
+            code = harness.watch(cmd, stdout, stderr, budget_s + SB3_SLACK_S, on_tick)
     except subprocess.TimeoutExpired:
         return {"seed": seed, "error": [f"SB3 ran past the budget + {SB3_SLACK_S:g} s: killed"]}
     if code != 0:
-        return {"seed": seed, "error": last_lines(stderr_path)}
+        return {"seed": seed, "error": harness.last_lines(stderr_path)}
     try:
         return json.loads(stdout_path.read_text().strip().splitlines()[-1])
     except (OSError, ValueError, IndexError):
@@ -340,176 +331,8 @@ def summarize(rows: list[dict[str, Any]], seeds: int, newest: bool = False) -> d
     return out
 
 
-def strongest_sb3(systems: dict[str, dict[str, Any]]) -> tuple[str | None, float | None]:
-    """The SB3 algorithm with the highest mean handed-over return (every seed scored)."""
-    scored = [
-        (s["handed_over_mean"], name)
-        for name, s in systems.items()
-        if name.startswith("sb3-") and s.get("handed_over_mean") is not None
-    ]
-    if not scored:
-        return None, None
-    mean, name = max(scored)
-    return name, mean
-
-
-def env_checks(
-    env_id: str, threshold: float | None, systems: dict[str, dict[str, Any]], have_sb3: bool
-) -> list[dict[str, Any]]:
-    """The checks of one env from its per-system summaries; SB3-dependent ones fail without SB3."""
-    ours = systems["canopy"]
-    mean = ours["handed_over_mean"]
-    best_name, best = strongest_sb3(systems) if have_sb3 else (None, None)
-    both = threshold is not None and mean is not None and best is not None and min(mean, best) >= threshold
-    goal = f">= the strongest SB3 algorithm's ({best_name or 'none'})"
-    if threshold is not None:
-        goal += f", or both >= {threshold:g}"
-    checks = [
-        report.check(
-            f"{env_id}: canopy hand-over return vs strongest SB3 at equal budget",
-            mean,
-            "return (100 episodes, mean over seeds)",
-            goal,
-            best,
-            mean is not None and best is not None and (mean >= best or both),
-        )
-    ]
-    ppo = systems.get("sb3-ppo", {}) if have_sb3 else {}
-    if env_id == "CartPole-v1" and threshold is not None:
-        newest_min = ours.get("newest_min")
-        checks.append(
-            report.check(
-                "CartPole-v1: newest version's 100-episode mean on every seed",
-                newest_min,
-                "return (min over seeds)",
-                f">= {threshold:g} on every seed",
-                ppo.get("handed_over_min"),
-                newest_min is not None and newest_min >= threshold,
-            )
-        )
-        steps = ours["median_env_steps_to_solve"]
-        checks.append(
-            report.check(
-                "CartPole-v1: median env steps to a confirmed solve",
-                steps,
-                "env steps",
-                f"<= {CARTPOLE_STEPS_GOAL}",
-                ppo.get("median_env_steps_to_solve"),
-                steps is not None and steps <= CARTPOLE_STEPS_GOAL,
-            )
-        )
-        t, base = ours["median_time_to_solve_s"], ppo.get("median_time_to_solve_s")
-        # SB3 PPO that never confirms a solve within the budget is beaten by any canopy solve.
-        checks.append(
-            report.check(
-                "CartPole-v1: median time from process start to a confirmed solve vs SB3 PPO",
-                t,
-                "s",
-                "< SB3 PPO's (training plus its evaluations)",
-                base,
-                bool(ppo) and t is not None and t < (math.inf if base is None else base),
-            )
-        )
-    if env_id == "Pendulum-v1" and threshold is not None:
-        solved = ours["seeds_solved"]
-        sb3_solved = [s["seeds_solved"] for n, s in systems.items() if n.startswith("sb3-")]
-        checks.append(
-            report.check(
-                f"Pendulum-v1: canopy confirmed >= {threshold:g} on every seed",
-                solved,
-                "seeds",
-                f"== {ours['seeds']}",
-                max(sb3_solved) if have_sb3 and sb3_solved else None,
-                solved == ours["seeds"],
-            )
-        )
-    return checks
-
-
-def print_table(results: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    def num(v: Any, fmt: str = "{:.1f}") -> str:
-        return "-" if v is None else fmt.format(v)
-
-    # One table per env, short headers: a non-terminal stderr is 80 columns and rich would cut figures.
-    console = Console(stderr=True)
-    for env_id, block in results["envs"].items():
-        threshold = block["threshold"]
-        table = Table(
-            title=f"{env_id}: {results['budget_s']:g} s budget, {results['seeds']} seeds, "
-            f"threshold {'-' if threshold is None else f'{threshold:g}'}"
-        )
-        for col in ("system", "mean", "min", "newest", "steps", "solved", "t solve", "to solve"):
-            table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
-        for name, system in block["systems"].items():
-            s = system["summary"]
-            table.add_row(
-                name,
-                num(s["handed_over_mean"]),
-                num(s["handed_over_min"]),
-                num(s.get("newest_mean")),
-                num(s["env_steps_mean"], "{:,.0f}"),
-                f"{s['seeds_solved']}/{s['seeds']}" if threshold is not None else "-",
-                num(s["median_time_to_solve_s"], "{:.1f}s"),
-                num(s["median_env_steps_to_solve"], "{:,.0f}"),
-            )
-        console.print(table)
-    console.print(
-        "mean, min: the hand-over's 100-episode return over seeds; newest: canopy's newest version; "
-        "steps: env steps used; t solve, to solve: median time and env steps to a confirmed solve"
-    )
-
-
-def plot(results: dict[str, Any], out: str) -> Path:
-    """Per env one row: return against wall clock (left) and env steps (right), every system and seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    envs = list(results["envs"])
-    fig, axes = plt.subplots(len(envs), 2, figsize=(13, 4 * len(envs)), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (by_time, by_steps), env_id in zip(axes, envs, strict=True):
-        block = results["envs"][env_id]
-        for i, (name, system) in enumerate(block["systems"].items()):
-            color = colors[i % len(colors)]
-            for k, row in enumerate(system["seeds"]):
-                label = name if k == 0 else None
-                points = row.get("curve") or []
-                confirms = row.get("confirms") or [p for p in points if p.get("confirm")]
-                screens = [p for p in points if not p.get("confirm")]
-                for ax, x in ((by_time, "wall_s"), (by_steps, "env_steps")):
-                    xs = [p[x] for p in screens if p.get(x) is not None]
-                    ys = [p["mean"] for p in screens if p.get(x) is not None]
-                    ax.plot(xs, ys, color=color, alpha=0.7, linewidth=1, label=label)
-                    cx = [p[x] for p in confirms if p.get(x) is not None]
-                    cy = [p["mean"] for p in confirms if p.get(x) is not None]
-                    ax.plot(cx, cy, "o", color=color, markersize=4)
-        for ax, xlabel in ((by_time, "wall clock from process start (s)"), (by_steps, "env steps")):
-            if block["threshold"] is not None:
-                ax.axhline(block["threshold"], color="grey", linestyle=":", linewidth=1)
-            ax.set(xlabel=xlabel, ylabel="return", title=f"{env_id}: return vs {xlabel.split(' (')[0]}")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        by_time.axvline(results["budget_s"], color="grey", linestyle="--", linewidth=1)  # the budget
-    fig.suptitle(
-        "lines: 10-episode screens; dots: 100-episode confirmations; dotted: threshold; dashed: budget",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return Path(out)
-
-
 # ---- main ----------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
-
     envs = parse_envs(args.envs)
     overrides = parse_thresholds(args.threshold)
     if args.seeds < 1 or args.budget_s <= 0:
@@ -521,11 +344,40 @@ def main(args: argparse.Namespace) -> int:
         print(SB3_MISSING, file=sys.stderr)
     work = Path(args.work_dir or Path("runs") / f"zoo-{time.strftime('%Y%m%d-%H%M%S')}")
     work.mkdir(parents=True, exist_ok=True)
+    runs = run_all(args, plans, have_sb3, work)
+    results: dict[str, Any] = {
+        "budget_s": args.budget_s,
+        "seeds": args.seeds,
+        "work_dir": str(work),
+        "clock": "times from each system's process start; canopy's launcher times shifted by its start-up",
+        "sb3": {
+            "installed": installed,
+            "ran": have_sb3,
+            "torch_threads": args.sb3_threads,
+            **({"message": SB3_MISSING} if not installed else {}),
+        },
+        "envs": {},
+    }
+    checks: list[dict[str, Any]] = []
+    for plan in plans:
+        block, checks_of_env = env_results(plan, runs[plan["env"]], args.seeds, have_sb3)
+        results["envs"][plan["env"]] = block
+        checks += checks_of_env
+    print_table(results)
+    if args.plot:
+        results["plot"] = str(plot(results, args.plot))
+    report.write(args.json, "zoo", results, checks)
+    return 0
+
+
+def run_all(
+    args: argparse.Namespace, plans: list[dict[str, Any]], have_sb3: bool, work: Path
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """Every env, seed and system one after another: env -> system -> one row per seed."""
     seeds = list(range(args.seeds))
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {p["env"]: {"canopy": []} for p in plans}
     per_seed = {p["env"]: 1 + (len(p["algos"]) if have_sb3 else 0) for p in plans}
-    # Progress and table on stderr: stdout carries the checks JSON alone, as every bench's.
-    with Progress(console=Console(stderr=True), transient=True) as bar:
+    with harness.progress() as bar:
         task = bar.add_task("zoo", total=sum(per_seed.values()) * len(seeds))
         for plan in plans:
             env_id = plan["env"]
@@ -550,43 +402,27 @@ def main(args: argparse.Namespace) -> int:
                     result = run_sb3(plan, algo, seed, args.budget_s, args.sb3_threads, out, tick)
                     runs[env_id].setdefault(f"sb3-{algo}", []).append(result)
                     bar.advance(task)
+    return runs
 
-    results: dict[str, Any] = {
-        "budget_s": args.budget_s,
-        "seeds": args.seeds,
-        "work_dir": str(work),
-        "clock": "times from each system's process start; canopy's launcher times shifted by its start-up",
-        "sb3": {
-            "installed": installed,
-            "ran": have_sb3,
-            "torch_threads": args.sb3_threads,
-            **({"message": SB3_MISSING} if not installed else {}),
-        },
-        "envs": {},
+
+def env_results(
+    plan: dict[str, Any], runs: dict[str, list[dict[str, Any]]], seeds: int, have_sb3: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One env's block of the JSON (its plan, the zoo's hyperparameters, every system's
+    summary and rows) and its checks."""
+    env_id = plan["env"]
+    systems = {
+        name: {"summary": summarize(rows, seeds, newest=name == "canopy"), "seeds": rows}
+        for name, rows in runs.items()
     }
-    checks: list[dict[str, Any]] = []
-    for plan in plans:
-        env_id = plan["env"]
-        systems = {
-            name: {"summary": summarize(rows, args.seeds, newest=name == "canopy"), "seeds": rows}
-            for name, rows in runs[env_id].items()
-        }
-        if not have_sb3:  # absent, not zero: the table and JSON show SB3 did not run
-            systems.update(
-                {f"sb3-{a}": {"summary": summarize([], args.seeds), "seeds": []} for a in plan["algos"]}
-            )
-        summaries = {name: s["summary"] for name, s in systems.items()}
-        results["envs"][env_id] = {
-            **plan,
-            "sb3_hyperparameters": {
-                a: dict(zip(("params", "source"), zoo_hyperparams(a, env_id), strict=True))
-                for a in plan["algos"]
-            },
-            "systems": systems,
-        }
-        checks += env_checks(env_id, plan["threshold"], summaries, have_sb3)
-    print_table(results)
-    if args.plot:
-        results["plot"] = str(plot(results, args.plot))
-    report.write(args.json, "zoo", results, checks)
-    return 0
+    if not have_sb3:  # absent, not zero: the table and JSON show SB3 did not run
+        systems.update({f"sb3-{a}": {"summary": summarize([], seeds), "seeds": []} for a in plan["algos"]})
+    summaries = {name: s["summary"] for name, s in systems.items()}
+    block = {
+        **plan,
+        "sb3_hyperparameters": {
+            a: dict(zip(("params", "source"), zoo_hyperparams(a, env_id), strict=True)) for a in plan["algos"]
+        },
+        "systems": systems,
+    }
+    return block, env_checks(env_id, plan["threshold"], summaries, have_sb3)

@@ -20,7 +20,9 @@ from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
 from cluster import config as config_mod
 from cluster.errors import DeadlineExceeded
 from cluster.keys import Keys
-from replay.client import InsertClient, SampleClient, request_stats
+from replay.connect import request_stats
+from replay.insert import InsertClient
+from replay.sample import SampleClient
 
 pytestmark = pytest.mark.fault
 

@@ -22,8 +22,10 @@ from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
 
 from cluster import config as config_mod
 from cluster.keys import Keys
-from replay.client import InsertClient, SampleClient, request_stats
+from replay.connect import request_stats
+from replay.insert import InsertClient
 from replay.membership import RedisMembers, join, shard_for
+from replay.sample import SampleClient
 
 TTL_S = 0.6
 POLL_S = TTL_S / 3

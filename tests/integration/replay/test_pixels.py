@@ -16,8 +16,10 @@ from actors.adder import FrameAdder
 from cluster import wire
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
-from replay.client import InsertClient, SampleClient, request_stats, to_tensors
+from replay.connect import request_stats
+from replay.insert import InsertClient
 from replay.packed import Unpacker
+from replay.sample import SampleClient, to_tensors
 from replay.server import ReplayServer
 
 TIMEOUT_S = 10.0

@@ -15,8 +15,10 @@ from conftest import wait_for
 from cluster import wire
 from cluster.config import ReplayConfig
 from cluster.errors import DeadlineExceeded, ProtocolError
-from replay.client import InsertClient, SampleClient, request_stats
+from replay.connect import request_stats
+from replay.insert import InsertClient
 from replay.packed import Unpacker
+from replay.sample import SampleClient
 from replay.server import ReplayServer
 
 OBS_DIM = 4

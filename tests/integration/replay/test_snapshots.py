@@ -20,12 +20,14 @@ from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
 
 from cluster import config as config_mod
 from cluster import wire
-from cluster.bench.replay import PixelStream
+from cluster.bench.replay_procs import PixelStream
 from cluster.config import ReplayConfig
 from cluster.errors import ProtocolError
 from cluster.keys import Keys
-from replay import snapshot
-from replay.client import InsertClient, SampleClient, request_stats
+from replay import protocol, snapshot
+from replay.connect import request_stats
+from replay.insert import InsertClient
+from replay.sample import SampleClient
 from replay.server import ReplayServer
 
 TIMEOUT_S = 20.0
@@ -197,7 +199,7 @@ def test_samples_are_served_while_a_snapshot_is_being_written(tmp_path: Path):
     sampler = SampleClient([endpoint], batch=8, inflight=1)
     try:
         sampler.next(timeout=TIMEOUT_S)
-        asker.send_multipart(wire.encode({"op": "snapshot", "req": 1}))
+        asker.send_multipart(wire.encode(protocol.snapshot_request(req=1)))
         served = 0
         deadline = time.monotonic() + TIMEOUT_S
         while not asker.poll(0):  # a server that blocked while writing would serve none

@@ -9,7 +9,9 @@ import pytest
 from test_replay_server import TIMEOUT_S, dealer, replay_shard, reply, transitions  # noqa: F401
 
 from cluster import wire
-from replay.client import InsertClient, SampleClient
+from replay import protocol
+from replay.insert import InsertClient
+from replay.sample import SampleClient
 
 
 def insert(endpoint: str, arrays: dict, table: str | None = None) -> None:
@@ -88,10 +90,10 @@ def test_the_rate_limiter_changes_at_runtime_without_a_restart(replay_shard, dea
     sock = dealer(shard.endpoint)
     sock.send_multipart(wire.encode({"op": "sample", "batch": 4, "req": 1}))
     assert not sock.poll(200), "a sample below min_size was served"
-    sock.send_multipart(wire.encode({"op": "configure", "req": 2, "min_size": 5}))
+    sock.send_multipart(wire.encode(protocol.configure_request(req=2, min_size=5)))
     replies = {m.header["req"]: m for m in (reply(sock, shard), reply(sock, shard))}
-    assert replies[2].op == "configured" and replies[2].header["limiter"]["min_size"] == 5
-    assert replies[1].op == "batch"  # the parked sample went out once the limiter loosened
+    assert replies[2].op == protocol.Reply.CONFIGURED and replies[2].header["limiter"]["min_size"] == 5
+    assert replies[1].op == protocol.Reply.BATCH  # the parked sample went out once the limiter loosened
     assert shard.stats()["main_min_size"] == 5
 
 

@@ -1,4 +1,4 @@
-"""replay/client.py: sampled arrays handed to torch without needless copies, as a training loop reads them."""
+"""replay/sample.py: sampled arrays handed to torch without needless copies, as a training loop reads them."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 
 from cluster.config import ReplayConfig
 from cluster.errors import DeadlineExceeded
-from replay.client import TRAIN_FIELDS, InsertClient, SampleClient, to_tensors
+from replay.insert import InsertClient
+from replay.sample import TRAIN_FIELDS, SampleClient, to_tensors
 from replay.server import ReplayServer
 
 

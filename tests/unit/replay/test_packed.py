@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from cluster import wire
-from cluster.bench.replay import PixelStream
+from cluster.bench.replay_procs import PixelStream
 from cluster.errors import ProtocolError
 from replay.packed import ALIGN, FRAMES, INDEX, PACKED, POOL, Layout, Layouts, Unpacker, rebuild
 from replay.table import Table

@@ -1,0 +1,182 @@
+"""What `canopy bench zoo` concludes from its runs: the checks of each env, one table per
+env on stderr, and the plot.
+
+Place: the second half of zoo.py, which runs every system and sums up each one's seeds
+(`summarize`); what is here only reads those summaries and the `results` dict (zoo.py
+`main`), so nothing here changes a figure.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from cluster.bench import report
+
+CARTPOLE_STEPS_GOAL = 150_000  # median env steps to a confirmed CartPole solve
+
+
+def strongest_sb3(systems: dict[str, dict[str, Any]]) -> tuple[str | None, float | None]:
+    """The SB3 algorithm with the highest mean handed-over return (every seed scored)."""
+    scored = [
+        (s["handed_over_mean"], name)
+        for name, s in systems.items()
+        if name.startswith("sb3-") and s.get("handed_over_mean") is not None
+    ]
+    if not scored:
+        return None, None
+    mean, name = max(scored)
+    return name, mean
+
+
+def env_checks(
+    env_id: str, threshold: float | None, systems: dict[str, dict[str, Any]], have_sb3: bool
+) -> list[dict[str, Any]]:
+    """The checks of one env from its per-system summaries; SB3-dependent ones fail without SB3."""
+    ours = systems["canopy"]
+    mean = ours["handed_over_mean"]
+    best_name, best = strongest_sb3(systems) if have_sb3 else (None, None)
+    both = threshold is not None and mean is not None and best is not None and min(mean, best) >= threshold
+    goal = f">= the strongest SB3 algorithm's ({best_name or 'none'})"
+    if threshold is not None:
+        goal += f", or both >= {threshold:g}"
+    checks = [
+        report.check(
+            f"{env_id}: canopy hand-over return vs strongest SB3 at equal budget",
+            mean,
+            "return (100 episodes, mean over seeds)",
+            goal,
+            best,
+            mean is not None and best is not None and (mean >= best or both),
+        )
+    ]
+    ppo = systems.get("sb3-ppo", {}) if have_sb3 else {}
+    if env_id == "CartPole-v1" and threshold is not None:
+        newest_min = ours.get("newest_min")
+        checks.append(
+            report.check(
+                "CartPole-v1: newest version's 100-episode mean on every seed",
+                newest_min,
+                "return (min over seeds)",
+                f">= {threshold:g} on every seed",
+                ppo.get("handed_over_min"),
+                newest_min is not None and newest_min >= threshold,
+            )
+        )
+        steps = ours["median_env_steps_to_solve"]
+        checks.append(
+            report.check(
+                "CartPole-v1: median env steps to a confirmed solve",
+                steps,
+                "env steps",
+                f"<= {CARTPOLE_STEPS_GOAL}",
+                ppo.get("median_env_steps_to_solve"),
+                steps is not None and steps <= CARTPOLE_STEPS_GOAL,
+            )
+        )
+        t, base = ours["median_time_to_solve_s"], ppo.get("median_time_to_solve_s")
+        # SB3 PPO that never confirms a solve within the budget is beaten by any canopy solve.
+        checks.append(
+            report.check(
+                "CartPole-v1: median time from process start to a confirmed solve vs SB3 PPO",
+                t,
+                "s",
+                "< SB3 PPO's (training plus its evaluations)",
+                base,
+                bool(ppo) and t is not None and t < (math.inf if base is None else base),
+            )
+        )
+    if env_id == "Pendulum-v1" and threshold is not None:
+        solved = ours["seeds_solved"]
+        sb3_solved = [s["seeds_solved"] for n, s in systems.items() if n.startswith("sb3-")]
+        checks.append(
+            report.check(
+                f"Pendulum-v1: canopy confirmed >= {threshold:g} on every seed",
+                solved,
+                "seeds",
+                f"== {ours['seeds']}",
+                max(sb3_solved) if have_sb3 and sb3_solved else None,
+                solved == ours["seeds"],
+            )
+        )
+    return checks
+
+
+def print_table(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def num(v: Any, fmt: str = "{:.1f}") -> str:
+        return "-" if v is None else fmt.format(v)
+
+    # One table per env, short headers: a non-terminal stderr is 80 columns and rich would cut figures.
+    console = Console(stderr=True)
+    for env_id, block in results["envs"].items():
+        threshold = block["threshold"]
+        table = Table(
+            title=f"{env_id}: {results['budget_s']:g} s budget, {results['seeds']} seeds, "
+            f"threshold {'-' if threshold is None else f'{threshold:g}'}"
+        )
+        for col in ("system", "mean", "min", "newest", "steps", "solved", "t solve", "to solve"):
+            table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+        for name, system in block["systems"].items():
+            s = system["summary"]
+            table.add_row(
+                name,
+                num(s["handed_over_mean"]),
+                num(s["handed_over_min"]),
+                num(s.get("newest_mean")),
+                num(s["env_steps_mean"], "{:,.0f}"),
+                f"{s['seeds_solved']}/{s['seeds']}" if threshold is not None else "-",
+                num(s["median_time_to_solve_s"], "{:.1f}s"),
+                num(s["median_env_steps_to_solve"], "{:,.0f}"),
+            )
+        console.print(table)
+    console.print(
+        "mean, min: the hand-over's 100-episode return over seeds; newest: canopy's newest version; "
+        "steps: env steps used; t solve, to solve: median time and env steps to a confirmed solve"
+    )
+
+
+def plot(results: dict[str, Any], out: str) -> Path:
+    """Per env one row: return against wall clock (left) and env steps (right), every system and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    envs = list(results["envs"])
+    fig, axes = plt.subplots(len(envs), 2, figsize=(13, 4 * len(envs)), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (by_time, by_steps), env_id in zip(axes, envs, strict=True):
+        block = results["envs"][env_id]
+        for i, (name, system) in enumerate(block["systems"].items()):
+            color = colors[i % len(colors)]
+            for k, row in enumerate(system["seeds"]):
+                label = name if k == 0 else None
+                points = row.get("curve") or []
+                confirms = row.get("confirms") or [p for p in points if p.get("confirm")]
+                screens = [p for p in points if not p.get("confirm")]
+                for ax, x in ((by_time, "wall_s"), (by_steps, "env_steps")):
+                    xs = [p[x] for p in screens if p.get(x) is not None]
+                    ys = [p["mean"] for p in screens if p.get(x) is not None]
+                    ax.plot(xs, ys, color=color, alpha=0.7, linewidth=1, label=label)
+                    cx = [p[x] for p in confirms if p.get(x) is not None]
+                    cy = [p["mean"] for p in confirms if p.get(x) is not None]
+                    ax.plot(cx, cy, "o", color=color, markersize=4)
+        for ax, xlabel in ((by_time, "wall clock from process start (s)"), (by_steps, "env steps")):
+            if block["threshold"] is not None:
+                ax.axhline(block["threshold"], color="grey", linestyle=":", linewidth=1)
+            ax.set(xlabel=xlabel, ylabel="return", title=f"{env_id}: return vs {xlabel.split(' (')[0]}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        by_time.axvline(results["budget_s"], color="grey", linestyle="--", linewidth=1)  # the budget
+    fig.suptitle(
+        "lines: 10-episode screens; dots: 100-episode confirmations; dotted: threshold; dashed: budget",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)
