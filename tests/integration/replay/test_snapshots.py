@@ -216,7 +216,7 @@ def test_samples_are_served_while_a_snapshot_is_being_written(tmp_path: Path):
     assert served >= 5, (served, reply)
     # How long the fork paused serving is a figure for `canopy bench replay`, not a check
     # here: it grows with the forking process's memory (this one is the whole test run).
-    assert 0 <= reply["pause_ms"] and reply["seconds"] > 0, reply
+    assert reply["pause_ms"] >= 0 and reply["seconds"] > 0, reply
 
 
 def test_a_snapshot_request_to_a_shard_without_a_directory_says_how_to_turn_them_on():
