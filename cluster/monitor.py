@@ -136,7 +136,10 @@ class Monitor:
         *actor_stats, learner, evaluator = [_decode(h) for h in pipe.execute()]
         for ch, s in zip(actors, actor_stats, strict=True):
             if "updated_at" in s:
-                self.clock.observe(ch.ident, float(s["updated_at"]), int(s.get("env_steps_total", 0)))
+                started = float(s["started_at"]) if "started_at" in s else None
+                self.clock.observe(
+                    ch.ident, float(s["updated_at"]), int(s.get("env_steps_total", 0)), started
+                )
         returns = [
             float(s["episode_return_mean"]) for s in actor_stats if s.get("episodes_total", "0") != "0"
         ]

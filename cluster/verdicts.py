@@ -32,8 +32,14 @@ class StepClock:
     def __init__(self) -> None:
         self.samples: dict[int, tuple[list[float], list[int]]] = {}
 
-    def observe(self, actor: int, updated_at: float, steps: int) -> None:
+    def observe(self, actor: int, updated_at: float, steps: int, started_at: float | None = None) -> None:
+        """One refresh of an actor's stats hash. `started_at`, the process's start, anchors
+        its count at 0 then: a version published before the first refresh (the first
+        heartbeat comes thousands of CartPole steps in) is otherwise counted at 0 steps."""
         times, counts = self.samples.setdefault(actor, ([], []))
+        if not times and started_at is not None and started_at < updated_at:
+            times.append(started_at)
+            counts.append(0)
         if times and updated_at <= times[-1]:
             return  # the same refresh read twice, or a restarted actor's stale hash
         times.append(updated_at)
@@ -42,7 +48,7 @@ class StepClock:
     def steps_at(self, t: float) -> float:
         """Sum over actors of each one's steps at `t`, linear between refreshes.
 
-        Before an actor's first refresh it counts 0; past its last refresh (a hash is
+        Before an actor's first point it counts 0; past its last refresh (a hash is
         rewritten only every heartbeat) its count goes on at its last rate.
         """
         total = 0.0

@@ -80,3 +80,11 @@ def test_step_clock_goes_on_at_the_last_rate_past_the_last_refresh_and_ignores_r
     clock.observe(0, 11.0, 999)  # the same refresh read again
     clock.observe(0, 10.5, 0)  # older than what we have
     assert clock.steps_at(12.0) == pytest.approx(500)
+
+
+def test_step_clock_counts_from_the_actors_start_before_its_first_refresh() -> None:
+    clock = StepClock()
+    clock.observe(0, 110.0, 10_000, started_at=100.0)
+    clock.observe(0, 110.0, 10_000, started_at=100.0)  # read twice: no second anchor
+    assert clock.steps_at(105.0) == pytest.approx(5_000)  # was 0: no refresh yet at 105 s
+    assert clock.steps_at(99.0) == 0
