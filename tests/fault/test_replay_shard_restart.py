@@ -55,6 +55,18 @@ class Shard:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         return self.proc
 
+    def start_answering(self, endpoint: str, what: str) -> subprocess.Popen:
+        """Start, then wait until it answers stats (or exits: the caller checks)."""
+        proc = self.start()
+        wait_for(lambda: answering(endpoint) or proc.poll() is not None, TIMEOUT_S, 0.1, what)
+        return proc
+
+    def kill_and_restart(self, proc: subprocess.Popen, endpoint: str) -> subprocess.Popen:
+        """SIGKILL `proc` and start again on the same endpoint, as `canopy up` does."""
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        return self.start_answering(endpoint, "the restart")
+
 
 @pytest.fixture
 def shard(redis_server: RedisServer, run_keys: Keys, tmp_path: Path) -> Iterator[tuple[Shard, str]]:
@@ -87,8 +99,7 @@ def test_an_insert_client_drops_what_a_restarted_shard_lost_and_inserts_again(
     shard: tuple[Shard, str],
 ) -> None:
     s, endpoint = shard
-    first = s.start()
-    wait_for(lambda: answering(endpoint) or first.poll() is not None, TIMEOUT_S, 0.1, "the shard")
+    first = s.start_answering(endpoint, "the shard")
     assert first.poll() is None, s.log.read_text()[-2000:]
     client = InsertClient(endpoint, inflight=2)
     try:
@@ -96,10 +107,7 @@ def test_an_insert_client_drops_what_a_restarted_shard_lost_and_inserts_again(
             for _ in range(10):
                 client.insert(chunk(), timeout=1.0)
         assert client.inflight == 2
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        second = s.start()
-        wait_for(lambda: answering(endpoint) or second.poll() is not None, TIMEOUT_S, 0.1, "the restart")
+        s.kill_and_restart(first, endpoint)
         client.insert(chunk(), timeout=TIMEOUT_S)  # before the fix: blocked until the timeout
         client.flush(timeout=TIMEOUT_S)
         assert client.chunks_dropped_total == 2
@@ -112,8 +120,7 @@ def test_a_sample_client_asks_a_restarted_shard_again_instead_of_waiting_for_los
     shard: tuple[Shard, str],
 ) -> None:
     s, endpoint = shard
-    first = s.start()
-    wait_for(lambda: answering(endpoint) or first.poll() is not None, TIMEOUT_S, 0.1, "the shard")
+    first = s.start_answering(endpoint, "the shard")
     assert first.poll() is None, s.log.read_text()[-2000:]
     inserter = InsertClient(endpoint, inflight=1)
     sampler = SampleClient([endpoint], batch=4, inflight=2)
@@ -125,10 +132,7 @@ def test_a_sample_client_asks_a_restarted_shard_again_instead_of_waiting_for_los
         # die with it.
         for _ in range(4):
             assert sampler.next(timeout=TIMEOUT_S) is not None
-        first.send_signal(signal.SIGKILL)
-        first.wait(timeout=10)
-        second = s.start()
-        wait_for(lambda: answering(endpoint) or second.poll() is not None, TIMEOUT_S, 0.1, "the restart")
+        s.kill_and_restart(first, endpoint)
         refill = InsertClient(endpoint, inflight=1)
         try:
             refill.insert(chunk(), timeout=TIMEOUT_S)
