@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.algorithms.base import Batch, Stats, TrainingState, load_torch_state, torch_state
+from learner.algorithms.base import Batch, Stats, TrainingState, load_online_target_state, online_target_state
 from learner.algorithms.dqn import DQN
 from learner.overlap import OverlapTrainer
 
@@ -150,13 +150,10 @@ class Population:
         }
 
     def state(self) -> TrainingState:
-        modules = {"online": self.online, "target": self.target}
-        return torch_state(self.updates, modules, self.optimizer, self.scheduler)
+        return online_target_state(self)
 
     def restore(self, state: TrainingState) -> None:
-        modules = {"online": self.online, "target": self.target}
-        load_torch_state(state, modules, self.optimizer, self.scheduler)
-        self.updates = state.updates
+        load_online_target_state(self, state)
 
     def join_group(self) -> None:
         """Nothing to hook: `OverlapTrainer` reduces each model's gradients over the group

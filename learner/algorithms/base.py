@@ -178,6 +178,20 @@ def load_torch_state(
         scheduler.load_state_dict(state.meta["scheduler"])
 
 
+def online_target_state(algo: Any) -> TrainingState:
+    """`torch_state` of a value learner laid out as DQN and a DQN population are: `online`
+    and `target` networks, one `optimizer`, an optional lr `scheduler`, `updates`."""
+    modules = {"online": algo.online, "target": algo.target}
+    return torch_state(algo.updates, modules, algo.optimizer, algo.scheduler)
+
+
+def load_online_target_state(algo: Any, state: TrainingState) -> None:
+    """Put back what `online_target_state` took, the update count included."""
+    modules = {"online": algo.online, "target": algo.target}
+    load_torch_state(state, modules, algo.optimizer, algo.scheduler)
+    algo.updates = state.updates
+
+
 def _plain(value: Any) -> Any:
     """Optimizer/scheduler values as msgpack-able data (tuples become lists)."""
     if isinstance(value, dict):

@@ -21,7 +21,14 @@ from actors.envs import EnvSpec
 from cluster.config import LearnerConfig
 from cluster.errors import UserError
 from learner import network
-from learner.algorithms.base import Batch, Built, Stats, TrainingState, load_torch_state, torch_state
+from learner.algorithms.base import (
+    Batch,
+    Built,
+    Stats,
+    TrainingState,
+    load_online_target_state,
+    online_target_state,
+)
 from learner.overlap import GradSync
 
 
@@ -124,13 +131,10 @@ class DQN:
 
     def state(self) -> TrainingState:
         """Online and target networks, Adam, the lr schedule and the update count."""
-        modules = {"online": self.online, "target": self.target}
-        return torch_state(self.updates, modules, self.optimizer, self.scheduler)
+        return online_target_state(self)
 
     def restore(self, state: TrainingState) -> None:
-        modules = {"online": self.online, "target": self.target}
-        load_torch_state(state, modules, self.optimizer, self.scheduler)
-        self.updates = state.updates
+        load_online_target_state(self, state)
 
     def join_group(self) -> None:
         """From the next update on, gradients are averaged over the learner group."""
