@@ -58,8 +58,9 @@ def _role_command(args: argparse.Namespace) -> int:
         return 0  # not reached: exec replaced this process
     curve.use(curve.load(cfg.cluster))  # every ZeroMQ socket of this role follows it
     stop = lifecycle.stop_event()
-    extra = {"standby": True} if getattr(args, "standby", False) else {}
-    importlib.import_module(ROLES[args.role]).run(cfg, args.id, stop, **extra)
+    # A standby learner waits cold first, without torch (learner/standby.py).
+    module = "learner.standby" if getattr(args, "standby", False) else ROLES[args.role]
+    importlib.import_module(module).run(cfg, args.id, stop)
     return 0
 
 

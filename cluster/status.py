@@ -218,8 +218,9 @@ def main(run_dir: str, watch: bool) -> int:
 def health(config_file: str, role: str, ident: int, allow_standby: bool = False) -> int:
     """Exit code for probes: 0 when `role ident` has a fresh heartbeat and is running.
 
-    With `allow_standby`, a warm standby learner counts as healthy too (liveness), while
-    without it only the learner holding the lease does (readiness).
+    With `allow_standby`, a standby learner (warm, or cold before the first checkpoint)
+    counts as healthy too (liveness), while without it only the learner holding the lease
+    does (readiness).
     """
     cfg = config_mod.load(config_file)
     keys = Keys(cfg.run.name)
@@ -230,7 +231,7 @@ def health(config_file: str, role: str, ident: int, allow_standby: bool = False)
     except redis.RedisError as exc:
         print(f"{role} {ident}: unhealthy (Redis root unreachable: {exc})")
         return 1
-    healthy_states = (b"running", b"standby") if allow_standby else (b"running",)
+    healthy_states = (b"running", b"standby", b"cold") if allow_standby else (b"running",)
     if state not in healthy_states or deadline is None or deadline < time.time():
         shown = state.decode() if state else "no stats hash"
         print(f"{role} {ident}: unhealthy ({shown})")

@@ -140,15 +140,21 @@ class Supervisor:
             self.spawn("replay", i, {"replay": e})
         for i in range(cfg.cache.nodes):
             self.spawn("cache", i, {"fetch": c.cache_fetch[i], "notify": c.cache_notify[i]})
-        for role, ident, args in role_processes(cfg):
-            if role == "learner":
-                # Ids 1..N-1: followers of the learner group; id N (`--standby`): a warm
-                # standby, torch imported and model built, waiting on the learner lease.
+        learners = [(ident, args) for role, ident, args in role_processes(cfg) if role == "learner"]
+        # Ids 1..N-1: followers of the learner group; id N (`--standby`): a warm standby,
+        # torch imported and model built, waiting on the learner lease.
+        for ident, args in learners:
+            if "--standby" not in args:
                 self.spawn("learner", ident, args=args)
         self.spawn("evaluator", 0)
         for i in range(cfg.actors.count):
             self.spawn("actor", i)
         self._wait_running()
+        # The standby last: its torch import would otherwise compete for the CPU with the
+        # roles every run waits on, and it has nothing to do before a failover.
+        for ident, args in learners:
+            if "--standby" in args:
+                self.spawn("learner", ident, args=args)
 
     def _wait_running(self) -> None:
         pending = [ch for ch in self.children if ch.role != "redis" and not ch.standby]

@@ -26,8 +26,10 @@ from learner.algorithms.base import (
     Built,
     Stats,
     TrainingState,
+    adam,
     load_online_target_state,
     online_target_state,
+    polyak,
 )
 from learner.overlap import GradSync
 
@@ -46,7 +48,7 @@ class DQN:
         self.target = copy.deepcopy(online).requires_grad_(False)
         # A large epsilon (Dopamine's choice) turns Adam into plain SGD once gradients are
         # small: a converged Q-network stops drifting instead of taking lr-sized steps on noise.
-        self.optimizer = torch.optim.Adam(online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+        self.optimizer = adam(online.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
         # Linear annealing of the step size to lr_final over lr_anneal_updates, then constant:
         # late, small steps keep a policy that already balances from unlearning it.
         self.scheduler = None
@@ -121,9 +123,7 @@ class DQN:
         # Every period the target moves a fraction tau toward the online net (tau 1: a hard
         # copy). A slow-moving target keeps the regression from chasing its own latest errors.
         if self.updates % self.cfg.target_update_period == 0:
-            with torch.no_grad():
-                for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
-                    t.copy_(o) if self.cfg.tau == 1 else t.lerp_(o, self.cfg.tau)
+            polyak(self.target, self.online, self.cfg.tau)
 
     def priorities(self) -> list[torch.Tensor] | None:
         """|TD error| of the last update's items: their new replay priorities."""

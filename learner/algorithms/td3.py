@@ -27,7 +27,16 @@ from torch import nn
 from actors.envs import EnvSpec
 from cluster.config import LearnerConfig
 from cluster.errors import UserError
-from learner.algorithms.base import Batch, Built, Stats, TrainingState, load_torch_state, torch_state
+from learner.algorithms.base import (
+    Batch,
+    Built,
+    Stats,
+    TrainingState,
+    adam,
+    load_torch_state,
+    polyak,
+    torch_state,
+)
 from learner.overlap import GradSync
 
 ARCH = "tanh_mlp"  # actors/policy.py: an mlp whose output goes through tanh
@@ -91,11 +100,12 @@ class TD3:
             }
         )
         self.target = copy.deepcopy(self.online).requires_grad_(False)
-        self.optimizer = torch.optim.Adam(
+        self.optimizer = adam(
             [
                 {"params": self.online["actor"].parameters(), "lr": cfg.lr},
                 {"params": self.online["critic"].parameters(), "lr": cfg.lr},
-            ]
+            ],
+            lr=cfg.lr,
         )
         self.updates = 0
         self.last_td_error: torch.Tensor | None = None
@@ -143,11 +153,9 @@ class TD3:
         # 0-d tensors, as DQN's: no host sync here (base.py `Algorithm.update`).
         return {"loss": loss.detach(), "q_mean": q1.detach().mean()}
 
-    @torch.no_grad()
     def _soft_update(self) -> None:
         # Polyak averaging: targets trail the online networks smoothly.
-        for t, o in zip(self.target.parameters(), self.online.parameters(), strict=True):
-            t.lerp_(o, self.cfg.tau)
+        polyak(self.target, self.online, self.cfg.tau)
 
     def priorities(self) -> list[torch.Tensor] | None:
         """|TD error| of the first critic on the last update's items: their new priorities."""
