@@ -99,7 +99,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             update = models.poll()
             if update is not None:
                 version, manifest, arrays = update
-                # Of a population version, the model this actor's id picks (learner/population.py).
+                # Of a population version, the model this actor's id picks (learner/algorithms/population.py).
                 counters["policy_model"], arrays = member_arrays(arrays, ident)
                 policy = policy_from_arrays(manifest.arch, arrays)
                 counters["policy_version"] = str(version)

@@ -151,7 +151,7 @@ class NatureCNNPolicy:
 
 def population_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """A version's arrays per model: one model, or M for a population (names `m<k>/<name>`,
-    learner/population.py), each with its names as a single model's and its order kept."""
+    learner/algorithms/population.py), each with its names as a single model's and its order kept."""
     if not any("/" in name for name in arrays):
         return [arrays]
     models: dict[int, dict[str, np.ndarray]] = {}

@@ -10,15 +10,25 @@ fault and cutoff benches (publish cadence, versions a fenced learner still wrote
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from cache.blob import Manifest
+from cluster.version import Version
 
 PUBLISHED_AT = "published_at"  # wall-clock seconds, what every reader of the ledger asks for
 
 
-def entry(manifest: Manifest, checkpoint: str | None = None) -> dict[str, str]:
+class Published(Protocol):
+    """What a ledger entry is made of: the fields of a version's manifest (cache/blob.py)."""
+
+    version: Version
+    learner: int
+    digest: str
+    published_at: float
+    parent: str
+    codec: str
+
+
+def entry(manifest: Published, checkpoint: str | None = None) -> dict[str, str]:
     """A version's ledger fields, encoded as Redis stores them.
 
     `checkpoint`: the checkpoint the learner's state descends from ("" when none, stored as

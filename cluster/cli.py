@@ -154,14 +154,14 @@ def _hosts_plan(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from learner.export import export
+    from cluster.export import export
 
     print(f"wrote {export(args.run_dir, args.out, args.format, args.version, args.model)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from learner.export import evaluate
+    from cluster.export import evaluate
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")

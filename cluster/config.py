@@ -166,7 +166,7 @@ class LearnerConfig:
     # Data-parallel ranks training one model together (learner/group.py): each samples its
     # own batches, gradients are averaged before every step; only rank 0 publishes.
     learners: int = 1
-    # A population trained together (learner/population.py): each model its own network,
+    # A population trained together (learner/algorithms/population.py): each model its own network,
     # optimizer and batches from the shared replay; one version holds them all; actor i
     # acts with model i % models. In a group their all-reduces overlap (learner/overlap.py).
     models: int = 1

@@ -33,12 +33,6 @@ def role_command(
     return [*program, role, "--config", str(config_path), "--id", str(ident), *args]
 
 
-def follower_rank(learners: int, ident: int) -> int | None:
-    """The fixed rank of learner `ident` when it follows a group of `learners`; None for a
-    lease candidate (id 0, or the standby, id `learners`), which becomes rank 0 with the lease."""
-    return ident if 0 < ident < learners else None
-
-
 def role_processes(cfg: Config) -> list[tuple[str, int, tuple[str, ...]]]:
     """Every role process of the cluster as (role, id, extra flags), in start order.
 

@@ -58,7 +58,7 @@ class Report:
         """
         from actors.evaluator import judge
         from actors.policy import population_arrays
-        from learner.export import handover, write_policy
+        from cluster.export import handover, write_policy
 
         run_dir = Path(self.cfg.run.dir)
         n, seed = self.cfg.eval.confirm_episodes, FINAL_EVAL_SEED + self.cfg.run.seed * 10_000

@@ -26,9 +26,10 @@ import redis
 from cache.shm import SHM_DIR
 from cluster.config import Config
 from cluster.errors import UserError
-from cluster.hostplan import follower_rank, role_command, role_processes
+from cluster.hostplan import role_command, role_processes
 from cluster.keys import Keys
 from cluster.redisconn import connect
+from learner.checkpoint.lease import follower_rank
 
 START_TIMEOUT_S = 90.0
 REDIS_START_TIMEOUT_S = 60.0  # a shard loads its append-only file before it answers

@@ -18,7 +18,6 @@ import json
 import math
 import threading
 import time
-from typing import TYPE_CHECKING
 
 import redis
 
@@ -36,12 +35,10 @@ from learner.checkpoint.state import Capturer, sampler_state
 from learner.checkpoint.store import CheckpointStore
 from learner.checkpoint.writer import Writer
 from learner.group import LearnerGroup
+from learner.model import Model
 from learner.obsnorm import ObsNorm
 from learner.publisher import Publisher
 from replay.client import SampleClient
-
-if TYPE_CHECKING:  # learner/role.py imports this module: only the type checker may go back
-    from learner.role import _Model
 
 
 def make_store(cfg: Config, ident: int) -> CheckpointStore:
@@ -105,7 +102,7 @@ class Lead:
         tel: Telemetry,
         lease: Lease,
         store: CheckpointStore,
-        model: _Model,
+        model: Model,
         parent: str,
         stop: threading.Event,
     ):

@@ -17,7 +17,7 @@ replay shards, gradients averaged across ranks (learner/overlap.py) before clipp
 the optimizer step. Only rank 0 publishes; its checkpoints hold the shared model and
 optimizer state plus every rank's sampler state (gathered at the checkpoint's step).
 
-A population (`learner.models = M > 1`, learner/population.py): every update takes M
+A population (`learner.models = M > 1`, learner/algorithms/population.py): every update takes M
 batches, one per model; in a group the models' all-reduces overlap their backward passes.
 One published version holds all M models.
 
@@ -33,27 +33,23 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import redis
-import torch
 
-from actors.envs import env_spec
 from cluster.config import Config
 from cluster.errors import ProtocolError
-from cluster.hostplan import follower_rank
 from cluster.keys import Keys
 from cluster.redisconn import connect
 from cluster.telemetry import Telemetry
 from cluster.version import Version
-from learner import algorithms
-from learner.algorithms import Algorithm, Batch, Stats, host_stats
-from learner.checkpoint.lease import Fenced, Lease
+from learner.algorithms import Batch, Stats, host_stats
+from learner.checkpoint.lease import Fenced, Lease, follower_rank
 from learner.checkpoint.prefetch import Prefetcher
 from learner.checkpoint.state import Snapshot, load_sampler_state, restore, sampler_state
 from learner.checkpoint.store import CheckpointStore
 from learner.group import LearnerGroup, params_digest
 from learner.lead import Lead, make_store, take_lease
+from learner.model import Model
 from learner.obsnorm import ObsNorm
 from learner.overlap import GroupLost
 from learner.priorities import PriorityReturn
@@ -65,15 +61,6 @@ SAMPLE_TIMEOUT_S = 120.0
 GROUP_TIMEOUT_S = SAMPLE_TIMEOUT_S + 60.0
 # Stats every rank's training loop (_Trainer) keeps up to date, as they read before the first update.
 TRAINING_STATS = {"loss": 0.0, "q_mean": 0.0, "sample_wait_seconds_total": 0.0, "policy_lag_mean": 0.0}
-
-
-def pick_device(choice: str, rank: int | None = None) -> torch.device:
-    """The torch device; with CUDA, rank r of a learner group takes GPU r % device_count."""
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cuda" and rank is not None and torch.cuda.is_available():
-        return torch.device("cuda", rank % torch.cuda.device_count())
-    return torch.device(choice)
 
 
 def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -> None:
@@ -89,7 +76,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     tel.start()
 
     # Build everything before asking for the lease: a standby waits here warm.
-    model = _Model.build(cfg, 0 if lc.learners > 1 else None)
+    model = Model.build(cfg, 0 if lc.learners > 1 else None)
     store = make_store(cfg, ident)
     lease = Lease(r, keys, ident, ck.lease_ttl_s, epoch_floor=lambda: _newest_epoch(store))
     took = take_lease(lease, r, keys, store, tel, stop, standby, ck.enabled)
@@ -166,7 +153,7 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
     tel = Telemetry(r, keys, "learner", ident, cfg.run.heartbeat_s)
     tel.start()
     tel.set_state("joining")
-    model = _Model.build(cfg, rank)
+    model = Model.build(cfg, rank)
     algo = model.algo
     try:
         group = LearnerGroup.join(r, keys, rank, cfg.learner.learners, model.device, stop, GROUP_TIMEOUT_S)
@@ -197,40 +184,12 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
         tel.close()
 
 
-@dataclass
-class _Model:
-    """What every rank builds first: the algorithm on its device, and the observation statistics."""
-
-    algo: Algorithm
-    arch: str  # the architecture name published versions carry (actors/policy.py)
-    norm: ObsNorm | None  # None unless env.normalize_obs
-    device: torch.device
-
-    @classmethod
-    def build(cls, cfg: Config, rank: int | None) -> _Model:
-        lc = cfg.learner
-        torch.manual_seed(cfg.run.seed)
-        device = pick_device(lc.device, rank)
-        if device.type == "cpu":
-            torch.set_num_threads(lc.threads)
-        spec = env_spec(cfg.env.id, cfg.env)
-        built = algorithms.make(spec, lc, device)
-        return cls(
-            built.algorithm, built.arch, ObsNorm.for_learner(cfg.env, spec, built.arch, device), device
-        )
-
-    def export(self) -> dict:
-        return _export(self.algo, self.norm)
-
-
 class _Trainer:
     """One rank's training loop, the same for the lease holder and every follower of its
     group: next batch(es), one control step with the group, update, priorities back to
     replay, counters; then what only the lease holder does (`Lead`, learner/lead.py)."""
 
-    def __init__(
-        self, model: _Model, prioritized: bool, sampling: tuple[RedisMembers, SampleClient], c: dict
-    ):
+    def __init__(self, model: Model, prioritized: bool, sampling: tuple[RedisMembers, SampleClient], c: dict):
         self.model, self.algo, self.prioritized, self.c = model, model.algo, prioritized, c
         self.members, self.sampler = sampling  # `_sample_client`
         self.priorities = PriorityReturn(self.sampler, model.device)
@@ -307,7 +266,7 @@ def _restore_newest(
     enabled: bool,
     store: CheckpointStore,
     prefetch: Prefetcher | None,
-    model: _Model,
+    model: Model,
     epoch: int,
     t_lease: float,
     tel: Telemetry,
@@ -376,11 +335,6 @@ def _load_sampler(sampler: SampleClient, state: object, tel: Telemetry) -> None:
         load_sampler_state(sampler, state)
     except ProtocolError as exc:  # trains on with a fresh draw order rather than not at all
         tel.event("rejected_input", what="checkpoint sampler state", message=str(exc)[:300])
-
-
-def _export(algo: Algorithm, norm: ObsNorm | None) -> dict:
-    """The arrays to publish: with `env.normalize_obs`, the normalization folded in front."""
-    return algo.export() if norm is None else norm.fold(algo.export())
 
 
 def _load_norm(norm: ObsNorm | None, counters: dict, tel: Telemetry) -> None:

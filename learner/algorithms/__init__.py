@@ -4,7 +4,7 @@ Every algorithm is an `Algorithm` (learner/algorithms/base.py: `update(batch)` -
 0-d device tensors, `priorities()`, `export()`, `state()` / `restore()`, `join_group()`,
 `models`, `updates`, `online`). Each file ends in a `build(spec, cfg, device) -> Built`;
 `BUILDERS` names them for `learner.algorithm`, and "auto" picks by the env's action space.
-With `learner.models > 1` the dqn build returns a Population (learner/population.py): the
+With `learner.models > 1` "dqn" builds a Population (learner/algorithms/population.py): the
 same interface, `update` then taking one batch per model.
 
 A new algorithm: one file with its class and `build`, one line in `BUILDERS` (and its name
@@ -20,15 +20,21 @@ import torch
 from actors.envs import EnvSpec
 from cluster.config import LearnerConfig
 from cluster.errors import UserError
-from learner.algorithms import dqn, td3
+from learner.algorithms import dqn, population, td3
 from learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, host_stats
 
 __all__ = ["BUILDERS", "Algorithm", "Batch", "Built", "Stats", "TrainingState", "host_stats", "make"]
 
 Builder = Callable[[EnvSpec, LearnerConfig, torch.device], Built]
 
+
+def _dqn(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
+    """Discrete actions: one DQN, or a population of them with `learner.models > 1`."""
+    return (population.build if cfg.models > 1 else dqn.build)(spec, cfg, device)
+
+
 BUILDERS: dict[str, Builder] = {
-    "dqn": dqn.build,  # Discrete actions; a population of DQNs with learner.models > 1
+    "dqn": _dqn,
     "td3": td3.build,  # Box actions
 }
 

@@ -5,7 +5,7 @@ when the role reports) and `priorities` (back to prioritized replay) -> `export`
 a published version holds, what actors act with). Checkpoints: `state` ->
 learner/checkpoint/state.py (raw tensor bytes + msgpack, no pickle) -> `restore`.
 
-An algorithm is one file read top to bottom (dqn.py, td3.py; learner/population.py trains
+An algorithm is one file read top to bottom (dqn.py, td3.py; learner/algorithms/population.py trains
 several DQNs as one): its networks, its loss with the maths beside it, the methods below,
 and a `build(spec, cfg, device) -> Built` that the registry in learner/algorithms/__init__.py
 names (`learner.algorithm`). learner/role.py depends on nothing else, so one training loop
@@ -161,7 +161,7 @@ def torch_state(
     """Module state dicts (tensors "<name>.<key>"), one optimizer (tensors "optim.<param
     index>.<key>", its other values and param groups in meta "optimizer") and an optional
     learning-rate scheduler (meta "scheduler"). `optimizer` and `scheduler` need only
-    `state_dict` / `load_state_dict` in torch's form (learner/population.py joins several)."""
+    `state_dict` / `load_state_dict` in torch's form (learner/algorithms/population.py joins several)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})

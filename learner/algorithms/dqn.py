@@ -82,7 +82,7 @@ class DQN:
     def backward(self, batch: Batch) -> Stats:
         """The loss on `batch` and its gradients; `apply` then steps (update = both).
 
-        Split in two so a learner group training several models (learner/population.py)
+        Split in two so a learner group training several models (learner/algorithms/population.py)
         can average one model's gradients while it computes the next model's.
         """
         device = batch.obs.device.type
@@ -142,17 +142,12 @@ class DQN:
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
-    """A DQN for a Discrete env on `device`; with `learner.models > 1` a population of them."""
-    from learner.population import Population, member_configs  # population.py imports DQN
-
+    """A DQN for a Discrete env on `device` (learner/algorithms/population.py builds several of them)."""
     if not spec.discrete:
         raise UserError('this env has continuous (Box) actions: set learner.algorithm = "td3"')
-    members = []
-    for member_cfg in member_configs(cfg):
-        net, arch = network.build(
-            spec.obs_shape, spec.obs_dtype, spec.actions, cfg.hidden, cfg.dueling, cfg.layer_norm
-        )
-        if cfg.compile:
-            net.compile()  # in place: parameter names (checkpoints, actors) stay as they are
-        members.append(DQN(net.to(device), member_cfg))
-    return Built(members[0] if cfg.models == 1 else Population(members), arch)
+    net, arch = network.build(
+        spec.obs_shape, spec.obs_dtype, spec.actions, cfg.hidden, cfg.dueling, cfg.layer_norm
+    )
+    if cfg.compile:
+        net.compile()  # in place: parameter names (checkpoints, actors) stay as they are
+    return Built(DQN(net.to(device), cfg), arch)

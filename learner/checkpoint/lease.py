@@ -61,6 +61,12 @@ def parse_token(value: bytes | str | None) -> tuple[int, int] | None:
     raise ValueError(f"malformed learner lease token {text!r}, expected '<epoch>:<owner>'")
 
 
+def follower_rank(learners: int, ident: int) -> int | None:
+    """The fixed rank of learner `ident` when it follows a group of `learners`; None for a
+    lease candidate (id 0, or the standby, id `learners`), which becomes rank 0 with the lease."""
+    return ident if 0 < ident < learners else None
+
+
 def fenced_script(body: str) -> str:
     """Lua that runs `body` only while the caller holds the lease, atomically with the check.
 

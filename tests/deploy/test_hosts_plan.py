@@ -18,6 +18,7 @@ from cluster import config as config_mod
 from cluster import hostplan
 from cluster.cli import build_parser
 from cluster.errors import UserError
+from learner.checkpoint.lease import follower_rank
 
 DEPLOY_CONFIG = REPO_ROOT / "deploy" / "cluster.toml"
 SCRIPTS = REPO_ROOT / "scripts"
@@ -58,7 +59,7 @@ def test_a_learner_group_plans_its_followers_as_ranks_and_the_standby_after_them
     assert as_text["gpu0"] == ["learner --config c.toml --id 0", "learner --config c.toml --id 3 --standby"]
     assert as_text["gpu1"] == ["learner --config c.toml --id 1"]
     assert as_text["gpu2"] == ["learner --config c.toml --id 2"]
-    assert [hostplan.follower_rank(3, i) for i in range(4)] == [None, 1, 2, None]
+    assert [follower_rank(3, i) for i in range(4)] == [None, 1, 2, None]
 
 
 def test_every_planned_command_parses_with_the_real_cli_and_runs_each_process_once() -> None:

@@ -20,9 +20,9 @@ from test_up import canopy_up  # noqa: F401 (the fixture)
 
 from actors.policy import population_arrays
 from cluster import config as config_mod
+from cluster.export import read_policy
 from cluster.keys import Keys
 from cluster.redisconn import connect
-from learner.export import read_policy
 
 SETTINGS = [
     "learner.learners=2",

@@ -145,7 +145,7 @@ def algorithms_in_step(rank: int, world: int) -> dict:
 
 
 def population_in_step(rank: int, world: int) -> dict:
-    """A DQN population (learner/population.py) in a group: overlapped, on each rank's batches."""
+    """A DQN population (learner/algorithms/population.py) in a group: overlapped, on each rank's batches."""
     torch.manual_seed(0)  # same initial networks on every rank, as the learner's broadcast gives
     cfg = LearnerConfig(hidden=[32], models=2, model_lr=[1e-2, 3e-2], target_update_period=3)
     pop = algorithms.make(EnvSpec((4,), "float32", 2, True), cfg, torch.device("cpu")).algorithm

@@ -16,9 +16,9 @@ from cluster.errors import UserError
 from learner import algorithms
 from learner.algorithms import Algorithm, Batch, Built, TrainingState, host_stats
 from learner.algorithms.dqn import DQN
+from learner.algorithms.population import Population
 from learner.algorithms.td3 import TD3
 from learner.checkpoint.state import Capturer, Snapshot, restore
-from learner.population import Population
 
 CPU = torch.device("cpu")
 DISCRETE = EnvSpec(obs_shape=(4,), obs_dtype="float32", actions=2, discrete=True)

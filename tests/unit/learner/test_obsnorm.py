@@ -13,13 +13,14 @@ from actors.envs import EnvSpec
 from actors.policy import policy_from_arrays, population_arrays
 from cluster.config import EnvConfig, LearnerConfig
 from cluster.errors import ConfigError, ProtocolError
+from cluster.export import layer_sizes
 from learner.algorithms.dqn import DQN
 from learner.algorithms.td3 import TD3, Actor
 from learner.checkpoint.state import Capturer, Snapshot, restore
-from learner.export import layer_sizes
+from learner.model import export as _export
 from learner.network import QNetwork
 from learner.obsnorm import CLIP, EPSILON, ObsNorm
-from learner.role import _export, _to_batch
+from learner.role import _to_batch
 
 CPU = torch.device("cpu")
 OBS = 5

@@ -1,4 +1,4 @@
-"""learner/population.py: several DQN models trained as one algorithm (`learner.models`)."""
+"""learner/algorithms/population.py: several DQN models trained as one algorithm (`learner.models`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from cluster.config import Config, LearnerConfig, to_dict
 from cluster.errors import ConfigError, ProtocolError
 from learner import algorithms
 from learner.algorithms.dqn import DQN, Batch
+from learner.algorithms.population import Population
 from learner.checkpoint.state import Capturer, Snapshot, restore
-from learner.population import Population
 
 OBS, ACTIONS = 4, 2
 SPEC = EnvSpec(obs_shape=(OBS,), obs_dtype="float32", discrete=True, actions=ACTIONS)

@@ -14,7 +14,8 @@ from actors.envs import EnvSpec
 from cluster.config import LearnerConfig
 from cluster.version import Version
 from learner import algorithms
-from learner.role import TRAINING_STATS, _Model, _Trainer
+from learner.model import Model
+from learner.role import TRAINING_STATS, _Trainer
 from replay.client import TensorBatch
 
 CPU = torch.device("cpu")
@@ -104,7 +105,7 @@ def trainer(spec: EnvSpec, cfg: LearnerConfig, batches: int, prioritized: bool) 
     built = algorithms.make(spec, cfg, CPU)
     sampler = Sampler(spec, batches)
     members = SimpleNamespace(close=lambda: None)
-    model = _Model(built.algorithm, built.arch, None, CPU)
+    model = Model(built.algorithm, built.arch, None, CPU)
     return _Trainer(model, prioritized, (members, sampler), dict(TRAINING_STATS)), sampler
 
 

@@ -1,4 +1,4 @@
-"""learner/export.py: `canopy export` and `canopy eval` against a run's real Redis root,
+"""cluster/export.py: `canopy export` and `canopy eval` against a run's real Redis root,
 live and after the run stopped (its persisted shard is started from RUN_DIR/redis-0)."""
 
 from __future__ import annotations

@@ -29,7 +29,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from learner.algorithms.base import Batch, Stats, TrainingState, load_online_target_state, online_target_state
+from actors.envs import EnvSpec
+from cluster.config import LearnerConfig
+from learner.algorithms import dqn
+from learner.algorithms.base import (
+    Batch,
+    Built,
+    Stats,
+    TrainingState,
+    load_online_target_state,
+    online_target_state,
+)
 from learner.algorithms.dqn import DQN
 from learner.overlap import OverlapTrainer
 
@@ -164,3 +174,9 @@ def member_configs(cfg: Any) -> list[Any]:
     """The learner config of each model: the shared one with that model's learning rate."""
     rates = cfg.model_lr or [cfg.lr] * cfg.models
     return [dataclasses.replace(cfg, lr=lr) for lr in rates]
+
+
+def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
+    """`learner.models` DQNs on `device`, each with its own learning rate, as one algorithm."""
+    members = [dqn.build(spec, member_cfg, device) for member_cfg in member_configs(cfg)]
+    return Built(Population([m.algorithm for m in members]), members[0].arch)
