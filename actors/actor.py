@@ -13,19 +13,19 @@ from collections import deque
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from actors.adder import FrameAdder, NStepAdder
-from actors.envs import clips_rewards, make_vec, seed_base
-from actors.explore import Explorer, initial_priorities, ladder
-from actors.policy import limit_blas_threads, member_arrays, policy_from_arrays
-from cache.client import leaf_client
-from cluster.config import Config
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
-from cluster.version import NO_VERSION
-from replay.client import InsertClient
-from replay.membership import RedisMembers
+from canopy.actors.adder import FrameAdder, NStepAdder
+from canopy.actors.explore import Explorer, initial_priorities, ladder
+from canopy.actors.policy import limit_blas_threads, member_arrays, policy_from_arrays
+from canopy.cache.client import leaf_client
+from canopy.config import Config
+from canopy.envs import clips_rewards, make_vec, seed_base
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.redisconn import connect
+from canopy.replay.client import InsertClient
+from canopy.replay.membership import RedisMembers
+from canopy.telemetry import Telemetry
+from canopy.version import NO_VERSION
 
 INSERT_TIMEOUT_S = 60.0
 PAUSE_POLL_S = 0.1
@@ -45,7 +45,56 @@ def step_and_add(env, adder, obs, actions, env_actions, version: int, clip: bool
     return next_obs, info
 
 
+def _swap_policy(update, ident: int, counters: dict, r, keys: Keys):
+    """The version that landed and its policy, recorded in the stats and the actor ledger."""
+    version, manifest, arrays = update
+    # Of a population version, the model this actor's id picks (learner/algorithms/population.py).
+    counters["policy_model"], arrays = member_arrays(arrays, ident)
+    policy = policy_from_arrays(manifest.arch, arrays)
+    counters["policy_version"] = str(version)
+    r.hset(keys.ledger_actors, str(ident), str(version))
+    return version, policy
+
+
+def _count_episodes(info: dict, recent_returns: deque[float], counters: dict) -> None:
+    """Episodes that ended in this step: the count, and the mean of the recent true returns."""
+    if "episode" in info:
+        ended = info["_episode"]
+        recent_returns.extend(info["episode"]["r"][ended].tolist())
+        counters["episodes_total"] += int(ended.sum())
+        if recent_returns:
+            counters["episode_return_mean"] = float(np.mean(recent_returns))
+
+
+def _insert(chunk, inserter, adder, obs, counters: dict, pixels: bool, stop, lost_seen: int) -> int:
+    """Send a chunk to the replay shard; returns the shard moves + dropped chunks seen so far.
+
+    Pixel chunks name frames sent before them: when the shard may lack some, the adder
+    starts its frame chain again from `obs`.
+    """
+    try:
+        inserter.insert(chunk, timeout=INSERT_TIMEOUT_S, stop=stop)
+    except ProtocolError:
+        if not pixels:
+            raise
+        adder.restart(obs)  # the shard lacks frames this chunk builds on
+        counters["frame_chain_restarts_total"] += 1
+    if pixels and inserter.moves_total + inserter.chunks_dropped_total != lost_seen:
+        # A new shard, or chunks dropped on the way: frames it needs are gone.
+        lost_seen = inserter.moves_total + inserter.chunks_dropped_total
+        adder.restart(obs)
+        counters["frame_chain_restarts_total"] += 1
+    counters.update(
+        insert_wait_seconds_total=inserter.wait_s_total,
+        replay_shard=inserter.shard,
+        replay_moves_total=inserter.moves_total,
+        replay_chunks_dropped_total=inserter.chunks_dropped_total,
+    )
+    return lost_seen
+
+
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
+    """The actor process until `stop`: act, step, stream chunks; pause and resume on command."""
     a, c = cfg.actors, cfg.cluster
     keys = Keys(cfg.run.name)
     r = connect(c, "actor", ident)
@@ -98,45 +147,18 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
                 continue
             update = models.poll()
             if update is not None:
-                version, manifest, arrays = update
-                # Of a population version, the model this actor's id picks (learner/algorithms/population.py).
-                counters["policy_model"], arrays = member_arrays(arrays, ident)
-                policy = policy_from_arrays(manifest.arch, arrays)
-                counters["policy_version"] = str(version)
-                r.hset(keys.ledger_actors, str(ident), str(version))
+                version, policy = _swap_policy(update, ident, counters, r, keys)
 
             actions, env_actions = explorer.act(policy, obs)
             obs, info = step_and_add(env, adder, obs, actions, env_actions, version.packed(), clip)
 
-            if "episode" in info:
-                ended = info["_episode"]
-                recent_returns.extend(info["episode"]["r"][ended].tolist())
-                counters["episodes_total"] += int(ended.sum())
-                if recent_returns:
-                    counters["episode_return_mean"] = float(np.mean(recent_returns))
+            _count_episodes(info, recent_returns, counters)
             counters["env_steps_total"] += a.envs
             chunk = adder.take(a.chunk)
             if chunk is not None:
                 if prioritized and policy is not None:
                     chunk["priority"] = initial_priorities(policy, chunk)
-                try:
-                    inserter.insert(chunk, timeout=INSERT_TIMEOUT_S, stop=stop)
-                except ProtocolError:
-                    if not pixels:
-                        raise
-                    adder.restart(obs)  # the shard lacks frames this chunk builds on
-                    counters["frame_chain_restarts_total"] += 1
-                if pixels and inserter.moves_total + inserter.chunks_dropped_total != lost_seen:
-                    # A new shard, or chunks dropped on the way: frames it needs are gone.
-                    lost_seen = inserter.moves_total + inserter.chunks_dropped_total
-                    adder.restart(obs)
-                    counters["frame_chain_restarts_total"] += 1
-                counters.update(
-                    insert_wait_seconds_total=inserter.wait_s_total,
-                    replay_shard=inserter.shard,
-                    replay_moves_total=inserter.moves_total,
-                    replay_chunks_dropped_total=inserter.chunks_dropped_total,
-                )
+                lost_seen = _insert(chunk, inserter, adder, obs, counters, pixels, stop, lost_seen)
     finally:
         models.stop()
         inserter.close()

@@ -17,8 +17,8 @@ from gymnasium.utils.env_checker import check_env
 from rich.console import Console
 from rich.table import Table
 
-from actors.envs import check_env_id, make_one, random_stepping_rate
-from cluster.config import EnvConfig
+from canopy.config import EnvConfig
+from canopy.envs import check_env_id, make_one, random_stepping_rate
 
 SPEED_ENVS = 8
 SPEED_SECONDS = 2.0
@@ -27,11 +27,14 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # gymnasium colours its warnings for termi
 
 @dataclass
 class Report:
+    """The rows of the check-env table, and whether every check passed."""
+
     env_id: str
     rows: list[tuple[str, str, str]] = field(default_factory=list)  # (check, result, verdict)
     usable: bool = True
 
     def add(self, check: str, result: str, ok: bool | None = True) -> None:
+        """One row; `ok` None is a note, False marks the env unusable."""
         self.rows.append((check, result, {True: "ok", False: "FAIL", None: "note"}[ok]))
         if ok is False:
             self.usable = False
@@ -117,6 +120,7 @@ def check(env_id: str, env_cfg: EnvConfig | None = None) -> Report:
 
 
 def main(env_id: str, env_cfg: EnvConfig | None = None) -> int:
+    """Print the report as a table; the exit status is 0 when the env is usable."""
     report = check(env_id, env_cfg)
     table = Table(title=f"canopy check-env {env_id}")
     for name in ("check", "result", "verdict"):

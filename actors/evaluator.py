@@ -25,15 +25,15 @@ import time
 
 import numpy as np
 
-from actors.envs import make_vec
-from actors.explore import Explorer
-from actors.policy import limit_blas_threads, policy_from_arrays, population_arrays
-from cache import blob
-from cache.client import leaf_client
-from cluster.config import Config, EnvConfig
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
+from canopy.actors.explore import Explorer
+from canopy.actors.policy import limit_blas_threads, policy_from_arrays, population_arrays
+from canopy.cache import blob
+from canopy.cache.client import leaf_client
+from canopy.config import Config, EnvConfig
+from canopy.envs import make_vec
+from canopy.keys import Keys
+from canopy.redisconn import connect
+from canopy.telemetry import Telemetry
 
 EVAL_SEED_OFFSET = 10**9  # evaluation seeds never overlap the actors' training seeds
 
@@ -82,7 +82,65 @@ def summarize(returns: np.ndarray) -> dict[str, float | int]:
     }
 
 
+def _screen(tel: Telemetry, env, policies: list, seed: int, version, started: float) -> tuple[int, dict]:
+    """Every model on the same seeds: the best one and its figures, reported as event `eval`."""
+    per_model = [evaluate(env, policy, seed) for policy in policies]
+    model = int(np.argmax([x.mean() for x in per_model]))
+    screen = summarize(per_model[model])
+    tel.counters.update(
+        evals_total=tel.counters["evals_total"] + 1,
+        eval_return=screen["mean"],
+        eval_version=str(version),
+        eval_seconds=round(time.monotonic() - started, 3),
+    )
+    extra = {}
+    if len(per_model) > 1:
+        extra = {"model": model, "model_returns": " ".join(f"{x.mean():.2f}" for x in per_model)}
+        tel.counters.update(eval_model=model, eval_model_returns=extra["model_returns"])
+    tel.event(
+        "eval",
+        version=str(version),
+        mean_return=f"{screen['mean']:.2f}",
+        episodes=screen["episodes"],
+        min_return=f"{screen['min']:.2f}",
+        **extra,
+    )
+    return model, screen
+
+
+def _confirm(
+    r, keys: Keys, tel: Telemetry, env, next_seed, update, policy, model: int, best_mean: float | None
+) -> float | None:
+    """Judge a screened model in full, pin it if it beats the best (event `confirm`); the new best mean."""
+    version, manifest, arrays = update
+    t_confirm = time.monotonic()
+    verdict = summarize(evaluate(env, policy, next_seed(env.num_envs)))
+    is_best = improves(verdict["mean"], best_mean)
+    if is_best:
+        best_mean = verdict["mean"]
+        record = {**verdict, "model": model, "confirmed_at": round(time.time(), 3)}
+        # Pinned before the event: whoever reads `confirm ... best=1` finds it in Redis.
+        blob.pin(r, keys, arrays, manifest, record)
+        tel.counters.update(best_version=str(version), best_return=best_mean)
+    tel.counters.update(
+        confirms_total=tel.counters["confirms_total"] + 1,
+        confirm_seconds=round(time.monotonic() - t_confirm, 3),
+    )
+    tel.event(
+        "confirm",
+        version=str(version),
+        model=model,
+        mean_return=f"{verdict['mean']:.2f}",
+        std_return=f"{verdict['std']:.2f}",
+        min_return=f"{verdict['min']:.2f}",
+        episodes=verdict["episodes"],
+        best=int(is_best),
+    )
+    return best_mean
+
+
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
+    """The evaluator process until `stop`: screen each new version, confirm and pin the best."""
     c = cfg.cluster
     keys = Keys(cfg.run.name)
     r = connect(c, "evaluator", ident)
@@ -119,52 +177,11 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             # Every model of a population on the same seeds; the best one is the version's score.
             members = population_arrays(arrays)
             policies = [policy_from_arrays(manifest.arch, model) for model in members]
-            seed = next_seed(screen_env.num_envs)
-            per_model = [evaluate(screen_env, policy, seed) for policy in policies]
-            model = int(np.argmax([x.mean() for x in per_model]))
-            screen = summarize(per_model[model])
-            tel.counters.update(
-                evals_total=tel.counters["evals_total"] + 1,
-                eval_return=screen["mean"],
-                eval_version=str(version),
-                eval_seconds=round(time.monotonic() - last, 3),
-            )
-            extra = {}
-            if len(per_model) > 1:
-                extra = {"model": model, "model_returns": " ".join(f"{x.mean():.2f}" for x in per_model)}
-                tel.counters.update(eval_model=model, eval_model_returns=extra["model_returns"])
-            tel.event(
-                "eval",
-                version=str(version),
-                mean_return=f"{screen['mean']:.2f}",
-                episodes=screen["episodes"],
-                min_return=f"{screen['min']:.2f}",
-                **extra,
-            )
+            model, screen = _screen(tel, screen_env, policies, next_seed(screen_env.num_envs), version, last)
             if not earns_confirmation(screen["mean"], best_mean):
                 continue
-            t_confirm = time.monotonic()
-            verdict = summarize(evaluate(confirm_env, policies[model], next_seed(confirm_env.num_envs)))
-            is_best = improves(verdict["mean"], best_mean)
-            if is_best:
-                best_mean = verdict["mean"]
-                record = {**verdict, "model": model, "confirmed_at": round(time.time(), 3)}
-                # Pinned before the event: whoever reads `confirm ... best=1` finds it in Redis.
-                blob.pin(r, keys, arrays, manifest, record)
-                tel.counters.update(best_version=str(version), best_return=best_mean)
-            tel.counters.update(
-                confirms_total=tel.counters["confirms_total"] + 1,
-                confirm_seconds=round(time.monotonic() - t_confirm, 3),
-            )
-            tel.event(
-                "confirm",
-                version=str(version),
-                model=model,
-                mean_return=f"{verdict['mean']:.2f}",
-                std_return=f"{verdict['std']:.2f}",
-                min_return=f"{verdict['min']:.2f}",
-                episodes=verdict["episodes"],
-                best=int(is_best),
+            best_mean = _confirm(
+                r, keys, tel, confirm_env, next_seed, update, policies[model], model, best_mean
             )
     finally:
         models.stop()

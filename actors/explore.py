@@ -15,7 +15,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from actors.policy import epsilon_ladder
+from canopy.actors.policy import epsilon_ladder
 
 
 class Explorer:
@@ -43,6 +43,7 @@ class Explorer:
 
     @property
     def discrete(self) -> bool:
+        """Discrete actions (epsilon-greedy) rather than a Box (Gaussian noise)."""
         return isinstance(self.space, gym.spaces.Discrete)
 
     def act(self, policy, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +69,7 @@ class Explorer:
         return self.to_env(policy.actions(obs).astype(np.float32))
 
     def to_env(self, a: np.ndarray) -> np.ndarray:
+        """Actions in [-1, 1]^d scaled to the env's Box bounds."""
         return self.low + (a + 1) * 0.5 * self.span
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
-from cluster.errors import ProtocolError
+from canopy.errors import ProtocolError
 
 
 class MLPPolicy:
@@ -40,6 +40,7 @@ class MLPPolicy:
 
     @classmethod
     def from_arrays(cls, arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy:
+        """The policy of a published `mlp`'s arrays; ProtocolError on a bad name or shape."""
         if arch != "mlp":
             raise ProtocolError(f"actors cannot run architecture {arch!r}")
         if not arrays:
@@ -81,9 +82,11 @@ class MLPPolicy:
 
     @property
     def in_features(self) -> int:
+        """Size of the flat observation the first layer takes."""
         return self.layers[0][0].shape[0]
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
+        """The network's outputs [batch, outputs] for flattened observations."""
         x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
         last = len(self.layers) - 1
         for i, ((w, b), norm) in enumerate(zip(self.layers, self.norms, strict=True)):
@@ -109,6 +112,7 @@ class TanhMLPPolicy(MLPPolicy):
     """A deterministic continuous policy (td3's actor): the mlp, then tanh, in [-1, 1]^d."""
 
     def actions(self, obs: np.ndarray) -> np.ndarray:
+        """Actions in [-1, 1]^d, one row per observation."""
         return np.tanh(self.q_values(obs))
 
 
@@ -136,6 +140,7 @@ class NatureCNNPolicy:
             raise ProtocolError("nature_cnn head sizes do not chain")
 
     def q_values(self, obs: np.ndarray) -> np.ndarray:
+        """Q-values [batch, actions] of uint8 frame stacks."""
         x = obs.astype(np.float32) * np.float32(1 / 255)
         for w, b, stride in self.convs:
             out, c, k, _ = w.shape

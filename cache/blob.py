@@ -24,10 +24,10 @@ import numpy as np
 import redis
 import xxhash
 
-from cache import codecs, ledger
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy.cache import codecs, ledger
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.version import Version
 
 CHUNK_BYTES = 1 << 20
 MAX_BLOB_BYTES = 1 << 30
@@ -37,6 +37,8 @@ ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<i8", "<i4", "|u1"})
 
 @dataclass(frozen=True)
 class Manifest:
+    """A version's description: payload size and digests, tensor layout, codec and lineage."""
+
     version: Version
     size: int
     digest: str
@@ -54,10 +56,12 @@ class Manifest:
 
     @property
     def decoded_size(self) -> int:
+        """Bytes of the decoded blob: where the last tensor of the layout ends."""
         _name, dtype, shape, offset = self.layout[-1]
         return offset + math.prod(shape) * np.dtype(dtype).itemsize
 
     def to_fields(self) -> dict[str, str]:
+        """The manifest as a flat string hash, as Redis and the wire carry it (`from_fields` reads it)."""
         return {
             "version": str(self.version),
             "epoch": str(self.version.epoch),

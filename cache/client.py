@@ -32,16 +32,18 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from cache import blob, protocol
-from cache.shm import ShmReader
-from cluster import curve
-from cluster.config import CacheConfig, ClusterConfig
-from cluster.errors import ProtocolError
-from cluster.version import NO_VERSION, Version
+from canopy import curve
+from canopy.cache import blob, protocol
+from canopy.cache.shm import ShmReader
+from canopy.config import CacheConfig, ClusterConfig
+from canopy.errors import ProtocolError
+from canopy.version import NO_VERSION, Version
 
 
 @dataclass
 class Update:
+    """One version handed to the actor; unpacks as (version, manifest, arrays) for older callers."""
+
     version: Version
     manifest: blob.Manifest
     arrays: dict[str, np.ndarray]
@@ -118,10 +120,12 @@ class ClientCore:
         return self._answered and self._last_seq is not None
 
     def sockets(self) -> tuple[zmq.Socket, zmq.Socket]:
+        """The notify SUB and the fetch DEALER, for the caller's poller (after `connect`)."""
         assert self.sub is not None and self.req is not None
         return self.sub, self.req
 
     def connect(self) -> None:
+        """Open both sockets to the current parent and send it hello."""
         fetch, notify = self.parents[self.parent_index]
         self.sub = self.ctx.socket(zmq.SUB)
         self.sub.setsockopt(zmq.LINGER, 0)
@@ -136,6 +140,7 @@ class ClientCore:
         self._last_heard = time.monotonic()
 
     def close(self) -> None:
+        """Close both sockets and the shared-memory reader."""
         for s in (self.sub, self.req):
             if s is not None:
                 s.close(0)
@@ -162,6 +167,7 @@ class ClientCore:
             self.shm.acting(version)
 
     def on_readable(self, sock: zmq.Socket) -> Update | None:
+        """Handle what arrived on `sock`; an Update when a newer version is now held."""
         if sock is self.sub:
             return self._on_notify()
         if sock is self.req:
@@ -169,6 +175,7 @@ class ClientCore:
         return None
 
     def tick(self) -> None:
+        """Fail over from a silent parent, re-send a timed-out request, send heartbeats."""
         now = time.monotonic()
         if now - self._last_heard > self.parent_timeout_s and len(self.parents) > 1:
             self.close_sockets()
@@ -189,6 +196,7 @@ class ClientCore:
             self._next_hb = now + self.heartbeat_s
 
     def close_sockets(self) -> None:
+        """Close both sockets but keep the shared-memory reader (failover reconnects)."""
         for s in (self.sub, self.req):
             if s is not None:
                 s.close(0)
@@ -346,9 +354,11 @@ class HostWatch:
         curve.connect(self.sub, notify)
 
     def add(self, core: ClientCore) -> None:
+        """Offer this watch's landed notifications to `core` from now on."""
         self.cores.append(core)
 
     def on_readable(self) -> list[tuple[ClientCore, Update]]:
+        """(core, Update) for each core that took a newer version from the queued notifications."""
         notes: list[protocol.Notice] = []
         while True:
             try:
@@ -366,6 +376,7 @@ class HostWatch:
         return updates
 
     def close(self) -> None:
+        """Close the shared SUB (each core closes its own sockets)."""
         self.sub.close(0)
 
 
@@ -404,24 +415,30 @@ class ModelClient:
 
     @property
     def current(self) -> Version:
+        """The version held (NO_VERSION before the first)."""
         return self.core.current
 
     @property
     def rejected_total(self) -> int:
+        """Messages and shared-memory slots refused as malformed or corrupt."""
         return self.core.rejected_total
 
     @property
     def stale(self) -> bool:
+        """True while the parent is silent or a new parent's newest is not held yet."""
         return self.core.stale
 
     @property
     def failovers_total(self) -> int:
+        """How many times the client moved to another parent."""
         return self.core.failovers_total
 
     def start(self) -> None:
+        """Start the background thread that connects and fetches."""
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the background thread (waits up to 2 s); its sockets close with it."""
         self._stop.set()
         self._thread.join(timeout=2)
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 CODECS = ("raw", "bf16", "int8delta")
 FLOAT = np.dtype("<f4")
@@ -43,6 +43,7 @@ def to_bf16(blob: bytes | memoryview) -> bytes:
 
 
 def from_bf16(payload: bytes | memoryview) -> bytes:
+    """bfloat16 bytes -> float32 bytes (exact: the dropped mantissa bits come back as zeros)."""
     return (np.frombuffer(payload, dtype="<u2").astype("<u4") << 16).tobytes()
 
 
@@ -69,6 +70,7 @@ def delta_decode(
     spans: list[tuple[int, int]],
     params: list[tuple[float, float]],
 ) -> bytes:
+    """keyframe + lo + q * step per span, as float32 bytes; ProtocolError when the sizes do not match."""
     q = np.frombuffer(codes, dtype=np.uint8)
     if len(q) != len(base) or len(params) != len(spans):
         raise ProtocolError(f"int8delta payload of {len(q)} codes does not match a base of {len(base)}")
@@ -92,6 +94,8 @@ def spans_of(layout: list[tuple[str, str, tuple[int, ...], int]]) -> list[tuple[
 
 @dataclass
 class Encoded:
+    """One encoded version: the payload sent, the blob receivers rebuild, and the codec's manifest fields."""
+
     codec: str
     payload: bytes
     decoded: bytes  # what receivers reconstruct: the digest they check is of this
@@ -117,6 +121,7 @@ class Encoder:
         self.since_keyframe = 0
 
     def encode(self, version: Version, blob: bytes, layout: list) -> Encoded:
+        """Encode one blob (int8delta: a raw keyframe every `keyframe_every` versions or on a size change)."""
         if self.codec == "raw":
             return Encoded("raw", blob, blob)
         if self.codec == "bf16":

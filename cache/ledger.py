@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from cluster.version import Version
+from canopy.version import Version
 
 PUBLISHED_AT = "published_at"  # wall-clock seconds, what every reader of the ledger asks for
 

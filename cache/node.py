@@ -28,16 +28,18 @@ import time
 import redis
 import zmq
 
-from cache.handoff import Handoff
-from cache.serving import Server
-from cache.store import VersionStore
-from cache.upstream import Parent, Upstream
-from cluster.config import CacheConfig
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy.cache.handoff import Handoff
+from canopy.cache.serving import Server
+from canopy.cache.store import VersionStore
+from canopy.cache.upstream import Parent, Upstream
+from canopy.config import CacheConfig
+from canopy.keys import Keys
+from canopy.version import Version
 
 
 class CacheNode:
+    """One cache node: its store, serve thread and upstream thread, wired together."""
+
     def __init__(
         self,
         cfg: CacheConfig,
@@ -77,9 +79,11 @@ class CacheNode:
         )
 
     def bind(self, fetch: str, notify: str) -> tuple[str, str]:
+        """Bind the fetch ROUTER and the notify PUB; returns the endpoints bound (port 0 resolved)."""
         return self.server.bind(fetch, notify)
 
     def newest(self) -> Version | None:
+        """The newest version held, or None before the first."""
         return self.store.newest()
 
     def serve(self, stop: threading.Event) -> None:

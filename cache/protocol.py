@@ -49,10 +49,10 @@ from typing import Any
 import numpy as np
 import zmq
 
-from cache import blob
-from cluster import wire
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy import wire
+from canopy.cache import blob
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 # ---- ops ------------------------------------------------------------------------------
 NOTIFY = "notify"  # PUB -> SUB
@@ -141,14 +141,17 @@ def recv_notify(sock: zmq.Socket) -> Notice:
 
 # ---- requests (child -> parent, fetch socket) -----------------------------------------
 def hello() -> list:
+    """A child's first request: the parent's newest version and its shared-memory offer."""
     return wire.encode({"op": HELLO})
 
 
 def get(version: Version | str) -> list:
+    """A request for one version: its manifest, then its chunks."""
     return wire.encode({"op": GET, "version": str(version)})
 
 
 def heartbeat(child: str) -> list:
+    """A child's sign of life to its parent (no reply)."""
     return wire.encode({"op": HB, "child": child})
 
 
@@ -178,6 +181,7 @@ class Hello:
 
 
 def hello_reply(version: Version | None, seq: int, node: str, shm: str, reader: int) -> list:
+    """The answer to hello: newest version and seq, the host's ring and this child's pin cells (-1: none)."""
     return wire.encode(
         {
             "op": HELLO,
@@ -192,6 +196,7 @@ def hello_reply(version: Version | None, seq: int, node: str, shm: str, reader: 
 
 
 def read_hello(msg: wire.Message) -> Hello:
+    """A hello reply's checked fields; ProtocolError when one is malformed."""
     header = msg.header
     try:
         reader = int(header.get("reader", -1))
@@ -218,10 +223,12 @@ def version_messages(manifest: blob.Manifest, chunks: Sequence[bytes | memoryvie
 
 
 def version_header(manifest: blob.Manifest) -> list:
+    """The first message of a version reply: the manifest."""
     return wire.encode({"op": VERSION, "manifest": manifest.to_fields()})
 
 
 def chunk_message(version: Version, i: int, chunk: bytes | memoryview) -> list:
+    """Chunk i of a version as one message: its header, then the raw chunk frame."""
     return wire.encode(
         {"op": CHUNK, "version": str(version), "i": i}, {CHUNK_ARRAY: np.frombuffer(chunk, np.uint8)}
     )
@@ -247,15 +254,19 @@ class Assembly:
 
     @property
     def complete(self) -> bool:
+        """Every chunk the manifest names is in."""
         return self.manifest is not None and len(self.chunks) == self.manifest.chunks
 
     def reset(self) -> None:
+        """Forget the version being assembled."""
         self.manifest, self.chunks = None, []
 
     def feed(self, frames: Sequence[zmq.Frame | bytes]) -> bool:
+        """`feed_message` for a reply's raw frames; True once every chunk is in."""
         return self.feed_message(read_reply(frames))
 
     def feed_message(self, msg: wire.Message) -> bool:
+        """Take one checked reply message; True once every chunk is in."""
         if msg.op == ERROR:
             self.reset()
             raise ProtocolError(f"{msg.header.get('code')}: {msg.header.get('message')}")

@@ -31,7 +31,7 @@ from typing import Any, NoReturn
 
 import redis
 
-from cluster.errors import ProtocolError
+from canopy.errors import ProtocolError
 
 MAX_LINE = 4096  # a reply header (`$<n>`) or an error line
 WINDOW = 2  # GETs in flight: see the module docstring
@@ -83,6 +83,7 @@ class ChunkReader:
         )
 
     def close(self) -> None:
+        """Drop the connection; the next read opens a new one."""
         if self._sock is not None:
             self._sock.close()
         self._sock, self._pending = None, b""

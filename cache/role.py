@@ -10,18 +10,19 @@ import threading
 
 import zmq
 
-from cache import topology
-from cache.node import CacheNode
-from cache.upstream import Parent
-from cluster.config import Config
-from cluster.errors import UserError
-from cluster.keys import Keys
-from cluster.ports import bind_endpoint
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
+from canopy.cache import topology
+from canopy.cache.node import CacheNode
+from canopy.cache.upstream import Parent
+from canopy.config import Config
+from canopy.errors import UserError
+from canopy.keys import Keys
+from canopy.ports import bind_endpoint
+from canopy.redisconn import connect
+from canopy.telemetry import Telemetry
 
 
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
+    """Serve as cache node `ident` until `stop`; UserError when it has no endpoints or cannot bind them."""
     c = cfg.cluster
     if ident >= min(len(c.cache_fetch), len(c.cache_notify)):
         raise UserError(f"cache node {ident} has no endpoints in cluster.cache_fetch/cache_notify")

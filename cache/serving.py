@@ -21,14 +21,14 @@ from dataclasses import dataclass
 
 import zmq
 
-from cache import protocol
-from cache.handoff import Handoff, Note
-from cache.shm import MAX_READERS
-from cache.store import Entry, VersionStore
-from cluster import curve
-from cluster.config import CacheConfig
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy import curve
+from canopy.cache import protocol
+from canopy.cache.handoff import Handoff, Note
+from canopy.cache.shm import MAX_READERS
+from canopy.cache.store import Entry, VersionStore
+from canopy.config import CacheConfig
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 MAX_PARKED = 100_000
 MAX_BATCH = 1024  # requests taken per wake-up: notes from upstream are not kept waiting long
@@ -36,11 +36,15 @@ MAX_BATCH = 1024  # requests taken per wake-up: notes from upstream are not kept
 
 @dataclass
 class Parked:
+    """A child waiting for a version that upstream has not delivered yet; refused at `deadline`."""
+
     ident: bytes
     deadline: float
 
 
 class Server:
+    """A node's serve thread: the ROUTER to children, the PUB, and the children parked or streaming."""
+
     def __init__(
         self,
         cfg: CacheConfig,
@@ -69,6 +73,7 @@ class Server:
         self._next_beat = 0.0
 
     def bind(self, fetch: str, notify: str) -> tuple[str, str]:
+        """Bind the ROUTER and the PUB; returns the endpoints bound (port 0 resolved)."""
         curve.bind(self.fetch_sock, fetch)
         curve.bind(self.notify_sock, notify)
         return (
@@ -77,10 +82,12 @@ class Server:
         )
 
     def close(self) -> None:
+        """Close the ROUTER and the PUB."""
         self.fetch_sock.close(0)
         self.notify_sock.close(0)
 
     def take_requests(self) -> None:
+        """Handle up to MAX_BATCH queued requests without blocking."""
         for _ in range(MAX_BATCH):
             try:
                 frames = self.fetch_sock.recv_multipart(zmq.NOBLOCK)
@@ -89,6 +96,7 @@ class Server:
             self._handle(frames)
 
     def beat(self, now: float) -> None:
+        """Announce the newest version and expire parked children, once per `heartbeat_s`."""
         if now >= self._next_beat:
             self._announce()
             self._expire_parked(now)

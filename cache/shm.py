@@ -41,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import blob
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy.cache import blob
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 SHM_DIR = Path("/dev/shm")
 MAGIC = 0x43414E4F50590002
@@ -84,6 +84,7 @@ class ShmWriter:
         self._reserved: tuple[int, int, float] | None = None  # slot, version it held, grace end
 
     def slot_version(self, i: int) -> int:
+        """The packed version slot i holds (0: none, or being rewritten)."""
         return int(self.head[4 + FIELDS * i])
 
     def take_reader(self) -> int | None:
@@ -173,6 +174,7 @@ class ShmWriter:
         self.head[4 + FIELDS * slot] = 0
 
     def close(self) -> None:
+        """Unmap the ring and delete its files (readers keep their own mappings)."""
         del self.head, self.pins
         self._data_map.close()
         self._pins_map.close()
@@ -281,6 +283,7 @@ class ShmReader:
         self.slots, self.capacity = self.ring.slots, self.ring.capacity
 
     def take(self, version: Version) -> tuple[blob.Manifest, dict[str, np.ndarray]] | None:
+        """Pin `version`, return its manifest and read-only views; None (pin cleared) when no slot has it."""
         ring, packed = self.ring, version.packed()
         i = ring.slot_of(packed)
         if i >= 0:
@@ -291,9 +294,11 @@ class ShmReader:
         return None
 
     def acting(self, version: Version) -> None:
+        """Pin `version` as the one acted with: the writer leaves its slot alone."""
         self.pins[self.reader, 0] = version.packed()
 
     def close(self) -> None:
+        """Clear this reader's pins and let go of the ring."""
         self.pins[self.reader] = 0
         self._release()
 

@@ -1,7 +1,7 @@
 """One cache node as its own process, wired by command-line flags instead of a run's config.
 
 For the broadcast benchmark and the fault tests, which build trees of real node processes
-(and kill them): `python -m cache.standalone --run R --redis H:P --user U --password-file F
+(and kill them): `python -m canopy.cache.standalone --run R --redis H:P --user U --password-file F
 --parents '[["tcp://..", "tcp://.."], []]' --name n1 [--shm-tag T] [--counters FILE]`.
 An empty parent entry is the Redis root. Prints one JSON line {fetch, notify} once bound,
 writes its counters to FILE every 0.2 s and on exit, and stops on SIGTERM.
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import redis
 
-from cache.node import CacheNode
-from cache.upstream import Parent
-from cluster.config import CacheConfig
-from cluster.keys import Keys
+from canopy.cache.node import CacheNode
+from canopy.cache.upstream import Parent
+from canopy.config import CacheConfig
+from canopy.keys import Keys
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cache.standalone")
+    """Run one node from command-line flags until SIGTERM or SIGINT; returns the exit code."""
+    p = argparse.ArgumentParser(prog="canopy.cache.standalone")
     p.add_argument("--run", required=True)
     p.add_argument("--redis", default="")
     p.add_argument("--user", default="canopy")

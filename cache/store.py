@@ -21,17 +21,19 @@ from typing import Any
 
 import xxhash
 
-from cache import blob, protocol
-from cache.shm import ShmWriter
-from cluster.config import CacheConfig
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy.cache import blob, protocol
+from canopy.cache.shm import ShmWriter
+from canopy.config import CacheConfig
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 MAX_STAGED = 16  # stage times are kept for this many recent versions only: a bounded table
 
 
 @dataclass
 class Entry:
+    """A held version: its manifest, the reply messages ready to send, and (raw) its chunks."""
+
     manifest: blob.Manifest
     messages: list[list]  # the `version` reply (header, then chunks), ready for any child
     raw: list | None = None  # a raw version's chunks: the base of later int8delta versions
@@ -65,17 +67,21 @@ class VersionStore:
 
     # ---- either thread ------------------------------------------------------------------
     def newest(self) -> Version | None:
+        """The newest version held, or None before the first."""
         with self.lock:
             return next(reversed(self.versions), None)
 
     def entry(self, version: Version) -> Entry | None:
+        """What is held of `version`, or None when it is not held."""
         with self.lock:
             return self.versions.get(version)
 
     def shm_name(self) -> str:
+        """The tag of the ring that readers map now, or "" without one."""
         return self.shm.tag if self.shm is not None else ""
 
     def close(self) -> None:
+        """Close (and delete) the shared-memory ring."""
         if self.shm is not None:
             self.shm.close()
 
@@ -86,10 +92,12 @@ class VersionStore:
             return (self.versions.get(version) if version else None), version in self.partial
 
     def arriving(self, version: Version) -> Partial | None:
+        """The version's manifest and chunks so far while it arrives, else None."""
         with self.lock:
             return self.partial.get(version)
 
     def chunks_so_far(self, version: Version) -> list:
+        """A copy of the list of chunks of `version` checked so far ([] when not arriving)."""
         with self.lock:
             partial = self.partial.get(version)
             return list(partial.chunks) if partial is not None else []
@@ -112,6 +120,7 @@ class VersionStore:
             return False
 
     def holds(self, version: Version) -> bool:
+        """True once `version` has landed (until it is evicted)."""
         with self.lock:
             return version in self.versions
 
@@ -127,12 +136,14 @@ class VersionStore:
             self.partial.pop(version, None)
 
     def stage(self, version: Version, name: str) -> None:
+        """Record when `version` first reached stage `name` (the bench's per-stage breakdown)."""
         stages = self._stages.setdefault(version, {})
         stages.setdefault(name, time.time())
         while len(self._stages) > MAX_STAGED:
             del self._stages[next(iter(self._stages))]
 
     def begin(self, manifest: blob.Manifest) -> None:
+        """Manifest in: stage the version's chunks from now on; a leaf reserves a ring slot for a raw one."""
         self.stage(manifest.version, "begun")
         partial = Partial(manifest, [])
         if self.shm_tag and manifest.codec == "raw":
@@ -168,6 +179,7 @@ class VersionStore:
                 self.counters["shm_skipped_total"] += 1
 
     def shm_abort(self, version: Version) -> None:
+        """Give back the ring slot an arriving version was being copied into, if any."""
         with self.lock:
             partial = self.partial.get(version)
         if partial is not None and partial.shm_slot >= 0 and self.shm is not None:

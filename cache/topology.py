@@ -34,7 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from cluster.config import Config
+from canopy.config import Config
 
 MAX_DEPTH = 8
 CHUNK_BYTES = 1 << 20  # as cache/blob.py cuts versions
@@ -67,15 +67,19 @@ class Inputs:
 
     @property
     def egress(self) -> float:
+        """A node's outgoing bandwidth: its own, capped by the link."""
         return min(self.node_egress_bytes_s or self.link_bytes_s, self.link_bytes_s)
 
     @property
     def root_egress(self) -> float:
+        """The Redis root's outgoing bandwidth (a node's when unset), capped by the link."""
         return min(self.root_egress_bytes_s or self.egress, self.link_bytes_s)
 
 
 @dataclass(frozen=True)
 class Plan:
+    """The chosen tree and its predicted times."""
+
     fanout: int  # children per node (the Redis root included)
     depth: int  # node tiers between Redis and the actors (1: leaves hang under Redis)
     tiers: list[int]  # nodes per tier, top first; the last tier holds one leaf per host
@@ -85,9 +89,11 @@ class Plan:
     inputs: Inputs
 
     def to_dict(self) -> dict:
+        """The plan as JSON-ready data, inputs nested (`canopy cache plan --json`)."""
         return {k: v for k, v in asdict(self).items() if k != "inputs"} | {"inputs": asdict(self.inputs)}
 
     def describe(self) -> str:
+        """The plan in a few lines, for people."""
         i = self.inputs
         lines = [
             f"{i.hosts} hosts x {i.actors_per_host} actors, model {i.model_bytes / 2**20:.1f} MiB in "
@@ -200,6 +206,7 @@ def add_plan_parser(sub: argparse._SubParsersAction, func: Callable) -> None:
 
 
 def from_cli(args: argparse.Namespace) -> Inputs:
+    """Planner inputs from `canopy cache plan`'s flags, converted to bytes/s and seconds."""
     gbit = 1e9 / 8
     return Inputs(
         hosts=args.hosts,

@@ -22,15 +22,15 @@ from dataclasses import dataclass
 import redis
 import zmq
 
-from cache import blob, protocol
-from cache.handoff import Handoff, Note
-from cache.rawget import ChunkReader
-from cache.store import VersionStore
-from cluster import curve
-from cluster.config import CacheConfig
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy import curve
+from canopy.cache import blob, protocol
+from canopy.cache.handoff import Handoff, Note
+from canopy.cache.rawget import ChunkReader
+from canopy.cache.store import VersionStore
+from canopy.config import CacheConfig
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.version import Version
 
 STARTUP_GRACE_S = 10.0  # how long a node waits for the first word of its first node parent
 
@@ -46,10 +46,12 @@ class Parent:
 
     @property
     def is_redis(self) -> bool:
+        """True for the Redis root (no fetch endpoint)."""
         return not self.fetch
 
     @property
     def name(self) -> str:
+        """How counters name it: "redis" or its fetch endpoint."""
         return "redis" if self.is_redis else self.fetch
 
 
@@ -86,11 +88,14 @@ class NodeLink:
         self.req = _dealer(self.ctx, self.parent)
 
     def close(self) -> None:
+        """Close both sockets."""
         self.sub.close(0)
         self.req.close(0)
 
 
 class Upstream:
+    """A node's upstream thread: follows one parent at a time and fetches wanted versions into the store."""
+
     def __init__(
         self,
         cfg: CacheConfig,
@@ -112,6 +117,7 @@ class Upstream:
         self._chunk_reader = ChunkReader.for_client(r) if r is not None else None
 
     def run(self, stop: threading.Event) -> None:
+        """Follow parents until `stop`, failing over to the next one each time a parent is lost."""
         try:
             while not stop.is_set():
                 parent = self.parents[self.parent_index]

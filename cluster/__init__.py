@@ -1,3 +1,2 @@
-"""Shared pieces every canopy role needs: config, key schema, wire codec, telemetry, CLI."""
-
-__version__ = "0.1.0"
+"""Operator tools: the CLI, `canopy up` (launcher, supervisor, monitor, report), status,
+eval and export, plots, benches, host plans. They stand on the roles and the ground."""

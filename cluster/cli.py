@@ -27,23 +27,23 @@ import json
 import sys
 from pathlib import Path
 
-from cluster import config as config_mod
-from cluster.errors import CanopyError, ConfigError, DeadlineExceeded, UserError
+from canopy import config as config_mod
+from canopy.errors import CanopyError, ConfigError, DeadlineExceeded, UserError
 
 # role name -> module whose `run(cfg, ident, stop)` runs it
 VERSION_HELP = "best (the best version the evaluator confirmed; default), newest, or a version id"
 MODEL_HELP = "which model of a population run (default: the confirmed one of `best`, else 0)"
 ROLES = {
-    "replay": "replay.role",
-    "cache": "cache.role",
-    "learner": "learner.role",
-    "actor": "actors.actor",
-    "evaluator": "actors.evaluator",
+    "replay": "canopy.replay.role",
+    "cache": "canopy.cache.role",
+    "learner": "canopy.learner.role",
+    "actor": "canopy.actors.actor",
+    "evaluator": "canopy.actors.evaluator",
 }
 
 
 def _role_command(args: argparse.Namespace) -> int:
-    from cluster import curve, lifecycle
+    from canopy import curve, lifecycle
 
     lifecycle.watch_parent()
     if args.config is None:  # optional only so that `canopy cache plan` parses
@@ -52,20 +52,20 @@ def _role_command(args: argparse.Namespace) -> int:
     overrides = [*args.set, *([f"learner.device={json.dumps(device)}"] if device else [])]
     cfg = config_mod.load(args.config, overrides)
     if args.role == "redis":
-        from cluster.redis_server import exec_server
+        from canopy.cluster.redis_server import exec_server
 
         exec_server(cfg, args.id)
         return 0  # not reached: exec replaced this process
     curve.use(curve.load(cfg.cluster))  # every ZeroMQ socket of this role follows it
     stop = lifecycle.stop_event()
     # A standby learner waits cold first, without torch (learner/standby.py).
-    module = "learner.standby" if getattr(args, "standby", False) else ROLES[args.role]
+    module = "canopy.learner.standby" if getattr(args, "standby", False) else ROLES[args.role]
     importlib.import_module(module).run(cfg, args.id, stop)
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
-    from cluster.launcher import up
+    from canopy.cluster.launcher import up
 
     overrides = list(args.set)
     config_path = args.config
@@ -121,19 +121,19 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from cluster import status
+    from canopy.cluster import status
 
     return status.main(args.run_dir, args.watch)
 
 
 def _health(args: argparse.Namespace) -> int:
-    from cluster import status
+    from canopy.cluster import status
 
     return status.health(args.config, args.role, args.id, args.allow_standby)
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from cluster.plot import plot
+    from canopy.cluster.plot import plot
 
     print(plot(args.run_dirs, args.out))
     return 0
@@ -141,11 +141,11 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     # Each bench module is imported only when run: some pull in torch or spawn processes.
-    return importlib.import_module(f"cluster.bench.{args.bench}").main(args)
+    return importlib.import_module(f"canopy.cluster.bench.{args.bench}").main(args)
 
 
 def _hosts_plan(args: argparse.Namespace) -> int:
-    from cluster import hostplan
+    from canopy.cluster import hostplan
 
     cfg = config_mod.load(args.config)
     hosts = hostplan.plan(cfg, args.config, hostplan.parse_placement(args.place))
@@ -154,14 +154,14 @@ def _hosts_plan(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cluster.export import export
+    from canopy.cluster.export import export
 
     print(f"wrote {export(args.run_dir, args.out, args.format, args.version, args.model)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cluster.export import evaluate
+    from canopy.cluster.export import evaluate
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
@@ -171,14 +171,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _check_env(args: argparse.Namespace) -> int:
-    from actors import check_env
+    from canopy.actors import check_env
 
     env = config_mod.load(None, [f"env.id={json.dumps(args.env_id)}", *args.set]).env
     return check_env.main(args.env_id, env)
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from cluster import curve
+    from canopy import curve
 
     d = curve.generate(args.dir)
     print(f"CURVE keys in {d}: set cluster.curve_dir = {str(d)!r} on every host (keep *.key_secret private)")
@@ -186,7 +186,7 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _cache_plan(args: argparse.Namespace) -> int:
-    from cache import topology
+    from canopy.cache import topology
 
     try:
         plan = topology.plan(topology.from_cli(args))
@@ -197,7 +197,7 @@ def _cache_plan(args: argparse.Namespace) -> int:
 
 
 def _checkpoint_plan(args: argparse.Namespace) -> int:
-    from learner.checkpoint.placement import make_plan, shard_hosts_of
+    from canopy.learner.checkpoint.placement import make_plan, shard_hosts_of
 
     cfg = config_mod.load(args.config, args.set)
     ck = cfg.checkpoint
@@ -212,9 +212,19 @@ def _checkpoint_plan(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `canopy` argument parser: every subcommand, each with its handler as `func`."""
     parser = argparse.ArgumentParser(prog="canopy", description="distributed reinforcement learning")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_up(sub)
+    _add_roles(sub)
+    _add_cluster_commands(sub)
+    _add_tools(sub)
+    _add_bench(sub)
+    return parser
 
+
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    """`canopy up`: the embedded local cluster."""
     up = sub.add_parser("up", help="run a whole cluster on this machine")
     up.add_argument("--config", help="TOML config file (defaults apply to anything not set)")
     up.add_argument("--env", help="gymnasium env id, e.g. CartPole-v1")
@@ -229,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=_up)
 
+
+def _add_roles(sub: argparse._SubParsersAction) -> None:
+    """`canopy <role>`: one role process, as operators and the launcher start it."""
     for role in ("redis", *ROLES):
         p = sub.add_parser(role, help=f"run one {role} process")
         p.add_argument("--config", required=role != "cache")
@@ -236,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
         p.set_defaults(func=_role_command, role=role)
         if role == "cache":
-            from cache.topology import add_plan_parser
+            from canopy.cache.topology import add_plan_parser
 
             add_plan_parser(p.add_subparsers(dest="cache", required=False), _cache_plan)
         if role == "learner":
@@ -245,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where it trains")
 
+
+def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands about a running or planned cluster: status, hosts, checkpoint, health."""
     st = sub.add_parser("status", help="table of every role of a run; exit 1 if one is dead")
     st.add_argument("run_dir", help="the run directory (holds cluster.json)")
     st.add_argument("--watch", action="store_true", help="refresh every second")
@@ -282,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hl.set_defaults(func=_health)
 
+
+def _add_tools(sub: argparse._SubParsersAction) -> None:
+    """Commands about envs and policies: check-env, export, eval, keys, plot."""
     ce = sub.add_parser("check-env", help="can canopy run this gymnasium env, and how fast?")
     ce.add_argument("env_id", metavar="ID")
     ce.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="env.* keys (env.kwargs)")
@@ -314,8 +333,18 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--out", default="canopy-plot.png", help="PNG file to write")
     pl.set_defaults(func=_plot)
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    """`canopy bench <name>`: each bench module's flags."""
     bench = sub.add_parser("bench", help="benchmarks that print JSON with in-run baselines")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
+    _add_bench_runs(bench_sub)
+    _add_bench_parts(bench_sub)
+    _add_bench_faults(bench_sub)
+
+
+def _add_bench_runs(bench_sub: argparse._SubParsersAction) -> None:
+    """Benches of whole `canopy up` runs: e2e, zoo."""
     e2e = bench_sub.add_parser("e2e", help="time to solve through canopy up, per seed")
     e2e.add_argument("--env", default="CartPole-v1")
     e2e.add_argument("--seeds", type=int, default=3)
@@ -339,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--skip-sb3", action="store_true", help="run canopy only")
     zoo.add_argument("--sb3-threads", type=int, default=1, help="torch threads of SB3 (0: torch's default)")
     zoo.set_defaults(func=_bench)
+
+
+def _add_bench_parts(bench_sub: argparse._SubParsersAction) -> None:
+    """Benches of one part of the system: broadcast, replay, learner, actors."""
     bc = bench_sub.add_parser("broadcast", help="model broadcast: cache tree vs flat Redis vs one PUB socket")
     bc.add_argument("--actors", type=int, default=1000)
     bc.add_argument("--model-mb", type=float, default=8.0)
@@ -374,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--seconds", type=float, default=5.0, help="timing window per workload")
     ab.add_argument("--envs", type=int, nargs="+", default=[8, 32], help="vector env sizes")
     ab.set_defaults(func=_bench)
+
+
+def _add_bench_faults(bench_sub: argparse._SubParsersAction) -> None:
+    """Benches of load, faults and recovery: soak, faults, checkpoint."""
     sk = bench_sub.add_parser("soak", help="a long canopy up under simulated actors: errors, RSS growth")
     sk.add_argument("--json", required=True, help="file to write the results to")
     sk.add_argument("--actors", type=int, default=1000, help="simulated actors")
@@ -404,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--workdir", help="parent of the temporary directory (the torch.save disk)")
     ck.add_argument("--json", required=True, help="file for the result")
     ck.set_defaults(func=_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command `argv` names; its exit code (2 for a user or config error, printed as one line)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

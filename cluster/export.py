@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 import redis
 
-from cache import blob
-from cluster import config as config_mod
-from cluster.config import EnvConfig
-from cluster.errors import ProtocolError, UserError
-from cluster.keys import Keys
-from cluster.ports import free_ports
-from cluster.progress import waiting
-from cluster.redisconn import connect
-from cluster.status import load_run
-from cluster.version import Version
+from canopy import config as config_mod
+from canopy.cache import blob
+from canopy.cluster.progress import waiting
+from canopy.cluster.status import load_run
+from canopy.config import EnvConfig
+from canopy.errors import ProtocolError, UserError
+from canopy.keys import Keys
+from canopy.ports import free_ports
+from canopy.redisconn import connect
+from canopy.version import Version
 
 FORMATS = ("safetensors", "torchscript")
 REDIS_START_S = 30.0  # loading a large append-only file takes a while
@@ -140,7 +140,7 @@ def layer_sizes(arrays: dict[str, np.ndarray]) -> tuple[int, int, list[int]]:
 
 def pick_model(arrays: dict[str, np.ndarray], model: int) -> dict[str, np.ndarray]:
     """Model `model` of a population version (`learner.models > 1`); a single model is model 0."""
-    from actors.policy import population_arrays
+    from canopy.actors.policy import population_arrays
 
     models = population_arrays(arrays)
     if not 0 <= model < len(models):
@@ -165,9 +165,9 @@ def write_policy(
     import torch
     from safetensors.torch import save_file
 
-    from learner.algorithms.td3 import ARCH as TD3_ARCH
-    from learner.algorithms.td3 import Actor
-    from learner.network import QNetwork
+    from canopy.learner.algorithms.td3 import ARCH as TD3_ARCH
+    from canopy.learner.algorithms.td3 import Actor
+    from canopy.learner.network import QNetwork
 
     manifest = taken.manifest
     arrays = pick_model(taken.arrays, model)
@@ -227,8 +227,8 @@ def evaluate(
 ) -> dict:
     """Greedy returns of `episodes` episodes (seeds seed, seed+1, ...) with a run's policy
     (`version`: best | newest | an id) or an exported file, all episodes in one vector env."""
-    from actors.envs import check_env_id
-    from actors.evaluator import judge
+    from canopy.actors.evaluator import judge
+    from canopy.envs import check_env_id
 
     path = Path(source)
     env_cfg = EnvConfig(id=env_id)
@@ -282,9 +282,9 @@ def _first_episode_frames(
     """Rendered frames of one greedy episode on `seed` (the first episode `evaluate` scores)."""
     import gymnasium as gym
 
-    from actors.envs import make_one
-    from actors.explore import Explorer
-    from actors.policy import policy_from_arrays
+    from canopy.actors.explore import Explorer
+    from canopy.actors.policy import policy_from_arrays
+    from canopy.envs import make_one
 
     env_id = env_cfg.id
     policy = policy_from_arrays(arch, arrays)

@@ -18,8 +18,8 @@ import json
 import shlex
 from collections.abc import Sequence
 
-from cluster.config import Config
-from cluster.errors import UserError
+from canopy.config import Config
+from canopy.errors import UserError
 
 # Roles without a listening address; each may be placed with --place.
 PLACED_ROLES = ("learner", "evaluator", "actor")
@@ -112,6 +112,7 @@ def parse_placement(items: Sequence[str]) -> dict[str, list[str]]:
 
 
 def render(hosts: dict[str, list[list[str]]], as_json: bool) -> str:
+    """The plan as JSON, or as shell lines (each backgrounded) under a comment per host."""
     if as_json:
         return json.dumps({"hosts": [{"host": h, "commands": cmds} for h, cmds in hosts.items()]}, indent=2)
     lines = [

@@ -26,19 +26,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.envs import check_env_id
-from cache import topology
-from cluster import acl, curve, redis_server
-from cluster import config as config_mod
-from cluster.config import Config
-from cluster.errors import UserError
-from cluster.keys import Keys
-from cluster.monitor import Monitor, active_learner
-from cluster.ports import free_ports
-from cluster.progress import waiting
-from cluster.redisconn import role_password_file
-from cluster.report import Report, snapshot_replay, write_json
-from cluster.supervisor import Supervisor
+from canopy import acl, curve
+from canopy import config as config_mod
+from canopy.cache import topology
+from canopy.cluster import redis_server
+from canopy.cluster.monitor import Monitor, active_learner
+from canopy.cluster.progress import waiting
+from canopy.cluster.report import Report, snapshot_replay, write_json
+from canopy.cluster.supervisor import Supervisor
+from canopy.config import Config
+from canopy.envs import check_env_id
+from canopy.errors import UserError
+from canopy.keys import Keys
+from canopy.ports import free_ports
+from canopy.redisconn import role_password_file
 
 
 class Launcher:
@@ -65,6 +66,7 @@ class Launcher:
         self.report = Report(cfg, self.supervisor.r, keys, resume, self.t0, self.started_at)
 
     def start(self) -> None:
+        """Start the Redis shards, then every other role; write cluster.json once all run."""
         self.supervisor.start_redis()
         self.monitor.skip_earlier_events()  # before this run's roles write theirs
         self.supervisor.start_roles(self.resume)
@@ -147,7 +149,7 @@ def prepare(cfg: Config, resume: bool) -> tuple[Path, Path]:
     if not cfg.replay.snapshot_dir:
         cfg.replay.snapshot_dir = str(run_dir / "replay")
     c.password_file = str(run_dir / "redis.password")
-    c.role_users = True  # every role its own least-privilege Redis user (cluster/acl.py)
+    c.role_users = True  # every role its own least-privilege Redis user (canopy/acl.py)
     for path in [Path(c.password_file)] + [role_password_file(c, role) for role in acl.ROLES]:
         if not (resume and path.exists()):  # operators of a resumed run keep theirs
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -18,14 +18,14 @@ from typing import Any
 
 import redis
 
-from cache import ledger
-from cluster import tboard
-from cluster.keys import Keys
-from cluster.progress import RunProgress
-from cluster.supervisor import Supervisor
-from cluster.verdicts import StepClock, Verdicts
-from cluster.version import Version
-from learner.checkpoint.lease import parse_token
+from canopy.cache import ledger
+from canopy.cluster import tboard
+from canopy.cluster.progress import RunProgress
+from canopy.cluster.supervisor import Supervisor
+from canopy.cluster.verdicts import StepClock, Verdicts
+from canopy.keys import Keys
+from canopy.lease import parse_token
+from canopy.version import Version
 
 
 class Monitor:
@@ -56,6 +56,10 @@ class Monitor:
         self.last_event = newest[0][0] if newest else "0-0"
 
     def run(self, stop_flag: list[bool]) -> None:
+        """Loop until solved, out of time or `stop_flag[0]`, then set `stop_reason`.
+
+        Each turn heals dead roles and records verdicts; once a second, one metrics row.
+        """
         cfg = self.cfg
         self.verdicts = Verdicts(self.supervisor.run_dir / "evals.jsonl", cfg.run.stop_at_return)
         metrics = open(self.supervisor.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed below)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster.errors import UserError
+from canopy.errors import UserError
 
 IP_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0

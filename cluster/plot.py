@@ -17,7 +17,7 @@ matplotlib.use("Agg")  # files only: no display needed
 
 import matplotlib.pyplot as plt
 
-from cluster.errors import UserError
+from canopy.errors import UserError
 
 # Stats hashes refresh every heartbeat (2 s) while metrics rows come every second, so rates
 # are taken over several rows; row-to-row differences would alternate between 0 and spikes.
@@ -25,6 +25,7 @@ RATE_WINDOW = 5
 
 
 def load_metrics(run_dir: Path) -> list[dict]:
+    """The rows of RUN_DIR/metrics.jsonl, skipping a line a crash cut short."""
     path = run_dir / "metrics.jsonl"
     try:
         lines = path.read_text().splitlines()
@@ -58,6 +59,7 @@ def load_solve(run_dir: Path) -> dict[str, float] | None:
 
 
 def plot(run_dirs: list[str], out: str) -> Path:
+    """Draw the runs of `run_dirs` into one PNG at `out`; its path."""
     fig, (by_steps, by_time, rates) = plt.subplots(1, 3, figsize=(16, 4.5))
     for run_dir in map(Path, run_dirs):
         rows = load_metrics(run_dir)

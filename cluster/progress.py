@@ -47,6 +47,7 @@ class RunProgress:
             self.bar.start()
 
     def update(self, wall_s: float, line: str) -> None:
+        """Show `line`: with the bar at `wall_s` on a terminal, else printed every LOG_EVERY_S."""
         if self.bar is not None:
             self.bar.update(self.task, description=line, completed=wall_s)
         elif time.monotonic() - self.last_log >= LOG_EVERY_S:
@@ -54,6 +55,7 @@ class RunProgress:
             self.last_log = time.monotonic()
 
     def close(self) -> None:
+        """Stop the bar (nothing to do without a terminal)."""
         if self.bar is not None:
             self.bar.stop()
 

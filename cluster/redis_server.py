@@ -32,10 +32,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from cluster import acl
-from cluster.config import Config
-from cluster.errors import UserError
-from cluster.redisconn import read_password, role_password_file
+from canopy import acl
+from canopy.config import Config
+from canopy.errors import UserError
+from canopy.redisconn import read_password, role_password_file
 
 PERSIST = [
     "appendonly yes",
@@ -47,6 +47,7 @@ INSTALL_HINT = "install it with `apt-get install redis-server` (Debian/Ubuntu) o
 
 
 def binary() -> str:
+    """The path of redis-server on PATH; a UserError saying how to install it otherwise."""
     path = shutil.which("redis-server")
     if path is None:
         raise UserError(f"redis-server not found: {INSTALL_HINT}")
@@ -54,12 +55,14 @@ def binary() -> str:
 
 
 def version() -> str:
+    """The version redis-server reports (its `v=` field)."""
     out = subprocess.run([binary(), "--version"], capture_output=True, text=True, check=True).stdout
     match = re.search(r"v=(\S+)", out)
     return match.group(1) if match else out.strip()
 
 
 def write_conf(cfg: Config, ident: int) -> Path:
+    """Write shard `ident`'s redis.conf (mode 600: it holds passwords) in its directory; its path."""
     if ident >= len(cfg.cluster.redis):
         raise UserError(f"redis shard {ident} has no address: cluster.redis lists {len(cfg.cluster.redis)}")
     host, _, port = cfg.cluster.redis[ident].rpartition(":")

@@ -21,11 +21,12 @@ from typing import Any
 import redis
 import zmq
 
-from cluster import curve, redis_server, wire
-from cluster.config import Config
-from cluster.errors import DeadlineExceeded, ProtocolError, UserError
-from cluster.keys import Keys
-from cluster.supervisor import Child
+from canopy import curve, wire
+from canopy.cluster import redis_server
+from canopy.cluster.supervisor import Child
+from canopy.config import Config
+from canopy.errors import DeadlineExceeded, ProtocolError, UserError
+from canopy.keys import Keys
 
 SNAPSHOT_TIMEOUT_S = 60.0  # the final replay snapshot of a clean stop
 FINAL_EVAL_SEED = 2 * 10**9  # the hand-over's scoring seeds: none of the evaluator's or actors'
@@ -56,9 +57,9 @@ class Report:
         Both over `eval.confirm_episodes` episodes on seeds no evaluation used, so summary.json
         says what a user gets, not what the evaluator saw; the best goes to RUN_DIR/best.safetensors.
         """
-        from actors.evaluator import judge
-        from actors.policy import population_arrays
-        from cluster.export import handover, write_policy
+        from canopy.actors.evaluator import judge
+        from canopy.actors.policy import population_arrays
+        from canopy.cluster.export import handover, write_policy
 
         run_dir = Path(self.cfg.run.dir)
         n, seed = self.cfg.eval.confirm_episodes, FINAL_EVAL_SEED + self.cfg.run.seed * 10_000
@@ -161,7 +162,7 @@ def snapshot_replay(shards: list[Child]) -> list[dict[str, Any]]:
 
 def replay_request(endpoint: str, header: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One request to a replay shard; its reply header (`error` for an error reply)."""
-    from replay import protocol  # on first use, as `handover` loads actors and learner
+    from canopy.replay import protocol
 
     request = protocol.one_off(header)
     sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -180,6 +181,7 @@ def replay_request(endpoint: str, header: dict[str, Any], timeout: float) -> dic
 
 
 def machine_facts() -> dict[str, Any]:
+    """CPUs, memory, platform and processor of this machine, for summary.json."""
     mem = 0
     try:
         with open("/proc/meminfo") as f:
@@ -195,13 +197,13 @@ def machine_facts() -> dict[str, Any]:
 
 
 def write_json(path: Path, doc: dict[str, Any]) -> None:
-    # Through a temporary file: a reader never sees half a document.
+    """Write `doc` through a temporary file: a reader never sees half a document."""
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
 
 
 def _canopy_version() -> str:
-    from cluster import __version__
+    from canopy import __version__
 
     return __version__

@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from cluster import config as config_mod
-from cluster.errors import ProtocolError, UserError
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.version import Version
+from canopy import config as config_mod
+from canopy.errors import ProtocolError, UserError
+from canopy.keys import Keys
+from canopy.redisconn import connect
+from canopy.version import Version
 
 COLUMNS = (
     ("state", "state"),
@@ -187,6 +187,7 @@ def policy_lag(r: redis.Redis, keys: Keys) -> str:
 
 
 def render(rows: list[dict[str, Any]], caption: str = "") -> Table:
+    """The status table of `rows`, with `caption` under it."""
     table = Table(title="canopy status", caption=caption or None)
     for name in ("role", "id", "alive", "beat", *(c for c, _ in COLUMNS)):
         table.add_column(name)
@@ -198,6 +199,7 @@ def render(rows: list[dict[str, Any]], caption: str = "") -> Table:
 
 
 def main(run_dir: str, watch: bool) -> int:
+    """Print the table (refreshed every second with `watch`); 1 when a role is not alive."""
     # Piped output (probes, logs) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
     rows, healthy, lag = read(run_dir)

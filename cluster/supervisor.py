@@ -6,7 +6,7 @@ same `canopy <role> --config --id` commands operators run, and waits until each 
 `running` in its stats hash. While the run goes on, the monitor (cluster/monitor.py) calls
 `heal` once a loop; at the end the launcher stops the producers, the report
 (cluster/report.py) reads what they left, and `shutdown` stops the rest. Children die with
-the launcher even if it crashes (cluster/lifecycle.py).
+the launcher even if it crashes (canopy/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any
 
 import redis
 
-from cache.shm import SHM_DIR
-from cluster.config import Config
-from cluster.errors import UserError
-from cluster.hostplan import role_command, role_processes
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from learner.checkpoint.lease import follower_rank
+from canopy.cache.shm import SHM_DIR
+from canopy.cluster.hostplan import role_command, role_processes
+from canopy.config import Config
+from canopy.errors import UserError
+from canopy.keys import Keys
+from canopy.lease import follower_rank
+from canopy.redisconn import connect
 
 START_TIMEOUT_S = 90.0
 REDIS_START_TIMEOUT_S = 60.0  # a shard loads its append-only file before it answers
@@ -40,6 +40,8 @@ STOP_ORDER = ("actor", "learner", "evaluator", "cache", "replay", "redis")
 
 @dataclass
 class Child:
+    """One role process the supervisor started, and what a restart needs."""
+
     role: str
     ident: int
     proc: subprocess.Popen
@@ -49,6 +51,7 @@ class Child:
     standby: bool = False  # a warm standby learner: not waited for, stopped first
 
     def describe(self) -> dict[str, Any]:
+        """Its entry in cluster.json."""
         return {
             "id": self.ident,
             "pid": self.proc.pid,
@@ -58,6 +61,7 @@ class Child:
         }
 
     def log_tail(self, lines: int = 5) -> str:
+        """The last `lines` lines of its log, joined by " | " (empty without a log)."""
         try:
             text = self.log.read_text(errors="replace").strip().splitlines()
         except OSError:
@@ -91,8 +95,11 @@ class Supervisor:
     def spawn(
         self, role: str, ident: int, endpoints: dict[str, str] | None = None, args: tuple[str, ...] = ()
     ) -> Child:
+        """Start one role process through `canopy <role>`, appending to logs/<role>-<id>.log."""
         log = self.run_dir / "logs" / f"{role}-{ident}.log"
-        cmd = role_command(role, ident, str(self.config_path), args, (sys.executable, "-m", "cluster.cli"))
+        cmd = role_command(
+            role, ident, str(self.config_path), args, (sys.executable, "-m", "canopy.cluster.cli")
+        )
         env = {**os.environ, "CANOPY_PARENT_PID": str(os.getpid()), "PYTHONUNBUFFERED": "1"}
         with open(log, "ab") as out:  # append: a restarted role keeps its predecessor's log
             # Own session: a terminal's Ctrl-C reaches only the launcher, which stops
@@ -105,6 +112,7 @@ class Supervisor:
         return child
 
     def role(self, role: str) -> list[Child]:
+        """The children of `role`, in start order."""
         return [ch for ch in self.children if ch.role == role]
 
     # ---- start --------------------------------------------------------------------
@@ -249,6 +257,7 @@ class Supervisor:
 
     # ---- stop ---------------------------------------------------------------------
     def stop_roles(self, roles: tuple[str, ...]) -> None:
+        """Stop `roles` one role at a time, standbys first: SIGTERM, then SIGKILL after STOP_TIMEOUT_S."""
         for role in roles:
             # Standbys first, so none takes over from an active learner being stopped.
             group = sorted(
@@ -265,6 +274,7 @@ class Supervisor:
                     ch.proc.wait()
 
     def shutdown(self) -> None:
+        """Stop every process in STOP_ORDER and unlink the run's shared-memory rings."""
         self.stop_roles(STOP_ORDER)
         # A cache node killed by a signal cannot unlink its shared-memory ring: do it for it.
         for path in SHM_DIR.glob(f"canopy-{self.cfg.run.name}-*"):

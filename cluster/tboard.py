@@ -39,6 +39,7 @@ class ScalarLog:
         self.started_at = started_at
 
     def write(self, row: dict[str, Any]) -> None:
+        """One metrics row as scalars at its env step; fields that are not numbers are skipped."""
         values = [
             self.summary.Value(tag=name, simple_value=float(value))
             for name, value in row.items()
@@ -55,6 +56,7 @@ class ScalarLog:
         self.writer.flush()
 
     def close(self) -> None:
+        """Flush and close the event file."""
         self.writer.close()
 
 

@@ -80,6 +80,7 @@ class Verdicts:
         self.out: TextIO = open(path, "a")  # noqa: SIM115 (closed by close())
 
     def on_confirm(self, event: dict[str, str], wall_s: float, env_steps: int) -> None:
+        """One confirm event as an evals.jsonl line; the first mean at or above the threshold is `solve`."""
         mean = float(event["mean_return"])
         row = {
             "wall_s": round(wall_s, 3),
@@ -105,4 +106,5 @@ class Verdicts:
             }
 
     def close(self) -> None:
+        """Close evals.jsonl."""
         self.out.close()

@@ -8,7 +8,7 @@ fills DIR, which every role then mounts read-only:
     DIR/curve/                    CURVE keys, as `canopy keys DIR/curve` makes them
                                   (cluster.curve_dir)
     DIR/redis.password            the operator user's password (cluster.password_file)
-    DIR/redis.<role>.password     one per least-privilege Redis user of cluster/acl.py
+    DIR/redis.<role>.password     one per least-privilege Redis user of canopy/acl.py
                                   (cluster.role_users), for learner actor evaluator cache
                                   replay status
 
@@ -25,9 +25,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from cluster import acl, curve
-from cluster.config import ClusterConfig
-from cluster.redisconn import role_password_file
+from canopy import acl, curve
+from canopy.config import ClusterConfig
+from canopy.redisconn import role_password_file
 
 
 def password_files(directory: Path) -> list[Path]:

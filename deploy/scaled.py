@@ -41,8 +41,8 @@ REDIS_WAIT_S = 60.0
 def claim_id(cfg, role: str) -> int:
     import redis
 
-    from cluster.keys import Keys
-    from cluster.redisconn import connect
+    from canopy.keys import Keys
+    from canopy.redisconn import connect
 
     keys = Keys(cfg.run.name)
     if not TOKEN_FILE.exists():
@@ -107,8 +107,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
-    from cluster import config as config_mod
-    from cluster.errors import ConfigError
+    from canopy import config as config_mod
+    from canopy.errors import ConfigError
 
     try:
         cfg = config_mod.load(args.config, args.set)

@@ -35,10 +35,10 @@ import redis
 import torch
 import torch.distributed as dist
 
-from cluster.errors import UserError
-from cluster.keys import Keys
-from learner.checkpoint.lease import parse_token
-from learner.overlap import GroupLost
+from canopy.errors import UserError
+from canopy.keys import Keys
+from canopy.learner.overlap import GroupLost
+from canopy.lease import parse_token
 
 JOIN_POLL_S = 0.2
 CONNECT_TIMEOUT_S = 10.0  # one try of a follower to reach rank 0's store
@@ -198,6 +198,7 @@ class LearnerGroup:
         return [bytes(p[: int(s.item())].cpu().numpy()) for p, s in zip(parts, sizes, strict=True)]
 
     def close(self) -> None:
+        """Leave the group: tear the process group down, if one is up."""
         if dist.is_initialized():
             dist.destroy_process_group()
 

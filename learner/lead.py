@@ -21,24 +21,24 @@ import time
 
 import redis
 
-from cache.codecs import Encoder
-from cluster.config import Config, to_dict
-from cluster.errors import DeadlineExceeded
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
-from cluster.version import Version
-from learner.checkpoint.lease import Lease
-from learner.checkpoint.placement import make_plan, shard_hosts_of
-from learner.checkpoint.prefetch import Prefetcher
-from learner.checkpoint.state import Capturer, sampler_state
-from learner.checkpoint.store import CheckpointStore
-from learner.checkpoint.writer import Writer
-from learner.group import LearnerGroup
-from learner.model import Model
-from learner.obsnorm import ObsNorm
-from learner.publisher import Publisher
-from replay.client import SampleClient
+from canopy.cache.codecs import Encoder
+from canopy.config import Config, to_dict
+from canopy.errors import DeadlineExceeded
+from canopy.keys import Keys
+from canopy.learner.checkpoint.placement import make_plan, shard_hosts_of
+from canopy.learner.checkpoint.prefetch import Prefetcher
+from canopy.learner.checkpoint.state import Capturer, sampler_state
+from canopy.learner.checkpoint.store import CheckpointStore
+from canopy.learner.checkpoint.writer import Writer
+from canopy.learner.group import LearnerGroup
+from canopy.learner.model import Model
+from canopy.learner.obsnorm import ObsNorm
+from canopy.learner.publisher import Publisher
+from canopy.lease import Lease
+from canopy.redisconn import connect
+from canopy.replay.client import SampleClient
+from canopy.telemetry import Telemetry
+from canopy.version import Version
 
 
 def make_store(cfg: Config, ident: int) -> CheckpointStore:
@@ -134,6 +134,7 @@ class Lead:
         group.broadcast_bytes(snap.flat.numpy().tobytes())
 
     def publish(self, lineage: str) -> None:
+        """Publish the exported arrays as a new version; `lineage` is the checkpoint it descends from."""
         self.lease.check()  # no round trip: a learner resumed past its TTL stops here
         algo = self.model.algo
         self.version = self.publisher.publish(
@@ -162,6 +163,7 @@ class Lead:
         return True
 
     def after_update(self, checkpoint_now: bool, sampler: SampleClient, rank_states: list[bytes]) -> None:
+        """Publish when the update count comes due, then checkpoint when `checkpoint_now`."""
         algo = self.model.algo
         if algo.updates % self.cfg.learner.publish_every == 0:
             self.publish(self.writer.last_committed or self.parent)
@@ -182,6 +184,7 @@ class Lead:
         self.deferred = False
 
     def close(self) -> None:
+        """Let the writer finish unless fenced (then report the fence), and stop renewing the lease."""
         if self.lease.lost.is_set():
             self.tel.event("fence", what="lease", epoch=self.lease.epoch)
         else:

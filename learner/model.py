@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from actors.envs import env_spec
-from cluster.config import Config
-from learner import algorithms
-from learner.algorithms import Algorithm
-from learner.obsnorm import ObsNorm
+from canopy.config import Config
+from canopy.envs import env_spec
+from canopy.learner import algorithms
+from canopy.learner.algorithms import Algorithm
+from canopy.learner.obsnorm import ObsNorm
 
 
 def pick_device(choice: str, rank: int | None = None) -> torch.device:
@@ -38,6 +38,7 @@ class Model:
 
     @classmethod
     def build(cls, cfg: Config, rank: int | None) -> Model:
+        """Seed torch, pick the device, and build the configured algorithm and observation statistics."""
         lc = cfg.learner
         torch.manual_seed(cfg.run.seed)
         device = pick_device(lc.device, rank)
@@ -50,6 +51,7 @@ class Model:
         )
 
     def export(self) -> dict:
+        """The arrays to publish (see `export`)."""
         return export(self.algo, self.norm)
 
 

@@ -47,6 +47,7 @@ class QNetwork(nn.Module):
             self.advantage = nn.Linear(sizes[-1], n_actions)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Q-values [batch, actions] of flattened observations."""
         x = obs.flatten(1).float()
         hidden = self.layers if self.dueling else self.layers[:-1]
         for i, layer in enumerate(hidden):
@@ -103,6 +104,7 @@ class NatureCNN(nn.Module):
         self.head = nn.Sequential(nn.Linear(64 * 7 * 7, 512), nn.ReLU(), nn.Linear(512, n_actions))
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Q-values [batch, actions] of uint8 frame stacks."""
         return self.head(self.conv(obs.float() / 255.0))
 
     def export(self) -> dict[str, np.ndarray]:

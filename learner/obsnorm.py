@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.envs import EnvSpec
-from cluster.config import EnvConfig
-from cluster.errors import ConfigError, ProtocolError
+from canopy.config import EnvConfig
+from canopy.envs import EnvSpec
+from canopy.errors import ConfigError, ProtocolError
 
 EPSILON = 1e-8
 CLIP = 10.0

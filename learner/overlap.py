@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cluster.errors import CanopyError
+from canopy.errors import CanopyError
 
 DEFAULT_BUCKET_MB = 25.0  # torch DDP's default bucket size
 
@@ -79,6 +79,7 @@ class PendingReduce:
         self.world = world
 
     def wait(self) -> None:
+        """Finish the reductions and leave each gradient as the group's mean; GroupLost on failure."""
         try:
             for flat, grads, work in self.flats:
                 if work is not None:
@@ -137,9 +138,14 @@ class GradSync:
 class Trainable(Protocol):
     """What `OverlapTrainer` drives: a model whose update splits around the gradient average."""
 
-    def backward(self, batch: Any) -> Any: ...  # loss and gradients; returns the stats
-    def params(self) -> Iterable[nn.Parameter]: ...  # whose gradients are averaged
-    def apply(self) -> None: ...  # clip, step, bookkeeping
+    def backward(self, batch: Any) -> Any:
+        """Loss and gradients on `batch`; returns the stats."""
+
+    def params(self) -> Iterable[nn.Parameter]:
+        """The parameters whose gradients are averaged."""
+
+    def apply(self) -> None:
+        """Clip, step and bookkeeping, once the gradients are averaged."""
 
 
 @dataclass
@@ -155,15 +161,18 @@ class Member:
     max_grad_norm: float | None = None  # clipped after averaging, so every rank clips alike
 
     def backward(self, batch: Any) -> torch.Tensor:
+        """Fresh gradients of the loss on `batch`; returns the loss, detached."""
         loss = self.loss(self.model, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         return loss.detach()
 
     def params(self) -> Iterable[nn.Parameter]:
+        """The model's parameters."""
         return self.model.parameters()
 
     def apply(self) -> None:
+        """Clip (when `max_grad_norm` is set) and step the averaged gradients."""
         if self.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()

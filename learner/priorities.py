@@ -30,6 +30,8 @@ class PriorityReturn:
         self.pending: tuple[torch.Tensor, torch.cuda.Event, Any, np.ndarray, np.ndarray] | None = None
 
     def push(self, td: torch.Tensor, shard: Any, slots: np.ndarray, gens: np.ndarray) -> None:
+        """Send one batch's |TD errors| to its shard: at once on CPU; on CUDA they are copied to
+        pinned memory asynchronously and sent on the next `push` (or `flush`)."""
         if not self.cuda:
             self._send(td.numpy(), shard, slots, gens)
             return
@@ -41,6 +43,7 @@ class PriorityReturn:
         self.pending = (host, done, shard, slots, gens)
 
     def flush(self) -> None:
+        """Send the priorities still waiting on a device copy, if any."""
         if self.pending is not None:
             host, done, shard, slots, gens = self.pending
             self.pending = None

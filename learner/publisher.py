@@ -1,7 +1,7 @@
 """Publishes policy versions to the Redis root and retires old ones.
 
 Version ids are (epoch, step): the epoch is taken once per learner start from the Redis
-counter `learner:epoch` (through the lease, learner/checkpoint/lease.py, when the learner
+counter `learner:epoch` (through the lease, canopy/lease.py, when the learner
 holds one), so ids never repeat after a restart. With a lease, the step that makes a
 version visible (move `model:latest`, notify, ledger entry) is one Lua script that first
 checks the lease still carries this learner's token: a fenced learner cannot publish.
@@ -14,10 +14,10 @@ from collections import deque
 import numpy as np
 import redis
 
-from cache import blob, codecs, ledger
-from cluster.keys import Keys
-from cluster.version import Version
-from learner.checkpoint.lease import Fenced, Lease, fenced_script
+from canopy.cache import blob, codecs, ledger
+from canopy.keys import Keys
+from canopy.lease import Fenced, Lease, fenced_script
+from canopy.version import Version
 
 # KEYS: lease, latest, ledger entry; ARGV: token, version, notify channel, then ledger pairs.
 FENCED_PUBLISH = fenced_script("""

@@ -36,25 +36,25 @@ from collections.abc import Iterator
 
 import redis
 
-from cluster.config import Config
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
-from cluster.version import Version
-from learner.algorithms import Batch, Stats, host_stats
-from learner.checkpoint.lease import Fenced, Lease, follower_rank
-from learner.checkpoint.prefetch import Prefetcher
-from learner.checkpoint.state import Snapshot, load_sampler_state, restore, sampler_state
-from learner.checkpoint.store import CheckpointStore
-from learner.group import LearnerGroup, params_digest
-from learner.lead import Lead, make_store, take_lease
-from learner.model import Model
-from learner.obsnorm import ObsNorm
-from learner.overlap import GroupLost
-from learner.priorities import PriorityReturn
-from replay.client import SampleClient, TensorBatch
-from replay.membership import RedisMembers
+from canopy.config import Config
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.learner.algorithms import Batch, Stats, host_stats
+from canopy.learner.checkpoint.prefetch import Prefetcher
+from canopy.learner.checkpoint.state import Snapshot, load_sampler_state, restore, sampler_state
+from canopy.learner.checkpoint.store import CheckpointStore
+from canopy.learner.group import LearnerGroup, params_digest
+from canopy.learner.lead import Lead, make_store, take_lease
+from canopy.learner.model import Model
+from canopy.learner.obsnorm import ObsNorm
+from canopy.learner.overlap import GroupLost
+from canopy.learner.priorities import PriorityReturn
+from canopy.lease import Fenced, Lease, follower_rank
+from canopy.redisconn import connect
+from canopy.replay.client import SampleClient, TensorBatch
+from canopy.replay.membership import RedisMembers
+from canopy.telemetry import Telemetry
+from canopy.version import Version
 
 SAMPLE_TIMEOUT_S = 120.0
 # A rank silent this long (stuck, paused) ends the group; longer than a sample wait.

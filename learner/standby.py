@@ -14,11 +14,11 @@ import threading
 
 import redis
 
-from cluster.config import Config
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
-from learner.checkpoint.lease import parse_token
+from canopy.config import Config
+from canopy.keys import Keys
+from canopy.lease import parse_token
+from canopy.redisconn import connect
+from canopy.telemetry import Telemetry
 
 POLL_S = 0.2
 
@@ -37,7 +37,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
         tel.close("cold")  # learner/role.py's telemetry takes the stats hash over
     if stop.is_set():
         return
-    from learner import role  # torch: only now
+    from canopy.learner import role
 
     role.run(cfg, ident, stop, standby=True)
 

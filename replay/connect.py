@@ -12,9 +12,9 @@ from typing import Any
 
 import zmq
 
-from cluster import curve, wire
-from cluster.errors import DeadlineExceeded
-from replay import protocol
+from canopy import curve, wire
+from canopy.errors import DeadlineExceeded
+from canopy.replay import protocol
 
 STOP_CHECK_S = 0.2  # how often a blocked client call looks at its stop event and at membership
 

@@ -27,7 +27,7 @@ from collections import deque
 
 import numpy as np
 
-from cluster.errors import ProtocolError
+from canopy.errors import ProtocolError
 
 FRAME, FRAME_KEY, FRAME_PREV = "frame", "frame_key", "frame_prev"
 COLUMNS = (FRAME, FRAME_KEY, FRAME_PREV)
@@ -102,10 +102,12 @@ class FrameStore:
 
     @property
     def alive(self) -> int:
+        """Frames held now, by items or pins."""
         return self.capacity - self.nfree
 
     @property
     def frame_bytes(self) -> int:
+        """Bytes of one frame."""
         return int(np.prod(self.frame_shape))
 
     @property
@@ -156,9 +158,11 @@ class FrameStore:
         return self.stacks_of[slots]
 
     def acquire(self, stacks: np.ndarray) -> None:
+        """One more reference to every frame of `stacks` (an item now names them)."""
         np.add.at(self.refs, stacks.ravel(), 1)
 
     def release(self, stacks: np.ndarray) -> None:
+        """One reference less per frame of `stacks`; frames no longer named go back to the ring."""
         flat = stacks.ravel()
         np.subtract.at(self.refs, flat, 1)
         touched = np.unique(flat)
@@ -194,6 +198,7 @@ class FrameStore:
 
     @classmethod
     def restore(cls, meta: dict, arrays: dict[str, np.ndarray]) -> FrameStore:
+        """A store rebuilt from `export`'s (metadata, arrays)."""
         store = cls(
             int(meta["capacity"]), tuple(meta["frame_shape"]), int(meta["stack"]), int(meta["window"])
         )

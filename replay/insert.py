@@ -18,11 +18,11 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cluster import wire
-from cluster.errors import DeadlineExceeded, ProtocolError
-from replay import protocol
-from replay.connect import STOP_CHECK_S, dealer
-from replay.membership import Members, shard_for
+from canopy import wire
+from canopy.errors import DeadlineExceeded, ProtocolError
+from canopy.replay import protocol
+from canopy.replay.connect import STOP_CHECK_S, dealer
+from canopy.replay.membership import Members, shard_for
 
 DRAIN_S = 5.0  # how long acks are still awaited from a live shard this client moved away from
 
@@ -152,6 +152,7 @@ class InsertClient:
             self._wait(min(remaining, STOP_CHECK_S))
 
     def close(self) -> None:
+        """Close the sockets to the current shard and to those still draining."""
         for link in [self.link, *self.draining]:
             if link is not None:
                 link.close()

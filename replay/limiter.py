@@ -28,6 +28,8 @@ from typing import Any
 
 
 class RateLimiter:
+    """Holds inserts or samples back to keep samples per insert within its band."""
+
     def __init__(self, samples_per_insert: float, min_size: int, error_buffer: float) -> None:
         self.spi = samples_per_insert
         self.min_size = min_size
@@ -39,12 +41,15 @@ class RateLimiter:
 
     @property
     def diff(self) -> float:
+        """inserted * spi - sampled: what the band bounds."""
         return self.inserted * self.spi - self.sampled
 
     def can_insert(self) -> bool:
+        """Whether an insert may go ahead now (diff not above the band)."""
         return self.spi == 0 or self.diff <= self.max_diff
 
     def can_sample(self, size: int, batch: int) -> bool:
+        """Whether one batch may be sampled now from a table of `size` items."""
         if size < self.min_size:
             return False
         return self.spi == 0 or self.diff - batch >= self.min_diff
@@ -59,6 +64,7 @@ class RateLimiter:
         return max(1, min(most, int((self.diff - self.min_diff) // batch)))
 
     def state(self) -> str:
+        """ "blocking_inserts" while diff is above the band, else "open"."""
         if self.spi and self.diff > self.max_diff:
             return "blocking_inserts"
         return "open"

@@ -5,7 +5,7 @@ which registers its id and endpoint in Redis and keeps pushing its liveness dead
 forward; actors' InsertClients and learners' SampleClients hold a `Members` view (polled
 on a background thread, never on their hot path) and follow it when shards come and go.
 
-Keys (cluster/keys.py), under `canopy:<run>:`:
+Keys (canopy/keys.py), under `canopy:<run>:`:
     replay:members    sorted set, member = shard id, score = liveness deadline (unix s)
     replay:endpoints  hash, shard id -> ZeroMQ endpoint
 A shard is live while its deadline is in the future. Deadlines are read and written on the
@@ -25,7 +25,7 @@ from collections.abc import Collection, Mapping, Sequence
 import redis
 import xxhash
 
-from cluster.keys import Keys
+from canopy.keys import Keys
 
 MAX_SHARDS = 1024  # members read per poll: bounds what a corrupted set can make a client do
 _ENDPOINT = re.compile(r"(tcp|ipc)://[\x21-\x7e]{1,240}")
@@ -131,6 +131,7 @@ class RedisMembers(Members):
             self.view = (generation + 1, live)  # one tuple swap: readers never see half a change
 
     def close(self) -> None:
+        """Stop the polling thread."""
         self._stop.set()
         self._thread.join(timeout=self.poll_s + 5)
 

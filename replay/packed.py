@@ -41,8 +41,8 @@ import msgpack
 import numpy as np
 import zmq
 
-from cluster import wire
-from cluster.errors import ProtocolError
+from canopy import wire
+from canopy.errors import ProtocolError
 
 ALIGN = 64
 POOL = 12  # large reply buffers kept per layout: more than the requests a client keeps in flight
@@ -226,6 +226,7 @@ class StackPool:
         self.buffers: list[np.ndarray] = []
 
     def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialized buffer: a pooled one nothing else refers to, else a new one (pooled if room)."""
         same = 0
         for i in range(len(self.buffers)):
             if self.buffers[i].shape == shape and self.buffers[i].dtype == dtype:

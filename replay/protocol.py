@@ -3,7 +3,7 @@
 Place in the data flow: actors' InsertClients (replay/insert.py), learners' SampleClients
 (replay/sample.py) and one-off callers (replay/connect.py, replay/snapshot.py, the
 launcher's cluster/report.py) build their request headers here; the shard
-(replay/server.py) checks them here and builds its replies here. cluster/wire.py turns
+(replay/server.py) checks them here and builds its replies here. canopy/wire.py turns
 headers and arrays into frames; this module never touches a socket.
 
 Requests (every one may carry `req`, echoed in the reply, and `table`, MAIN when absent):
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.errors import ProtocolError
+from canopy.errors import ProtocolError
 
 MAIN = "main"  # the table of a request that names none
 MAX_SAMPLE_ITEMS = 65536  # batch x batches of one sample request
@@ -145,10 +145,12 @@ def configure_request(req: int = 0, table: str | None = None, **limiter: float) 
 
 
 def snapshot_request(req: int = 0) -> dict[str, Any]:
+    """Ask for a snapshot now; answered once one taken after it is on disk."""
     return {"op": Op.SNAPSHOT, "req": req}
 
 
 def stats_request(req: int = 0) -> dict[str, Any]:
+    """Ask for the shard's counters."""
     return {"op": Op.STATS, "req": req}
 
 
@@ -190,6 +192,7 @@ class SampleRequest:
 
 
 def parse_sample(header: Mapping[str, Any]) -> SampleRequest:
+    """A checked sample request; ProtocolError names the bad field."""
     batch, batches = header.get("batch"), header.get("batches", 1)
     if not isinstance(batch, int) or not 0 < batch <= MAX_SAMPLE_ITEMS:
         raise ProtocolError(f"sample needs an integer 'batch' in 1..{MAX_SAMPLE_ITEMS}")
@@ -243,6 +246,7 @@ def answer(reply: dict[str, Any], req: Any) -> dict[str, Any]:
 
 
 def ack(size: int) -> dict[str, Any]:
+    """The reply to an insert: the table's size after it."""
     return {"op": Reply.ACK, "size": size}
 
 
@@ -258,26 +262,31 @@ def address(slot: np.ndarray, gen: np.ndarray, prob: np.ndarray) -> dict[str, np
 
 
 def updated(applied: int, dropped: int) -> dict[str, Any]:
+    """The reply to a priority update: how many applied and how many were dropped as stale."""
     return {"op": Reply.UPDATED, "applied": applied, "dropped": dropped}
 
 
 def configured(limiter: dict[str, Any]) -> dict[str, Any]:
+    """The reply to configure: the new limiter's view."""
     return {"op": Reply.CONFIGURED, "limiter": limiter}
 
 
 def snapshot_reply(
     ok: bool, seq: int, path: str, seconds: float, pause_ms: float, request_max_ms: float
 ) -> dict[str, Any]:
+    """The reply to a snapshot request: the snapshot's outcome and what it cost."""
     reply = {"op": Reply.SNAPSHOT, "ok": ok, "seq": seq, "path": path}
     reply.update(seconds=seconds, pause_ms=pause_ms, request_max_ms=request_max_ms)
     return reply
 
 
 def stats_reply(counters: Mapping[str, Any]) -> dict[str, Any]:
+    """The reply to stats: the shard's counters, flat."""
     return {"op": Reply.STATS, **counters}
 
 
 def error(code: Code, message: str) -> dict[str, Any]:
+    """An error reply (see Code)."""
     return {"op": Reply.ERROR, "code": code, "message": message}
 
 
@@ -309,6 +318,7 @@ def error_code(header: Mapping[str, Any]) -> Any:
 
 
 def error_message(header: Mapping[str, Any]) -> str:
+    """The message of an error reply (the whole header when it has none)."""
     return str(header.get("message", header))
 
 

@@ -15,18 +15,19 @@ import threading
 
 import zmq
 
-from cluster.config import Config
-from cluster.errors import UserError
-from cluster.keys import Keys
-from cluster.ports import bind_endpoint
-from cluster.redisconn import connect
-from cluster.telemetry import Telemetry
-from replay import snapshot
-from replay.membership import join
-from replay.server import ReplayServer
+from canopy.config import Config
+from canopy.errors import UserError
+from canopy.keys import Keys
+from canopy.ports import bind_endpoint
+from canopy.redisconn import connect
+from canopy.replay import snapshot
+from canopy.replay.membership import join
+from canopy.replay.server import ReplayServer
+from canopy.telemetry import Telemetry
 
 
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
+    """Serve as replay shard `ident` until `stop`; UserError when it has no endpoint or cannot bind it."""
     endpoint = _endpoint(cfg, ident)
     r = connect(cfg.cluster, "replay", ident)
     tel = Telemetry(r, Keys(cfg.run.name), "replay", ident, cfg.run.heartbeat_s)

@@ -25,13 +25,13 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from cluster import wire
-from cluster.errors import DeadlineExceeded, ProtocolError
-from replay import protocol
-from replay.connect import STOP_CHECK_S, dealer
-from replay.membership import Members
-from replay.packed import FRAMES, LAYOUT, StackPool, Unpacker, rebuild
-from replay.protocol import BatchReply
+from canopy import wire
+from canopy.errors import DeadlineExceeded, ProtocolError
+from canopy.replay import protocol
+from canopy.replay.connect import STOP_CHECK_S, dealer
+from canopy.replay.membership import Members
+from canopy.replay.packed import FRAMES, LAYOUT, StackPool, Unpacker, rebuild
+from canopy.replay.protocol import BatchReply
 
 if TYPE_CHECKING:
     import torch
@@ -151,6 +151,7 @@ class SampleClient:
 
     @property
     def beta(self) -> float:
+        """The importance-sampling exponent now, annealed linearly over `anneal_batches` batches."""
         frac = min(1.0, self.batches / self.anneal)
         return self.beta0 + (self.beta1 - self.beta0) * frac
 
@@ -230,6 +231,7 @@ class SampleClient:
         target.sock.send_multipart(wire.encode(header, arrays), copy=False)
 
     def close(self) -> None:
+        """Close every shard's sockets."""
         for s in self.shards.values():
             s.close()
 

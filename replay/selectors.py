@@ -17,19 +17,30 @@ from typing import Protocol
 
 import numpy as np
 
-from replay.sumtree import SumTree
+from canopy.replay.sumtree import SumTree
 
 KINDS = ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap")
 
 
 class Selector(Protocol):
+    """What a table asks of a selector: told of every insert, removal and priority change."""
+
     deterministic: bool
 
-    def insert(self, slots: np.ndarray, seqs: np.ndarray, priorities: np.ndarray) -> None: ...
-    def remove(self, slots: np.ndarray) -> None: ...
-    def update(self, slots: np.ndarray, priorities: np.ndarray) -> None: ...
-    def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]: ...
-    def pop(self, k: int, rng: np.random.Generator) -> np.ndarray: ...
+    def insert(self, slots: np.ndarray, seqs: np.ndarray, priorities: np.ndarray) -> None:
+        """New items in `slots`, with their insertion numbers and priorities."""
+
+    def remove(self, slots: np.ndarray) -> None:
+        """Forget the items in `slots` (slots already forgotten are ignored)."""
+
+    def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """New priorities for live items (ignored by selectors that do not order by priority)."""
+
+    def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(slots, probabilities) of k draws with replacement; the items stay."""
+
+    def pop(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Take k distinct items out (the remover's eviction); returns their slots."""
 
 
 def make(kind: str, capacity: int, priority_exponent: float = 1.0) -> Selector:
@@ -56,12 +67,14 @@ class Uniform:
         self.n = 0
 
     def insert(self, slots: np.ndarray, seqs: np.ndarray, priorities: np.ndarray) -> None:
+        """Append the slots to the dense array."""
         k = len(slots)
         self.items[self.n : self.n + k] = slots
         self.pos[slots] = np.arange(self.n, self.n + k)
         self.n += k
 
     def remove(self, slots: np.ndarray) -> None:
+        """Fill each removed slot's place with the last live one."""
         for s in np.asarray(slots).tolist():  # swap-with-last keeps the array dense
             p = self.pos[s]
             if p < 0:
@@ -73,13 +86,16 @@ class Uniform:
             self.n -= 1
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Nothing to do: every item weighs the same."""
         pass  # priorities do not change a uniform draw
 
     def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """k uniform draws with replacement, each of probability 1/n."""
         idx = rng.integers(0, self.n, size=k)
         return self.items[idx], np.full(k, 1.0 / self.n)
 
     def pop(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """k distinct items drawn uniformly, removed."""
         chosen = self.items[rng.choice(self.n, size=k, replace=False)].copy()
         self.remove(chosen)
         return chosen
@@ -101,28 +117,33 @@ class Prioritized:
         self.live = np.zeros(capacity, bool)
 
     def insert(self, slots: np.ndarray, seqs: np.ndarray, priorities: np.ndarray) -> None:
+        """Set the new items' leaves to priority**alpha."""
         self.n += int((~self.live[slots]).sum())
         self.live[slots] = True
         self.tree.set(slots, self._leaf(priorities))
 
     def remove(self, slots: np.ndarray) -> None:
+        """Zero the removed items' leaves."""
         slots = slots[self.live[slots]]
         self.n -= len(np.unique(slots))
         self.live[slots] = False
         self.tree.set(slots, 0.0)
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """New leaves for the items still live (updates of removed ones are dropped)."""
         keep = self.live.take(slots)
         if not keep.all():  # the table already dropped updates for removed items
             slots, priorities = slots[keep], priorities[keep]
         self.tree.set(slots, self._leaf(priorities))
 
     def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """k draws in proportion to p**alpha, with each one's probability."""
         total = self.tree.total
         slots = self.tree.find(rng.random(k) * total)
         return slots, self.tree.get(slots) / total
 
     def pop(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """k distinct items by priority, drawn and removed one at a time."""
         out = []
         for _ in range(k):  # without replacement: draw, remove, draw again
             slot, _ = self.sample(1, rng)
@@ -160,6 +181,7 @@ class Order:
         self.tail = 0  # one past the newest
 
     def insert(self, slots: np.ndarray, seqs: np.ndarray, priorities: np.ndarray) -> None:
+        """Append (slot, seq) entries at the tail, compacting first when the ring is full."""
         if self.tail - self.head + len(slots) > self.size:
             self._compact()
         idx = (self.tail + np.arange(len(slots))) % self.size
@@ -169,16 +191,20 @@ class Order:
         self.tail += len(slots)
 
     def remove(self, slots: np.ndarray) -> None:
+        """Mark the slots' entries stale (later scans skip them)."""
         self.cur_seq[slots] = -1
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Nothing to do: the order is by insertion, not priority."""
         pass
 
     def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The oldest (fifo) or newest (lifo) item, k times, probability 1."""
         first = self._take(1, remove=False)
         return np.repeat(first, k), np.ones(k)
 
     def pop(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The k oldest (fifo) or newest (lifo) items, removed."""
         return self._take(k, remove=True)
 
     def _take(self, k: int, remove: bool) -> np.ndarray:
@@ -236,6 +262,7 @@ class Heap:
         self.n = 0
 
     def insert(self, slots: np.ndarray, seqs: np.ndarray, priorities: np.ndarray) -> None:
+        """Push an entry per new item; rebuild when stale entries pile up."""
         self.n += int((self.cur_seq[slots] < 0).sum())
         self.cur_seq[slots] = seqs
         keys = self.sign * np.asarray(priorities, np.float64)
@@ -245,11 +272,13 @@ class Heap:
         self._maybe_rebuild()
 
     def remove(self, slots: np.ndarray) -> None:
+        """Mark the slots dead: their heap entries go stale."""
         live = slots[self.cur_seq[slots] >= 0]
         self.n -= len(np.unique(live))
         self.cur_seq[live] = -1
 
     def update(self, slots: np.ndarray, priorities: np.ndarray) -> None:
+        """Push each live item's new priority: its old entry goes stale."""
         keys = self.sign * np.asarray(priorities, np.float64)
         for key, slot in zip(keys.tolist(), slots.tolist(), strict=True):
             seq = int(self.cur_seq[slot])
@@ -259,10 +288,12 @@ class Heap:
         self._maybe_rebuild()
 
     def sample(self, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The item of smallest (min_heap) or largest (max_heap) priority, k times, probability 1."""
         self._drop_stale()
         return np.full(k, self.heap[0][2], np.int64), np.ones(k)
 
     def pop(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """The k items of smallest (min_heap) or largest (max_heap) priority, removed."""
         out = []
         for _ in range(k):
             self._drop_stale()

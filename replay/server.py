@@ -29,19 +29,19 @@ from typing import Any
 import numpy as np
 import zmq
 
-from cluster import curve, wire
-from cluster.config import ReplayConfig
-from cluster.errors import ProtocolError
-from cluster.telemetry import rss_bytes, trim_heap
-from replay import protocol, shard, snapshot
-from replay.limiter import RateLimiter
-from replay.packed import Columns
-from replay.protocol import Code, Op, SampleRequest
-from replay.shard import Parked, Slot
-from replay.table import Table
+from canopy import curve, wire
+from canopy.config import ReplayConfig
+from canopy.errors import ProtocolError
+from canopy.replay import protocol, shard, snapshot
+from canopy.replay.limiter import RateLimiter
+from canopy.replay.packed import Columns
+from canopy.replay.protocol import Code, Op, SampleRequest
+from canopy.replay.shard import Parked, Slot
+from canopy.replay.table import Table
+from canopy.telemetry import rss_bytes, trim_heap
 
 _SNDMORE = int(zmq.SNDMORE)
-TRIM_EVERY_S = 10.0  # freed request buffers go back to the OS (cluster/telemetry.py: trim_heap)
+TRIM_EVERY_S = 10.0  # freed request buffers go back to the OS (canopy/telemetry.py: trim_heap)
 FINAL_SNAPSHOT_TIMEOUT_S = 300.0  # a stopping shard waits this long for its last snapshot
 _PARKED_FULL = "too many parked requests; retry later"
 
@@ -114,13 +114,16 @@ class ReplayServer:
 
     @property
     def limiter(self) -> RateLimiter:
+        """The main table's rate limiter."""
         return self.tables[protocol.MAIN].limiter
 
     def bind(self, endpoint: str) -> str:
+        """Bind the ROUTER; returns the endpoint bound (port 0 resolved)."""
         curve.bind(self.sock, endpoint)
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def serve(self, stop: threading.Event) -> None:
+        """Serve requests until `stop`, then write a last snapshot (when on) and close the socket."""
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         next_stats = next_trim = 0.0

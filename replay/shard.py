@@ -11,13 +11,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cluster import wire
-from cluster.config import ReplayConfig
-from replay.limiter import RateLimiter
-from replay.packed import Layouts
-from replay.protocol import MAIN, SampleRequest
-from replay.snapshot import Groups
-from replay.table import Table
+from canopy import wire
+from canopy.config import ReplayConfig
+from canopy.replay.limiter import RateLimiter
+from canopy.replay.packed import Layouts
+from canopy.replay.protocol import MAIN, SampleRequest
+from canopy.replay.snapshot import Groups
+from canopy.replay.table import Table
 
 
 @dataclass

@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from cluster.errors import ProtocolError, UserError
-from replay import connect, protocol
+from canopy.errors import ProtocolError, UserError
+from canopy.replay import connect, protocol
 
 FORMAT = 1
 KEEP = 2
@@ -61,6 +61,7 @@ class SnapshotError(Exception):
 
 
 def shard_dir(root: str | Path, shard: int) -> Path:
+    """Where shard `shard`'s snapshots live under `root`."""
     return Path(root) / f"shard-{shard}"
 
 
@@ -194,6 +195,8 @@ def load_newest(
 
 @dataclass
 class Outcome:
+    """What became of one snapshot: ok, seq, path, seconds taken and the fork's pause."""
+
     ok: bool
     seq: int
     path: str
@@ -227,6 +230,7 @@ class Snapshotter:
 
     @property
     def running(self) -> bool:
+        """Whether a child is writing a snapshot now."""
         return self.child != 0
 
     def start(self, export: Callable[[], tuple[dict, Groups]]) -> None:
@@ -284,6 +288,7 @@ class Snapshotter:
 
 
 def log(message: str) -> None:
+    """One line to stderr, the shard's log."""
     print(message, file=sys.stderr, flush=True)
 
 

@@ -46,6 +46,7 @@ class SumTree:
 
     @property
     def total(self) -> float:
+        """Sum of every leaf (the root)."""
         return float(self.sums[1])
 
     @property
@@ -59,6 +60,7 @@ class SumTree:
         return self._min
 
     def get(self, idx: np.ndarray) -> np.ndarray:
+        """The leaves at `idx`."""
         return self.sums[self.leaves + idx]
 
     def set(self, idx: np.ndarray, values: np.ndarray) -> None:

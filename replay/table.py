@@ -27,16 +27,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.errors import ProtocolError
-from replay import selectors
-from replay.frames import FRAME, FRAME_KEY, FRAME_PREV, STACKED, FrameStore, check_columns, check_refs, split
-from replay.packed import INDEX
+from canopy.errors import ProtocolError
+from canopy.replay import frameindex, selectors
+from canopy.replay.frames import (
+    FRAME,
+    FRAME_KEY,
+    FRAME_PREV,
+    STACKED,
+    FrameStore,
+    check_columns,
+    check_refs,
+    split,
+)
+from canopy.replay.packed import INDEX
 
 PRIORITY = "priority"  # optional insert column: initial priorities, not stored as data
 
 
 @dataclass
 class Sampled:
+    """One sampled batch: the gathered columns plus each item's address and probability."""
+
     arrays: dict[str, np.ndarray]  # gathered columns
     slots: np.ndarray  # int64
     gens: np.ndarray  # int64 generation of each slot when sampled
@@ -127,6 +138,7 @@ class Table:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the columns, per-slot metadata and frames (0 before the first insert)."""
         if not self.allocated:
             return 0
         total = sum(c.nbytes for c in self.columns.values()) + self.capacity * self.META_BYTES
@@ -135,6 +147,7 @@ class Table:
         return total
 
     def signature(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype, item shape) each insert must match (pixel tables: obs/next_obs as int64 keys)."""
         sig = {k: (c.dtype.str, c.shape[1:]) for k, c in self.columns.items()}
         if self.frames is not None:  # obs and next_obs arrive as frame keys
             sig.update({k: (np.dtype(np.int64).str, ()) for k in STACKED})
@@ -341,33 +354,11 @@ class Table:
     def gather_frames(self, slots: np.ndarray, out: dict[str, np.ndarray], frames: np.ndarray) -> int:
         """Pixel tables: the frames of the obs and next_obs stacks of `slots` into `frames`
         (room for every frame of those stacks), and each item's stacks as indexes into them,
-        into `out[<name>_frame_index]`; returns how many frames went in.
-
-        `frames[out[name + INDEX]]` is what `gather` returns as `name`, episode starts
-        included (a padded stack names its repeated frame each time). Two layouts:
-        - windows, when every item's next_obs stack is its obs stack moved on by one frame
-          (what an actor's transitions are): each item's stack + 1 frames in a row, obs
-          indexing the first `stack` of them and next_obs the last. The client then views
-          both stacks in the received frames (packed.rebuild) instead of copying them out.
-        - otherwise each distinct frame once.
-        """
+        into `out[<name>_frame_index]`; returns how many frames went in (the two layouts:
+        replay/frameindex.py)."""
         obs, nxt = (self.stacked[k].take(slots, axis=0) for k in STACKED)
-        k = self.frame_stack
-        if np.array_equal(obs[:, 1:], nxt[:, :-1]):
-            n = len(slots)
-            windows = np.concatenate([obs, nxt[:, -1:]], axis=1)
-            runs = np.arange(0, n * (k + 1), k + 1, dtype=np.int32)[:, None] + np.arange(k, dtype=np.int32)
-            out[STACKED[0] + INDEX][:] = runs
-            out[STACKED[1] + INDEX][:] = runs + 1
-            self.frames.gather(windows, out=frames[: n * (k + 1)].reshape(n, k + 1, *frames.shape[1:]))
-            return n * (k + 1)
-        both = np.concatenate([obs, nxt], axis=1)  # [n, 2 * stack]: one sort finds every repeat
-        unique, inverse = np.unique(both, return_inverse=True)
-        inverse = inverse.reshape(both.shape)
-        out[STACKED[0] + INDEX][:] = inverse[:, :k]
-        out[STACKED[1] + INDEX][:] = inverse[:, k:]
-        self.frames.gather(unique, out=frames[: len(unique)])
-        return len(unique)
+        obs_index, next_index = (out[k + INDEX] for k in STACKED)
+        return frameindex.gather(self.frames, obs, nxt, obs_index, next_index, frames)
 
     @property
     def frames_per_item(self) -> int:

@@ -17,4 +17,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=python3
 [[ -x $ROOT/.venv/bin/python ]] && PY=$ROOT/.venv/bin/python
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m cluster.cli hosts plan "$@"
+exec "$PY" -m canopy.cluster.cli hosts plan "$@"

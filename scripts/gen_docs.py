@@ -6,10 +6,10 @@
 Everything is read from the source with `ast` and `tokenize`, never imported, so the pages
 can be rebuilt while a role package is half edited:
 
-- docs/config.md: every section dataclass of cluster/config.py, each field with its type,
+- docs/config.md: every section dataclass of canopy/config.py, each field with its type,
   default, the limits `verify` checks (`_MINIMUMS`, `_CHOICES`) and the comment on its line
   or the comment block right above it.
-- docs/contracts.md: every key of cluster/keys.py (pattern, type and docstring), the fields
+- docs/contracts.md: every key of canopy/keys.py (pattern, type and docstring), the fields
   of cluster.json (cluster/supervisor.py `describe`) and of summary.json (cluster/report.py
   `Report.summary` and `Report.handover`). The field names are extracted; what each field
   means is written below, in CLUSTER_FIELDS and SUMMARY_FIELDS.
@@ -87,7 +87,7 @@ def _module_literal(tree: ast.Module, name: str) -> object:
 CONFIG_INTRO = """\
 # Config reference
 
-One typed tree (`cluster/config.py`) holds every setting of every role. It is loaded from
+One typed tree (`canopy/config.py`) holds every setting of every role. It is loaded from
 TOML and overridden with `--set section.key=value`; the values of `--set` are TOML literals
 (`--set learner.hidden=[64,64]`, `--set 'env.kwargs={g = 9.81}'`). The same tree describes a
 local `canopy up` run and a cluster spread over hosts. Each role reads its own section plus
@@ -148,8 +148,8 @@ def _limits(key: str, minimums: dict, choices: dict) -> str:
 
 
 def render_config() -> str:
-    """docs/config.md: every section and field of cluster/config.py."""
-    source, tree = _parse("cluster/config.py")
+    """docs/config.md: every section and field of canopy/config.py."""
+    source, tree = _parse("canopy/config.py")
     text, alone = _comments(source)
     minimums = _module_literal(tree, "_MINIMUMS")
     choices = _module_literal(tree, "_CHOICES")
@@ -159,7 +159,7 @@ def render_config() -> str:
         for node in _class(tree, "Config").body
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
     ]
-    out = [GENERATED.format(sources="cluster/config.py"), "", CONFIG_INTRO]
+    out = [GENERATED.format(sources="canopy/config.py"), "", CONFIG_INTRO]
     out.append("Sections: " + ", ".join(f"[`{name}`](#{name})" for name, _ in sections) + ".")
     for name, cls_name in sections:
         cls = _class(tree, cls_name)
@@ -199,7 +199,7 @@ CONTRACTS_INTRO = """\
 # Contracts: Redis keys, cluster.json, summary.json
 
 Operators, scripts and the benchmarks read these names and files. They change only on
-purpose, and this page changes with them: the key table comes from `cluster/keys.py`, and
+purpose, and this page changes with them: the key table comes from `canopy/keys.py`, and
 the field lists from the code that writes each file.
 
 Operator tools (`canopy status`, `health`, `eval`, `export`, `plot`, resume) read what they
@@ -212,7 +212,7 @@ KEYS_INTRO = """\
 ## Redis keys
 
 All keys live under `canopy:<run>:` (one prefix, `:` separators). One module,
-`cluster/keys.py` (class `Keys`), owns every name; the run id is `run` in cluster.json, and
+`canopy/keys.py` (class `Keys`), owns every name; the run id is `run` in cluster.json, and
 the whole prefix is its `key_prefix`. Every Redis connection names itself
 `canopy:<role>:<id>` (`CLIENT SETNAME`), so `CLIENT LIST` shows who is connected.
 """
@@ -354,7 +354,7 @@ def _key_pattern(func: ast.FunctionDef) -> str:
 
 
 def _key_rows() -> list[str]:
-    _, tree = _parse("cluster/keys.py")
+    _, tree = _parse("canopy/keys.py")
     rows = ["| key | type | content | `Keys` member |", "|---|---|---|---|"]
     for node in _class(tree, "Keys").body:
         if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
@@ -452,7 +452,7 @@ def summary_fields() -> list[str]:
 
 def render_contracts() -> str:
     """docs/contracts.md: Redis keys, cluster.json and summary.json."""
-    sources = "cluster/keys.py, cluster/supervisor.py and cluster/report.py"
+    sources = "canopy/keys.py, cluster/supervisor.py and cluster/report.py"
     out = [GENERATED.format(sources=sources), "", CONTRACTS_INTRO, KEYS_INTRO]
     out += [*_key_rows(), "", CLUSTER_INTRO]
     out += [*_field_rows(cluster_fields(), CLUSTER_FIELDS, "CLUSTER_FIELDS"), "", SUMMARY_INTRO]

@@ -2,7 +2,7 @@
 # scripts/role.sh ROLE CONFIG ID [--set key=value ...] [--standby (learner only)]
 #
 # What every per-role launch script (scripts/<role>.sh) runs: checks the arguments, then
-# execs `canopy ROLE --config CONFIG --id ID [--set ...]`, or `python -m cluster.cli` when
+# execs `canopy ROLE --config CONFIG --id ID [--set ...]`, or `python -m canopy.cluster.cli` when
 # `canopy` is not on PATH, so signals reach the role itself.
 set -euo pipefail
 role=${1:?usage: scripts/role.sh ROLE CONFIG ID [--set key=value ...]}
@@ -36,4 +36,4 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=python3
 [[ -x $ROOT/.venv/bin/python ]] && PY=$ROOT/.venv/bin/python
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-exec "$PY" -m cluster.cli "$role" --config "$CONFIG" --id "$ID" "$@"
+exec "$PY" -m canopy.cluster.cli "$role" --config "$CONFIG" --id "$ID" "$@"

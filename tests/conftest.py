@@ -11,6 +11,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,11 +23,11 @@ import numpy as np
 import pytest
 import redis
 
-from cluster.config import ClusterConfig
-from cluster.errors import DeadlineExceeded
-from cluster.keys import Keys
-from cluster.lifecycle import wait_until
-from cluster.redisconn import connect
+from canopy.config import ClusterConfig
+from canopy.errors import DeadlineExceeded
+from canopy.keys import Keys
+from canopy.lifecycle import wait_until
+from canopy.redisconn import connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REDIS_START_TIMEOUT_S = 10.0
@@ -67,6 +68,16 @@ def pid_alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return state != "Z"
+
+
+def start_role(role: str, cfg_path: Path, ident: int, log: Path) -> subprocess.Popen:
+    """`canopy ROLE --config CFG --id N` as its own process, output appended to `log`; the
+    caller stops it (`stop_process`). Not a child of a launcher: no CANOPY_PARENT_PID."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("CANOPY_PARENT_PID", None)
+    cmd = [sys.executable, "-m", "canopy.cluster.cli", role, "--config", str(cfg_path), "--id", str(ident)]
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -19,8 +19,8 @@ import pytest
 import redis
 from conftest import free_port, stop_process
 
-from cluster.config import ClusterConfig
-from cluster.redisconn import connect
+from canopy.config import ClusterConfig
+from canopy.redisconn import connect
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """An environment a user brings: this module registers it when imported.
 
-tests/unit/actors/test_envs.py names it `user_envs:CanopyUserDrift-v0` (under pytest,
+tests/unit/canopy/test_envs.py names it `user_envs:CanopyUserDrift-v0` (under pytest,
 tests/ is on sys.path as conftest.py's directory), so canopy must import the module before
 gymnasium can find the id. `speed` is a constructor keyword for `env.kwargs`.
 """

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from actors.adder import NStepAdder
-from actors.envs import make_vec, random_stepping_rate
-from actors.policy import MLPPolicy, NatureCNNPolicy, limit_blas_threads, policy_from_arrays
-from cluster.bench import harness, report
-from learner.network import build
+from canopy.actors.adder import NStepAdder
+from canopy.actors.policy import MLPPolicy, NatureCNNPolicy, limit_blas_threads, policy_from_arrays
+from canopy.cluster.bench import harness, report
+from canopy.envs import make_vec, random_stepping_rate
+from canopy.learner.network import build
 
 
 def random_policy(env: Any) -> MLPPolicy | NatureCNNPolicy:
@@ -59,6 +59,7 @@ def acting(env_id: str, envs: int, seconds: float, chunk: int = 64) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Each env and `--envs` size against its random-stepping ceiling; the report goes to `--json`."""
     limit_blas_threads()  # as every actor process does
     envs_ids = ["CartPole-v1"]
     skipped = {}

@@ -68,14 +68,14 @@ import numpy as np
 import zmq
 from rich.progress import Progress
 
-from cache import blob, codecs, topology
-from cluster import netns
-from cluster.bench import harness
-from cluster.bench.broadcast_procs import Cluster, enter_netns, wait_ready
-from cluster.bench.report import check, write
-from cluster.errors import UserError
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy.cache import blob, codecs, topology
+from canopy.cluster import netns
+from canopy.cluster.bench import harness
+from canopy.cluster.bench.broadcast_procs import Cluster, enter_netns, wait_ready
+from canopy.cluster.bench.report import check, write
+from canopy.errors import UserError
+from canopy.keys import Keys
+from canopy.version import Version
 
 VERSION_TIMEOUT_S = 300.0
 FLAT_BUDGET_BYTES = 2 << 30  # bytes Redis serves per version in the flat arm before sampling
@@ -220,6 +220,7 @@ def tier_stages(tiers: dict[str, list[Path]], version: str, t0: float) -> dict[s
 
 
 def warmup_versions(args: argparse.Namespace) -> int:
+    """Versions each arm publishes before the measured ones: WARMUP_VERSIONS unless `args.warmup`."""
     return getattr(args, "warmup", WARMUP_VERSIONS)
 
 
@@ -295,6 +296,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, net: netns.Network | None) -> int:
+    """Every arm in turn, then the report to `--json` and a summary on stdout; 1 if a check is missed."""
     if args.workers <= 0:
         args.workers = max(args.hosts, 2)
     size = sum(a.nbytes for a in model(args.model_mb, 0).values())

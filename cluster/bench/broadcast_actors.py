@@ -1,6 +1,6 @@
 """The simulated actors of `canopy bench broadcast`: one worker process serves many.
 
-Place: the child side of broadcast.py, started as `python -m cluster.bench.broadcast_actors
+Place: the child side of broadcast.py, started as `python -m canopy.cluster.bench.broadcast_actors
 CFG` by broadcast_procs.py, one process per simulated host's share of actors. Every actor
 has its own sockets and its own policy object, fed the way its arm says: tree (cache
 client on the host's leaf, shared-memory views), pub (one SUB to the bench's PUB socket,
@@ -25,9 +25,9 @@ import numpy as np
 import redis
 import zmq
 
-from cache import blob
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy.cache import blob
+from canopy.keys import Keys
+from canopy.version import Version
 
 START_TIMEOUT_S = 120.0  # for every actor of a worker to attach (the bench waits as long)
 MAX_SOCKETS = 16_384  # per worker: two per simulated actor
@@ -45,7 +45,7 @@ def worker(cfg: dict) -> None:
     {"t": [unix time each actor could act], "shared": how many act on the host's copy}.
     Stops when stdin closes.
     """
-    from actors.policy import MLPPolicy
+    from canopy.actors.policy import MLPPolicy
 
     ctx = zmq.Context.instance()
     ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
@@ -84,9 +84,11 @@ class Readable:
         self.pending = set(socks)  # messages may have queued before the first signal
 
     def recheck(self, socks: list[zmq.Socket]) -> None:
+        """Have the next `wait` look at `socks` again: after I/O their FD may not signal what is queued."""
         self.pending.update(socks)
 
     def wait(self, timeout_s: float) -> list[zmq.Socket]:
+        """The sockets with a message; waits up to `timeout_s`, not at all while some are to be rechecked."""
         events = self.epoll.poll(0 if self.pending else timeout_s)
         candidates = self.pending | {self.by_fd[fd] for fd, _ in events}
         self.pending = set()
@@ -94,7 +96,7 @@ class Readable:
 
 
 def _tree_actors(ctx: zmq.Context, cfg: dict, n: int) -> Step:
-    from cache.client import ClientCore, HostWatch
+    from canopy.cache.client import ClientCore, HostWatch
 
     # One SUB per process to the leaf's landed notifications (cache/client.py HostWatch);
     # each actor keeps its own SUB (beats: liveness and catch-up) and DEALER.

@@ -24,11 +24,11 @@ from typing import Any
 import redis
 import zmq
 
-from cluster import netns
-from cluster.bench import harness
-from cluster.bench.broadcast_actors import PROBE, START_TIMEOUT_S
-from cluster.errors import UserError
-from cluster.ports import free_ports
+from canopy.cluster import netns
+from canopy.cluster.bench import harness
+from canopy.cluster.bench.broadcast_actors import PROBE, START_TIMEOUT_S
+from canopy.errors import UserError
+from canopy.ports import free_ports
 
 CLONE_NEWNET = 0x40000000
 WORKERS_STOP_S = 5.0  # a worker whose stdin closed gets this long to exit on its own
@@ -80,7 +80,7 @@ class Cluster:
             [
                 sys.executable,
                 "-m",
-                "cache.standalone",
+                "canopy.cache.standalone",
                 "--run",
                 run,
                 "--redis",
@@ -116,11 +116,12 @@ class Cluster:
             if n:
                 cfg = {"mode": mode, "actors": n, "endpoints": endpoints[w % len(endpoints)]}
                 cfg |= {"run": setup["run"], "redis": [self.addr, self.port], "pw": str(self.work / "pw")}
-                cmd = [sys.executable, "-m", "cluster.bench.broadcast_actors", json.dumps(cfg)]
+                cmd = [sys.executable, "-m", "canopy.cluster.bench.broadcast_actors", json.dumps(cfg)]
                 procs.append(self.spawn(cmd, host=f"h{w % hosts}"))
         return procs
 
     def stop_workers(self, workers: list[subprocess.Popen]) -> None:
+        """Close each worker's stdin (its signal to stop), give them WORKERS_STOP_S, then stop the rest."""
         for p in workers:
             p.stdin.close()  # a worker stops when its stdin closes
         deadline = time.monotonic() + WORKERS_STOP_S
@@ -129,6 +130,7 @@ class Cluster:
         harness.stop(workers)
 
     def close(self) -> None:
+        """Stop every process it started, newest first (redis-server last)."""
         harness.stop(list(reversed(self.procs)))
 
 

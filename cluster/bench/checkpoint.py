@@ -44,11 +44,11 @@ import redis
 import torch
 from rich.progress import Progress
 
-from cluster.bench import harness, report
-from cluster.bench.checkpoint_procs import Cluster, cluster, recovery_trial
-from cluster.config import Config
-from cluster.keys import Keys
-from cluster.redisconn import connect
+from canopy.cluster.bench import harness, report
+from canopy.cluster.bench.checkpoint_procs import Cluster, cluster, recovery_trial
+from canopy.config import Config
+from canopy.keys import Keys
+from canopy.redisconn import connect
 
 GOAL_OVERHEAD_PCT = 3.0
 GOAL_STALL_MS = 20.0
@@ -71,8 +71,8 @@ class Trainer:
     """A real DQN learner state, updated on a fixed random batch (the model is what matters here)."""
 
     def __init__(self, cfg: Config):
-        from learner.algorithms.dqn import DQN, Batch
-        from learner.network import QNetwork
+        from canopy.learner.algorithms.dqn import DQN, Batch
+        from canopy.learner.network import QNetwork
 
         torch.manual_seed(0)
         net = QNetwork(OBS, ACTIONS, cfg.learner.hidden, layer_norm=cfg.learner.layer_norm)
@@ -89,6 +89,7 @@ class Trainer:
         self.params = sum(p.numel() for p in self.algo.online.parameters())
 
     def step(self) -> None:
+        """One DQN update on the fixed batch."""
         self.algo.update(self.batch)
 
 
@@ -190,11 +191,11 @@ class Checkpointing:
     writer thread; `events` collects what the writer reports (commits, repairs, failures)."""
 
     def __init__(self, cfg: Config, r: redis.Redis, keys: Keys):
-        from cluster.config import to_dict
-        from learner.checkpoint.lease import Lease
-        from learner.checkpoint.state import Capturer
-        from learner.checkpoint.writer import Writer
-        from learner.role import make_store
+        from canopy.config import to_dict
+        from canopy.learner.checkpoint.state import Capturer
+        from canopy.learner.checkpoint.writer import Writer
+        from canopy.learner.role import make_store
+        from canopy.lease import Lease
 
         self.r, self.keys = r, keys
         self.events: list[dict[str, Any]] = []
@@ -207,6 +208,7 @@ class Checkpointing:
         self.cfg_dict = to_dict(cfg)
 
     def event(self, kind: str, **fields: Any) -> None:
+        """The writer's report callback: keep one event (called from the writer thread)."""
         with self._lock:
             self.events.append({"kind": kind, **fields})
 
@@ -258,12 +260,14 @@ class Measured:
 
     @property
     def overhead_pct(self) -> float:
+        """How much longer a training step takes with checkpoints than without (mean step times), in %."""
         off = [s for a in self.arms["off"] for s in a["steps"]]
         on = [s for a in self.arms["on"] for s in a["steps"]]
         return 100 * (statistics.fmean(on) / statistics.fmean(off) - 1)
 
     @property
     def stalls(self) -> list[float]:
+        """The training thread's stall of every capture in the "on" arm, in seconds."""
         return [s for a in self.arms["on"] for s in a["stalls"]]
 
     def save_overhead_pct(self, period: float) -> float | None:
@@ -274,6 +278,7 @@ class Measured:
 
     @property
     def load_s(self) -> float | None:
+        """Median torch.load time of the torch.save baseline's file, in seconds (None without one)."""
         return self.save["load_ms"]["p50"] / 1000 if self.save["load_ms"]["p50"] is not None else None
 
     def recovery_s(self, kind: str) -> float | None:
@@ -347,6 +352,7 @@ def train_arms(
 
 # ---- main --------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
+    """Measure on fresh shards (one torch thread); the report goes to `--json`."""
     torch.set_num_threads(1)
     with (
         harness.scratch_dir("canopy-bench-ckpt-", args.workdir or None) as workdir,
@@ -360,6 +366,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def figures_of(args: argparse.Namespace, cfg: Config, m: Measured) -> dict[str, Any]:
+    """The report's figures: the configuration, step and stall times, commits, recovery, baselines."""
     return {
         "config": {
             "state_mb": args.state_mb,
@@ -400,6 +407,7 @@ def figures_of(args: argparse.Namespace, cfg: Config, m: Measured) -> dict[str, 
 
 
 def checks_of(args: argparse.Namespace, m: Measured) -> list[dict[str, Any]]:
+    """The report's checks against the goals: step overhead, stall, cold and warm recovery."""
     overhead_pct, stall_ms = m.overhead_pct, harness.ms_summary(m.stalls)
     cold_s, warm_s = m.recovery_s("cold"), m.recovery_s("warm")
     load_s = harness.round_or_none(m.load_s)
@@ -440,11 +448,12 @@ def checks_of(args: argparse.Namespace, m: Measured) -> list[dict[str, Any]]:
 
 
 def _flat(trainer: Trainer) -> list[torch.Tensor]:
-    from learner.checkpoint.state import named_tensors
+    from canopy.learner.checkpoint.state import named_tensors
 
     return [t for _, t in named_tensors(trainer.algo)]
 
 
 def trainer_params(cfg: Config) -> int:
+    """Parameters of one of the Trainer's networks under `cfg` (a plain MLP: weights and biases)."""
     sizes = [OBS, *cfg.learner.hidden, ACTIONS]
     return sum(a * b + b for a, b in itertools.pairwise(sizes))

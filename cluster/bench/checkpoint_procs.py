@@ -21,14 +21,14 @@ from typing import Any
 
 import redis
 
-from cluster import config as config_mod
-from cluster.bench import harness
-from cluster.config import Config
-from cluster.keys import Keys
-from cluster.lifecycle import wait_until
-from cluster.ports import free_ports
-from cluster.redisconn import connect
-from cluster.version import Version
+from canopy import config as config_mod
+from canopy.cluster.bench import harness
+from canopy.config import Config
+from canopy.keys import Keys
+from canopy.lifecycle import wait_until
+from canopy.ports import free_ports
+from canopy.redisconn import connect
+from canopy.version import Version
 
 START_TIMEOUT_S = 120.0
 RECOVERY_TIMEOUT_S = 60.0
@@ -43,6 +43,7 @@ class Cluster:
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def spawn(self, role: str, ident: int, *args: str) -> subprocess.Popen:
+        """Start `canopy <role> --id <ident>` on the bench's config, logging to the run dir."""
         log = open(Path(self.cfg.run.dir) / f"{role}-{ident}.log", "ab")  # noqa: SIM115 (child owns it)
         cmd = harness.canopy(role, "--config", str(self.config_path), "--id", str(ident), *args)
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=harness.child_env())
@@ -51,9 +52,11 @@ class Cluster:
         return proc
 
     def clients(self) -> list[redis.Redis]:
+        """A new client per Redis shard, in shard order."""
         return [connect(self.cfg.cluster, "bench", 0, shard=i) for i in range(len(self.cfg.cluster.redis))]
 
     def close(self) -> None:
+        """SIGTERM every process, SIGKILL the ones still there after 5 s."""
         harness.stop(self.procs, 5.0)
 
 

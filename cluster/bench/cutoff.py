@@ -36,16 +36,16 @@ from typing import Any
 
 import tomli_w
 
-from cache import ledger
-from cluster import config as config_mod
-from cluster import netns
-from cluster.bench import harness
-from cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome
-from cluster.errors import DeadlineExceeded, UserError
-from cluster.keys import Keys
-from cluster.lifecycle import wait_until
-from cluster.version import Version
-from learner.checkpoint.lease import parse_token
+from canopy import config as config_mod
+from canopy.cache import ledger
+from canopy.cluster import netns
+from canopy.cluster.bench import harness
+from canopy.cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome
+from canopy.errors import DeadlineExceeded, UserError
+from canopy.keys import Keys
+from canopy.lease import parse_token
+from canopy.lifecycle import wait_until
+from canopy.version import Version
 
 CUT_FAULTS = ("cut-actors", "cut-learner")
 # Goals (s) from the cut (detection) or from the reconnect (actors) / the cut (learner).
@@ -162,29 +162,36 @@ class NetnsCluster:
         return result.stdout.strip() if result.returncode == 0 else ""
 
     def proc(self, role: str, ident: int) -> dict[str, str]:
+        """A role process's stats hash ({} when it cannot be read)."""
         flat = self.cli("HGETALL", self.keys.proc(role, ident)).splitlines()
         return dict(zip(flat[::2], flat[1::2], strict=False))
 
     def counter(self, role: str, ident: int, name: str) -> int:
+        """One numeric field of a role process's stats hash, as an int (0 when absent)."""
         return int(float(self.cli("HGET", self.keys.proc(role, ident), name) or 0))
 
     def latest(self) -> Version | None:
+        """`model:latest`; None before the first publish."""
         value = self.cli("GET", self.keys.model_latest)
         return Version.parse(value) if value else None
 
     def now(self) -> float:
+        """The Redis server's clock (TIME) in seconds, what liveness deadlines are compared with here."""
         seconds, micros = self.cli("TIME").split()
         return int(seconds) + int(micros) / 1e6
 
     def deadline(self, role: str, ident: int) -> float:
+        """A role process's liveness deadline in `alive:<role>` (0.0 when it has none)."""
         value = self.cli("ZSCORE", self.keys.alive(role), str(ident))
         return float(value) if value else 0.0
 
     def active_learner(self) -> int | None:
+        """The id of the learner holding the lease; None when none does."""
         held = parse_token(self.cli("GET", self.keys.lease))
         return held[1] if held is not None else None
 
     def events_since(self, t: float, kind: str) -> list[dict[str, str]]:
+        """The fields of every `kind` event in the stream from wall time `t` on."""
         lines = self.cli("XRANGE", self.keys.events, f"{int(t * 1000)}-0", "+").splitlines()
         # --raw XRANGE prints: id, then field/value lines; entries start at a line "<ms>-<seq>".
         out: list[dict[str, str]] = []
@@ -201,9 +208,11 @@ class NetnsCluster:
         return out
 
     def committed(self) -> list[str]:
+        """Ids of the committed checkpoints, from `ckpt:index`."""
         return self.cli("ZRANGE", self.keys.ckpt_index, "0", "-1").splitlines()
 
     def versions_of_epoch_since(self, epoch: int, t: float) -> list[str]:
+        """Versions of `epoch` the ledger says were published at or after wall time `t`."""
         keys = self.cli("--scan", "--pattern", self.keys.ledger_version(f"{epoch}.*")).splitlines()
         out = []
         for key in keys:
@@ -214,6 +223,7 @@ class NetnsCluster:
 
     # ---- lifecycle ------------------------------------------------------------------
     def start(self) -> None:
+        """Every host's commands of the host plan, in order; Redis shard 0 must answer before the rest."""
         for host, commands in host_plan(self.config, self.net, PLACEMENT):
             for cmd in commands:
                 name = f"{cmd[1]}-{cmd[cmd.index('--id') + 1]}"
@@ -238,6 +248,7 @@ class NetnsCluster:
         self._wait(training, START_TIMEOUT_S, "versions published, actors stepping, a standby, a checkpoint")
 
     def exited(self) -> list[str]:
+        """Names (`role-id`) of the role processes that have exited."""
         return [name for name, p in self.procs.items() if p.poll() is not None]
 
     def _wait(self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -257,6 +268,7 @@ class NetnsCluster:
 
     # ---- faults ---------------------------------------------------------------------
     def inject(self, fault: str) -> Outcome:
+        """One cut-off fault, then the checks: a newer version follows, no committed checkpoint is lost."""
         out = Outcome(fault, "", GOALS_S[fault])
         before = self.latest() or Version(0, 0)
         out.version_before = str(before)
@@ -278,6 +290,10 @@ class NetnsCluster:
         return out
 
     def cut_actors(self, out: Outcome) -> Version:
+        """Cut the actors' host until they count as dead, reconnect it, time their recovery.
+
+        Returns the newest version once they recovered.
+        """
         n = self.cfg.actors.count
         out.target = f"host actors ({n} actors)"
         t = time.time()
@@ -317,6 +333,10 @@ class NetnsCluster:
         return self.latest() or at_reconnect
 
     def cut_learner(self, out: Outcome, before: Version) -> Version:
+        """Cut the active learner's host until its standby published; the cut-off one must stop unheard.
+
+        Returns the first version of the standby's epoch.
+        """
         active = self.active_learner()
         if active is None:
             raise UserError("no learner holds the lease")

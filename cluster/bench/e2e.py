@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import harness, report
+from canopy.cluster.bench import harness, report
 
 GOAL_MEDIAN_S = 30.0
 SB3_MAX_STEPS = 200_000
@@ -115,6 +115,7 @@ def _median(rows: list[dict], key: str) -> float | None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Every seed through `canopy up` (and SB3 PPO when installed); the report goes to `--json`."""
     seeds = list(range(args.seeds))
     ours: list[dict] = []
     baseline: list[dict] = []

@@ -37,13 +37,13 @@ from pathlib import Path
 import redis
 from rich.console import Console
 
-from cluster.bench import cutoff, harness, report
-from cluster.bench.liverun import LiveRun
-from cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome, table
-from cluster.errors import DeadlineExceeded, UserError
-from cluster.lifecycle import wait_until
-from cluster.version import Version
-from learner.checkpoint.store import Incomplete
+from canopy.cluster.bench import cutoff, harness, report
+from canopy.cluster.bench.liverun import LiveRun
+from canopy.cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome, table
+from canopy.errors import DeadlineExceeded, UserError
+from canopy.learner.checkpoint.store import Incomplete
+from canopy.lifecycle import wait_until
+from canopy.version import Version
 
 FAULTS = ("actor", "replay", "cache", "redis", "learner", "standby", "zombie", "root")
 # Recovery goals (s) on a small shared machine; a warm standby must take over within 5 s.
@@ -335,6 +335,7 @@ def parse_faults(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """The kills on one live `canopy up`, then the cut-offs; report to `--json`, 1 if a check is missed."""
     faults = parse_faults(args.faults)
     run_dir = Path(tempfile.mkdtemp(prefix="canopy-faults-"))
     console = Console(stderr=True, width=200)

@@ -30,11 +30,11 @@ import redis
 from rich.console import Console
 from rich.progress import Progress
 
-from cluster import lifecycle
-from cluster.errors import DeadlineExceeded, UserError
-from cluster.keys import Keys
-from cluster.lifecycle import wait_until
-from cluster.version import Version
+from canopy import lifecycle
+from canopy.errors import DeadlineExceeded, UserError
+from canopy.keys import Keys
+from canopy.lifecycle import wait_until
+from canopy.version import Version
 
 PROGRESS_EVERY_S = 1.0  # `watch` calls its on_tick this often
 
@@ -42,7 +42,7 @@ PROGRESS_EVERY_S = 1.0  # `watch` calls its on_tick this often
 # ---- command lines ---------------------------------------------------------------------
 def canopy(*args: str) -> list[str]:
     """`canopy ARGS` as this interpreter runs it, so a bench drives the checkout it runs from."""
-    return [sys.executable, "-m", "cluster.cli", *args]
+    return [sys.executable, "-m", "canopy.cluster.cli", *args]
 
 
 def up_command(
@@ -232,6 +232,7 @@ def descendants(root: int) -> dict[int, str]:
 
 
 def cmdline(pid: int) -> str:
+    """A process's command line, arguments joined by spaces ("" once it is gone)."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
@@ -322,6 +323,7 @@ def ms_summary(seconds: list[float]) -> dict[str, float | None]:
 
 
 def round_or_none(x: float | None, nd: int = 3) -> float | None:
+    """`x` rounded to `nd` digits; None stays None."""
     return None if x is None else round(x, nd)
 
 

@@ -32,12 +32,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cluster.bench import harness, report
-from cluster.config import LearnerConfig
-from cluster.ports import free_ports
-from learner.algorithms.dqn import DQN, Batch
-from learner.network import NatureCNN, QNetwork
-from learner.overlap import Member, OverlapTrainer
+from canopy.cluster.bench import harness, report
+from canopy.config import LearnerConfig
+from canopy.learner.algorithms.dqn import DQN, Batch
+from canopy.learner.network import NatureCNN, QNetwork
+from canopy.learner.overlap import Member, OverlapTrainer
+from canopy.ports import free_ports
 
 WORKLOADS = {
     # name: (network factory, observation shape, dtype, batch, actions)
@@ -47,6 +47,7 @@ WORKLOADS = {
 
 
 def make_batch(shape: tuple[int, ...], dtype: torch.dtype, batch: int, actions: int, device: str) -> Batch:
+    """A fixed random batch (seed 0) of one workload's shapes, on `device`."""
     g = torch.Generator().manual_seed(0)
     if dtype == torch.uint8:
         obs = torch.randint(0, 256, (batch, *shape), generator=g, dtype=torch.uint8)
@@ -64,6 +65,7 @@ def make_batch(shape: tuple[int, ...], dtype: torch.dtype, batch: int, actions: 
 
 
 def bare_step(online: nn.Module, target: nn.Module, opt: torch.optim.Optimizer, b: Batch) -> None:
+    """The baseline: one double-DQN update in plain PyTorch (no IS weights, clipping or TD-error output)."""
     q = online(b.obs).gather(1, b.action.unsqueeze(1)).squeeze(1)
     with torch.no_grad():
         nxt = target(b.next_obs).gather(1, online(b.next_obs).argmax(1, keepdim=True)).squeeze(1)
@@ -89,6 +91,7 @@ def rate(step: Callable[[], Any], seconds: float, device: str) -> float:
 
 
 def measure(name: str, device: str, seconds: float) -> dict:
+    """Updates/s of canopy's DQN and of `bare_step` on one workload and device, and their ratio."""
     factory, shape, dtype, batch, actions = WORKLOADS[name]
     torch.manual_seed(0)
     b = make_batch(shape, dtype, batch, actions, device)
@@ -109,6 +112,7 @@ def measure(name: str, device: str, seconds: float) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Every workload on CPU (and CUDA when present), then the overlap gain; the report goes to `--json`."""
     torch.set_num_threads(args.threads)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     figures: dict[str, dict] = {}

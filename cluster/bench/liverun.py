@@ -23,17 +23,17 @@ from typing import Any, Self
 
 import redis
 
-from cache import ledger
-from cluster import config as config_mod
-from cluster.bench import harness
-from cluster.errors import DeadlineExceeded, UserError
-from cluster.keys import Keys
-from cluster.lifecycle import wait_until
-from cluster.redisconn import connect
-from cluster.version import Version
-from learner.checkpoint.lease import parse_token
-from learner.checkpoint.placement import make_plan, shard_hosts_of
-from learner.checkpoint.store import CheckpointStore
+from canopy import config as config_mod
+from canopy.cache import ledger
+from canopy.cluster.bench import harness
+from canopy.errors import DeadlineExceeded, UserError
+from canopy.keys import Keys
+from canopy.learner.checkpoint.placement import make_plan, shard_hosts_of
+from canopy.learner.checkpoint.store import CheckpointStore
+from canopy.lease import parse_token
+from canopy.lifecycle import wait_until
+from canopy.redisconn import connect
+from canopy.version import Version
 
 START_TIMEOUT_S = 180.0
 SETTLE_TIMEOUT_S = 120.0
@@ -111,6 +111,7 @@ class LiveRun:
         self.pids.update(harness.descendants(self.up.pid))
 
     def tail(self) -> str:
+        """The last lines `canopy up` wrote to stderr, for error messages."""
         return " | ".join(self.stderr_tail[-5:])
 
     def _get(self, fn: Callable[[], Any], default: Any = None) -> Any:
@@ -121,13 +122,16 @@ class LiveRun:
             return default
 
     def latest(self) -> Version | None:
+        """`model:latest`; None before the first publish or while the root shard is down."""
         return harness.latest_version(self.r, self.keys)
 
     def proc(self, role: str, ident: int) -> dict[str, str]:
+        """A role process's stats hash, decoded ({} while the root shard is down)."""
         h = self._get(lambda: self.r.hgetall(self.keys.proc(role, ident)), {})
         return {k.decode(): v.decode() for k, v in h.items()}
 
     def active_learner(self) -> int | None:
+        """The id of the learner holding the lease; None when none does or the root shard is down."""
         held = parse_token(self._get(lambda: self.r.get(self.keys.lease)))
         return held[1] if held is not None else None
 
@@ -143,6 +147,7 @@ class LiveRun:
         return None
 
     def published_at(self, v: Version) -> float | None:
+        """When the ledger says `v` was published; None when it cannot tell."""
         return ledger.published_at(
             self._get(lambda: self.r.hget(self.keys.ledger_version(str(v)), ledger.PUBLISHED_AT))
         )

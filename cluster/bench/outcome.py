@@ -47,6 +47,7 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
+        """Detected, recovered in time, training went on, nothing lost, nothing written by a zombie."""
         return (
             not self.error
             and self.detect_s is not None

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench import report
-from cluster.bench.replay_procs import (
+from canopy.cluster.bench import report
+from canopy.cluster.bench.replay_procs import (
     ATARI_OBS,
     CARTPOLE_OBS,
     Cluster,
@@ -57,6 +57,7 @@ CARTPOLE_CAPACITY = 200_000
 
 
 def main(args: argparse.Namespace) -> int:
+    """Baselines, one and two shards, the snapshot pause (`--quick`: one shard only); report to `--json`."""
     seconds = float(getattr(args, "seconds", None) or SECONDS)  # every timing window of this run
     quick = bool(getattr(args, "quick", False))  # one shard, no snapshot figure
     figs: dict[str, Any] = {"seconds_per_figure": seconds, "cpu_count": os.cpu_count()}
@@ -83,10 +84,12 @@ def main(args: argparse.Namespace) -> int:
 
 
 def cartpole_cfg() -> dict[str, Any]:
+    """ReplayConfig fields of the CartPole tables: CARTPOLE_CAPACITY items, sampling from the first insert."""
     return dict(capacity=CARTPOLE_CAPACITY, min_size=1, samples_per_insert=0.0, max_frame_mb=256)
 
 
 def atari_cfg(capacity: int) -> dict[str, Any]:
+    """The CartPole fields with `capacity` items and a frame window, for the pixel path."""
     return {**cartpole_cfg(), "capacity": capacity, "frame_window": 4096}
 
 
@@ -164,6 +167,7 @@ def replay_checks(figs: dict[str, Any], zmq_wire_batches: float) -> list[dict[st
 
 
 def cartpole_checks(figs: dict[str, Any], ins: float) -> list[dict[str, Any]]:
+    """The CartPole goals: inserts per shard, uniform and prioritized sampling."""
     one, npc, zmq = figs["1_shard"], figs["baseline_numpy_cartpole"], figs["baseline_zmq_bytes_per_s"]
     cp_item = nbytes(transitions(1, CARTPOLE_OBS, "float32"))
     return [
@@ -201,6 +205,7 @@ def cartpole_checks(figs: dict[str, Any], ins: float) -> list[dict[str, Any]]:
 
 
 def atari_checks(figs: dict[str, Any], zmq_wire_batches: float) -> list[dict[str, Any]]:
+    """The Atari goals: sampling against ZeroMQ's limit, inserts, RSS per transition."""
     one, npa, zmq = figs["1_shard"], figs["baseline_numpy_atari"], figs["baseline_zmq_bytes_per_s"]
     at_item = nbytes(transitions(1, ATARI_OBS, "uint8"))
     frame_bytes = int(np.prod(ATARI_OBS[1:]))
@@ -244,6 +249,7 @@ def atari_checks(figs: dict[str, Any], zmq_wire_batches: float) -> list[dict[str
 
 
 def snapshot_check(snap: dict[str, Any]) -> dict[str, Any]:
+    """The snapshot goal: the longest serving pause (fork or slowest request) at most 10 ms."""
     pause_ms = max(snap["fork_ms"], snap["longest_request_during_snapshot_ms"])
     return report.check(
         "snapshot_longest_serving_pause",

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench import harness
+from canopy.cluster.bench import harness
 
 CARTPOLE_OBS = (4,)
 ATARI_OBS = (4, 84, 84)
@@ -27,6 +27,7 @@ CTX = mp.get_context("spawn")
 
 
 def transitions(n: int, obs_shape: tuple[int, ...], dtype: str) -> dict[str, np.ndarray]:
+    """`n` synthetic transitions (fixed seed) with observations of `obs_shape` and `dtype`."""
     rng = np.random.default_rng(0)
     obs = (rng.random((n, *obs_shape)) * 255).astype(dtype)
     return {
@@ -40,6 +41,7 @@ def transitions(n: int, obs_shape: tuple[int, ...], dtype: str) -> dict[str, np.
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
+    """Bytes of all of `arrays` together."""
     return sum(a.nbytes for a in arrays.values())
 
 
@@ -53,6 +55,7 @@ class PixelStream:
         self.step = 0
 
     def chunk(self, n: int) -> dict[str, np.ndarray]:
+        """The next `n` transitions as frames sent once plus frame keys for obs and next_obs."""
         keys, prevs, obs, nxt = [], [], [], []
         for _ in range(n):
             if self.cur < 0:
@@ -88,9 +91,9 @@ class PixelStream:
 def _shard(cfg: dict, out: Any, stop: Any) -> None:
     import threading
 
-    from cluster.config import ReplayConfig
-    from replay import snapshot
-    from replay.server import ReplayServer
+    from canopy.config import ReplayConfig
+    from canopy.replay import snapshot
+    from canopy.replay.server import ReplayServer
 
     snap_dir = snapshot.shard_dir(cfg["snapshot_dir"], 0) if cfg.get("snapshot_dir") else None
     server = ReplayServer(ReplayConfig(**cfg), snapshot_dir=snap_dir)
@@ -101,7 +104,8 @@ def _shard(cfg: dict, out: Any, stop: Any) -> None:
 
 
 def inserter(endpoint: str, obs: tuple, dtype: str, chunk: int, seconds: float, out: Any) -> None:
-    from replay.client import InsertClient
+    """Client process: insert `chunk`-item chunks for `seconds`; puts (transitions, seconds)."""
+    from canopy.replay.client import InsertClient
 
     pixels = PixelStream(os.getpid()) if dtype == "pixels" else None
     arrays = transitions(chunk, obs, dtype) if pixels is None else {}
@@ -116,7 +120,11 @@ def inserter(endpoint: str, obs: tuple, dtype: str, chunk: int, seconds: float, 
 
 
 def sampler(endpoints: list[str], batch: int, update: bool, seconds: float, out: Any) -> None:
-    from replay.client import SampleClient
+    """Client process: sample batches for `seconds` (with `update`, also update priorities).
+
+    Puts (batches, seconds, wire bytes per batch, batches per request).
+    """
+    from canopy.replay.client import SampleClient
 
     client = SampleClient(endpoints, batch=batch, inflight=8)
     rng = np.random.default_rng(0)
@@ -182,6 +190,7 @@ class Cluster:
         self.endpoints = [q.get(timeout=PROC_TIMEOUT_S) for _ in self.procs]
 
     def rss(self) -> list[int]:
+        """RSS of every shard process in bytes (0 for one that cannot be read)."""
         return [harness.rss_bytes(p.pid) or 0 for p in self.procs]
 
     def __enter__(self) -> Cluster:
@@ -205,6 +214,7 @@ def run_clients(jobs: list[tuple]) -> list[tuple]:
 
 
 def rate(results: list[tuple]) -> float:
+    """Per-second rates of client results (count, seconds, ...), summed."""
     return sum(r[0] / r[1] for r in results)
 
 
@@ -259,7 +269,8 @@ def numpy_baseline(
 
 
 def fill(endpoints: list[str], obs: tuple, dtype: str, items: int) -> None:
-    from replay.client import InsertClient
+    """Insert about `items` transitions into every shard of `endpoints` (at least one chunk each)."""
+    from canopy.replay.client import InsertClient
 
     chunk = 1024 if dtype == "float32" else 64
     for e in endpoints:
@@ -289,7 +300,7 @@ def rss_per_transition(c: Cluster, dtype: str, items: int) -> dict[str, float]:
 
 def _probe(endpoint: str, seconds: float, out: Any) -> None:
     """Insert a small pixel chunk and sample a small batch in turn; report reply times."""
-    from replay.client import InsertClient, SampleClient
+    from canopy.replay.client import InsertClient, SampleClient
 
     pixels = PixelStream(7)
     inserter = InsertClient(endpoint, inflight=1)
@@ -308,7 +319,7 @@ def _probe(endpoint: str, seconds: float, out: Any) -> None:
 
 def snapshot_pause(cfg: dict, items: int, seconds: float) -> dict[str, float]:
     """Longest reply gap a client sees while the shard snapshots `items` Atari transitions."""
-    from replay import snapshot
+    from canopy.replay import snapshot
 
     with (
         harness.scratch_dir("canopy-bench-snap-") as root,

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cluster.report import machine_facts
+from canopy.cluster.report import machine_facts
 
 
 def check(name: str, value: Any, unit: str, goal: str, baseline: Any, met: bool) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """The Stable-Baselines3 side of `canopy bench zoo`: one algorithm, one env, one seed, JSON on stdout.
 
-`canopy bench zoo` runs `python -m cluster.bench.sb3 --env ID --algo ppo --seed S --budget-s B
+`canopy bench zoo` runs `python -m canopy.cluster.bench.sb3 --env ID --algo ppo --seed S --budget-s B
 --started-at T ...` once per SB3 algorithm, one after another, so that each trains alone on the
 machine. The run:
 
@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.bench.rlzoo import ZOO, zoo_hyperparams
+from canopy.cluster.bench.rlzoo import ZOO, zoo_hyperparams
 
 SCREEN_EPISODES = 10
 CONFIRM_EPISODES = 100
@@ -82,6 +82,7 @@ def action_noise(own: dict[str, Any], actions: int) -> Any:
 
 
 def screen_every(n_timesteps: int) -> int:
+    """Env steps between screens: SCREENS_PER_SCHEDULE per zoo schedule, at least MIN_SCREEN_EVERY."""
     return max(n_timesteps // SCREENS_PER_SCHEDULE, MIN_SCREEN_EVERY)
 
 
@@ -125,6 +126,7 @@ def run_episodes(
 
 
 def stats(returns: list[float]) -> dict[str, float]:
+    """Episode count and mean, std, min and max of `returns`, rounded for the JSON."""
     r = np.asarray(returns, dtype=np.float64)
     return {
         "episodes": len(returns),
@@ -292,7 +294,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.bench.sb3", description=__doc__.splitlines()[0])
+    """The command line `canopy bench zoo` passes; without `--started-at`, the clock starts now."""
+    p = argparse.ArgumentParser(
+        prog="python -m canopy.cluster.bench.sb3", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--env", required=True)
     p.add_argument("--algo", required=True, choices=sorted(ZOO))
     p.add_argument("--seed", type=int, default=0)
@@ -313,6 +318,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train and score one run; its result as one JSON line on stdout."""
     args = parse_args(argv)
     result = train(args)
     sys.stdout.write(json.dumps(result) + "\n")

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from cluster import config as config_mod
-from cluster.bench import harness, report
-from cluster.config import Config
-from cluster.errors import DeadlineExceeded
+from canopy import config as config_mod
+from canopy.cluster.bench import harness, report
+from canopy.config import Config
+from canopy.errors import DeadlineExceeded
 
 CHUNK = 64
 SAMPLE_S = 5.0
@@ -38,6 +38,7 @@ START_TIMEOUT_S = 120.0
 
 
 def chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One CartPole-sized insert chunk of CHUNK random transitions."""
     return {
         "obs": rng.normal(size=(CHUNK, 4)).astype(np.float32),
         "action": rng.integers(2, size=CHUNK),
@@ -50,11 +51,11 @@ def chunk(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def worker(config_path: str, first: int, count: int, period_s: float, out: Any, stop: Any) -> None:
     """`count` simulated actors in one process; puts (inserts, held_back, versions, errors)."""
-    from cache.client import leaf_client
-    from cluster.keys import Keys
-    from cluster.redisconn import connect
-    from replay.client import InsertClient
-    from replay.membership import RedisMembers
+    from canopy.cache.client import leaf_client
+    from canopy.keys import Keys
+    from canopy.redisconn import connect
+    from canopy.replay.client import InsertClient
+    from canopy.replay.membership import RedisMembers
 
     cfg = config_mod.load(config_path)
     r = connect(cfg.cluster, "soak", first)
@@ -102,8 +103,9 @@ def role_pids(cluster: dict) -> dict[str, int]:
 
 
 def learner_updates(cfg: Config) -> int:
-    from cluster.keys import Keys
-    from cluster.redisconn import connect
+    """Learner 0's updates so far, from its stats hash."""
+    from canopy.keys import Keys
+    from canopy.redisconn import connect
 
     r = connect(cfg.cluster, "soak", 0)
     try:
@@ -113,6 +115,7 @@ def learner_updates(cfg: Config) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Soak a `canopy up` under the simulated actors; the report goes to `--json`, 1 if a check is missed."""
     duration = args.minutes * 60
     # Scratch once measured; kept when the run fails, for its logs.
     with harness.scratch_dir("canopy-soak-", keep_on_error=True) as run_dir:

@@ -12,7 +12,7 @@ machine has two cores), it runs:
   The first confirmed evaluation (RUN_DIR/evals.jsonl, >= 100 episodes) at or above the
   threshold gives canopy's time and env steps to a confirmed solve;
 - SB3, once per algorithm that fits the action space (PPO and DQN for Discrete; PPO, SAC and
-  TD3 for Box), each in its own `python -m cluster.bench.sb3` process with the same budget: it
+  TD3 for Box), each in its own `python -m canopy.cluster.bench.sb3` process with the same budget: it
   screens as rl-zoo's EvalCallback does, hands over its best-screening model, confirms
   screens at the threshold over 100 episodes, and scores the hand-over over the same 100
   seeds as canopy's (see cluster/bench/sb3.py).
@@ -41,12 +41,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import harness, report
-from cluster.bench.harness import read_jsonl
-from cluster.bench.rlzoo import ALGOS, zoo_hyperparams
-from cluster.bench.sb3 import CONFIRM_EPISODES
-from cluster.bench.zoo_report import env_checks, plot, print_table
-from cluster.errors import UserError
+from canopy.cluster.bench import harness, report
+from canopy.cluster.bench.harness import read_jsonl
+from canopy.cluster.bench.rlzoo import ALGOS, zoo_hyperparams
+from canopy.cluster.bench.sb3 import CONFIRM_EPISODES
+from canopy.cluster.bench.zoo_report import env_checks, plot, print_table
+from canopy.errors import UserError
 
 # Envs whose gymnasium spec has no reward_threshold; --threshold ENV=R overrides these.
 DEFAULT_THRESHOLDS: dict[str, float] = {"Pendulum-v1": -200.0}
@@ -62,6 +62,7 @@ EVAL_TIMEOUT_S = 600.0
 
 # ---- arguments -------------------------------------------------------------------------------
 def parse_envs(text: str) -> list[str]:
+    """`--envs` as env ids, in order, each once."""
     envs = [e.strip() for e in text.split(",") if e.strip()]
     if not envs:
         raise UserError("--envs names no env: pass a comma-separated list, e.g. CartPole-v1,Pendulum-v1")
@@ -69,6 +70,7 @@ def parse_envs(text: str) -> list[str]:
 
 
 def parse_thresholds(items: list[str]) -> dict[str, float]:
+    """`--threshold ENV=R` items as {env id: threshold}."""
     out: dict[str, float] = {}
     for item in items:
         env, sep, value = item.partition("=")
@@ -127,13 +129,14 @@ def plan_env(env_id: str, overrides: dict[str, float]) -> dict[str, Any]:
 
 
 def sb3_available() -> bool:
+    """Whether stable-baselines3 is installed."""
     return importlib.util.find_spec("stable_baselines3") is not None
 
 
 # ---- canopy --------------------------------------------------------------------------------
 def canopy_picks_algorithm() -> bool:
     """Whether canopy's default learner.algorithm ("auto") fits itself to the action space."""
-    from cluster.config import LearnerConfig
+    from canopy.config import LearnerConfig
 
     return LearnerConfig().algorithm == "auto"
 
@@ -272,10 +275,10 @@ def run_sb3(
     out: Path,
     on_tick: Callable[[], None],
 ) -> dict[str, Any]:
-    """One `python -m cluster.bench.sb3` run: its JSON, or the error it died of."""
+    """One `python -m canopy.cluster.bench.sb3` run: its JSON, or the error it died of."""
     out.parent.mkdir(parents=True, exist_ok=True)
     stdout_path, stderr_path = out.with_suffix(".json"), out.with_suffix(".stderr")
-    cmd = [sys.executable, "-m", "cluster.bench.sb3", "--env", plan["env"], "--algo", algo]
+    cmd = [sys.executable, "-m", "canopy.cluster.bench.sb3", "--env", plan["env"], "--algo", algo]
     cmd += ["--seed", str(seed), "--budget-s", str(budget_s), "--score-seed", str(score_seed(seed))]
     cmd += ["--threads", str(threads)]
     if plan["threshold"] is not None:
@@ -333,6 +336,7 @@ def summarize(rows: list[dict[str, Any]], seeds: int, newest: bool = False) -> d
 
 # ---- main ----------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> int:
+    """Every env and seed on every system, the tables, the plot with `--plot`; the report goes to `--json`."""
     envs = parse_envs(args.envs)
     overrides = parse_thresholds(args.threshold)
     if args.seeds < 1 or args.budget_s <= 0:

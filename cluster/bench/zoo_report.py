@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cluster.bench import report
+from canopy.cluster.bench import report
 
 CARTPOLE_STEPS_GOAL = 150_000  # median env steps to a confirmed CartPole solve
 
@@ -104,6 +104,7 @@ def env_checks(
 
 
 def print_table(results: dict[str, Any]) -> None:
+    """One table per env on stderr: each system's hand-over, newest version, env steps and solves."""
     from rich.console import Console
     from rich.table import Table
 

@@ -8,7 +8,7 @@ With `learner.models > 1` "dqn" builds a Population (learner/algorithms/populati
 same interface, `update` then taking one batch per model.
 
 A new algorithm: one file with its class and `build`, one line in `BUILDERS` (and its name
-among the choices of `learner.algorithm` in cluster/config.py).
+among the choices of `learner.algorithm` in canopy/config.py).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import torch
 
-from actors.envs import EnvSpec
-from cluster.config import LearnerConfig
-from cluster.errors import UserError
-from learner.algorithms import dqn, population, td3
-from learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, host_stats
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.errors import UserError
+from canopy.learner.algorithms import dqn, population, td3
+from canopy.learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, host_stats
 
 __all__ = ["BUILDERS", "Algorithm", "Batch", "Built", "Stats", "TrainingState", "host_stats", "make"]
 

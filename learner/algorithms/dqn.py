@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.envs import EnvSpec
-from cluster.config import LearnerConfig
-from cluster.errors import UserError
-from learner import network
-from learner.algorithms.base import (
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.errors import UserError
+from canopy.learner import network
+from canopy.learner.algorithms.base import (
     Batch,
     Built,
     Stats,
@@ -31,7 +31,7 @@ from learner.algorithms.base import (
     online_target_state,
     polyak,
 )
-from learner.overlap import GradSync
+from canopy.learner.overlap import GradSync
 
 
 class DQN:
@@ -68,6 +68,7 @@ class DQN:
         return self.online.export()
 
     def update(self, batch: Batch) -> Stats:
+        """One training step on `batch`: backward, the group's gradient average, then apply."""
         stats = self.backward(batch)
         if self.grad_sync is not None:
             # Average before clipping: every rank then clips and steps the same gradient.
@@ -134,6 +135,7 @@ class DQN:
         return online_target_state(self)
 
     def restore(self, state: TrainingState) -> None:
+        """Put back what `state` took, the update count included."""
         load_online_target_state(self, state)
 
     def join_group(self) -> None:

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.envs import EnvSpec
-from cluster.config import LearnerConfig
-from learner.algorithms import dqn
-from learner.algorithms.base import (
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.learner.algorithms import dqn
+from canopy.learner.algorithms.base import (
     Batch,
     Built,
     Stats,
@@ -40,8 +40,8 @@ from learner.algorithms.base import (
     load_online_target_state,
     online_target_state,
 )
-from learner.algorithms.dqn import DQN
-from learner.overlap import OverlapTrainer
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.overlap import OverlapTrainer
 
 MEMBER_PREFIX = "m"  # a population version's array names: "m<k>/<name>"
 
@@ -57,6 +57,7 @@ class JointOptimizer:
         self.optimizers = list(optimizers)
 
     def state_dict(self) -> dict[str, Any]:
+        """Every model's optimizer state, renumbered into one torch optimizer state dict."""
         state: dict[int, Any] = {}
         groups: list[dict[str, Any]] = []
         base = 0
@@ -68,6 +69,7 @@ class JointOptimizer:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Split a joint state dict back over the models' optimizers (ValueError if it does not fit)."""
         groups = list(sd["param_groups"])
         if len(groups) != sum(len(opt.param_groups) for opt in self.optimizers):
             raise ValueError(f"optimizer state has {len(groups)} param groups for this population")
@@ -91,9 +93,11 @@ class JointSchedulers:
         self.schedulers = list(schedulers)
 
     def state_dict(self) -> dict[str, Any]:
+        """Each model's scheduler state, under "members"."""
         return {"members": [s.state_dict() for s in self.schedulers]}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Hand each model's scheduler its own entry (ValueError when the count differs)."""
         members = sd.get("members")
         if not isinstance(members, list) or len(members) != len(self.schedulers):
             raise ValueError(f"scheduler state does not hold {len(self.schedulers)} models")
@@ -121,14 +125,17 @@ class Population:
 
     @property
     def models(self) -> int:
+        """How many models, and so how many replay batches one `update` takes."""
         return len(self.members)
 
     @property
     def updates(self) -> int:
+        """The shared update count (every model steps on every update)."""
         return self.members[0].updates
 
     @updates.setter
-    def updates(self, value: int) -> None:  # a checkpoint restore sets the shared count
+    def updates(self, value: int) -> None:
+        """A checkpoint restore sets the shared count on every model."""
         for m in self.members:
             m.updates = value
 
@@ -145,6 +152,7 @@ class Population:
         return errors
 
     def update(self, batches: Sequence[Batch]) -> Stats:
+        """One update of every model on its own batch; the means, plus each model's loss."""
         stats = self.trainer.step(batches, overlap=True)
         return {
             "loss": torch.stack([s["loss"] for s in stats]).mean(),
@@ -153,6 +161,7 @@ class Population:
         }
 
     def export(self) -> dict[str, np.ndarray]:
+        """Every model's arrays in one version, named `m<k>/<name>`."""
         return {
             f"{MEMBER_PREFIX}{k}/{name}": array
             for k, m in enumerate(self.members)
@@ -160,9 +169,11 @@ class Population:
         }
 
     def state(self) -> TrainingState:
+        """One DQN's state, widened: every model's networks, optimizers and schedulers."""
         return online_target_state(self)
 
     def restore(self, state: TrainingState) -> None:
+        """Put back what `state` took, the shared update count included."""
         load_online_target_state(self, state)
 
     def join_group(self) -> None:

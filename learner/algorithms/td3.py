@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from actors.envs import EnvSpec
-from cluster.config import LearnerConfig
-from cluster.errors import UserError
-from learner.algorithms.base import (
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.errors import UserError
+from canopy.learner.algorithms.base import (
     Batch,
     Built,
     Stats,
@@ -37,12 +37,13 @@ from learner.algorithms.base import (
     polyak,
     torch_state,
 )
-from learner.overlap import GradSync
+from canopy.learner.overlap import GradSync
 
 ARCH = "tanh_mlp"  # actors/policy.py: an mlp whose output goes through tanh
 
 
 def mlp(sizes: list[int]) -> nn.ModuleList:
+    """Linear layers between consecutive sizes (the activations are the caller's)."""
     return nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
 
 
@@ -54,12 +55,14 @@ class Actor(nn.Module):
         self.layers = mlp([obs_size, *hidden, act_size])
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        """Actions for a batch of observations: ReLU hidden layers, tanh output."""
         x = obs.flatten(1).float()
         for layer in self.layers[:-1]:
             x = torch.relu(layer(x))
         return torch.tanh(self.layers[-1](x))
 
     def export(self) -> dict[str, np.ndarray]:
+        """Weights as named float32 arrays, as actors/policy.py's `tanh_mlp` reads them."""
         return {k: v.detach().to("cpu", torch.float32).numpy() for k, v in self.state_dict().items()}
 
 
@@ -78,6 +81,7 @@ class TwinCritic(nn.Module):
         return layers[-1](x).squeeze(1)
 
     def forward(self, obs: torch.Tensor, action: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q1, Q2) of each (observation, action) pair, one value per item."""
         x = torch.cat([obs.flatten(1).float(), action.float()], dim=1)
         return self._run(self.q1, x), self._run(self.q2, x)
 
@@ -112,9 +116,11 @@ class TD3:
         self.grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None  # see dqn.py
 
     def export(self) -> dict[str, np.ndarray]:
+        """The online actor's arrays: actors need the policy, never the critics."""
         return self.online["actor"].export()
 
     def update(self, batch: Batch) -> Stats:
+        """One critic step, and every `policy_delay` updates an actor step and the target update."""
         actor, critic = self.online["actor"], self.online["critic"]
         cfg = self.cfg
         with torch.no_grad():
@@ -166,6 +172,7 @@ class TD3:
         return torch_state(self.updates, {"online": self.online, "target": self.target}, self.optimizer)
 
     def restore(self, state: TrainingState) -> None:
+        """Put back what `state` took, the update count included."""
         load_torch_state(state, {"online": self.online, "target": self.target}, self.optimizer)
         self.updates = state.updates
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Plan:
+    """Which shards hold each chunk of this learner's checkpoints, and why (`describe`)."""
+
     strategy: str
     replicas: int
     shard_hosts: tuple[str, ...]  # host label of each shard, by shard index
@@ -41,6 +43,7 @@ class Plan:
         return out
 
     def describe(self, chunks: int = 8) -> str:
+        """The plan for people: strategy, loss odds, shards, sets, and the first `chunks` placements."""
         lines = [
             f"strategy {self.strategy}, R={self.replicas}, learner {self.learner} on host "
             f"{self.learner_host or '-'}",
@@ -58,6 +61,7 @@ class Plan:
 
 
 def ring_sets(hosts: list[str], r: int) -> list[tuple[str, ...]]:
+    """Every run of `r` consecutive hosts around the ring (one set when there are only `r`)."""
     n = len(hosts)
     if n == r:
         return [tuple(hosts)]
@@ -65,6 +69,7 @@ def ring_sets(hosts: list[str], r: int) -> list[tuple[str, ...]]:
 
 
 def group_sets(hosts: list[str], r: int) -> list[tuple[str, ...]]:
+    """Disjoint groups of `r` hosts; leftovers join the last group, which uses ring inside."""
     n = len(hosts)
     groups = [hosts[i : i + r] for i in range(0, n - n % r, r)]
     if n % r:

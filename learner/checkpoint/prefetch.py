@@ -17,8 +17,8 @@ import threading
 
 import redis
 
-from cluster.errors import CanopyError
-from learner.checkpoint.store import CheckpointStore, Loaded
+from canopy.errors import CanopyError
+from canopy.learner.checkpoint.store import CheckpointStore, Loaded
 
 
 class Prefetcher:

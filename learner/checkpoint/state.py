@@ -36,8 +36,8 @@ import msgpack
 import numpy as np
 import torch
 
-from cluster.errors import ProtocolError
-from learner.algorithms.base import Algorithm, TrainingState
+from canopy.errors import ProtocolError
+from canopy.learner.algorithms.base import Algorithm, TrainingState
 
 FORMAT = 1
 # The metadata keys this module owns; every other key is the algorithm's (`TrainingState.meta`).
@@ -75,10 +75,12 @@ class Snapshot:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def meta_bytes(self) -> bytes:
+        """The metadata as msgpack, chunk 0 of a stored checkpoint."""
         return msgpack.packb(self.meta, use_bin_type=True)
 
     @property
     def nbytes(self) -> int:
+        """Size of the flat tensor buffer."""
         return int(self.flat.numel())
 
     @classmethod
@@ -192,6 +194,7 @@ class Capturer:
         config: dict[str, Any],
         avoid: torch.Tensor | None = None,
     ) -> Snapshot:
+        """Copy the algorithm's state into a buffer other than `avoid` (the one the writer holds)."""
         state = algo.state()
         items = named_tensors(algo, state)
         layout, offset = [], 0

@@ -30,12 +30,12 @@ import xxhash
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from cluster.errors import CanopyError, ProtocolError
-from cluster.keys import Keys
-from cluster.version import Version
-from learner.checkpoint.lease import fenced_script
-from learner.checkpoint.placement import Plan
-from learner.checkpoint.state import Snapshot
+from canopy.errors import CanopyError, ProtocolError
+from canopy.keys import Keys
+from canopy.learner.checkpoint.placement import Plan
+from canopy.learner.checkpoint.state import Snapshot
+from canopy.lease import fenced_script
+from canopy.version import Version
 
 PENDING_TTL_MS = 600_000  # chunks of a checkpoint that never commits vanish after this
 MAX_MANIFEST_BYTES = 4 << 20
@@ -69,11 +69,14 @@ class Incomplete(CanopyError):
 
 
 def digest(data: bytes | memoryview) -> str:
+    """The xxh3-64 hex digest manifests record for every chunk."""
     return xxhash.xxh3_64_hexdigest(data)
 
 
 @dataclass
 class CommitResult:
+    """What one committed write took: bytes, chunks and seconds."""
+
     ckpt: str
     nbytes: int
     chunks: int
@@ -83,6 +86,8 @@ class CommitResult:
 
 @dataclass
 class Loaded:
+    """A checkpoint read back and verified, with the replicas and ids passed over on the way."""
+
     ckpt: str
     snapshot: Snapshot
     manifest: dict[str, Any]
@@ -99,6 +104,7 @@ class RateLimiter:
         self.allowance = 0.0
 
     def take(self, nbytes: int) -> None:
+        """Spend `nbytes`, sleeping off any overdraft (a rate of 0 never waits)."""
         if self.rate <= 0:
             return
         now = time.monotonic()
@@ -337,6 +343,7 @@ class CheckpointStore:
         return dropped
 
     def alive(self) -> list[int]:
+        """Indices of the shards that answer a PING now."""
         out = []
         for i, r in enumerate(self.shards):
             try:

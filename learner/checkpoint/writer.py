@@ -28,9 +28,9 @@ from typing import Any
 
 import redis
 
-from cluster.errors import CanopyError
-from learner.checkpoint.state import Snapshot
-from learner.checkpoint.store import CheckpointFenced, CheckpointStore, CommitResult
+from canopy.errors import CanopyError
+from canopy.learner.checkpoint.state import Snapshot
+from canopy.learner.checkpoint.store import CheckpointFenced, CheckpointStore, CommitResult
 
 
 class Writer:
@@ -71,6 +71,7 @@ class Writer:
         self._thread.start()
 
     def busy(self) -> bool:
+        """Whether a checkpoint is queued or being written (`submit` would refuse one)."""
         with self._cv:
             return self._job is not None or self.in_flight is not None
 
@@ -84,6 +85,7 @@ class Writer:
             return True
 
     def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is queued, written or repaired; False when `timeout` came first."""
         with self._cv:
             return self._cv.wait_for(
                 lambda: self._job is None and self.in_flight is None and not self._repairing, timeout

@@ -27,10 +27,10 @@ import pytest
 import tomli_w
 import yaml
 
-from cluster import acl, curve
-from cluster import config as config_mod
-from cluster.cli import build_parser
-from cluster.redisconn import credentials, read_password
+from canopy import acl, curve
+from canopy import config as config_mod
+from canopy.cluster.cli import build_parser
+from canopy.redisconn import credentials, read_password
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S = DEPLOY / "k8s"
@@ -282,7 +282,7 @@ POD_ROLES = {
 
 
 def test_every_pod_gets_the_config_and_exactly_the_secrets_its_role_reads(tmp_path: Path) -> None:
-    from cluster.redis_server import write_conf
+    from canopy.cluster.redis_server import write_conf
 
     text = _configmap_text()
     secret_dir = Path(_load_config_text(text, tmp_path).cluster.password_file).parent

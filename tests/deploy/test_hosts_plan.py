@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from cluster import config as config_mod
-from cluster import hostplan
-from cluster.cli import build_parser
-from cluster.errors import UserError
-from learner.checkpoint.lease import follower_rank
+from canopy import config as config_mod
+from canopy.cluster import hostplan
+from canopy.cluster.cli import build_parser
+from canopy.errors import UserError
+from canopy.lease import follower_rank
 
 DEPLOY_CONFIG = REPO_ROOT / "deploy" / "cluster.toml"
 SCRIPTS = REPO_ROOT / "scripts"
@@ -26,7 +26,7 @@ SCRIPTS = REPO_ROOT / "scripts"
 
 def canopy(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "canopy.cluster.cli", *args],
         capture_output=True,
         text=True,
         timeout=60,

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cluster import netns
+from canopy.cluster import netns
 
 # A one-shot TCP server: prints "ready" once listening, then echoes one line back.
 ECHO = """

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, stop_process, wait_for
 
-from cluster import netns
-from cluster.bench.cutoff import deploy_config, host_plan
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy.cluster import netns
+from canopy.cluster.bench.cutoff import deploy_config, host_plan
+from canopy.keys import Keys
+from canopy.version import Version
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +60,7 @@ def network() -> Iterator[netns.Network]:
 # replay shard for its stats; exit 0 when no answer came (the handshake was refused).
 STRANGER = """
 import sys, zmq, zmq.auth
-from cluster import wire
+from canopy import wire
 endpoint = sys.argv[1]
 server_public, _ = zmq.auth.load_certificate(sys.argv[2])
 sock = zmq.Context.instance().socket(zmq.DEALER)

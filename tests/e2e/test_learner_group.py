@@ -18,11 +18,11 @@ import redis
 from conftest import wait_for
 from test_up import canopy_up  # noqa: F401 (the fixture)
 
-from actors.policy import population_arrays
-from cluster import config as config_mod
-from cluster.export import read_policy
-from cluster.keys import Keys
-from cluster.redisconn import connect
+from canopy import config as config_mod
+from canopy.actors.policy import population_arrays
+from canopy.cluster.export import read_policy
+from canopy.keys import Keys
+from canopy.redisconn import connect
 
 SETTINGS = [
     "learner.learners=2",

@@ -20,12 +20,12 @@ import pytest
 import redis
 from conftest import REPO_ROOT, stop_process, wait_for
 
-from cluster import config as config_mod
-from cluster.config import Config
-from cluster.errors import UserError
-from cluster.launcher import check_resumable
-from cluster.version import Version
-from replay.client import request_stats
+from canopy import config as config_mod
+from canopy.cluster.launcher import check_resumable
+from canopy.config import Config
+from canopy.errors import UserError
+from canopy.replay.client import request_stats
+from canopy.version import Version
 
 SETTINGS = [
     "checkpoint.every_s=1.0",
@@ -41,7 +41,7 @@ def start(args: list[str], log: Path) -> subprocess.Popen:
     env.pop("CANOPY_PARENT_PID", None)
     with open(log, "wb") as err:
         return subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "up", *args],
+            [sys.executable, "-m", "canopy.cluster.cli", "up", *args],
             stdout=subprocess.DEVNULL,
             stderr=err,
             env=env,
@@ -170,7 +170,7 @@ def user_error(args: list[str], cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("CANOPY_PARENT_PID", None)
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "up", *args],
+        [sys.executable, "-m", "canopy.cluster.cli", "up", *args],
         capture_output=True,
         text=True,
         env=env,

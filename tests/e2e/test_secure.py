@@ -12,10 +12,10 @@ import zmq.auth
 from conftest import wait_for
 from test_up import EXIT_AFTER_SIGTERM_S, assert_all_gone, canopy_up  # noqa: F401 (fixture)
 
-from cluster import config as config_mod
-from cluster import curve, wire
-from cluster.keys import Keys
-from cluster.redisconn import connect
+from canopy import config as config_mod
+from canopy import curve, wire
+from canopy.keys import Keys
+from canopy.redisconn import connect
 
 
 def ask_stats(endpoint: str, setup) -> bool:

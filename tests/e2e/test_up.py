@@ -57,7 +57,7 @@ class Launch:
 
 def canopy_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
+        [sys.executable, "-m", "canopy.cluster.cli", *args],
         env=canopy_env(),
         capture_output=True,
         text=True,
@@ -84,7 +84,7 @@ def ours(pid: int) -> bool:
 
 @pytest.fixture
 def canopy_up(tmp_path: Path) -> Iterator[Callable[..., Launch]]:
-    """Factory: start `python -m cluster.cli up ARGS --run-dir DIR` in its own session.
+    """Factory: start `python -m canopy.cluster.cli up ARGS --run-dir DIR` in its own session.
 
     Teardown stops it (SIGTERM, then SIGKILL) and kills any listed role still alive.
     """
@@ -96,7 +96,15 @@ def canopy_up(tmp_path: Path) -> Iterator[Callable[..., Launch]]:
         stdout, stderr = tmp_path / f"up{n}.out", tmp_path / f"up{n}.err"
         with open(stdout, "wb") as out, open(stderr, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "cluster.cli", "up", *shlex.split(args), "--run-dir", str(run_dir)],
+                [
+                    sys.executable,
+                    "-m",
+                    "canopy.cluster.cli",
+                    "up",
+                    *shlex.split(args),
+                    "--run-dir",
+                    str(run_dir),
+                ],
                 cwd=tmp_path,
                 env=canopy_env(),
                 stdout=out,
@@ -296,9 +304,9 @@ def test_a_user_error_exits_2_with_one_stderr_line_naming_the_culprit(
 
 @pytest.mark.slow
 def test_operators_pause_actors_and_ask_for_a_checkpoint_through_control_lists(canopy_up) -> None:
-    from cluster import config as config_mod
-    from cluster.keys import Keys
-    from cluster.redisconn import connect
+    from canopy import config as config_mod
+    from canopy.keys import Keys
+    from canopy.redisconn import connect
 
     run = canopy_up("--env CartPole-v1 --stop-at-return 100000 --time-limit 300 --set checkpoint.every_s=0")
     cluster_json = run.run_dir / "cluster.json"

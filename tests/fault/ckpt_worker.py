@@ -13,16 +13,16 @@ import time
 
 import torch
 
-from cluster.config import ClusterConfig, LearnerConfig
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from learner.algorithms.dqn import DQN
-from learner.checkpoint.lease import Fenced, Lease
-from learner.checkpoint.placement import make_plan
-from learner.checkpoint.state import Capturer
-from learner.checkpoint.store import CheckpointFenced, CheckpointStore
-from learner.network import QNetwork
-from learner.publisher import Publisher
+from canopy.config import ClusterConfig, LearnerConfig
+from canopy.keys import Keys
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.state import Capturer
+from canopy.learner.checkpoint.store import CheckpointFenced, CheckpointStore
+from canopy.learner.network import QNetwork
+from canopy.learner.publisher import Publisher
+from canopy.lease import Fenced, Lease
+from canopy.redisconn import connect
 
 
 def main() -> None:

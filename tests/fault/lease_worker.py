@@ -14,11 +14,11 @@ import time
 
 import numpy as np
 
-from cluster.config import ClusterConfig
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from learner.checkpoint.lease import Fenced, Lease
-from learner.publisher import Publisher
+from canopy.config import ClusterConfig
+from canopy.keys import Keys
+from canopy.learner.publisher import Publisher
+from canopy.lease import Fenced, Lease
+from canopy.redisconn import connect
 
 DEADLINE_S = 60.0  # the worker never outlives a test that forgot it
 

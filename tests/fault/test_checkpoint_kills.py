@@ -12,10 +12,10 @@ import pytest
 from conftest import REPO_ROOT, stop_process
 from redis_shards import Shards, shards_fixture
 
-from cluster.keys import Keys
-from learner.checkpoint.lease import Lease
-from learner.checkpoint.placement import make_plan
-from learner.checkpoint.store import CheckpointStore
+from canopy.keys import Keys
+from canopy.learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.store import CheckpointStore
+from canopy.lease import Lease
 
 pytestmark = pytest.mark.fault
 WORKER = Path(__file__).parent / "ckpt_worker.py"

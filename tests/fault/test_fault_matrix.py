@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench.faults import Cluster, Outcome
+from canopy.cluster.bench.faults import Cluster, Outcome
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 

@@ -14,7 +14,7 @@ import pytest
 import redis
 from conftest import REPO_ROOT, pid_alive, stop_process, wait_for
 
-from cluster.version import Version
+from canopy.version import Version
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
@@ -32,7 +32,7 @@ def test_killing_the_learner_of_a_local_run_is_survived_by_the_standby_from_the_
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("CANOPY_PARENT_PID", None)
-    cmd = [sys.executable, "-m", "cluster.cli", "up", "--time-limit", "120", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "canopy.cluster.cli", "up", "--time-limit", "120", "--run-dir", str(run_dir)]
     cmd += ["--set", "checkpoint.every_s=1.0", "--set", "checkpoint.restart_backoff_s=0.2"]
     cmd += ["--set", "actors.count=1", "--set", "replay.min_size=500"]
     with open(tmp_path / "stderr", "wb") as err:
@@ -59,6 +59,9 @@ def test_killing_the_learner_of_a_local_run_is_survived_by_the_standby_from_the_
             0.1,
             "a committed checkpoint",
         )
+        # The standby warms up (imports torch, builds the model) once there is a checkpoint to
+        # take over from (learner/standby.py): kill only a learner whose standby is warm.
+        wait_for(lambda: r.hget(prefix + "proc:learner:1", "state") == b"standby", 60, 0.1, "a warm standby")
         before = Version.parse(r.get(prefix + "model:latest"))
         os.kill(learners[0]["pid"], signal.SIGKILL)
         t_kill = time.monotonic()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import netns
-from cluster.bench.cutoff import HOSTS, NetnsCluster
-from cluster.bench.faults import Outcome
+from canopy.cluster import netns
+from canopy.cluster.bench.cutoff import HOSTS, NetnsCluster
+from canopy.cluster.bench.faults import Outcome
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 

@@ -6,23 +6,21 @@ will never come until its timeout kills the actor.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
+from conftest import RedisServer, free_port, start_role, stop_process, wait_for
 
-from cluster import config as config_mod
-from cluster.errors import DeadlineExceeded
-from cluster.keys import Keys
-from replay.connect import request_stats
-from replay.insert import InsertClient
-from replay.sample import SampleClient
+from canopy import config as config_mod
+from canopy.errors import DeadlineExceeded
+from canopy.keys import Keys
+from canopy.replay.connect import request_stats
+from canopy.replay.insert import InsertClient
+from canopy.replay.sample import SampleClient
 
 pytestmark = pytest.mark.fault
 
@@ -48,11 +46,7 @@ class Shard:
         self.cfg_path, self.log, self.proc = cfg_path, log, None
 
     def start(self) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        env.pop("CANOPY_PARENT_PID", None)
-        cmd = [sys.executable, "-m", "cluster.cli", "replay", "--config", str(self.cfg_path), "--id", "0"]
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        self.proc = start_role("replay", self.cfg_path, 0, self.log)
         return self.proc
 
     def start_answering(self, endpoint: str, what: str) -> subprocess.Popen:

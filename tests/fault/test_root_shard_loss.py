@@ -20,16 +20,16 @@ import torch
 from conftest import REPO_ROOT, stop_process, wait_for
 from redis_shards import Shards, shards_fixture
 
-from cluster.config import LearnerConfig
-from cluster.keys import Keys
-from cluster.version import Version
-from learner.algorithms.dqn import DQN
-from learner.checkpoint.lease import Lease
-from learner.checkpoint.placement import make_plan
-from learner.checkpoint.state import Capturer
-from learner.checkpoint.store import CheckpointStore
-from learner.network import QNetwork
-from learner.role import _newest_epoch
+from canopy.config import LearnerConfig
+from canopy.keys import Keys
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.state import Capturer
+from canopy.learner.checkpoint.store import CheckpointStore
+from canopy.learner.network import QNetwork
+from canopy.learner.role import _newest_epoch
+from canopy.lease import Lease
+from canopy.version import Version
 
 pytestmark = pytest.mark.fault
 
@@ -75,7 +75,7 @@ def test_killing_the_root_shard_of_a_local_run_is_survived_and_versions_keep_inc
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("CANOPY_PARENT_PID", None)
-    cmd = [sys.executable, "-m", "cluster.cli", "up", "--time-limit", "120", "--run-dir", str(run_dir)]
+    cmd = [sys.executable, "-m", "canopy.cluster.cli", "up", "--time-limit", "120", "--run-dir", str(run_dir)]
     for item in (
         "checkpoint.every_s=1.0",
         "checkpoint.restart_backoff_s=0.2",

@@ -12,9 +12,9 @@ import signal
 import sys
 import threading
 
-from cluster.config import CacheConfig, ClusterConfig, ReplayConfig
-from cluster.keys import Keys
-from cluster.redisconn import connect
+from canopy.config import CacheConfig, ClusterConfig, ReplayConfig
+from canopy.keys import Keys
+from canopy.redisconn import connect
 
 DEADLINE_S = 600.0
 
@@ -26,13 +26,13 @@ def main() -> None:
     deadline.daemon = True
     deadline.start()
     if sys.argv[1] == "replay":
-        from replay.server import ReplayServer
+        from canopy.replay.server import ReplayServer
 
         # A small shard so that a fuzzer's lucky valid inserts cannot grow memory by much.
         server = ReplayServer(ReplayConfig(capacity=1000, min_size=1, samples_per_insert=0.0, max_frame_mb=1))
         endpoint = server.bind("tcp://127.0.0.1:0")
     else:
-        from cache.node import CacheNode
+        from canopy.cache.node import CacheNode
 
         port, user, password_file, run = sys.argv[2:6]
         cluster = ClusterConfig(redis=[f"127.0.0.1:{port}"], redis_user=user, password_file=password_file)

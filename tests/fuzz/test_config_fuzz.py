@@ -8,9 +8,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import config
-from cluster.config import Config
-from cluster.errors import ConfigError
+from canopy import config
+from canopy.config import Config
+from canopy.errors import ConfigError
 
 KEYS = [f"{section}.{key}" for section, table in config.to_dict(Config()).items() for key in table]
 VALUES = st.one_of(

@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cluster import wire
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from learner.network import ARCH, QNetwork
-from learner.publisher import Publisher
+from canopy import wire
+from canopy.keys import Keys
+from canopy.learner.network import ARCH, QNetwork
+from canopy.learner.publisher import Publisher
+from canopy.redisconn import connect
 
 EXAMPLES = int(os.environ.get("CANOPY_FUZZ_EXAMPLES", "300"))
 REPLY_TIMEOUT_MS = 5000

@@ -18,19 +18,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis_shards import Shards, shards_fixture
 
-from cache import blob
-from cluster import status
-from cluster.config import LearnerConfig
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from learner.algorithms.dqn import DQN
-from learner.checkpoint.lease import Lease
-from learner.checkpoint.placement import make_plan
-from learner.checkpoint.state import Capturer, Snapshot
-from learner.checkpoint.store import CheckpointStore, digest
-from learner.checkpoint.writer import Writer
-from learner.network import ARCH, QNetwork
-from learner.publisher import Publisher
+from canopy.cache import blob
+from canopy.cluster import status
+from canopy.config import LearnerConfig
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.state import Capturer, Snapshot
+from canopy.learner.checkpoint.store import CheckpointStore, digest
+from canopy.learner.checkpoint.writer import Writer
+from canopy.learner.network import ARCH, QNetwork
+from canopy.learner.publisher import Publisher
+from canopy.lease import Lease
 
 EXAMPLES = int(os.environ.get("CANOPY_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import pytest
 
-from cluster.config import load
+from canopy.config import load
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
-from cluster import netns
+from canopy.cluster import netns
 
 BENCH_TIMEOUT_S = 120
 
@@ -23,7 +23,7 @@ def test_broadcast_bench_measures_the_tree_and_every_baseline_on_100_actors(tmp_
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "canopy.cluster.cli",
             "bench",
             "broadcast",
             "--actors",
@@ -73,7 +73,7 @@ def test_broadcast_bench_runs_each_host_in_its_own_network_namespace(tmp_path: P
         [
             sys.executable,
             "-m",
-            "cluster.cli",
+            "canopy.cluster.cli",
             "bench",
             "broadcast",
             "--actors",

@@ -17,15 +17,15 @@ import redis
 import zmq
 from conftest import RedisServer, mlp_weights, wait_for
 
-from cache import blob, protocol
-from cache.client import ClientCore, HostWatch
-from cache.node import CacheNode
-from cache.upstream import Parent
-from cluster.config import CacheConfig
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.version import Version
+from canopy.cache import blob, protocol
+from canopy.cache.client import ClientCore, HostWatch
+from canopy.cache.node import CacheNode
+from canopy.cache.upstream import Parent
+from canopy.config import CacheConfig
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.redisconn import connect
+from canopy.version import Version
 
 TIMEOUT_S = 10.0
 FAST = {"poll_s": 0.1, "heartbeat_s": 0.1, "parent_timeout_s": 0.6, "keep_versions": 3}

@@ -14,17 +14,17 @@ import torch
 import zmq
 from conftest import RedisServer, wait_for
 
-from cache import blob
-from cache.client import ModelClient
-from cache.node import CacheNode
-from cluster import wire
-from cluster.config import CacheConfig
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.version import Version
-from learner.network import ARCH, QNetwork
-from learner.publisher import Publisher
+from canopy import wire
+from canopy.cache import blob
+from canopy.cache.client import ModelClient
+from canopy.cache.node import CacheNode
+from canopy.config import CacheConfig
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.learner.network import ARCH, QNetwork
+from canopy.learner.publisher import Publisher
+from canopy.redisconn import connect
+from canopy.version import Version
 
 TIMEOUT_S = 10.0
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from cache.rawget import MAX_LINE, ChunkReader
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
+from canopy.cache.rawget import MAX_LINE, ChunkReader
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
 
 TIMEOUT_S = 10.0
 

@@ -19,15 +19,15 @@ import redis
 import zmq
 from conftest import REPO_ROOT, RedisServer, mlp_weights, stop_process, wait_for
 
-from cache import blob, codecs, protocol
-from cache.client import ModelClient
-from cache.node import CacheNode
-from cache.upstream import Parent
-from cluster import wire
-from cluster.config import CacheConfig
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.version import Version
+from canopy import wire
+from canopy.cache import blob, codecs, protocol
+from canopy.cache.client import ModelClient
+from canopy.cache.node import CacheNode
+from canopy.cache.upstream import Parent
+from canopy.config import CacheConfig
+from canopy.keys import Keys
+from canopy.redisconn import connect
+from canopy.version import Version
 
 TIMEOUT_S = 10.0
 # Failover takes about parent_timeout_s (1 s) plus a fetch; the bound is generous because
@@ -346,7 +346,7 @@ def spawn_node(
         [
             sys.executable,
             "-m",
-            "cache.standalone",
+            "canopy.cache.standalone",
             "--run",
             keys.run,
             "--redis",

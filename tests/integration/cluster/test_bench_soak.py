@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.bench import soak
+from canopy.cluster.bench import soak
 
 
 @pytest.mark.slow

@@ -14,15 +14,14 @@ import pytest
 import torch
 from conftest import free_port, stop_process, wait_for
 
-from cache import blob
-from cluster import config as config_mod
-from cluster import redis_server
-from cluster.keys import Keys
-from cluster.redisconn import connect
-from cluster.version import Version
-from learner import export
-from learner.network import ARCH, QNetwork
-from learner.publisher import Publisher
+from canopy import config as config_mod
+from canopy.cache import blob
+from canopy.cluster import export, redis_server
+from canopy.keys import Keys
+from canopy.learner.network import ARCH, QNetwork
+from canopy.learner.publisher import Publisher
+from canopy.redisconn import connect
+from canopy.version import Version
 
 RUN = "export-test"
 
@@ -136,7 +135,7 @@ def test_eval_records_the_first_episode_as_a_gif(run_dir, tmp_path: Path) -> Non
 
 
 def test_an_unknown_format_and_a_non_policy_file_are_one_line_errors(run_dir, tmp_path: Path) -> None:
-    from cluster.errors import UserError
+    from canopy.errors import UserError
 
     path, _, _ = run_dir
     with pytest.raises(UserError, match="unknown export format"):
@@ -177,7 +176,7 @@ def test_a_pinned_best_outlives_the_trimming_of_old_versions(run_dir) -> None:
 
 
 def test_without_a_confirmed_version_best_says_to_ask_for_the_newest(run_dir) -> None:
-    from cluster.errors import UserError
+    from canopy.errors import UserError
 
     path, _, _ = run_dir
     cfg = config_mod.load(path / "config.toml")

@@ -6,8 +6,8 @@ import json
 
 import redis
 
-from cluster.keys import Keys
-from cluster.status import add_lag, checkpoint_age, policy_lag, row
+from canopy.cluster.status import add_lag, checkpoint_age, policy_lag, row
+from canopy.keys import Keys
 
 
 def test_policy_lag_summarises_actors_of_the_newest_epoch_and_counts_older_epochs_apart(

@@ -22,7 +22,17 @@ CHECKS = {
 
 def test_bench_checkpoint_writes_every_figure_and_one_check_per_goal(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "cluster.cli", "bench", "checkpoint", "--state-mb", "2", "--duration", "3"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "canopy.cluster.cli",
+        "bench",
+        "checkpoint",
+        "--state-mb",
+        "2",
+        "--duration",
+        "3",
+    ]
     cmd += ["--period", "1", "--recovery-trials", "1", "--baseline-trials", "1", "--json", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT, env=env)

@@ -6,15 +6,15 @@ import torch
 from conftest import wait_for
 from redis_shards import Shards, shards_fixture
 
-from cluster.config import LearnerConfig
-from cluster.keys import Keys
-from learner.algorithms.dqn import DQN
-from learner.checkpoint.lease import Lease
-from learner.checkpoint.placement import make_plan
-from learner.checkpoint.prefetch import Prefetcher
-from learner.checkpoint.state import Capturer
-from learner.checkpoint.store import CheckpointStore
-from learner.network import QNetwork
+from canopy.config import LearnerConfig
+from canopy.keys import Keys
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.prefetch import Prefetcher
+from canopy.learner.checkpoint.state import Capturer
+from canopy.learner.checkpoint.store import CheckpointStore
+from canopy.learner.network import QNetwork
+from canopy.lease import Lease
 
 shards = shards_fixture(3)
 

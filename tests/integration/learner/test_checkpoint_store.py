@@ -7,14 +7,14 @@ import redis
 import torch
 from redis_shards import Shards, shards_fixture
 
-from cluster.config import LearnerConfig
-from cluster.keys import Keys
-from learner.algorithms.dqn import DQN, Batch
-from learner.checkpoint.lease import Lease
-from learner.checkpoint.placement import make_plan
-from learner.checkpoint.state import Capturer, Snapshot, restore
-from learner.checkpoint.store import CheckpointFenced, CheckpointStore, Incomplete
-from learner.network import QNetwork
+from canopy.config import LearnerConfig
+from canopy.keys import Keys
+from canopy.learner.algorithms.dqn import DQN, Batch
+from canopy.learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
+from canopy.learner.checkpoint.store import CheckpointFenced, CheckpointStore, Incomplete
+from canopy.learner.network import QNetwork
+from canopy.lease import Lease
 
 CHUNK = 4096  # small chunks, so a tiny network still spans many of them
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import redis
 
-from cache import blob, ledger
-from cluster.keys import Keys
-from cluster.version import Version
-from learner.checkpoint.lease import Fenced, Lease, parse_token, token
-from learner.publisher import Publisher
+from canopy.cache import blob, ledger
+from canopy.keys import Keys
+from canopy.learner.publisher import Publisher
+from canopy.lease import Fenced, Lease, parse_token, token
+from canopy.version import Version
 
 STATE = {"w": np.arange(8, dtype=np.float32)}
 

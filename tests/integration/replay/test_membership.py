@@ -20,12 +20,12 @@ import pytest
 import redis
 from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
 
-from cluster import config as config_mod
-from cluster.keys import Keys
-from replay.connect import request_stats
-from replay.insert import InsertClient
-from replay.membership import RedisMembers, join, shard_for
-from replay.sample import SampleClient
+from canopy import config as config_mod
+from canopy.keys import Keys
+from canopy.replay.connect import request_stats
+from canopy.replay.insert import InsertClient
+from canopy.replay.membership import RedisMembers, join, shard_for
+from canopy.replay.sample import SampleClient
 
 TTL_S = 0.6
 POLL_S = TTL_S / 3
@@ -55,7 +55,7 @@ class ShardProcs:
     def start(self, ident: int) -> None:
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         env.pop("CANOPY_PARENT_PID", None)
-        cmd = [sys.executable, "-m", "cluster.cli", "replay", "--config", str(self.cfg_path)]
+        cmd = [sys.executable, "-m", "canopy.cluster.cli", "replay", "--config", str(self.cfg_path)]
         cmd += ["--id", str(ident)]
         with open(self.log_dir / f"replay-{ident}.log", "wb") as log:
             self.procs[ident] = subprocess.Popen(

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from actors.adder import FrameAdder
-from cluster import wire
-from cluster.config import ReplayConfig
-from cluster.errors import ProtocolError
-from replay.connect import request_stats
-from replay.insert import InsertClient
-from replay.packed import Unpacker
-from replay.sample import SampleClient, to_tensors
-from replay.server import ReplayServer
+from canopy import wire
+from canopy.actors.adder import FrameAdder
+from canopy.config import ReplayConfig
+from canopy.errors import ProtocolError
+from canopy.replay.connect import request_stats
+from canopy.replay.insert import InsertClient
+from canopy.replay.packed import Unpacker
+from canopy.replay.sample import SampleClient, to_tensors
+from canopy.replay.server import ReplayServer
 
 TIMEOUT_S = 10.0
 STACK, ENVS, EPISODE = 4, 2, 7

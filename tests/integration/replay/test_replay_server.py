@@ -12,14 +12,14 @@ import pytest
 import zmq
 from conftest import wait_for
 
-from cluster import wire
-from cluster.config import ReplayConfig
-from cluster.errors import DeadlineExceeded, ProtocolError
-from replay.connect import request_stats
-from replay.insert import InsertClient
-from replay.packed import Unpacker
-from replay.sample import SampleClient
-from replay.server import ReplayServer
+from canopy import wire
+from canopy.config import ReplayConfig
+from canopy.errors import DeadlineExceeded, ProtocolError
+from canopy.replay.connect import request_stats
+from canopy.replay.insert import InsertClient
+from canopy.replay.packed import Unpacker
+from canopy.replay.sample import SampleClient
+from canopy.replay.server import ReplayServer
 
 OBS_DIM = 4
 TIMEOUT_S = 10.0

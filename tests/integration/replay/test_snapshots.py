@@ -4,10 +4,8 @@ SIGTERM writes one last snapshot; a shard keeps serving while its snapshot is wr
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,19 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zmq
-from conftest import REPO_ROOT, RedisServer, free_port, stop_process, wait_for
+from conftest import RedisServer, free_port, start_role, stop_process, wait_for
 
-from cluster import config as config_mod
-from cluster import wire
-from cluster.bench.replay_procs import PixelStream
-from cluster.config import ReplayConfig
-from cluster.errors import ProtocolError
-from cluster.keys import Keys
-from replay import protocol, snapshot
-from replay.connect import request_stats
-from replay.insert import InsertClient
-from replay.sample import SampleClient
-from replay.server import ReplayServer
+from canopy import config as config_mod
+from canopy import wire
+from canopy.cluster.bench.replay_procs import PixelStream
+from canopy.config import ReplayConfig
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
+from canopy.replay import protocol, snapshot
+from canopy.replay.connect import request_stats
+from canopy.replay.insert import InsertClient
+from canopy.replay.sample import SampleClient
+from canopy.replay.server import ReplayServer
 
 TIMEOUT_S = 20.0
 FRAME = (4, 4)
@@ -62,11 +60,7 @@ class Shard:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> dict:
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-        env.pop("CANOPY_PARENT_PID", None)
-        cmd = [sys.executable, "-m", "cluster.cli", "replay", "--config", str(self.cfg_path), "--id", "0"]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+        self.proc = start_role("replay", self.cfg_path, 0, self.log_path)
         return wait_for(self._stats, TIMEOUT_S, what="replay shard answering stats")
 
     def _stats(self) -> dict | None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from test_replay_server import TIMEOUT_S, dealer, replay_shard, reply, transitions  # noqa: F401
 
-from cluster import wire
-from replay import protocol
-from replay.insert import InsertClient
-from replay.sample import SampleClient
+from canopy import wire
+from canopy.replay import protocol
+from canopy.replay.insert import InsertClient
+from canopy.replay.sample import SampleClient
 
 
 def insert(endpoint: str, arrays: dict, table: str | None = None) -> None:

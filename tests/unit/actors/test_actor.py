@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from actors.actor import step_and_add
-from actors.adder import NStepAdder
-from actors.envs import make_vec
+from canopy.actors.actor import step_and_add
+from canopy.actors.adder import NStepAdder
+from canopy.envs import make_vec
 
 
 class BigRewards(gym.Env):

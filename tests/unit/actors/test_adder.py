@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from gymnasium.vector import AutoresetMode
 
-from actors.adder import FIELDS, NStepAdder
+from canopy.actors.adder import FIELDS, NStepAdder
 
 NEXT, SAME = AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP
 MODES = [pytest.param(NEXT, id="next-step"), pytest.param(SAME, id="same-step")]
@@ -494,7 +494,7 @@ def test_cartpole_n_step_discounts_and_returns_are_consistent(mode: AutoresetMod
 
 
 def test_a_restarted_frame_adder_starts_every_chain_at_its_current_frame() -> None:
-    from actors.adder import FrameAdder
+    from canopy.actors.adder import FrameAdder
 
     rng = np.random.default_rng(0)
     adder = FrameAdder(num_envs=2, n_step=3, gamma=0.9, mode=AutoresetMode.NEXT_STEP, stream=1)

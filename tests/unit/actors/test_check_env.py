@@ -6,9 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from actors import check_env
-from cluster.config import EnvConfig
-from cluster.errors import UserError
+from canopy.actors import check_env
+from canopy.config import EnvConfig
+from canopy.errors import UserError
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.evaluator import earns_confirmation, improves, judge, summarize
-from cluster.config import EnvConfig
+from canopy.actors.evaluator import earns_confirmation, improves, judge, summarize
+from canopy.config import EnvConfig
 
 
 @pytest.mark.parametrize(

@@ -6,11 +6,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from actors.explore import Explorer, initial_priorities
-from actors.policy import policy_from_arrays
-from learner.algorithms.td3 import ARCH as TD3_ARCH
-from learner.algorithms.td3 import Actor
-from learner.network import QNetwork
+from canopy.actors.explore import Explorer, initial_priorities
+from canopy.actors.policy import policy_from_arrays
+from canopy.learner.algorithms.td3 import ARCH as TD3_ARCH
+from canopy.learner.algorithms.td3 import Actor
+from canopy.learner.network import QNetwork
 
 
 def q_policy():

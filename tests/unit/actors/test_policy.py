@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy import MLPPolicy, epsilon_ladder
-from cluster.errors import ProtocolError
-from learner.network import ARCH, QNetwork
+from canopy.actors.policy import MLPPolicy, epsilon_ladder
+from canopy.errors import ProtocolError
+from canopy.learner.network import ARCH, QNetwork
 
 ARCHITECTURES = [
     pytest.param(4, 2, [128, 128], id="cartpole-default"),

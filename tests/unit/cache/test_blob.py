@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from cache import blob
-from cache.blob import Manifest
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy.cache import blob
+from canopy.cache.blob import Manifest
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 V = Version(2, 150)
 

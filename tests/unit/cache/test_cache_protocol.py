@@ -8,10 +8,10 @@ import msgpack
 import pytest
 import zmq
 
-from cache import protocol
-from cluster import wire
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy import wire
+from canopy.cache import protocol
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 
 def header(fields: dict) -> bytes:

@@ -7,10 +7,10 @@ import uuid
 import numpy as np
 import pytest
 
-from cache import blob, codecs
-from cache.shm import ShmReader, ShmWriter
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy.cache import blob, codecs
+from canopy.cache.shm import ShmReader, ShmWriter
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 
 def weights(seed: int, drift: float = 0.0) -> dict[str, np.ndarray]:

@@ -6,8 +6,8 @@ import threading
 
 import zmq
 
-from cache.handoff import Handoff, Note
-from cluster.version import Version
+from canopy.cache.handoff import Handoff, Note
+from canopy.version import Version
 
 
 def test_notes_reach_the_serve_end_in_order_and_wake_its_poller() -> None:

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from cache import blob, ledger
-from cluster.version import Version
+from canopy.cache import blob, ledger
+from canopy.version import Version
 
 
 def manifest() -> blob.Manifest:

@@ -11,10 +11,10 @@ import pytest
 import xxhash
 from conftest import mlp_weights
 
-from cache import blob, shm
-from cache.shm import FIELDS, ShmReader, ShmWriter
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy.cache import blob, shm
+from canopy.cache.shm import FIELDS, ShmReader, ShmWriter
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 
 def packed(step: int) -> tuple[blob.Manifest, list[bytes], dict[str, np.ndarray]]:

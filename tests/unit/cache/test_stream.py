@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cache import blob, protocol
-from cluster import wire
-from cluster.errors import ProtocolError
-from cluster.version import Version
+from canopy import wire
+from canopy.cache import blob, protocol
+from canopy.errors import ProtocolError
+from canopy.version import Version
 
 
 def version(step: int = 1, rows: int = 100_000) -> tuple[blob.Manifest, list[bytes]]:

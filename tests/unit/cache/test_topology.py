@@ -8,9 +8,9 @@ import math
 
 import pytest
 
-from cache import topology
-from cache.topology import Inputs, parents_of, plan, tiers_of
-from cluster import config as config_mod
+from canopy import config as config_mod
+from canopy.cache import topology
+from canopy.cache.topology import Inputs, parents_of, plan, tiers_of
 
 MIB = 1 << 20
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cluster.bench import actors
+from canopy.cluster.bench import actors
 
 
 def test_the_bench_reports_acting_speed_beside_random_stepping(tmp_path: Path) -> None:

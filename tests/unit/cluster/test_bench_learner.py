@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.bench import learner
-from learner.network import NatureCNN
+from canopy.cluster.bench import learner
+from canopy.learner.network import NatureCNN
 
 
 def test_the_nature_cnn_maps_stacked_uint8_frames_to_one_q_value_per_action() -> None:

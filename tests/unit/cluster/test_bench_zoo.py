@@ -15,9 +15,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from cluster.bench import sb3, zoo
-from cluster.cli import build_parser
-from cluster.errors import UserError
+from canopy.cluster.bench import sb3, zoo
+from canopy.cluster.cli import build_parser
+from canopy.errors import UserError
 
 
 def test_the_cli_parses_the_issue_command() -> None:

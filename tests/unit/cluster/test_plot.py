@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from cluster.plot import load_solve, plot
+from canopy.cluster.plot import load_solve, plot
 
 ROW = {"env_steps": 0, "wall_s": 0.0, "train_return": None, "eval_return": None, "updates": 0}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster import tboard
+from canopy.cluster import tboard
 
 ROWS = [
     {"wall_s": 1.0, "env_steps": 100, "train_return": None, "updates": 0, "version": "1.0", "solved": False},

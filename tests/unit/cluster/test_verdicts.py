@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.verdicts import StepClock, Verdicts
+from canopy.cluster.verdicts import StepClock, Verdicts
 
 
 def confirm(version: str, mean: float, episodes: int = 100, best: bool = True) -> dict[str, str]:

@@ -11,15 +11,15 @@ import json
 import torch
 import torch.distributed as dist
 
-from actors.envs import EnvSpec
-from cluster.bench.learner import OVERLAP_IN, OVERLAP_OUT, population
-from cluster.config import LearnerConfig
-from learner import algorithms
-from learner.algorithms.dqn import DQN, Batch
-from learner.algorithms.td3 import TD3
-from learner.group import LearnerGroup, params_digest
-from learner.network import QNetwork
-from learner.overlap import GradSync, OverlapTrainer
+from canopy.cluster.bench.learner import OVERLAP_IN, OVERLAP_OUT, population
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.learner import algorithms
+from canopy.learner.algorithms.dqn import DQN, Batch
+from canopy.learner.algorithms.td3 import TD3
+from canopy.learner.group import LearnerGroup, params_digest
+from canopy.learner.network import QNetwork
+from canopy.learner.overlap import GradSync, OverlapTrainer
 
 MODELS, STEPS, BATCH = 3, 4, 16
 

@@ -10,15 +10,15 @@ import pytest
 import torch
 from torch import nn
 
-from actors.envs import EnvSpec
-from cluster.config import LearnerConfig
-from cluster.errors import UserError
-from learner import algorithms
-from learner.algorithms import Algorithm, Batch, Built, TrainingState, host_stats
-from learner.algorithms.dqn import DQN
-from learner.algorithms.population import Population
-from learner.algorithms.td3 import TD3
-from learner.checkpoint.state import Capturer, Snapshot, restore
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.errors import UserError
+from canopy.learner import algorithms
+from canopy.learner.algorithms import Algorithm, Batch, Built, TrainingState, host_stats
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.algorithms.population import Population
+from canopy.learner.algorithms.td3 import TD3
+from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
 
 CPU = torch.device("cpu")
 DISCRETE = EnvSpec(obs_shape=(4,), obs_dtype="float32", actions=2, discrete=True)

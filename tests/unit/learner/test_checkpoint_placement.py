@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from learner.checkpoint.placement import make_plan
+from canopy.learner.checkpoint.placement import make_plan
 
 CASES = [
     # shard hosts, R, learner host

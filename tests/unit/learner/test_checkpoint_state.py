@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import Config, LearnerConfig, to_dict
-from cluster.errors import ProtocolError
-from learner.algorithms.dqn import DQN, Batch
-from learner.checkpoint.state import Capturer, Snapshot, load_sampler_state, restore, sampler_state
-from learner.network import QNetwork
-from replay.client import SampleClient
+from canopy.config import Config, LearnerConfig, to_dict
+from canopy.errors import ProtocolError
+from canopy.learner.algorithms.dqn import DQN, Batch
+from canopy.learner.checkpoint.state import Capturer, Snapshot, load_sampler_state, restore, sampler_state
+from canopy.learner.network import QNetwork
+from canopy.replay.client import SampleClient
 
 OBS, ACTIONS = 4, 2
 

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from cluster.config import LearnerConfig
-from learner.algorithms.dqn import DQN, Batch
-from learner.network import QNetwork
+from canopy.config import LearnerConfig
+from canopy.learner.algorithms.dqn import DQN, Batch
+from canopy.learner.network import QNetwork
 
 OBS, ACTIONS = 4, 2
 

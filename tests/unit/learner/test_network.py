@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from actors.policy import MLPPolicy
-from learner.network import QNetwork
+from canopy.actors.policy import MLPPolicy
+from canopy.learner.network import QNetwork
 
 
 @pytest.mark.parametrize("dueling", [False, True])
@@ -36,8 +36,8 @@ def test_the_plain_network_exports_its_state_dict_names_in_layer_order() -> None
 
 
 def test_actors_run_the_nature_cnn_with_the_learners_q_values() -> None:
-    from actors.policy import policy_from_arrays
-    from learner.network import CNN_ARCH, NatureCNN
+    from canopy.actors.policy import policy_from_arrays
+    from canopy.learner.network import CNN_ARCH, NatureCNN
 
     torch.manual_seed(0)
     net = NatureCNN(4, 6)
@@ -49,7 +49,7 @@ def test_actors_run_the_nature_cnn_with_the_learners_q_values() -> None:
 
 
 def test_the_network_is_chosen_from_the_observation_space() -> None:
-    from learner.network import ARCH, CNN_ARCH, NatureCNN, build
+    from canopy.learner.network import ARCH, CNN_ARCH, NatureCNN, build
 
     net, arch = build((4, 84, 84), "uint8", 6, [64], dueling=False)
     assert isinstance(net, NatureCNN) and arch == CNN_ARCH

@@ -9,18 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from actors.envs import EnvSpec
-from actors.policy import policy_from_arrays, population_arrays
-from cluster.config import EnvConfig, LearnerConfig
-from cluster.errors import ConfigError, ProtocolError
-from cluster.export import layer_sizes
-from learner.algorithms.dqn import DQN
-from learner.algorithms.td3 import TD3, Actor
-from learner.checkpoint.state import Capturer, Snapshot, restore
-from learner.model import export as _export
-from learner.network import QNetwork
-from learner.obsnorm import CLIP, EPSILON, ObsNorm
-from learner.role import _to_batch
+from canopy.actors.policy import policy_from_arrays, population_arrays
+from canopy.cluster.export import layer_sizes
+from canopy.config import EnvConfig, LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.errors import ConfigError, ProtocolError
+from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.algorithms.td3 import TD3, Actor
+from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
+from canopy.learner.model import export as _export
+from canopy.learner.network import QNetwork
+from canopy.learner.obsnorm import CLIP, EPSILON, ObsNorm
+from canopy.learner.role import _to_batch
 
 CPU = torch.device("cpu")
 OBS = 5

@@ -12,8 +12,8 @@ from overlap_worker import (
     population_in_step,
 )
 
-from cluster.bench.learner import spawn_ranks
-from learner.overlap import OverlapTrainer, allreduce_grads, buckets
+from canopy.cluster.bench.learner import spawn_ranks
+from canopy.learner.overlap import OverlapTrainer, allreduce_grads, buckets
 
 
 @pytest.mark.parametrize("bucket_mb", [25.0, 0.05], ids=["one-bucket-per-model", "many-buckets"])

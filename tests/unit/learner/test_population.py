@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from actors.envs import EnvSpec
-from actors.policy import member_arrays, policy_from_arrays, population_arrays
-from cluster import config as config_mod
-from cluster.config import Config, LearnerConfig, to_dict
-from cluster.errors import ConfigError, ProtocolError
-from learner import algorithms
-from learner.algorithms.dqn import DQN, Batch
-from learner.algorithms.population import Population
-from learner.checkpoint.state import Capturer, Snapshot, restore
+from canopy import config as config_mod
+from canopy.actors.policy import member_arrays, policy_from_arrays, population_arrays
+from canopy.config import Config, LearnerConfig, to_dict
+from canopy.envs import EnvSpec
+from canopy.errors import ConfigError, ProtocolError
+from canopy.learner import algorithms
+from canopy.learner.algorithms.dqn import DQN, Batch
+from canopy.learner.algorithms.population import Population
+from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
 
 OBS, ACTIONS = 4, 2
 SPEC = EnvSpec(obs_shape=(OBS,), obs_dtype="float32", discrete=True, actions=ACTIONS)

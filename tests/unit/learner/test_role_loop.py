@@ -10,13 +10,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from actors.envs import EnvSpec
-from cluster.config import LearnerConfig
-from cluster.version import Version
-from learner import algorithms
-from learner.model import Model
-from learner.role import TRAINING_STATS, _Trainer
-from replay.client import TensorBatch
+from canopy.config import LearnerConfig
+from canopy.envs import EnvSpec
+from canopy.learner import algorithms
+from canopy.learner.model import Model
+from canopy.learner.role import TRAINING_STATS, _Trainer
+from canopy.replay.client import TensorBatch
+from canopy.version import Version
 
 CPU = torch.device("cpu")
 DISCRETE = EnvSpec(obs_shape=(4,), obs_dtype="float32", actions=2, discrete=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from cluster.config import LearnerConfig
-from learner.algorithms.dqn import Batch
-from learner.algorithms.td3 import TD3
-from learner.checkpoint.state import Capturer, restore
+from canopy.config import LearnerConfig
+from canopy.learner.algorithms.dqn import Batch
+from canopy.learner.algorithms.td3 import TD3
+from canopy.learner.checkpoint.state import Capturer, restore
 
 
 def bandit_batch(n: int = 128) -> Batch:

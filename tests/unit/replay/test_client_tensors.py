@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from cluster.config import ReplayConfig
-from cluster.errors import DeadlineExceeded
-from replay.insert import InsertClient
-from replay.sample import TRAIN_FIELDS, SampleClient, to_tensors
-from replay.server import ReplayServer
+from canopy.config import ReplayConfig
+from canopy.errors import DeadlineExceeded
+from canopy.replay.insert import InsertClient
+from canopy.replay.sample import TRAIN_FIELDS, SampleClient, to_tensors
+from canopy.replay.server import ReplayServer
 
 
 def batch(n: int = 8) -> dict[str, np.ndarray]:

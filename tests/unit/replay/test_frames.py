@@ -14,11 +14,11 @@ from gymnasium.vector import AutoresetMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.adder import FrameAdder, NStepAdder
-from cluster import wire
-from cluster.errors import ProtocolError
-from replay.packed import Layout, Unpacker, rebuild
-from replay.table import Table
+from canopy import wire
+from canopy.actors.adder import FrameAdder, NStepAdder
+from canopy.errors import ProtocolError
+from canopy.replay.packed import Layout, Unpacker, rebuild
+from canopy.replay.table import Table
 
 FRAME_SHAPE = (2, 2)  # 4 bytes: room for a unique frame id
 

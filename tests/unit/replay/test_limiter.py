@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.limiter import RateLimiter
+from canopy.replay.limiter import RateLimiter
 
 
 def test_no_sample_before_min_size_items_even_with_the_limiter_off() -> None:

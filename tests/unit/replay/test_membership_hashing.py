@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from replay.membership import Members, _check, shard_for
+from canopy.replay.membership import Members, _check, shard_for
 
 ACTORS = range(3000)
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import zmq
 
-from cluster import wire
-from cluster.bench.replay_procs import PixelStream
-from cluster.errors import ProtocolError
-from replay.packed import ALIGN, FRAMES, INDEX, PACKED, POOL, Layout, Layouts, Unpacker, rebuild
-from replay.table import Table
+from canopy import wire
+from canopy.cluster.bench.replay_procs import PixelStream
+from canopy.errors import ProtocolError
+from canopy.replay.packed import ALIGN, FRAMES, INDEX, PACKED, POOL, Layout, Layouts, Unpacker, rebuild
+from canopy.replay.table import Table
 
 COLUMNS = [
     ("obs", np.dtype(np.float32), (4,)),

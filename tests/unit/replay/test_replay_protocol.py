@@ -11,9 +11,9 @@ import msgpack
 import numpy as np
 import pytest
 
-from cluster.errors import ProtocolError
-from replay import client, connect, insert, protocol, sample
-from replay.protocol import MAX_LIMITER_VALUE, MAX_SAMPLE_ITEMS, Code, Op, Reply
+from canopy.errors import ProtocolError
+from canopy.replay import client, connect, insert, protocol, sample
+from canopy.replay.protocol import MAX_LIMITER_VALUE, MAX_SAMPLE_ITEMS, Code, Op, Reply
 
 REPLAY = Path(__file__).resolve().parents[3] / "replay"
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cluster.config import ReplayConfig
-from replay import snapshot
-from replay.server import ReplayServer
+from canopy.config import ReplayConfig
+from canopy.replay import snapshot
+from canopy.replay.server import ReplayServer
 
 CFG = dict(capacity=64, min_size=1, samples_per_insert=2.0, error_buffer=1000.0)
 

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from replay.sumtree import SumTree
+from canopy.replay.sumtree import SumTree
 
 
 def reference_find(leaves: np.ndarray, mass: np.ndarray) -> np.ndarray:

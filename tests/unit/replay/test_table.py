@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cluster.errors import ProtocolError
-from replay.table import Table
+from canopy.errors import ProtocolError
+from canopy.replay.table import Table
 
 
 def chunk(start: int, n: int, obs_dim: int = 3) -> dict[str, np.ndarray]:

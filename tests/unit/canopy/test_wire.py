@@ -1,4 +1,4 @@
-"""cluster/wire.py: header + raw array frames, and every way a peer can send garbage."""
+"""canopy/wire.py: header + raw array frames, and every way a peer can send garbage."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster import wire
-from cluster.errors import ProtocolError
+from canopy import wire
+from canopy.errors import ProtocolError
 
 MAX_FRAME = 1 << 20
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import redis
 
-from cluster.config import ClusterConfig
-from cluster.errors import UserError
+from canopy.config import ClusterConfig
+from canopy.errors import UserError
 
 # Processes that are not roles but only read (status, probes, export) use the read-only user.
 READERS = {"status": "status", "health": "status", "export": "status"}
@@ -21,10 +21,10 @@ def role_password_file(cluster: ClusterConfig, user: str) -> Path:
 def credentials(cluster: ClusterConfig, role: str) -> tuple[str, Path]:
     """(Redis user, password file) for a process of `role`.
 
-    With `cluster.role_users`, each role has its own least-privilege user (cluster/acl.py);
+    With `cluster.role_users`, each role has its own least-privilege user (canopy/acl.py);
     anything else (the launcher, benchmarks, tests) is an operator and uses `redis_user`.
     """
-    from cluster import acl
+    from canopy import acl
 
     user = READERS.get(role, role)
     if cluster.role_users and user in acl.ROLES:
@@ -33,6 +33,7 @@ def credentials(cluster: ClusterConfig, role: str) -> tuple[str, Path]:
 
 
 def read_password(cluster: ClusterConfig, path: str | Path | None = None) -> str:
+    """The password in `path` (default `cluster.password_file`); a UserError when unreadable."""
     path = Path(path or cluster.password_file)
     try:
         return path.read_text().strip()

@@ -1,4 +1,4 @@
-"""cluster/version.py: `(epoch, step)` ids as strings, packed int64s, and their order."""
+"""canopy/version.py: `(epoch, step)` ids as strings, packed int64s, and their order."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cluster.errors import ProtocolError
-from cluster.version import NO_VERSION, Version
+from canopy.errors import ProtocolError
+from canopy.version import NO_VERSION, Version
 
 epochs = st.integers(min_value=0, max_value=2**31 - 1)
 steps = st.integers(min_value=0, max_value=2**32 - 1)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from cluster.errors import ProtocolError
+from canopy.errors import ProtocolError
 
 _VERSION_RE = re.compile(r"(\d{1,10})\.(\d{1,10})", re.ASCII)
 
 
 @dataclass(frozen=True, order=True)
 class Version:
+    """A policy version; orders by epoch, then step."""
+
     epoch: int
     step: int
 
@@ -23,10 +25,12 @@ class Version:
         return f"{self.epoch}.{self.step}"
 
     def packed(self) -> int:
+        """The int64 form replay items carry: `epoch << 32 | step`."""
         return (self.epoch << 32) | self.step
 
     @classmethod
     def unpack(cls, value: int) -> Version:
+        """The version of a `packed` int."""
         return cls(int(value) >> 32, int(value) & 0xFFFFFFFF)
 
     @classmethod

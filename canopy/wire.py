@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import zmq
 
-from cluster.errors import ProtocolError
+from canopy.errors import ProtocolError
 
 MAX_HEADER_BYTES = 64 * 1024
 MAX_ARRAYS = 1100  # room for a model of 1024 chunks
@@ -28,11 +28,14 @@ ALLOWED_DTYPES = frozenset(
 
 @dataclass
 class Message:
+    """A decoded message: the header map and its arrays by name."""
+
     header: dict[str, Any]
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def op(self) -> str:
+        """The request or reply kind the header names."""
         return self.header["op"]
 
 

@@ -4,7 +4,7 @@ The same tree describes a local `canopy up` run and a cluster spread over hosts:
 `[cluster]` section holds the addresses (filled in by `canopy up`, written by operators
 elsewhere). Each role receives only its own section plus `cluster` and `run`.
 `verify` reports every problem at once, each on one line naming the key and what is allowed;
-cluster/config_checks.py merges the overrides and checks every value's type.
+canopy/config_checks.py merges the overrides and checks every value's type.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 import tomli_w
 
-from cluster.config_checks import apply_overrides, build
-from cluster.errors import ConfigError
+from canopy.config_checks import apply_overrides, build
+from canopy.errors import ConfigError
 
 
 @dataclass
@@ -50,7 +50,7 @@ class EnvConfig:
     # published MLP so actors keep acting on raw observations. Flat observations only.
     normalize_obs: bool = False
     # Atari (ALE/... ids, with ale-py installed): the standard preprocessing of
-    # actors/envs.py. Frames are grey 84x84, max-pooled over the last two of each skip.
+    # canopy/envs.py. Frames are grey 84x84, max-pooled over the last two of each skip.
     frame_skip: int = 4
     frame_stack: int = 4  # frames per observation
     sticky_actions: float = 0.25  # repeat_action_probability (Machado et al. 2018)
@@ -234,8 +234,8 @@ class ClusterConfig:
     replay: list[str] = field(default_factory=list)  # ZeroMQ endpoint per replay shard
     cache_fetch: list[str] = field(default_factory=list)  # ROUTER endpoint per cache node
     cache_notify: list[str] = field(default_factory=list)  # PUB endpoint per cache node
-    curve_dir: str = ""  # CURVE keys from `canopy keys DIR` (cluster/curve.py); empty: plain tcp
-    # Least-privilege Redis users, one per role (cluster/acl.py), each with its password in
+    curve_dir: str = ""  # CURVE keys from `canopy keys DIR` (canopy/curve.py); empty: plain tcp
+    # Least-privilege Redis users, one per role (canopy/acl.py), each with its password in
     # redis.<role>.password beside password_file; off: every role connects as redis_user.
     role_users: bool = False
     # host:port of the learner group's rendezvous (TCPStore), served by rank 0; needed when
@@ -245,6 +245,8 @@ class ClusterConfig:
 
 @dataclass
 class Config:
+    """The whole tree: one section per role or concern (`cfg.learner.lr`)."""
+
     run: RunConfig = field(default_factory=RunConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
@@ -401,7 +403,7 @@ _ATARI_KWARGS = {"frameskip": "set env.frame_skip", "repeat_action_probability":
 
 def _verify_env(env: EnvConfig) -> list[str]:
     problems = []
-    atari = env.id.rpartition(":")[2].startswith("ALE/")  # actors/envs.py is_atari, without its imports
+    atari = env.id.rpartition(":")[2].startswith("ALE/")  # canopy/envs.py is_atari, without its imports
     reserved = {**_RESERVED_KWARGS, **(_ATARI_KWARGS if atari else {})}
     for key in env.kwargs:
         if not isinstance(key, str):
@@ -414,11 +416,13 @@ def _verify_env(env: EnvConfig) -> list[str]:
 
 
 def get(cfg: Config, key: str) -> Any:
+    """The value of a dotted key such as `learner.lr`."""
     section, _, name = key.partition(".")
     return getattr(getattr(cfg, section), name)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
+    """The tree as plain nested dicts (for TOML and checkpoints)."""
     return dataclasses.asdict(cfg)
 
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import redis
 
-from cluster import curve
-from cluster.keys import Keys
+from canopy import curve
+from canopy.keys import Keys
 
 EVENTS_MAXLEN = 10_000
 MAX_COMMANDS_PER_PERIOD = 16
@@ -62,10 +62,12 @@ class Telemetry:
         self._thread = threading.Thread(target=self._run, name="telemetry", daemon=True)
 
     def start(self) -> None:
+        """Write the stats once now, then every period on a daemon thread."""
         self.flush()
         self._thread.start()
 
     def set_state(self, state: str) -> None:
+        """Set the `state` field (running, paused, ...) and write it at once."""
         self.state = state
         self.flush()
 
@@ -81,6 +83,8 @@ class Telemetry:
             )
 
     def flush(self, take_commands: bool = True) -> None:
+        """Write the stats hash and liveness deadline, and take pending operator commands;
+        Redis errors are swallowed (the next period tries again)."""
         ttl = max(1, round(3 * self.period_s))
         key = self.keys.proc(self.role, self.ident)
         mapping = {
@@ -112,6 +116,7 @@ class Telemetry:
                 self.event("rejected_input", what="command", command=command, accepted=accepted)
 
     def close(self, state: str = "stopped") -> None:
+        """Stop the heartbeat, write the final state and leave the liveness set."""
         self._stop.set()
         self.state = state
         self.flush(take_commands=False)  # a command left now waits for the next process

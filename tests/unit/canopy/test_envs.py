@@ -1,4 +1,4 @@
-"""actors/envs.py: vector envs as actors build them, Atari preprocessing included."""
+"""canopy/envs.py: vector envs as actors build them, Atari preprocessing included."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from actors.envs import EnvSpec, check_env_id, clips_rewards, env_spec, make_one, make_vec
-from cluster.config import EnvConfig
-from cluster.errors import UserError
+from canopy.config import EnvConfig
+from canopy.envs import EnvSpec, check_env_id, clips_rewards, env_spec, make_one, make_vec
+from canopy.errors import UserError
 
 
 def test_classic_control_envs_keep_their_flat_observations() -> None:

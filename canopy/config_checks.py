@@ -1,7 +1,7 @@
 """Reading raw config data into the typed tree: `--set` overrides merged into the TOML data,
 then each section dataclass built from it with every value checked against its type hint.
 
-Place: below cluster/config.py, which owns the tree (its sections, defaults and the limits
+Place: below canopy/config.py, which owns the tree (its sections, defaults and the limits
 `verify` checks) and calls these from `load`. Nothing here knows a section by name, so a new
 field needs no change here. Problems are collected, one line each, never raised one by one:
 `load` reports them all at once.

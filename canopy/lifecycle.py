@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from cluster.errors import DeadlineExceeded
+from canopy.errors import DeadlineExceeded
 
 PR_SET_PDEATHSIG = 1
 

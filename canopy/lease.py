@@ -30,8 +30,8 @@ from collections.abc import Callable
 
 import redis
 
-from cluster.errors import CanopyError, DeadlineExceeded
-from cluster.keys import Keys
+from canopy.errors import CanopyError, DeadlineExceeded
+from canopy.keys import Keys
 
 # The fencing check: only the holder of the current lease token may go on. KEYS[1] must
 # be the lease key and ARGV[1] the caller's token; a refused script returns 0.
@@ -132,6 +132,7 @@ class Lease:
         self._thread: threading.Thread | None = None
 
     def try_acquire(self) -> bool:
+        """Take the lease with a new epoch if nobody holds it; True when taken."""
         floor = 0
         if self.epoch_floor is not None:
             if self.r.exists(self.keys.lease):
@@ -190,6 +191,7 @@ class Lease:
             time.sleep(poll_s)
 
     def holder(self) -> str | None:
+        """The current lease value (`<epoch>:<learner>`), or None when it is free."""
         value = self.r.get(self.keys.lease)
         return value.decode() if value is not None else None
 
@@ -230,6 +232,7 @@ class Lease:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop renewing; the lease then expires after its TTL."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self.ttl_s)

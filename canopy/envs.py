@@ -32,8 +32,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
-from cluster.config import EnvConfig
-from cluster.errors import UserError
+from canopy.config import EnvConfig
+from canopy.errors import UserError
 
 
 def check_env_id(env_id: str) -> None:
@@ -92,6 +92,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def is_atari(env_id: str) -> bool:
+    """Whether the id names an Atari game (`ALE/...`, after any `module:` prefix)."""
     return split_env_id(env_id)[1].startswith("ALE/")
 
 
@@ -213,6 +214,7 @@ class EnvSpec:
 
 
 def env_spec(env_id: str, env_cfg: EnvConfig | None = None) -> EnvSpec:
+    """Spaces of the env as actors build it, read from a one-env vector env."""
     env = make_vec(env_id, 1, env_cfg)
     try:
         obs, act = env.single_observation_space, env.single_action_space

@@ -1,10 +1,10 @@
-"""learner/checkpoint/lease.py: the lease token `<epoch>:<owner>` and the fencing Lua prefix."""
+"""canopy/lease.py: the lease token `<epoch>:<owner>` and the fencing Lua prefix."""
 
 from __future__ import annotations
 
 import pytest
 
-from learner.checkpoint.lease import FENCE, fenced_script, parse_token, token
+from canopy.lease import FENCE, fenced_script, parse_token, token
 
 
 @pytest.mark.parametrize(("epoch", "owner"), [(1, 0), (7, 3), (123456789, 12)])

@@ -1,4 +1,4 @@
-"""cluster/telemetry.py against a real redis-server: stats hash, liveness, control lists."""
+"""canopy/telemetry.py against a real redis-server: stats hash, liveness, control lists."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 import redis
 from conftest import wait_for
 
-from cluster.keys import Keys
-from cluster.telemetry import Telemetry
+from canopy.keys import Keys
+from canopy.telemetry import Telemetry
 
 PERIOD_S = 0.1
 TIMEOUT_S = 10.0

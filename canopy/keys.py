@@ -7,7 +7,7 @@ docs/contracts.md from them, so keep that shape when adding a key.
 
 from __future__ import annotations
 
-from cluster.version import Version
+from canopy.version import Version
 
 
 class Keys:

@@ -1,4 +1,4 @@
-"""cluster/keys.py: every Redis key of a run lives under `canopy:<run>:`."""
+"""canopy/keys.py: every Redis key of a run lives under `canopy:<run>:`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import typing
 
 import pytest
 
-from cluster.keys import Keys
-from cluster.version import Version
+from canopy.keys import Keys
+from canopy.version import Version
 
 SAMPLE_ARGS = {Version: Version(3, 150), int: 2, str: "sample"}
 

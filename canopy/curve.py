@@ -28,14 +28,16 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-from cluster.config import ClusterConfig
-from cluster.errors import UserError
+from canopy.config import ClusterConfig
+from canopy.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Keys:
+    """The cluster's CURVE keys as one process uses them (z85 bytes)."""
+
     public: bytes
     secret: bytes
     server_public: bytes
@@ -88,6 +90,7 @@ class Gate:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP's question for a connecting client: is its public key authorized?"""
         ok = key in self.keys.authorized
         if not ok:
             with self._lock:
@@ -95,11 +98,13 @@ class Gate:
         return ok
 
     def start(self, ctx: zmq.Context) -> None:
+        """Run the ZAP handler thread for `ctx`, asking `callback` about every CURVE client."""
         self._auth = ThreadAuthenticator(ctx, log=log)
         self._auth.start()
         self._auth.configure_curve_callback("*", credentials_provider=self)
 
     def stop(self) -> None:
+        """Stop the handler thread, if it runs."""
         if self._auth is not None:
             self._auth.stop()
             self._auth = None

@@ -1,4 +1,4 @@
-"""cluster/config.py: defaults, TOML files, `--set` overrides and the one-line problems."""
+"""canopy/config.py: defaults, TOML files, `--set` overrides and the one-line problems."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from cluster import config
-from cluster.config import Config
-from cluster.errors import ConfigError
+from canopy import config
+from canopy.config import Config
+from canopy.errors import ConfigError
 
 
 def problems_of(overrides: list[str], path: Path | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""cluster/acl.py on a real redis-server: each role can do its job and nothing more.
+"""canopy/acl.py on a real redis-server: each role can do its job and nothing more.
 
 The role code paths run for real (Telemetry heartbeats, Publisher, CheckpointStore, the
 lease); the refusals are Redis's own NOPERM errors.
@@ -16,11 +16,11 @@ import pytest
 import redis
 from conftest import free_port, stop_process, wait_for
 
-from cluster import acl
-from cluster.keys import Keys
-from cluster.telemetry import Telemetry
-from learner.checkpoint.lease import Lease
-from learner.publisher import Publisher
+from canopy import acl
+from canopy.keys import Keys
+from canopy.learner.publisher import Publisher
+from canopy.lease import Lease
+from canopy.telemetry import Telemetry
 
 RUN = "acl"
 KEYS = Keys(RUN)

@@ -1,4 +1,4 @@
-"""cluster/curve.py with real sockets: authorized peers talk, everyone else is refused and counted."""
+"""canopy/curve.py with real sockets: authorized peers talk, everyone else is refused and counted."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import zmq
 import zmq.auth
 from conftest import wait_for
 
-from cluster import curve
-from cluster.config import ClusterConfig
-from cluster.errors import UserError
+from canopy import curve
+from canopy.config import ClusterConfig
+from canopy.errors import UserError
 
 REPLY_MS = 3000
 
@@ -119,9 +119,9 @@ def test_a_replay_shard_with_keys_serves_keyed_clients_and_refuses_the_rest(
 
     import numpy as np
 
-    from cluster.config import ReplayConfig
-    from replay.client import InsertClient, request_stats
-    from replay.server import ReplayServer
+    from canopy.config import ReplayConfig
+    from canopy.replay.client import InsertClient, request_stats
+    from canopy.replay.server import ReplayServer
 
     curve.use(keys)
     server = ReplayServer(ReplayConfig(min_size=1, samples_per_insert=0.0, capacity=100))
