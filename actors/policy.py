@@ -15,12 +15,13 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
+from canopy.arch import MLP, NATURE_CNN, TANH_MLP
 from canopy.errors import ProtocolError
 
 
 class MLPPolicy:
     """Example:
-    policy = MLPPolicy.from_arrays("mlp", arrays)
+    policy = MLPPolicy.from_arrays(MLP, arrays)
     q = policy.q_values(obs)  # [batch, actions]
 
     A hidden layer may carry layer normalization (`layers.<i>.norm_weight/norm_bias`, the
@@ -41,7 +42,7 @@ class MLPPolicy:
     @classmethod
     def from_arrays(cls, arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy:
         """The policy of a published `mlp`'s arrays; ProtocolError on a bad name or shape."""
-        if arch != "mlp":
+        if arch != MLP:
             raise ProtocolError(f"actors cannot run architecture {arch!r}")
         if not arrays:
             raise ProtocolError("an mlp needs weight/bias pairs")
@@ -180,10 +181,10 @@ def member_arrays(arrays: dict[str, np.ndarray], ident: int) -> tuple[int, dict[
 
 def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | NatureCNNPolicy:
     """The actor-side forward pass for a published architecture name."""
-    if arch == "nature_cnn":
+    if arch == NATURE_CNN:
         return NatureCNNPolicy(arrays)
-    if arch == "tanh_mlp":
-        mlp = MLPPolicy.from_arrays("mlp", arrays)
+    if arch == TANH_MLP:
+        mlp = MLPPolicy.from_arrays(MLP, arrays)
         return TanhMLPPolicy(mlp.layers, mlp.norms)
     return MLPPolicy.from_arrays(arch, arrays)
 

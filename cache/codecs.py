@@ -108,7 +108,7 @@ class Encoder:
 
     Example:
         enc = Encoder("int8delta", levels=256, keyframe_every=16)
-        manifest, chunks = blob.pack(state, version, "mlp", learner=0, encoder=enc)
+        manifest, chunks = blob.pack(state, version, MLP, learner=0, encoder=enc)
     """
 
     def __init__(self, codec: str = "raw", levels: int = 256, keyframe_every: int = 16):

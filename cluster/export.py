@@ -28,6 +28,7 @@ import numpy as np
 import redis
 
 from canopy import config as config_mod
+from canopy.arch import MLP, TANH_MLP
 from canopy.cache import blob
 from canopy.cluster.progress import waiting
 from canopy.cluster.status import load_run
@@ -165,7 +166,6 @@ def write_policy(
     import torch
     from safetensors.torch import save_file
 
-    from canopy.learner.algorithms.td3 import ARCH as TD3_ARCH
     from canopy.learner.algorithms.td3 import Actor
     from canopy.learner.network import QNetwork
 
@@ -187,7 +187,7 @@ def write_policy(
         }
         save_file(state, str(path), metadata=meta)
     else:
-        if manifest.arch == TD3_ARCH:
+        if manifest.arch == TANH_MLP:
             net = Actor(obs_size, n_actions, hidden)
         else:
             net = QNetwork(obs_size, n_actions, hidden)
@@ -244,7 +244,7 @@ def evaluate(
         env_cfg.id = env_id or meta.get("env", "")
         if env_cfg.id == meta.get("env"):
             env_cfg.kwargs = _kwargs_of(meta)
-        version, arch = meta.get("version", "?"), meta.get("arch", "mlp")
+        version, arch = meta.get("version", "?"), meta.get("arch", MLP)
         if not env_cfg.id:
             raise UserError(f"{path} names no environment: pass --env ID")
     check_env_id(env_cfg.id)

@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-ARCH = "mlp"
-CNN_ARCH = "nature_cnn"
+from canopy.arch import MLP, NATURE_CNN
+
+ARCH = MLP
+CNN_ARCH = NATURE_CNN
 
 
 class QNetwork(nn.Module):

@@ -50,13 +50,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from canopy.arch import FOLDABLE
 from canopy.config import EnvConfig
 from canopy.envs import EnvSpec
 from canopy.errors import ConfigError, ProtocolError
 
 EPSILON = 1e-8
 CLIP = 10.0
-MLP_ARCHS = ("mlp", "tanh_mlp")  # what `fold` can extend: linear layers with ReLU between them
 
 
 class ObsNorm:
@@ -77,7 +77,7 @@ class ObsNorm:
         """
         if not env.normalize_obs:
             return None
-        if arch not in MLP_ARCHS:
+        if arch not in FOLDABLE:
             raise ConfigError(
                 [
                     f"env.normalize_obs needs flat observations; {env.id} gives {spec.obs_dtype} "

@@ -68,6 +68,7 @@ import numpy as np
 import zmq
 from rich.progress import Progress
 
+from canopy.arch import MLP
 from canopy.cache import blob, codecs, topology
 from canopy.cluster import netns
 from canopy.cluster.bench import harness
@@ -177,7 +178,7 @@ def one_version(arm: Arm, i: int, keys: Keys, enc: codecs.Encoder | None) -> tup
     each actor's publish-to-ready seconds, how many act on their host's shared copy)."""
     state = model(arm.mb, 0)
     state["layers.0.bias"] = state["layers.0.bias"] + np.float32(0.01 * (i + 1))
-    manifest, chunks = blob.pack(state, Version(1, i + 1), "mlp", 0, encoder=enc)
+    manifest, chunks = blob.pack(state, Version(1, i + 1), MLP, 0, encoder=enc)
     t0 = time.time()
     if arm.mode == "pub":
         payload = b"".join(chunks)
@@ -270,7 +271,7 @@ def codec_ratios(args: argparse.Namespace) -> dict[str, float]:
         base = model(min(args.model_mb, 4), 0)
         for i in range(2 * args.keyframe_every):
             st = {k: a + np.float32(0.001 * i) for k, a in base.items()}
-            m, _ = blob.pack(st, Version(1, i), "mlp", 0, encoder=enc)
+            m, _ = blob.pack(st, Version(1, i), MLP, 0, encoder=enc)
             sent, raw = sent + m.size, raw + m.decoded_size
         ratios[codec] = sent / raw
     return ratios

@@ -118,7 +118,7 @@ class Algorithm(Protocol):
 @dataclass(frozen=True)
 class Built:
     """What `algorithms.make` builds: the algorithm, and the architecture name actors build
-    their policy from the published arrays with (actors/policy.py: "mlp", "tanh_mlp", ...)."""
+    their policy from the published arrays with (canopy/arch.py: MLP, TANH_MLP, NATURE_CNN)."""
 
     algorithm: Algorithm
     arch: str

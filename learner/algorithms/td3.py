@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from canopy.arch import TANH_MLP
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
@@ -39,7 +40,7 @@ from canopy.learner.algorithms.base import (
 )
 from canopy.learner.overlap import GradSync
 
-ARCH = "tanh_mlp"  # actors/policy.py: an mlp whose output goes through tanh
+ARCH = TANH_MLP  # actors/policy.py: an mlp whose output goes through tanh
 
 
 def mlp(sizes: list[int]) -> nn.ModuleList:
