@@ -18,11 +18,36 @@ episode short) still bootstraps: the state after it had a future the agent could
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
 FIELDS = ("obs", "action", "reward", "next_obs", "discount", "version")
+
+
+class RealSteps:
+    """Which sub-env steps of a vector step are real transitions, and the true next
+    observation of each: what every builder here (and actors/unroll.py) starts from."""
+
+    def __init__(self, num_envs: int, mode: AutoresetMode):
+        if mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
+            raise ValueError(f"unsupported autoreset mode {mode}; use NEXT_STEP or SAME_STEP")
+        self.mode = mode
+        self.skip = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the coming step is a reset
+
+    def of(self, next_obs, terminated, truncated, info) -> Iterator[tuple[int, np.ndarray]]:
+        """(sub-env, true next observation) of every real step; consume it whole."""
+        done = np.logical_or(terminated, truncated)
+        for i in range(len(self.skip)):
+            if self.skip[i]:
+                continue  # the reset step after an episode end: obs is new, action ignored
+            final = next_obs[i]
+            if self.mode is AutoresetMode.SAME_STEP and done[i]:
+                final = info["final_obs"][i]
+            yield i, final
+        if self.mode is AutoresetMode.NEXT_STEP:
+            self.skip = done.copy()
 
 
 class NStepAdder:
@@ -33,22 +58,14 @@ class NStepAdder:
     """
 
     def __init__(self, num_envs: int, n_step: int, gamma: float, mode: AutoresetMode):
-        if mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
-            raise ValueError(f"unsupported autoreset mode {mode}; use NEXT_STEP or SAME_STEP")
+        self.steps = RealSteps(num_envs, mode)
         self.n, self.gamma, self.mode = n_step, gamma, mode
         self.windows: list[deque] = [deque() for _ in range(num_envs)]
-        self.skip = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the coming step is a reset
         self.ready: list[tuple] = []
 
     def add(self, obs, actions, rewards, next_obs, terminated, truncated, info, version: int) -> None:
         """Feed one vector step: arrays with one entry per sub-env."""
-        done = np.logical_or(terminated, truncated)
-        for i in range(len(self.windows)):
-            if self.skip[i]:
-                continue  # the reset step after an episode end: obs is new, action ignored
-            final = next_obs[i]
-            if self.mode is AutoresetMode.SAME_STEP and done[i]:
-                final = info["final_obs"][i]
+        for i, final in self.steps.of(next_obs, terminated, truncated, info):
             window = self.windows[i]
             window.append((obs[i], actions[i], float(rewards[i]), version))
             if terminated[i]:
@@ -58,8 +75,6 @@ class NStepAdder:
             elif len(window) == self.n:
                 self._emit(window, final, bootstrap=True)
                 window.popleft()
-        if self.mode is AutoresetMode.NEXT_STEP:
-            self.skip = done.copy()
 
     def take(self, count: int) -> dict[str, np.ndarray] | None:
         """The oldest `count` ready transitions as column arrays, or None if fewer are ready."""
@@ -126,7 +141,7 @@ class FrameAdder:
         for i in range(len(self.cur)):
             if self.cur[i] < 0:  # the first observation after the env was built
                 self.cur[i] = self._frame(obs[i], None)
-            if self.nstep.skip[i]:  # NEXT_STEP: this step only resets; next_obs starts an episode
+            if self.nstep.steps.skip[i]:  # NEXT_STEP: this step only resets; next_obs starts an episode
                 nxt[i] = self._frame(next_obs[i], None)
             elif same_step and done[i]:  # next_obs already belongs to the new episode
                 final[i] = self._frame(info["final_obs"][i], int(self.cur[i]))

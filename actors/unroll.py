@@ -27,6 +27,8 @@ from __future__ import annotations
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
+from canopy.actors.adder import RealSteps
+
 FIELDS = ("obs", "action", "reward", "terminated", "truncated", "mask", "logp", "version")
 
 
@@ -38,31 +40,22 @@ class UnrollAdder:
     """
 
     def __init__(self, num_envs: int, length: int, mode: AutoresetMode):
-        if mode not in (AutoresetMode.NEXT_STEP, AutoresetMode.SAME_STEP):
-            raise ValueError(f"unsupported autoreset mode {mode}; use NEXT_STEP or SAME_STEP")
         if length < 1:
             raise ValueError(f"unroll length must be at least 1, not {length}")
-        self.length, self.mode = length, mode
+        self.real = RealSteps(num_envs, mode)
+        self.length = length
         self.steps: list[list[tuple]] = [[] for _ in range(num_envs)]
-        self.skip = np.zeros(num_envs, dtype=bool)  # NEXT_STEP: the coming step is a reset
         self.ready: list[dict[str, np.ndarray]] = []
 
     def add(self, obs, actions, rewards, next_obs, terminated, truncated, info, logp, version: int) -> None:
         """Feed one vector step: arrays with one entry per sub-env; `logp` of each action taken."""
-        done = np.logical_or(terminated, truncated)
-        for i, steps in enumerate(self.steps):
-            if self.skip[i]:
-                continue  # the reset step after an episode end: obs is new, action ignored
-            final = next_obs[i]
-            if self.mode is AutoresetMode.SAME_STEP and done[i]:
-                final = info["final_obs"][i]
+        for i, final in self.real.of(next_obs, terminated, truncated, info):
+            steps = self.steps[i]
             steps.append((obs[i], actions[i], rewards[i], terminated[i], truncated[i], logp[i], version))
             cut_short = truncated[i] and not terminated[i]
             if cut_short or len(steps) == self.length:
                 self.ready.append(self._unroll(steps, final))
                 steps.clear()
-        if self.mode is AutoresetMode.NEXT_STEP:
-            self.skip = done.copy()
 
     def take(self, count: int) -> dict[str, np.ndarray] | None:
         """The oldest `count` ready unrolls stacked along a new first axis, or None if fewer."""

@@ -164,9 +164,11 @@ class Supervisor:
         for ident, args in learners:
             if "--standby" in args:
                 self.spawn("learner", ident, args=args)
+        self._wait_running(standby=True)  # announced (cold): cluster.json names a live process
 
-    def _wait_running(self) -> None:
-        pending = [ch for ch in self.children if ch.role != "redis" and not ch.standby]
+    def _wait_running(self, standby: bool = False) -> None:
+        """Until every role (or, with `standby`, the standby: any state) reports it runs."""
+        pending = [ch for ch in self.children if ch.role != "redis" and ch.standby == standby]
         deadline = time.monotonic() + START_TIMEOUT_S
         while pending:
             self._check_alive()
@@ -174,7 +176,11 @@ class Supervisor:
             for ch in pending:
                 pipe.hget(self.keys.proc(ch.role, ch.ident), "state")
             states = pipe.execute()
-            pending = [ch for ch, s in zip(pending, states, strict=True) if not _started(ch.role, s)]
+            pending = [
+                ch
+                for ch, s in zip(pending, states, strict=True)
+                if not (s is not None if standby else _started(ch.role, s))
+            ]
             if pending and time.monotonic() > deadline:
                 names = ", ".join(f"{ch.role} {ch.ident}" for ch in pending)
                 raise UserError(
