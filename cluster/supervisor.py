@@ -48,7 +48,7 @@ class Child:
     log: Path
     endpoints: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()  # extra command-line flags, kept for a restart
-    standby: bool = False  # a warm standby learner: not waited for, stopped first
+    standby: bool = False  # the standby learner: started last, stopped first
 
     def describe(self) -> dict[str, Any]:
         """Its entry in cluster.json."""
@@ -150,8 +150,8 @@ class Supervisor:
         for i in range(cfg.cache.nodes):
             self.spawn("cache", i, {"fetch": c.cache_fetch[i], "notify": c.cache_notify[i]})
         learners = [(ident, args) for role, ident, args in role_processes(cfg) if role == "learner"]
-        # Ids 1..N-1: followers of the learner group; id N (`--standby`): a warm standby,
-        # torch imported and model built, waiting on the learner lease.
+        # Ids 1..N-1: followers of the learner group; id N (`--standby`): the standby, cold
+        # until the first checkpoint (learner/standby.py), then warm, waiting on the lease.
         for ident, args in learners:
             if "--standby" not in args:
                 self.spawn("learner", ident, args=args)
@@ -288,6 +288,6 @@ class Supervisor:
 
 
 def _started(role: str, state: bytes | None) -> bool:
-    # A learner waiting as a standby is up too: on --resume the standby may take the lease
-    # first, and learner 0 then waits in its place.
+    # A learner waiting as a standby is up too: on --resume the stopped run's lease may not
+    # have expired yet, and learner 0 waits for it in state `standby`.
     return state == b"running" or (role == "learner" and state == b"standby")
