@@ -1,4 +1,5 @@
-"""`canopy actor --id N`: step a vector env, act and explore, stream n-step transitions.
+"""`canopy actor --id N`: step a vector env, act and explore, stream n-step transitions
+(or, for an on-policy learner, unrolls to the replay queue table).
 
 build (env, clients) -> run (act, step, add, insert; swap weights when a version lands)
 -> report (counters in the stats hash). Inserts block only when the replay shard's rate
@@ -16,8 +17,10 @@ from gymnasium.vector import AutoresetMode
 from canopy.actors.adder import FrameAdder, NStepAdder
 from canopy.actors.explore import Explorer, initial_priorities, ladder
 from canopy.actors.policy import limit_blas_threads, member_arrays, policy_from_arrays
+from canopy.actors.unroll import UnrollAdder
 from canopy.cache.client import leaf_client
-from canopy.config import Config
+from canopy.config import Config, on_policy
+from canopy.config_defaults import UNROLLS
 from canopy.envs import clips_rewards, make_vec, seed_base
 from canopy.errors import ProtocolError
 from canopy.keys import Keys
@@ -93,6 +96,29 @@ def _insert(chunk, inserter, adder, obs, counters: dict, pixels: bool, stop, los
     return lost_seen
 
 
+def _adder(cfg: Config, pixels: bool, ident: int) -> FrameAdder | NStepAdder | UnrollAdder:
+    """What cuts this actor's steps into replay items: unrolls for an on-policy learner,
+    n-step transitions else (pixel frames sent once each)."""
+    a, lc = cfg.actors, cfg.learner
+    if on_policy(cfg):
+        return UnrollAdder(a.envs, lc.unroll_length, AutoresetMode.NEXT_STEP)
+    if pixels:
+        return FrameAdder(a.envs, lc.n_step, lc.gamma, AutoresetMode.NEXT_STEP, ident)
+    return NStepAdder(a.envs, lc.n_step, lc.gamma, AutoresetMode.NEXT_STEP)
+
+
+def _act_and_add(env, adder, explorer: Explorer, policy, obs, version: int, clip: bool):
+    """One vector step with this actor's policy: its next observations and the step's info."""
+    if isinstance(adder, UnrollAdder):  # on-policy: actions from the policy's distribution
+        actions, env_actions, logp = explorer.sample(policy, obs)
+        next_obs, rewards, terminated, truncated, info = env.step(env_actions)
+        rewards = np.sign(rewards) if clip else rewards
+        adder.add(obs, actions, rewards, next_obs, terminated, truncated, info, logp, version)
+        return next_obs, info
+    actions, env_actions = explorer.act(policy, obs)
+    return step_and_add(env, adder, obs, actions, env_actions, version, clip)
+
+
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     """The actor process until `stop`: act, step, stream chunks; pause and resume on command."""
     a, c = cfg.actors, cfg.cluster
@@ -109,16 +135,19 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     space = env.single_observation_space
     pixels = space.dtype == np.uint8 and len(space.shape) == 3  # stacked frames: send each once
     clip = clips_rewards(cfg.env)
-    if pixels:
-        adder = FrameAdder(a.envs, cfg.learner.n_step, cfg.learner.gamma, AutoresetMode.NEXT_STEP, ident)
-    else:
-        adder = NStepAdder(a.envs, cfg.learner.n_step, cfg.learner.gamma, AutoresetMode.NEXT_STEP)
+    adder = _adder(cfg, pixels, ident)
+    # An on-policy actor sends whole unrolls, `actors.envs` to a chunk, and acts only with a
+    # policy: random actions would be data no version of the learner's policy could take.
+    unrolls = isinstance(adder, UnrollAdder)
+    chunk_size = a.envs if unrolls else a.chunk
     # Only Q-value policies can price their own data (td3's actor has no critic), and
     # pixel chunks carry frame keys, not the stacks a forward pass needs.
-    prioritized = cfg.replay.sampler == "prioritized" and explorer.discrete and not pixels
+    prioritized = cfg.replay.sampler == "prioritized" and explorer.discrete and not pixels and not unrolls
     # The shard follows replay membership in Redis (rendezvous hash of this actor's id).
     members = RedisMembers(r, keys, cfg.replay.member_ttl_s / 3, fallback=c.replay)
-    inserter = InsertClient(members, a.inflight_chunks, cfg.replay.max_frame_mb * 2**20, key=ident)
+    max_frame = cfg.replay.max_frame_mb * 2**20
+    table = UNROLLS if unrolls else None
+    inserter = InsertClient(members, a.inflight_chunks, max_frame, table=table, key=ident)
     models = leaf_client(c, cfg.cache, "actor", ident)
 
     policy = None
@@ -142,19 +171,18 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             while not tel.commands.empty():  # operator: RPUSH control:actor:<id> pause|resume
                 paused = tel.commands.get() == "pause"
                 tel.set_state("paused" if paused else "running")
-            if paused:
-                stop.wait(PAUSE_POLL_S)
-                continue
             update = models.poll()
             if update is not None:
                 version, policy = _swap_policy(update, ident, counters, r, keys)
+            if paused or (unrolls and policy is None):
+                stop.wait(PAUSE_POLL_S)
+                continue
 
-            actions, env_actions = explorer.act(policy, obs)
-            obs, info = step_and_add(env, adder, obs, actions, env_actions, version.packed(), clip)
+            obs, info = _act_and_add(env, adder, explorer, policy, obs, version.packed(), clip)
 
             _count_episodes(info, recent_returns, counters)
             counters["env_steps_total"] += a.envs
-            chunk = adder.take(a.chunk)
+            chunk = adder.take(chunk_size)
             if chunk is not None:
                 if prioritized and policy is not None:
                     chunk["priority"] = initial_priorities(policy, chunk)

@@ -7,7 +7,9 @@ actions go into the n-step adder and replay, the env actions into `env.step`.
 - Box (TD3): the deterministic policy plus Gaussian noise (`actors.action_noise`),
   clipped to [-1, 1]; replay stores the action in [-1, 1]^d, the env receives it scaled
   to its own bounds, so the learner never needs to know them.
-Before the first policy version arrives, actions are uniform random.
+- On-policy (ppo, impala): actions drawn from the policy's distribution (`sample`), with
+  their log-probabilities for the learner's importance ratios.
+Before the first policy version arrives, off-policy actors act uniformly at random.
 """
 
 from __future__ import annotations
@@ -61,6 +63,16 @@ class Explorer:
             noisy = policy.actions(obs) + self.rng.normal(0, self.noise, size=(self.n, d))
             stored = np.clip(noisy, -1, 1).astype(np.float32)
         return stored, self.to_env(stored)
+
+    def sample(self, policy, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """On-policy acting (ppo, impala): (actions to store, actions for `env.step`, their
+        log-probabilities), drawn from the policy's own distribution, no epsilon or noise.
+        Box: the raw Gaussian sample is stored (its log-probability is the behaviour
+        policy's), the env receives it clipped to [-1, 1] and scaled to its bounds."""
+        actions, logp = policy.sample(obs, self.rng)
+        if self.discrete:
+            return actions, actions, logp
+        return actions, self.to_env(np.clip(actions, -1, 1).astype(np.float32)), logp
 
     def greedy(self, policy, obs: np.ndarray) -> np.ndarray:
         """The evaluator's actions: no exploration at all."""

@@ -1,10 +1,13 @@
-"""The actor's local copy of the policy: the Q-network's forward pass in numpy.
+"""The actor's local copy of the policy: the forward pass of published policies in numpy,
+Q-networks (`mlp`, `nature_cnn`) or deterministic and stochastic policies (`tanh_mlp`,
+`categorical_mlp`, `gaussian_mlp`; names in canopy/arch.py).
 
 Actors only ever run inference on small batches, where numpy beats torch's per-op
 overhead, and staying torch-free keeps an actor process cheap to start (no 1.5 s import,
 ~100 MB less memory), which matters at thousands of actors. The weights arrive as named
-float32 arrays from the cache tree; the learner's `mlp` architecture is a stack of
-linear layers `layers.<i>.weight/bias` with ReLU between them.
+float32 arrays from the cache tree; every MLP architecture is a stack of linear layers
+`layers.<i>.weight/bias` with ReLU between them, whose outputs are Q-values, a tanh's
+input, action logits or a Gaussian's mean (which also brings a `log_std` array).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
-from canopy.arch import MLP, NATURE_CNN, TANH_MLP
+from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP, MLP, NATURE_CNN, TANH_MLP
 from canopy.errors import ProtocolError
 
 
@@ -117,6 +120,87 @@ class TanhMLPPolicy(MLPPolicy):
         return np.tanh(self.q_values(obs))
 
 
+class CategoricalPolicy(MLPPolicy):
+    """A stochastic Discrete policy (ppo, impala): the mlp's outputs are action logits.
+
+    `q_values` returns the logits, so the greedy paths that take its argmax (explore.py's
+    `Explorer.greedy`, the evaluator) act with the most probable action unchanged.
+    """
+
+    def sample(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(actions int64 [batch], their log-probabilities float32 [batch]) drawn from softmax(logits)."""
+        logp_all = log_softmax(self.q_values(obs))
+        # Gumbel-max: argmax(log p + Gumbel noise) is an exact draw from p, vectorized over
+        # the batch with no cumulative sums to go wrong at probabilities near 0 or 1.
+        actions = (logp_all + rng.gumbel(size=logp_all.shape)).argmax(axis=1)
+        logp = np.take_along_axis(logp_all, actions[:, None], axis=1)[:, 0]
+        return actions.astype(np.int64), logp.astype(np.float32)
+
+
+class GaussianPolicy(MLPPolicy):
+    """A stochastic Box policy (ppo, impala): a diagonal Gaussian whose mean is the mlp's
+    output and whose log standard deviation `log_std` [d] does not depend on the observation.
+
+    Samples are returned unclipped, since the learner needs the log-probability of what was
+    drawn; `env_action` clips them into canopy's [-1, 1]^d action box before the env sees them.
+    """
+
+    HALF_LOG_2PI = np.float32(0.5 * np.log(2 * np.pi))
+
+    def __init__(
+        self,
+        layers: list[tuple[np.ndarray, np.ndarray]],
+        norms: list[tuple[np.ndarray, np.ndarray] | None] | None,
+        log_std: np.ndarray,
+    ):
+        super().__init__(layers, norms)
+        self.log_std = log_std
+        self.std = np.exp(log_std)
+
+    @classmethod
+    def from_arrays(cls, arch: str, arrays: dict[str, np.ndarray]) -> GaussianPolicy:
+        """The policy of a published `gaussian_mlp`'s arrays; ProtocolError on a bad name or shape."""
+        if arch != GAUSSIAN_MLP:
+            raise ProtocolError(f"a gaussian policy cannot run architecture {arch!r}")
+        rest = {k: v for k, v in arrays.items() if k != "log_std"}
+        mlp = MLPPolicy.from_arrays(MLP, rest)
+        d = mlp.layers[-1][0].shape[1]
+        log_std = arrays.get("log_std")
+        if log_std is None:
+            raise ProtocolError("a gaussian_mlp needs a log_std array")
+        if np.shape(log_std) != (d,):
+            raise ProtocolError(f"a gaussian_mlp's log_std must have shape ({d},), not {np.shape(log_std)}")
+        log_std = np.asarray(log_std, dtype=np.float32)
+        if not np.isfinite(log_std).all():
+            raise ProtocolError("a gaussian_mlp's log_std holds values that are not finite")
+        return cls(mlp.layers, mlp.norms, log_std)
+
+    def actions(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions: the mode (the mean), clipped to [-1, 1]^d like a sampled action."""
+        return env_action(self.q_values(obs))
+
+    def sample(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(raw actions float32 [batch, d], unclipped; their log-densities float32 [batch])."""
+        mean = self.q_values(obs)
+        raw = mean + self.std * rng.standard_normal(mean.shape, dtype=np.float32)
+        # The density of `raw` as the learner computes it (torch's Normal.log_prob), summed
+        # over the independent dimensions.
+        z = (raw - mean) / self.std
+        logp = (-0.5 * z * z - self.log_std - self.HALF_LOG_2PI).sum(axis=1)
+        return raw.astype(np.float32, copy=False), logp.astype(np.float32, copy=False)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, stable for large logits (the max is subtracted first)."""
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def env_action(raw: np.ndarray) -> np.ndarray:
+    """A Gaussian policy's raw sample or mean clipped into canopy's action box [-1, 1]^d."""
+    return np.clip(raw, -1.0, 1.0)
+
+
 class NatureCNNPolicy:
     """The learner's `nature_cnn` (learner/network.py) forward pass in numpy.
 
@@ -183,9 +267,12 @@ def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | 
     """The actor-side forward pass for a published architecture name."""
     if arch == NATURE_CNN:
         return NatureCNNPolicy(arrays)
-    if arch == TANH_MLP:
+    if arch == GAUSSIAN_MLP:
+        return GaussianPolicy.from_arrays(arch, arrays)
+    if arch in (TANH_MLP, CATEGORICAL_MLP):
         mlp = MLPPolicy.from_arrays(MLP, arrays)
-        return TanhMLPPolicy(mlp.layers, mlp.norms)
+        kind = TanhMLPPolicy if arch == TANH_MLP else CategoricalPolicy
+        return kind(mlp.layers, mlp.norms)
     return MLPPolicy.from_arrays(arch, arrays)
 
 

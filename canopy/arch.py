@@ -10,5 +10,8 @@ from __future__ import annotations
 
 MLP = "mlp"  # Linear layers named layers.<i>.weight/bias, ReLU between, optional layer norms
 TANH_MLP = "tanh_mlp"  # an MLP whose output goes through tanh: td3's actor, actions in [-1, 1]
+CATEGORICAL_MLP = "categorical_mlp"  # the mlp's outputs are action logits: ppo/impala, Discrete actions
+GAUSSIAN_MLP = "gaussian_mlp"  # the mlp's outputs are a diagonal Gaussian's mean, plus a log_std [d] array
 NATURE_CNN = "nature_cnn"  # Mnih et al. (2015) convolutions over uint8 frame stacks, then an MLP
-FOLDABLE = (MLP, TANH_MLP)  # linear first layers, so observation normalization folds into them
+# Linear first layers on the flat observation, so observation normalization folds into them.
+FOLDABLE = (MLP, TANH_MLP, CATEGORICAL_MLP, GAUSSIAN_MLP)

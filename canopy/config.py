@@ -19,6 +19,7 @@ from typing import Any
 import tomli_w
 
 from canopy.config_checks import apply_overrides, build
+from canopy.config_defaults import ON_POLICY, UNROLLS, algorithm_defaults
 from canopy.errors import ConfigError
 
 
@@ -141,7 +142,8 @@ class LearnerConfig:
     # version at 500 through 300 s of training; without it DQN collapses (docs/algorithms.md).
     layer_norm: bool = True
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py);
-    # auto: the one that fits the env's action space.
+    # ppo, impala: on-policy, either action space (algorithms/ppo.py, impala.py), with their
+    # own defaults (ALGORITHM_DEFAULTS); auto: dqn or td3, whichever fits the action space.
     algorithm: str = "auto"
     # Polyak rate of the target networks: every target update moves them this far toward the
     # online ones (td3: every policy update; dqn: every target_update_period updates; 1: a copy).
@@ -166,6 +168,19 @@ class LearnerConfig:
     # Data-parallel ranks training one model together (learner/group.py): each samples its
     # own batches, gradients are averaged before every step; only rank 0 publishes.
     learners: int = 1
+    # On-policy learners (ppo, impala) read unrolls of `unroll_length` env steps from the
+    # replay queue table UNROLLS; `batch_size` then counts unrolls.
+    unroll_length: int = 32
+    epochs: int = 10  # ppo: passes over each batch, in minibatches
+    minibatch_size: int = 256  # ppo: env steps per gradient step
+    gae_lambda: float = 0.95  # ppo: lambda of GAE
+    clip_range: float = 0.2  # ppo: the surrogate's ratio clip, annealed like lr ...
+    clip_range_final: float = 0.2  # ... to this over lr_anneal_updates
+    value_clip: float = 0.0  # ppo: clip value updates to this far from the old values (0: off)
+    vf_coef: float = 0.5  # ppo, impala: weight of the value loss
+    ent_coef: float = 0.0  # ppo, impala: weight of the entropy bonus
+    rho_bar: float = 1.0  # impala: V-trace's clip of the importance weight in the TD error
+    c_bar: float = 1.0  # impala: V-trace's clip of the trace (how far corrections reach back)
     # A population trained together (learner/algorithms/population.py): each model its own network,
     # optimizer and batches from the shared replay; one version holds them all; actor i
     # acts with model i % models. In a group their all-reduces overlap (learner/overlap.py).
@@ -308,6 +323,17 @@ _MINIMUMS: dict[str, float] = {
     "learner.threads": 1,
     "learner.learners": 1,
     "learner.models": 1,
+    "learner.unroll_length": 1,
+    "learner.epochs": 1,
+    "learner.minibatch_size": 1,
+    "learner.gae_lambda": 0,
+    "learner.clip_range": 0,
+    "learner.clip_range_final": 0,
+    "learner.value_clip": 0,
+    "learner.vf_coef": 0,
+    "learner.ent_coef": 0,
+    "learner.rho_bar": 0,
+    "learner.c_bar": 0,
     "actors.count": 1,
     "actors.envs": 1,
     "actors.chunk": 1,
@@ -325,7 +351,7 @@ _MINIMUMS: dict[str, float] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
-    "learner.algorithm": ("auto", "dqn", "td3"),
+    "learner.algorithm": ("auto", "dqn", "td3", "ppo", "impala"),
     "checkpoint.placement": ("auto", "group", "ring"),
     "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
     "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),
@@ -351,6 +377,7 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
     apply_overrides(data, overrides or [], problems)
+    algorithm_defaults(data)
     cfg = build(Config, data, "", problems)
     problems += verify(cfg)
     if problems:
@@ -379,14 +406,53 @@ def verify(cfg: Config) -> list[str]:
         problems.append(f"learner.model_lr has {len(lc.model_lr)} rates for learner.models = {lc.models}")
     if any(lr <= 0 for lr in lc.model_lr):
         problems.append("learner.model_lr rates must be positive")
-    if lc.models > 1 and lc.algorithm == "td3":
+    if lc.models > 1 and lc.algorithm not in ("auto", "dqn"):
         problems.append('learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"')
+    problems += _on_policy_problems(cfg)
     store = cfg.cluster.learner_store
     if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
         problems.append(f"cluster.learner_store = {store!r} must be host:port")
     if cfg.replay.min_size > cfg.replay.capacity:
         problems.append("replay.min_size must not exceed replay.capacity")
     problems += _verify_env(cfg.env)
+    return problems
+
+
+def on_policy(cfg: Config) -> bool:
+    """Whether the learner trains on unrolls from the UNROLLS queue (ppo, impala)."""
+    return cfg.learner.algorithm in ON_POLICY
+
+
+def _on_policy_problems(cfg: Config) -> list[str]:
+    """One line per setting an on-policy learner cannot work with (none for dqn and td3)."""
+    if not on_policy(cfg):
+        return []
+    lc, name = cfg.learner, cfg.learner.algorithm
+    problems = []
+    if cfg.replay.sampler == "prioritized":
+        problems.append(
+            f"replay.sampler = 'prioritized' does not fit learner.algorithm = {name!r}: "
+            "on-policy unrolls are read once, oldest first; remove the setting"
+        )
+    queues = [e for e in cfg.replay.extra_tables if e.split(":")[0] == UNROLLS]
+    parts = queues[0].split(":") if len(queues) == 1 else []
+    if len(parts) != 5 or parts[1:4] != ["fifo", "fifo", "1"] or not parts[4].isdigit():
+        return [
+            *problems,
+            f"learner.algorithm = {name!r} reads unrolls from a queue: replay.extra_tables needs "
+            f"exactly one entry '{UNROLLS}:fifo:fifo:1:<capacity>'",
+        ]
+    capacity = int(parts[4])
+    if capacity < max(lc.batch_size, cfg.actors.envs):
+        problems.append(
+            f"the {UNROLLS} queue holds {capacity} unrolls, fewer than learner.batch_size "
+            f"({lc.batch_size}) or actors.envs ({cfg.actors.envs}): raise its capacity"
+        )
+    if name == "ppo" and lc.minibatch_size > lc.batch_size * lc.unroll_length:
+        problems.append(
+            f"learner.minibatch_size = {lc.minibatch_size} exceeds a batch's "
+            f"{lc.batch_size * lc.unroll_length} env steps (batch_size x unroll_length)"
+        )
     return problems
 
 

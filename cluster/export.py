@@ -7,9 +7,12 @@ trimming of old versions; `--version newest` takes `model:latest` instead, `--ve
 any version still kept. A run that has stopped still has them in its persisted shard
 (RUN_DIR/redis-0), which these commands start on a free loopback port for as long as they
 read. The policy leaves canopy as
-- safetensors: the Q-network's state_dict plus metadata (env id, version, layer sizes),
-  loadable with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
-- TorchScript: the network itself, loadable with `torch.jit.load` without canopy.
+- safetensors: the published network's arrays (a Q-network's or policy's state_dict, and a
+  `gaussian_mlp`'s `log_std`) plus metadata (env id, version, arch, layer sizes), loadable
+  with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
+- TorchScript: the network itself, loadable with `torch.jit.load` without canopy: Q-values,
+  logits (`categorical_mlp`), or the greedy action (`tanh_mlp`; `gaussian_mlp`: the mean
+  clamped to [-1, 1]).
 `canopy eval` plays greedy episodes with a run's policy or an exported safetensors file.
 """
 
@@ -28,7 +31,7 @@ import numpy as np
 import redis
 
 from canopy import config as config_mod
-from canopy.arch import MLP, TANH_MLP
+from canopy.arch import GAUSSIAN_MLP, MLP, TANH_MLP
 from canopy.cache import blob
 from canopy.cluster.progress import waiting
 from canopy.cluster.status import load_run
@@ -132,8 +135,9 @@ def read_policy(r: redis.Redis, keys: Keys, version: str = "") -> tuple[blob.Man
 
 
 def layer_sizes(arrays: dict[str, np.ndarray]) -> tuple[int, int, list[int]]:
-    """(observation size, actions, hidden widths) of an `mlp` from its weight shapes."""
-    weights = [a for name, a in arrays.items() if name.endswith(".weight")]
+    """(observation size, actions, hidden widths) of an `mlp` from its weight shapes; arrays
+    that are not a linear layer's (a `gaussian_mlp`'s `log_std`) do not count."""
+    weights = [a for name, a in arrays.items() if name.startswith("layers.") and name.endswith(".weight")]
     if not weights or any(w.ndim != 2 for w in weights):
         raise ProtocolError("the policy is not an mlp of linear layers")
     return weights[0].shape[1], weights[-1].shape[0], [w.shape[0] for w in weights[:-1]]
@@ -189,9 +193,16 @@ def write_policy(
     else:
         if manifest.arch == TANH_MLP:
             net = Actor(obs_size, n_actions, hidden)
-        else:
+            net.load_state_dict(state)
+        elif manifest.arch == GAUSSIAN_MLP:
+            # The greedy action, as `canopy eval` and the evaluator take it: the mean clamped
+            # to the action box (Hardtanh is that clamp); log_std only matters for sampling.
+            mean = QNetwork(obs_size, n_actions, hidden)
+            mean.load_state_dict({k: v for k, v in state.items() if k != "log_std"})
+            net = torch.nn.Sequential(mean, torch.nn.Hardtanh(-1.0, 1.0))
+        else:  # mlp: Q-values; categorical_mlp: logits (their argmax is the greedy action)
             net = QNetwork(obs_size, n_actions, hidden)
-        net.load_state_dict(state)
+            net.load_state_dict(state)
         # Traced, not scripted: the MLP has no data-dependent control flow.
         torch.jit.trace(net.eval(), torch.zeros(1, obs_size)).save(str(path))
     return path
@@ -208,12 +219,25 @@ def load_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         arrays = load_np(str(path))
     except (SafetensorError, OSError) as exc:
         raise UserError(f"cannot read {path} as an exported policy ({exc}): use `canopy export`") from None
-    try:
-        # safetensors stores names sorted; the policy needs layer order, weight before bias.
-        order = sorted(arrays, key=lambda k: (int(k.split(".")[1]), k.endswith(".bias")))
-    except (IndexError, ValueError):
-        raise UserError(f"{path} does not hold layers.<i>.weight/bias tensors: use `canopy export`") from None
-    return {k: arrays[k] for k in order}, meta
+    # safetensors stores names sorted; the policy needs layer order, weight before bias.
+    layers = sorted((k for k in arrays if _layer_index(k) is not None), key=_layer_order)
+    if not layers:
+        raise UserError(f"{path} does not hold layers.<i>.weight/bias tensors: use `canopy export`")
+    others = sorted(k for k in arrays if _layer_index(k) is None)  # a gaussian_mlp's log_std
+    return {k: arrays[k] for k in [*layers, *others]}, meta
+
+
+def _layer_index(name: str) -> int | None:
+    """i of a `layers.<i>.<kind>` array name, None for any other name."""
+    prefix, index, kind = [*name.split("."), "", ""][:3]
+    ok = prefix == "layers" and index.isdigit() and bool(kind) and name.count(".") == 2
+    return int(index) if ok else None
+
+
+def _layer_order(name: str) -> tuple[int, int, str]:
+    """Sort key of a layer array: its layer, then weight, bias, then the rest (layer norms)."""
+    kind = name.rsplit(".", 1)[1]
+    return _layer_index(name) or 0, {"weight": 0, "bias": 1}.get(kind, 2), kind
 
 
 def evaluate(

@@ -27,6 +27,8 @@ from canopy.keys import Keys
 from canopy.lease import parse_token
 from canopy.version import Version
 
+REFRESH_POLL_S = 0.1  # how often a solve re-reads the actors' hashes for its step count
+
 
 class Monitor:
     """The running cluster seen through Redis, and why it stopped.
@@ -127,7 +129,18 @@ class Monitor:
         at = ledger.published_at(self.r.hget(key, ledger.PUBLISHED_AT))
         if at is None:
             at = time.time()
+        if float(event["mean_return"]) >= self.cfg.run.stop_at_return:
+            self._await_refresh(at)
         self.verdicts.on_confirm(event, snap["wall_s"], round(self.clock.steps_at(at)))
+
+    def _await_refresh(self, at: float) -> None:
+        """Read the actors' hashes until each was refreshed after `at` (at most three
+        heartbeats): a run can solve before the first refresh, and its steps to solve
+        must then come from counts around the version's publish time, not from none."""
+        deadline = time.monotonic() + 3 * self.cfg.run.heartbeat_s
+        while not self.clock.covers(at) and time.monotonic() < deadline:
+            time.sleep(REFRESH_POLL_S)
+            self.snapshot()
 
     def snapshot(self) -> dict[str, Any]:
         """One row of metrics.jsonl: the run's counters summed from the stats hashes."""

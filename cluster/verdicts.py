@@ -45,6 +45,11 @@ class StepClock:
         times.append(updated_at)
         counts.append(steps)
 
+    def covers(self, t: float) -> bool:
+        """Whether every actor seen has been refreshed at or after `t` (so `steps_at(t)`
+        interpolates for each, instead of extrapolating a rate from before `t`)."""
+        return bool(self.samples) and all(times[-1] >= t for times, _ in self.samples.values())
+
     def steps_at(self, t: float) -> float:
         """Sum over actors of each one's steps at `t`, linear between refreshes.
 

@@ -4,8 +4,10 @@ folded into the policy it publishes.
 Place in the data flow: replay batch -> `ObsNorm.update` (the observations of every batch
 the learner trains on) -> `ObsNorm.normalize` of obs and next_obs -> the networks. At
 publish time `fold` turns the current statistics into extra first layers of the exported
-MLP, so a published version is still a plain `mlp` / `tanh_mlp` acting on raw
-observations: actors, the evaluator, `canopy export` and `canopy eval` need nothing new,
+MLP, so a published version is still a plain `mlp` / `tanh_mlp` / `categorical_mlp` /
+`gaussian_mlp` acting on raw observations (arrays other than the layers, like a
+`gaussian_mlp`'s `log_std`, pass through unchanged): actors, the evaluator, `canopy export`
+and `canopy eval` need nothing new,
 and they always act with the statistics the published weights were trained with (one
 version, one set of statistics).
 
@@ -145,7 +147,8 @@ def fold(
     arrays: dict[str, np.ndarray], mean: np.ndarray, std: np.ndarray, clip: float = CLIP
 ) -> dict[str, np.ndarray]:
     """An MLP's arrays (`layers.<i>.weight/bias` in layer order, optionally under population
-    prefixes `m<k>/`) with normalization and clipping prepended as described above."""
+    prefixes `m<k>/`) with normalization and clipping prepended as described above; other
+    arrays of a model (a `gaussian_mlp`'s `log_std`) are kept as they are, after its layers."""
     groups: dict[str, dict[str, np.ndarray]] = {}
     for name, array in arrays.items():
         prefix, slash, rest = name.rpartition("/")
@@ -173,10 +176,17 @@ def _fold_one(
         "layers.1.weight": np.concatenate([w0, -w0], axis=1),
         "layers.1.bias": b0 - clip * w0.sum(axis=1),
     }
+    others: dict[str, np.ndarray] = {}
     for name, array in layers.items():
-        _, index, kind = name.split(".")
+        prefix, index, kind = [*name.split("."), "", ""][:3]
+        if prefix != "layers" or not index.isdigit() or name.count(".") != 2:
+            # Not a linear layer's (a gaussian_mlp's state-independent log_std): it never
+            # sees the observation, so normalization leaves it alone.
+            others[name] = array
+            continue
         # Every layer moves one on; layer 0's weight and bias are replaced above, but its
         # layer norm (`norm_weight/norm_bias`) acts on the same outputs, now layer 1's.
         if index != "0" or kind.startswith("norm_"):
             out[f"layers.{int(index) + 1}.{kind}"] = array
+    out.update(others)
     return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in out.items()}

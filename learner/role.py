@@ -34,12 +34,14 @@ import threading
 import time
 from collections.abc import Iterator
 
+import numpy as np
 import redis
 
-from canopy.config import Config
+from canopy.config import Config, on_policy
+from canopy.config_defaults import UNROLLS
 from canopy.errors import ProtocolError
 from canopy.keys import Keys
-from canopy.learner.algorithms import Batch, Stats, host_stats
+from canopy.learner.algorithms import Batch, Stats, Unrolls, host_stats
 from canopy.learner.checkpoint.prefetch import Prefetcher
 from canopy.learner.checkpoint.state import Snapshot, load_sampler_state, restore, sampler_state
 from canopy.learner.checkpoint.store import CheckpointStore
@@ -53,6 +55,7 @@ from canopy.lease import Fenced, Lease, follower_rank
 from canopy.redisconn import connect
 from canopy.replay.client import SampleClient, TensorBatch
 from canopy.replay.membership import RedisMembers
+from canopy.replay.sample import TRAIN_FIELDS
 from canopy.telemetry import Telemetry
 from canopy.version import Version
 
@@ -61,6 +64,9 @@ SAMPLE_TIMEOUT_S = 120.0
 GROUP_TIMEOUT_S = SAMPLE_TIMEOUT_S + 60.0
 # Stats every rank's training loop (_Trainer) keeps up to date, as they read before the first update.
 TRAINING_STATS = {"loss": 0.0, "q_mean": 0.0, "sample_wait_seconds_total": 0.0, "policy_lag_mean": 0.0}
+# The columns of an unroll (actors/unroll.py) an on-policy learner trains on.
+UNROLL_FIELDS = ("obs", "action", "reward", "terminated", "truncated", "mask", "logp", "version")
+LAG_BINS = 64  # policy lag histogram: 0 .. LAG_BINS - 1 versions, the last bin holding the rest
 
 
 def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -> None:
@@ -86,7 +92,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     prefetch, t_lease = took
     counters, parent = _restore_newest(ck.enabled, store, prefetch, model, lease.epoch, t_lease, tel)
     lead = Lead(cfg, ident, r, keys, tel, lease, store, model, parent, stop)
-    trainer = _Trainer(model, _prioritized(cfg), _sample_client(cfg, r, keys, ident), tel.counters)
+    trainer = _Trainer(model, cfg, _sample_client(cfg, r, keys, ident), tel.counters)
     if "sampler" in counters:
         _load_sampler(trainer.sampler, counters["sampler"], tel)  # the next batch is drawn as before the stop
     c = tel.counters
@@ -160,7 +166,7 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
     except GroupLost:
         tel.close()
         return
-    trainer = _Trainer(model, _prioritized(cfg), _sample_client(cfg, r, keys, ident), tel.counters)
+    trainer = _Trainer(model, cfg, _sample_client(cfg, r, keys, ident), tel.counters)
     c = tel.counters
     c.update(rank=rank, epoch=group.epoch, updates_total=0, versions_published_total=0, **TRAINING_STATS)
     try:
@@ -189,15 +195,19 @@ class _Trainer:
     group: next batch(es), one control step with the group, update, priorities back to
     replay, counters; then what only the lease holder does (`Lead`, learner/lead.py)."""
 
-    def __init__(self, model: Model, prioritized: bool, sampling: tuple[RedisMembers, SampleClient], c: dict):
-        self.model, self.algo, self.prioritized, self.c = model, model.algo, prioritized, c
+    def __init__(self, model: Model, cfg: Config, sampling: tuple[RedisMembers, SampleClient], c: dict):
+        self.model, self.algo, self.c = model, model.algo, c
+        self.prioritized = cfg.replay.sampler == "prioritized"
+        self.fields = UNROLL_FIELDS if on_policy(cfg) else TRAIN_FIELDS
         self.members, self.sampler = sampling  # `_sample_client`
         self.priorities = PriorityReturn(self.sampler, model.device)
+        # Policy lag of every item trained on (an unroll: its first step), in versions.
+        self.lag_counts = np.zeros(LAG_BINS, np.int64)
 
     def run(self, stop: threading.Event, group: LearnerGroup | None, lead: Lead | None) -> None:
         """Train until `stop` or the sampler ends; in a group, until any rank stops."""
         # On the device (zero-copy on CPU); the iterator ends as soon as `stop` is set.
-        batches = self.sampler.tensor_batches(self.model.device, SAMPLE_TIMEOUT_S, stop)
+        batches = self.sampler.tensor_batches(self.model.device, SAMPLE_TIMEOUT_S, stop, self.fields)
         while True:
             t0 = time.monotonic()
             batch = None if stop.is_set() else _take(batches, self.algo.models)
@@ -225,8 +235,19 @@ class _Trainer:
         if self.prioritized:
             self._return_priorities(batches)
         c["updates_total"] = algo.updates
-        if algo.updates % 50 == 0:
+        if version is not None:
+            self._count_lag(batches, version)
+        if algo.updates % algo.report_every == 0:
             self._report(stats, batches, version, digest)
+
+    def _count_lag(self, batches: list[TensorBatch], version: Version) -> None:
+        """Add each item's policy lag (the learner's step minus the step of the version that
+        acted; only comparable within one epoch) to the histogram."""
+        for batch in batches:
+            acted = batch.arrays["version"]
+            acted = acted[:, 0] if acted.ndim == 2 else acted  # an unroll: its first step
+            lag = np.clip(version.step - (acted & 0xFFFFFFFF), 0, LAG_BINS - 1)
+            self.lag_counts += np.bincount(lag, minlength=LAG_BINS)
 
     def _return_priorities(self, batches: list[TensorBatch]) -> None:
         """New priorities go back fire-and-forget; the shard drops any for slots overwritten
@@ -251,6 +272,7 @@ class _Trainer:
             # How old the data is, in learner steps (only comparable within one epoch).
             data_steps = batches[0].arrays["version"] & 0xFFFFFFFF
             c["policy_lag_mean"] = float(version.step - data_steps.mean())
+            c.update(lag_quantiles(self.lag_counts))
         c["replay_shards"] = len(self.sampler.shards)
         if digest:
             # Every rank of a group reports the same digest at the same update count.
@@ -307,9 +329,15 @@ def _take(batches: Iterator[TensorBatch], n: int) -> list[TensorBatch] | None:
     return out
 
 
-def _prioritized(cfg: Config) -> bool:
-    """Prioritized replay: batches carry importance weights, updates send priorities back."""
-    return cfg.replay.sampler == "prioritized"
+def lag_quantiles(counts: np.ndarray) -> dict[str, float]:
+    """policy_lag_p50/p90/p99/max (in versions) of a lag histogram; the last bin means "or more"."""
+    total = int(counts.sum())
+    if total == 0:
+        return {}
+    cum = np.cumsum(counts)
+    out = {f"policy_lag_p{q}": float(np.searchsorted(cum, total * q / 100)) for q in (50, 90, 99)}
+    out["policy_lag_max"] = float(np.flatnonzero(counts)[-1])
+    return out
 
 
 def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple[RedisMembers, SampleClient]:
@@ -326,6 +354,7 @@ def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple
         is_exponent_final=rc.importance_exponent_final,
         anneal_batches=rc.importance_anneal_updates,
         seed=cfg.run.seed * 1000 + ident,
+        table=UNROLLS if on_policy(cfg) else None,
     )
     return members, sampler
 
@@ -351,8 +380,14 @@ def _newest_epoch(store: CheckpointStore) -> int:
     return max((Version.parse(ckpt).epoch for ckpt in store.committed()), default=0)
 
 
-def _to_batch(batch: TensorBatch, weighted: bool, norm: ObsNorm | None = None) -> Batch:
+def _to_batch(batch: TensorBatch, weighted: bool, norm: ObsNorm | None = None) -> Batch | Unrolls:
     t = batch.tensors
+    if "mask" in t:  # unrolls (on-policy): obs [B, T + 1, ...]
+        obs = t["obs"]
+        if norm is not None:
+            norm.update(obs[:, :-1].reshape(-1, *obs.shape[2:]))
+            obs = norm.normalize(obs.reshape(-1, *obs.shape[2:])).view(obs.shape)
+        return Unrolls(**{**{k: t[k] for k in UNROLL_FIELDS}, "obs": obs})
     weight = t["weight"] if weighted else None
     obs, next_obs = t["obs"], t["next_obs"]
     if norm is not None:  # env.normalize_obs: statistics of the observations trained on

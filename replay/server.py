@@ -13,6 +13,12 @@ serving. Requests the rate limiter holds back are parked per table (bounded in a
 `max_pending`) and answered as soon as they may proceed; parked samples time out with
 `not_ready`.
 
+Queue tables (replay/shard.py) use the same parking for backpressure instead of loss: a
+chunk that does not fit beside the unread items waits until samples make room (its
+actor's InsertClient then blocks at `inflight` unacknowledged chunks), and a sample waits
+until the whole batch is there. Requests no queue could ever serve (a chunk or batch
+larger than its capacity) are refused at once rather than parked for ever.
+
 Snapshots (replay/snapshot.py), when a directory is given: at construction the shard loads
 the newest valid snapshot there (tables, per-slot metadata, limiter state); then it forks
 a writer every `snapshot_interval_s`, on request, and once more when `serve` stops.
@@ -190,11 +196,11 @@ class ReplayServer:
 
     def _insert_or_park(self, ident: bytes, msg: wire.Message) -> None:
         slot = self._slot(msg)
-        slot.table.check(msg.arrays)  # reject a bad chunk now, not after it waited in the queue
-        if not slot.inserts and slot.limiter.can_insert():
+        n = slot.table.check(msg.arrays)  # reject a bad chunk now, not after it waited in the queue
+        if not slot.inserts and slot.admits(n):
             self._insert(slot, ident, msg)
         elif self._parked_count() < self.cfg.max_pending:
-            slot.inserts.append(Parked(ident, msg, 0.0))
+            slot.inserts.append(Parked(ident, msg, 0.0, n=n))
         else:
             self._reply(ident, msg, protocol.error(Code.BUSY, _PARKED_FULL))
 
@@ -208,7 +214,8 @@ class ReplayServer:
         want = protocol.parse_sample(msg.header)
         self.counters["sample_requests_total"] += 1
         slot = self._slot(msg)
-        if not slot.samples and self._can_sample(slot, want):
+        slot.check_batch(want.batch)
+        if not slot.samples and slot.serves(want.batch):
             self._sample(slot, ident, msg, want)
         elif self._parked_count() < self.cfg.max_pending:
             deadline = time.monotonic() + self.cfg.sample_wait_s
@@ -216,16 +223,9 @@ class ReplayServer:
         else:
             self._reply(ident, msg, protocol.error(Code.BUSY, _PARKED_FULL))
 
-    @staticmethod
-    def _can_sample(slot: Slot, want: SampleRequest) -> bool:
-        return slot.table.size > 0 and slot.limiter.can_sample(slot.table.size, want.batch)
-
     def _sample(self, slot: Slot, ident: bytes, msg: wire.Message, want: SampleRequest) -> None:
         table = slot.table
-        # Several batches draw at once only where draws do not remove items; each is still
-        # `batch` independent draws, as if asked for one after another with nothing between.
-        most = want.batches if table.max_times_sampled == 0 else 1
-        batches = max(1, slot.limiter.batches(table.size, want.batch, most))
+        batches = max(1, slot.limiter.batches(table.size, want.batch, slot.most_batches(want)))
         slots, gens, probs, total, min_weight = table.draw(want.batch * batches, self.rng)
         n = len(slots)
         slot.limiter.sampled += n
@@ -263,6 +263,8 @@ class ReplayServer:
     def _configure(self, ident: bytes, msg: wire.Message) -> None:
         """Change a table's rate limiter at runtime; its insert/sample counts carry over."""
         slot = self._slot(msg)
+        if slot.table.is_queue:
+            raise ProtocolError(f"table {slot.table.name!r} is a queue: its capacity alone limits it")
         old = slot.limiter
         new = RateLimiter(**protocol.parse_configure(msg.header, old.settings()))
         new.inserted, new.sampled = old.inserted, old.sampled
@@ -289,11 +291,11 @@ class ReplayServer:
             progress = True
             while progress:
                 progress = False
-                if slot.samples and self._can_sample(slot, slot.samples[0].sample):
+                if slot.samples and slot.serves(slot.samples[0].sample.batch):
                     p = slot.samples.popleft()
                     self._sample(slot, p.ident, p.msg, p.sample)
                     progress = True
-                if slot.inserts and slot.limiter.can_insert():
+                if slot.inserts and slot.admits(slot.inserts[0].n):
                     p = slot.inserts.popleft()
                     try:  # the table may have taken another signature while this chunk waited
                         self._insert(slot, p.ident, p.msg)
@@ -304,7 +306,10 @@ class ReplayServer:
             while slot.samples and slot.samples[0].deadline < now:
                 p = slot.samples.popleft()
                 self.counters["not_ready_total"] += 1
-                self._reply(p.ident, p.msg, protocol.error(Code.NOT_READY, "rate limiter held the sample"))
+                reason = (
+                    "fewer items than the batch" if slot.table.is_queue else "rate limiter held the sample"
+                )
+                self._reply(p.ident, p.msg, protocol.error(Code.NOT_READY, reason))
 
     def _reply(self, ident: bytes, msg: wire.Message, reply: dict[str, Any]) -> None:
         reply = protocol.answer(reply, protocol.request_id(msg.header))

@@ -3,6 +3,15 @@
 Place in the data flow: replay/server.py builds one `Slot` per table of the [replay]
 config (`build`) and routes every request to one by name; a snapshot (replay/snapshot.py)
 holds what `export` returns, and a restarting shard gets fresh slots from it (`load`).
+
+Queue tables (`Table.is_queue`, e.g. `replay.extra_tables = ["unrolls:fifo:fifo:1:64"]`)
+carry on-policy unrolls, each to be trained on exactly once. They are limited by their
+capacity alone, as Reverb's queue is: an insert waits (parked) until the chunk fits
+beside the unread items, a sample until the queue holds the whole batch. The global
+samples_per_insert / min_size / error_buffer are tuned for the off-policy main table and
+would hold an on-policy learner back for nothing (or for ever: min_size above the queue's
+capacity), so a queue's limiter is `QUEUE_LIMITER`, in `build`, `load` and for good: the
+`configure` op leaves queues alone (replay/server.py).
 """
 
 from __future__ import annotations
@@ -13,11 +22,14 @@ from typing import Any
 
 from canopy import wire
 from canopy.config import ReplayConfig
+from canopy.errors import ProtocolError
 from canopy.replay.limiter import RateLimiter
 from canopy.replay.packed import Layouts
 from canopy.replay.protocol import MAIN, SampleRequest
 from canopy.replay.snapshot import Groups
 from canopy.replay.table import Table
+
+QUEUE_LIMITER = {"samples_per_insert": 0.0, "min_size": 1, "error_buffer": 0.0}  # no ratio, no warm-up
 
 
 @dataclass
@@ -28,6 +40,7 @@ class Parked:
     msg: wire.Message
     deadline: float
     sample: SampleRequest | None = None  # samples: the request, checked when it came
+    n: int = 0  # inserts: the chunk's item count, checked when it came
 
 
 @dataclass
@@ -39,6 +52,36 @@ class Slot:
     inserts: deque[Parked] = field(default_factory=deque)
     samples: deque[Parked] = field(default_factory=deque)
     layouts: Layouts = field(default_factory=Layouts)  # packed sample replies, by batch length
+
+    def admits(self, n: int) -> bool:
+        """Whether an insert of `n` items may go ahead now (a queue: only if it evicts nothing)."""
+        return self.limiter.can_insert() and self.table.room(n)
+
+    def serves(self, batch: int) -> bool:
+        """Whether a sample of `batch` items may be served now (a queue: only a whole batch)."""
+        size = self.table.size
+        if self.table.is_queue and size < batch:
+            return False
+        return size > 0 and self.limiter.can_sample(size, batch)
+
+    def check_batch(self, batch: int) -> None:
+        """ProtocolError for a batch a queue could never serve: more items than it holds."""
+        cap = self.table.capacity
+        if self.table.is_queue and batch > cap:
+            raise ProtocolError(
+                f"queue table {self.table.name!r} holds {cap} items, a batch of {batch} could never "
+                "be served: ask for smaller batches or raise the capacity in its replay.extra_tables entry"
+            )
+
+    def most_batches(self, want: SampleRequest) -> int:
+        """How many of the batches asked for may be drawn at once: several only where draws
+        remove nothing (each still `batch` independent draws, as if asked one by one) or
+        from a queue holding them all (each the next `batch` items, exactly)."""
+        if self.table.max_times_sampled == 0:
+            return want.batches
+        if self.table.is_queue:
+            return max(1, min(want.batches, self.table.size // want.batch))
+        return 1
 
 
 def table_specs(cfg: ReplayConfig) -> list[dict[str, Any]]:
@@ -92,7 +135,10 @@ def build(cfg: ReplayConfig, seed: int) -> dict[str, Slot]:
             frame_stack=cfg.frame_stack,
             frame_window=cfg.frame_window,
         )
-        limiter = RateLimiter(cfg.samples_per_insert, cfg.min_size, cfg.error_buffer)
+        if table.is_queue:
+            limiter = RateLimiter(**QUEUE_LIMITER)
+        else:
+            limiter = RateLimiter(cfg.samples_per_insert, cfg.min_size, cfg.error_buffer)
         slots[spec["name"]] = Slot(table, limiter)
     return slots
 
@@ -120,9 +166,10 @@ def load(cfg: ReplayConfig, seed: int, state: Any, groups: Groups) -> dict[str, 
         for name, slot in fresh.items():
             slot.table.load(state["tables"][name], groups.get(name, {}))
             lim = state["limiters"][name]
-            slot.limiter = RateLimiter(
-                float(lim["samples_per_insert"]), int(lim["min_size"]), float(lim["error_buffer"])
-            )
+            if not slot.table.is_queue:  # a queue keeps QUEUE_LIMITER, whatever an older shard saved
+                slot.limiter = RateLimiter(
+                    float(lim["samples_per_insert"]), int(lim["min_size"]), float(lim["error_buffer"])
+                )
             slot.limiter.inserted, slot.limiter.sampled = int(lim["inserted"]), int(lim["sampled"])
     except (KeyError, TypeError, IndexError, AttributeError) as exc:
         raise ValueError(f"its state does not fit this shard ({type(exc).__name__}: {exc})") from None

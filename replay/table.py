@@ -19,6 +19,11 @@ Invariants:
   evicts items until their frames are free.
 - `export` / `load` carry everything a restarted shard needs (replay/snapshot.py): the
   columns, per-slot metadata and counters; selectors are rebuilt from seq and priority.
+
+Queues (`is_queue`, Reverb's queue) carry whole unrolls to an on-policy learner, which must
+see each exactly once: a lost one would bias its gradient. So a queue never evicts an
+unread item: a chunk goes in whole once it fits (`room`; the shard parks it until samples
+make room), one larger than the queue is refused, and a draw takes the oldest items.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ from canopy.replay.frames import (
 from canopy.replay.packed import INDEX
 
 PRIORITY = "priority"  # optional insert column: initial priorities, not stored as data
+# Counts a snapshot carries besides the arrays (each an attribute of the same name).
+_COUNTS = ("size", "inserted", "removed_total", "updates_applied", "updates_dropped", "nfree")
 
 
 @dataclass
@@ -83,38 +90,44 @@ class Table:
         selectors.make(remover, 1)
         self.name = name
         self.rng = np.random.default_rng(seed)  # for a uniform remover's draws
-        self.requested_capacity = capacity
-        self.capacity = capacity
+        self.requested_capacity = self.capacity = capacity
         self.sampler_kind, self.remover_kind = sampler, remover
         self.max_times_sampled = max_times_sampled
-        self.alpha = priority_exponent
-        self.max_bytes = max_bytes
+        self.alpha, self.max_bytes = priority_exponent, max_bytes
         self.frame_stack, self.frame_window = frame_stack, frame_window
         self.allocated = False  # the first insert sizes every array
         self.columns: dict[str, np.ndarray] = {}
         self.frames: FrameStore | None = None  # set by the first insert of a pixel table
         self.stacked: dict[str, np.ndarray] = {}  # pixel tables: obs/next_obs -> [cap, stack] frame slots
-        self.size = 0
-        self.inserted = 0
-        self.removed_total = 0
-        self.updates_applied = 0
-        self.updates_dropped = 0
+        self.size = self.inserted = self.removed_total = self.updates_applied = self.updates_dropped = 0
         self.max_priority = 1.0  # new items without a priority get the largest seen (PER)
+
+    @property
+    def is_queue(self) -> bool:
+        """Reverb's queue: a fifo sampler whose one draw removes the item (each out once, oldest first)."""
+        return self.sampler_kind == "fifo" and self.max_times_sampled == 1
+
+    def room(self, n: int) -> bool:
+        """Whether `n` items may go in now: always in a ring (it evicts), in a queue if they fit."""
+        return not self.is_queue or self.size + n <= self.capacity
 
     # -- layout -----------------------------------------------------------------------
 
-    def _allocate(self, arrays: dict[str, np.ndarray], frames: dict[str, np.ndarray]) -> None:
-        if frames:
-            arrays = {k: a for k, a in arrays.items() if k not in STACKED}
+    def _fit(self, arrays: dict[str, np.ndarray], frames: dict[str, np.ndarray]) -> int:
+        """The item capacity for items like these: `capacity`, cut to what `max_bytes` holds."""
+        arrays = {k: a for k, a in arrays.items() if k not in STACKED} if frames else arrays
         item_bytes = sum(a[0].nbytes for a in arrays.values()) + self.META_BYTES
         if frames:  # about one new frame per item, plus its two stacks of slots
             item_bytes += frames[FRAME][0].nbytes + 2 * 4 * self.frame_stack
-        if self.max_bytes:
-            fits = self.max_bytes // item_bytes
-            if fits < 1:
-                raise ProtocolError(f"one item of {item_bytes} bytes exceeds the table's {self.max_bytes}")
-            self.capacity = min(self.requested_capacity, int(fits))
-        cap = self.capacity
+        fits = self.max_bytes // item_bytes if self.max_bytes else self.requested_capacity
+        if fits < 1:
+            raise ProtocolError(f"one item of {item_bytes} bytes exceeds the table's {self.max_bytes}")
+        return min(self.requested_capacity, int(fits))
+
+    def _allocate(self, arrays: dict[str, np.ndarray], frames: dict[str, np.ndarray]) -> None:
+        self.capacity = cap = self._fit(arrays, frames)
+        if frames:
+            arrays = {k: a for k, a in arrays.items() if k not in STACKED}
         self.columns = {k: np.zeros((cap, *a.shape[1:]), dtype=a.dtype) for k, a in arrays.items()}
         if frames:
             self.stacked = {k: np.zeros((cap, self.frame_stack), np.int32) for k in STACKED}
@@ -182,11 +195,19 @@ class Table:
         elif frames:  # the first pixel insert: every key must be one of its own frames
             check_columns(frames, data)
             check_refs(frames, data, {}, self.frame_window)
-        return lengths.pop()
+        n = lengths.pop()
+        if self.is_queue and n > (cap := self.capacity if self.allocated else self._fit(data, frames)):
+            raise ProtocolError(
+                f"queue table {self.name!r} holds {cap} items, this chunk has {n} and could never "
+                "fit: send smaller chunks or raise the capacity in its replay.extra_tables entry"
+            )
+        return n
 
     def insert(self, arrays: dict[str, np.ndarray]) -> int:
         """Store a chunk (every array has the same leading length); returns the chunk length."""
         n = self.check(arrays)
+        if not self.room(n):  # the shard parks such a chunk instead (replay/server.py)
+            raise ProtocolError(f"queue table {self.name!r} is full: {self.size} unread items")
         frames, arrays = split(arrays)
         prio = arrays.get(PRIORITY)
         data = {k: a for k, a in arrays.items() if k != PRIORITY}
@@ -233,7 +254,7 @@ class Table:
 
     def _make_frame_room(self, need: int) -> None:
         while self.frames.nfree < need:
-            if self.size == 0:
+            if self.size == 0 or self.is_queue:  # a queue never evicts an unread item
                 raise ProtocolError(
                     f"table {self.name!r}: no room for {need} frames beside the pinned ones; "
                     "send smaller chunks or lower replay.frame_window"
@@ -274,8 +295,7 @@ class Table:
             return 0
         inside = (slots >= 0) & (slots < self.capacity)
         if inside.all():  # the usual case: one vectorized generation check, no masking
-            ok = self.gen.take(slots) == gens
-            ok &= self.seq.take(slots) >= 0
+            ok = (self.gen.take(slots) == gens) & (self.seq.take(slots) >= 0)
         else:
             ok = inside.copy()
             ok[inside] = (self.gen[slots[inside]] == gens[inside]) & (self.seq[slots[inside]] >= 0)
@@ -308,6 +328,11 @@ class Table:
         if self.size == 0:
             raise ValueError("cannot sample an empty table")
         total, smallest = self.weights()
+        if self.is_queue:  # the oldest items, each removed: one vectorized pop
+            slots = self.sampler.pop(min(batch, self.size), rng)
+            gens = self.gen.take(slots)  # before the removal bumps them
+            self._forget(slots, remover_done=False, free=True)
+            return slots, gens, np.ones(len(slots)), total, smallest
         if self.max_times_sampled == 0:
             slots, probs = self.sampler.sample(batch, rng)
             # np.add.at would count a slot drawn twice in one batch twice, at a tenth of the
@@ -397,11 +422,9 @@ class Table:
             "remover": self.remover_kind,
         }
         if self.frames is not None:
-            out["frames_alive"] = self.frames.alive
-            out["frames_bytes"] = self.frames.nbytes
+            out.update(frames_alive=self.frames.alive, frames_bytes=self.frames.nbytes)
         if self.size:
             out["bytes_per_item"] = round(self.nbytes / self.size, 1)
-        if self.size:
             out["age_mean_items"] = round(self.inserted - 1 - self.seq_sum / self.size, 1)
             total, smallest = self.weights()
             out["priority_total"] = total
@@ -430,16 +453,7 @@ class Table:
         meta: dict = {"settings": self.settings(), "allocated": self.allocated}
         if not self.allocated:
             return meta, {}
-        meta.update(
-            capacity=self.capacity,
-            size=self.size,
-            inserted=self.inserted,
-            removed_total=self.removed_total,
-            updates_applied=self.updates_applied,
-            updates_dropped=self.updates_dropped,
-            max_priority=self.max_priority,
-            nfree=self.nfree,
-        )
+        meta.update({k: getattr(self, k) for k in ("capacity", "max_priority", *_COUNTS)})
         arrays = {f"col.{k}": c for k, c in self.columns.items()}
         arrays.update({f"stacked.{k}": c for k, c in self.stacked.items()})
         arrays.update(
@@ -460,7 +474,6 @@ class Table:
             return
         cap = int(meta["capacity"])
         columns = {k[4:]: a for k, a in arrays.items() if k.startswith("col.")}
-        self.capacity = self.requested_capacity  # _allocate cuts it to max_bytes again
         pixel = "frames" in meta
         shape = tuple(meta["frames"]["frame_shape"]) if pixel else ()
         self._allocate(columns, {FRAME: np.zeros((1, *shape), np.uint8)} if pixel else {})
@@ -475,15 +488,10 @@ class Table:
             self.stacked[k][:] = arrays[f"stacked.{k}"]
         for k in ("gen", "seq", "times", "prio"):
             getattr(self, k)[:] = arrays[k]
-        self.nfree = int(meta["nfree"])
-        self.free[: self.nfree] = arrays["free"]
-        self.size, self.inserted = int(meta["size"]), int(meta["inserted"])
-        self.removed_total = int(meta["removed_total"])
-        self.updates_applied, self.updates_dropped = (
-            int(meta["updates_applied"]),
-            int(meta["updates_dropped"]),
-        )
+        for k in _COUNTS:
+            setattr(self, k, int(meta[k]))
         self.max_priority = float(meta["max_priority"])
+        self.free[: self.nfree] = arrays["free"]
         live = np.flatnonzero(self.seq >= 0)
         live = live[np.argsort(self.seq[live], kind="stable")]  # selectors see inserts in order
         self.seq_sum = int(self.seq[live].sum())

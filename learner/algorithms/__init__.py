@@ -2,10 +2,11 @@
 
 Every algorithm is an `Algorithm` (learner/algorithms/base.py: `update(batch)` -> stats as
 0-d device tensors, `priorities()`, `export()`, `state()` / `restore()`, `join_group()`,
-`models`, `updates`, `online`). Each file ends in a `build(spec, cfg, device) -> Built`;
+`models`, `report_every`, `updates`, `online`). Each file ends in a `build(spec, cfg, device) -> Built`;
 `BUILDERS` names them for `learner.algorithm`, and "auto" picks by the env's action space.
 With `learner.models > 1` "dqn" builds a Population (learner/algorithms/population.py): the
-same interface, `update` then taking one batch per model.
+same interface, `update` then taking one batch per model. The on-policy algorithms (ppo,
+impala) take `Unrolls` from the replay queue table instead of n-step transitions.
 
 A new algorithm: one file with its class and `build`, one line in `BUILDERS` (and its name
 among the choices of `learner.algorithm` in canopy/config.py).
@@ -20,10 +21,20 @@ import torch
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
-from canopy.learner.algorithms import dqn, population, td3
-from canopy.learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, host_stats
+from canopy.learner.algorithms import dqn, impala, population, ppo, td3
+from canopy.learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, Unrolls, host_stats
 
-__all__ = ["BUILDERS", "Algorithm", "Batch", "Built", "Stats", "TrainingState", "host_stats", "make"]
+__all__ = [
+    "BUILDERS",
+    "Algorithm",
+    "Batch",
+    "Built",
+    "Stats",
+    "TrainingState",
+    "Unrolls",
+    "host_stats",
+    "make",
+]
 
 Builder = Callable[[EnvSpec, LearnerConfig, torch.device], Built]
 
@@ -36,6 +47,8 @@ def _dqn(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
 BUILDERS: dict[str, Builder] = {
     "dqn": _dqn,
     "td3": td3.build,  # Box actions
+    "ppo": ppo.build,  # on-policy, from the unrolls queue; either action space
+    "impala": impala.build,  # on-policy with V-trace; either action space
 }
 
 

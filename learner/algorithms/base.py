@@ -35,6 +35,23 @@ class Batch:
     weight: torch.Tensor | None = None  # importance-sampling weights from prioritized replay
 
 
+@dataclass
+class Unrolls:
+    """One batch of unrolls for an on-policy learner, on its device (actors/unroll.py):
+    B unrolls of T steps, obs [B, T + 1, ...] (obs[:, L] the bootstrap observation of an
+    unroll of L real steps), the rest [B, T]; `logp` is the behaviour policy's, `version`
+    the packed policy version that acted."""
+
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    terminated: torch.Tensor
+    truncated: torch.Tensor
+    mask: torch.Tensor
+    logp: torch.Tensor
+    version: torch.Tensor
+
+
 Stats = dict[str, torch.Tensor]
 """What `update` returns; see `Algorithm.update`."""
 
@@ -77,8 +94,12 @@ class Algorithm(Protocol):
     online: nn.Module
     """Every network the algorithm trains; a learner group's ranks compare its digest."""
 
+    report_every: int
+    """Updates between two reports of `update`'s stats (every rank of a group alike)."""
+
     def update(self, batch: Any) -> Stats:
-        """One update on `batch` (a `Batch`; a list of `models` Batches when `models` > 1).
+        """One update on `batch` (a `Batch`; a list of `models` Batches when `models` > 1;
+        `Unrolls` for an on-policy algorithm).
 
         Returns named scalars as 0-d tensors, detached and still on the algorithm's device,
         the same kind for every algorithm: never floats read with `.item()`, which would

@@ -41,6 +41,7 @@ class DQN:
     """
 
     models = 1  # one replay batch per update
+    report_every = 50  # updates between stats reports
 
     def __init__(self, online: nn.Module, cfg: LearnerConfig):
         self.cfg = cfg

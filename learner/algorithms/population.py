@@ -112,6 +112,8 @@ class Population:
     arrays = pop.export()  # {"m0/layers.0.weight": ..., "m1/...": ...}
     """
 
+    report_every = 50  # updates between stats reports
+
     def __init__(self, members: Sequence[DQN]):
         self.members = list(members)
         self.online = nn.ModuleList([m.online for m in self.members])

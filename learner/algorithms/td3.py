@@ -95,6 +95,7 @@ class TD3:
     """
 
     models = 1  # one replay batch per update
+    report_every = 50  # updates between stats reports
 
     def __init__(self, obs_size: int, act_size: int, cfg: LearnerConfig):
         self.cfg = cfg

@@ -9,14 +9,17 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch
 from conftest import free_port, stop_process, wait_for
 
 from canopy import config as config_mod
+from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP
 from canopy.cache import blob
 from canopy.cluster import export, redis_server
+from canopy.config import EnvConfig
 from canopy.keys import Keys
 from canopy.learner.network import ARCH, QNetwork
 from canopy.learner.publisher import Publisher
@@ -187,3 +190,91 @@ def test_without_a_confirmed_version_best_says_to_ask_for_the_newest(run_dir) ->
             export.handover(r, Keys(RUN), "best")
     finally:
         r.close()
+
+
+# On-policy learners (ppo, impala) publish the policy network itself: logits for Discrete
+# actions, a Gaussian's mean and a `log_std` for Box ones. These need no Redis: they hand a
+# version straight to `write_policy`.
+
+
+def stochastic(
+    arch: str, obs_size: int, d: int, hidden: list[int], scale: float = 1.0
+) -> dict[str, np.ndarray]:
+    """A policy's published arrays; the last layer's weights times `scale` (means beyond [-1, 1])."""
+    torch.manual_seed(4)
+    net = QNetwork(obs_size, d, hidden)
+    with torch.no_grad():
+        net.layers[-1].weight.mul_(scale)
+    arrays = net.export()
+    if arch == GAUSSIAN_MLP:
+        arrays["log_std"] = np.linspace(-1.0, 0.5, d).astype(np.float32)
+    return arrays
+
+
+def handed(arch: str, arrays: dict[str, np.ndarray]) -> export.Handover:
+    layout = [(name, "float32", a.shape, 0) for name, a in arrays.items()]
+    manifest = blob.Manifest(Version(1, 5), 0, "", 0, layout, arch)
+    return export.Handover(manifest, arrays, 0, {"mean": "-150.0", "episodes": "10"})
+
+
+def greedy(arch: str, arrays: dict[str, np.ndarray], obs: np.ndarray) -> np.ndarray:
+    """The evaluator's actions (`Explorer.greedy`) with the policy of `arrays`."""
+    from canopy.actors.explore import Explorer
+    from canopy.actors.policy import policy_from_arrays
+
+    space = gym.spaces.Discrete(3) if arch == CATEGORICAL_MLP else gym.spaces.Box(-2.0, 2.0, (3,), np.float32)
+    return Explorer(space, len(obs), np.random.default_rng(0)).greedy(policy_from_arrays(arch, arrays), obs)
+
+
+@pytest.mark.parametrize("arch", [CATEGORICAL_MLP, GAUSSIAN_MLP])
+def test_a_stochastic_policy_round_trips_through_safetensors(arch: str, tmp_path: Path) -> None:
+    # Eleven layers: safetensors stores names sorted, "layers.10" before "layers.2".
+    arrays = stochastic(arch, 4, 3, [8] * 10, scale=8.0)
+    out = export.write_policy(handed(arch, arrays), EnvConfig(id="Pendulum-v1"), tmp_path / "p.st")
+    loaded, meta = export.load_file(out)
+    assert list(loaded) == list(arrays)  # layers in order, weight before bias, log_std after
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    assert meta["arch"] == arch and meta["env"] == "Pendulum-v1" and meta["eval_mean"] == "-150.0"
+    assert (meta["obs_size"], meta["n_actions"], json.loads(meta["hidden"])) == ("4", "3", [8] * 10)
+    obs = np.random.default_rng(1).normal(size=(32, 4)).astype(np.float32)
+    np.testing.assert_array_equal(greedy(meta["arch"], loaded, obs), greedy(arch, arrays, obs))
+
+
+def test_a_categorical_policy_exports_to_torchscript_as_its_logits(tmp_path: Path) -> None:
+    from canopy.actors.policy import policy_from_arrays
+
+    arrays = stochastic(CATEGORICAL_MLP, 4, 3, [16, 16])
+    out = export.write_policy(handed(CATEGORICAL_MLP, arrays), EnvConfig(), tmp_path / "p.pt", "torchscript")
+    with torch.no_grad():
+        logits = torch.jit.load(str(out))(torch.from_numpy(OBS)).numpy()
+    np.testing.assert_allclose(logits, policy_from_arrays(CATEGORICAL_MLP, arrays).q_values(OBS), atol=1e-5)
+
+
+def test_a_gaussian_policy_exports_to_torchscript_as_its_greedy_action(tmp_path: Path) -> None:
+    from canopy.actors.policy import policy_from_arrays
+
+    arrays = stochastic(GAUSSIAN_MLP, 4, 3, [16, 16], scale=8.0)
+    out = export.write_policy(handed(GAUSSIAN_MLP, arrays), EnvConfig(), tmp_path / "p.pt", "torchscript")
+    with torch.no_grad():
+        got = torch.jit.load(str(out))(torch.from_numpy(OBS)).numpy()
+    policy = policy_from_arrays(GAUSSIAN_MLP, arrays)
+    assert (np.abs(policy.q_values(OBS)) > 1).any()  # the clamp is exercised
+    np.testing.assert_allclose(got, policy.actions(OBS), atol=1e-5)
+
+
+def test_canopy_eval_plays_an_exported_gaussian_policy(tmp_path: Path) -> None:
+    arrays = stochastic(GAUSSIAN_MLP, 3, 1, [16])  # Pendulum: 3 observations, 1 action
+    out = export.write_policy(handed(GAUSSIAN_MLP, arrays), EnvConfig(id="Pendulum-v1"), tmp_path / "p.st")
+    result = export.evaluate(str(out), episodes=2, seed=5)
+    assert result["env"] == "Pendulum-v1" and np.isfinite(result["mean_return"]) and result["mean_return"] < 0
+
+
+def test_a_file_without_layers_is_a_one_line_error(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from canopy.errors import UserError
+
+    save_file({"log_std": np.zeros(3, np.float32)}, str(tmp_path / "std.safetensors"))
+    with pytest.raises(UserError, match="canopy export"):
+        export.load_file(tmp_path / "std.safetensors")

@@ -14,9 +14,12 @@ from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
 from canopy.learner import algorithms
-from canopy.learner.algorithms import Algorithm, Batch, Built, TrainingState, host_stats
+from canopy.learner.algorithms import Algorithm, Batch, Built, TrainingState, Unrolls, host_stats
+from canopy.learner.algorithms.actor_critic import ActorCritic
 from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.algorithms.impala import IMPALA
 from canopy.learner.algorithms.population import Population
+from canopy.learner.algorithms.ppo import PPO
 from canopy.learner.algorithms.td3 import TD3
 from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
 
@@ -27,7 +30,12 @@ KINDS = {
     "dqn": (DISCRETE, LearnerConfig(hidden=[8], lr_anneal_updates=10)),
     "td3": (BOX, LearnerConfig(hidden=[8], policy_delay=2)),
     "population": (DISCRETE, LearnerConfig(hidden=[8], models=2, model_lr=[1e-3, 3e-3])),
+    "ppo": (DISCRETE, LearnerConfig(algorithm="ppo", hidden=[8], epochs=2, minibatch_size=24)),
+    "ppo_box": (BOX, LearnerConfig(algorithm="ppo", hidden=[8], epochs=2, value_clip=0.2)),
+    "impala": (DISCRETE, LearnerConfig(algorithm="impala", hidden=[8], ent_coef=0.01)),
+    "impala_box": (BOX, LearnerConfig(algorithm="impala", hidden=[8])),
 }
+ON_POLICY = [k for k in KINDS if k.startswith(("ppo", "impala"))]
 
 
 def batch(spec: EnvSpec, seed: int, n: int = 16) -> Batch:
@@ -46,8 +54,33 @@ def batch(spec: EnvSpec, seed: int, n: int = 16) -> Batch:
     )
 
 
-def update_input(algo: Algorithm, spec: EnvSpec, seed: int) -> Batch | list[Batch]:
-    """What the learner role hands `update`: one batch, or one per model of a population."""
+def unrolls(spec: EnvSpec, seed: int, b: int = 4, t: int = 8) -> Unrolls:
+    """Random unrolls with an episode end inside and a truncated (padded) last unroll."""
+    g = torch.Generator().manual_seed(seed)
+    if spec.discrete:
+        action = torch.randint(0, spec.actions, (b, t), generator=g)
+    else:
+        action = torch.randn(b, t, spec.actions, generator=g)
+    terminated, truncated, mask = torch.zeros(b, t), torch.zeros(b, t), torch.ones(b, t)
+    terminated[0, 3] = 1
+    truncated[-1, 4], mask[-1, 5:] = 1, 0
+    return Unrolls(
+        torch.randn(b, t + 1, spec.obs_shape[0], generator=g),
+        action,
+        torch.randn(b, t, generator=g),
+        terminated,
+        truncated,
+        mask,
+        -torch.rand(b, t, generator=g),
+        torch.zeros(b, t, dtype=torch.int64),
+    )
+
+
+def update_input(algo: Algorithm, spec: EnvSpec, seed: int) -> Batch | list[Batch] | Unrolls:
+    """What the learner role hands `update`: one batch, or one per model of a population;
+    unrolls for an on-policy algorithm."""
+    if isinstance(algo.online, ActorCritic):
+        return unrolls(spec, seed)
     batches = [batch(spec, 10 * seed + k) for k in range(algo.models)]
     return batches[0] if algo.models == 1 else batches
 
@@ -69,7 +102,10 @@ def test_auto_picks_by_action_space_and_make_returns_the_algorithm_and_the_actor
     assert isinstance(dqn, Built) and isinstance(dqn.algorithm, DQN) and dqn.arch == "mlp"
     assert isinstance(td3, Built) and isinstance(td3.algorithm, TD3) and td3.arch == "tanh_mlp"
     assert isinstance(build("population"), Population)
-    assert set(algorithms.BUILDERS) == {"dqn", "td3"}
+    assert set(algorithms.BUILDERS) == {"dqn", "td3", "ppo", "impala"}
+    assert isinstance(build("ppo"), PPO) and isinstance(build("impala_box"), IMPALA)
+    assert algorithms.make(DISCRETE, KINDS["ppo"][1], CPU).arch == "categorical_mlp"
+    assert algorithms.make(BOX, KINDS["impala_box"][1], CPU).arch == "gaussian_mlp"
 
 
 @pytest.mark.parametrize(
@@ -78,7 +114,13 @@ def test_auto_picks_by_action_space_and_make_returns_the_algorithm_and_the_actor
         (BOX, LearnerConfig(algorithm="dqn"), 'continuous (Box) actions: set learner.algorithm = "td3"'),
         (DISCRETE, LearnerConfig(algorithm="td3"), 'Discrete actions: set learner.algorithm = "dqn"'),
         (BOX, LearnerConfig(algorithm="td3", models=2), "trains dqn populations only"),
-        (DISCRETE, LearnerConfig(algorithm="ppo"), "unknown learner.algorithm 'ppo'"),
+        (DISCRETE, LearnerConfig(algorithm="sarsa"), "unknown learner.algorithm 'sarsa'"),
+        (DISCRETE, LearnerConfig(algorithm="ppo", models=2), "trains dqn populations only: not ppo"),
+        (
+            EnvSpec((4, 84, 84), "uint8", 6, True),
+            LearnerConfig(algorithm="impala"),
+            "impala trains on flat observations",
+        ),
     ],
 )
 def test_a_choice_that_does_not_fit_the_env_is_a_one_line_user_error(
@@ -104,11 +146,15 @@ def test_update_returns_0d_tensors_for_every_algorithm_and_host_stats_reads_them
     algo = build(kind)
     stats = algo.update(update_input(algo, spec, 0))
     assert algo.updates == 1
-    assert "loss" in stats and "q_mean" in stats
+    assert "loss" in stats and ("q_mean" in stats or kind in ON_POLICY)
     assert all(isinstance(v, torch.Tensor) and v.shape == () and not v.requires_grad for v in stats.values())
     host = host_stats(stats)
     assert list(host) == list(stats) and all(type(v) is float for v in host.values())
+    assert all(np.isfinite(v) for v in host.values())
     priorities = algo.priorities()
+    if kind in ON_POLICY:  # queue items are read once: nothing to send back
+        assert priorities is None
+        return
     assert priorities is not None and [p.shape for p in priorities] == [(16,)] * algo.models
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from canopy.actors.policy import policy_from_arrays, population_arrays
+from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP
 from canopy.cluster.export import layer_sizes
 from canopy.config import EnvConfig, LearnerConfig
 from canopy.envs import EnvSpec
@@ -191,3 +192,47 @@ def test_a_layer_normed_mlp_keeps_its_norms_on_the_right_layers_when_folded() ->
         want = net(norm.normalize(x)).numpy()
     got = policy_from_arrays("mlp", norm.fold(net.export())).q_values(x.numpy())
     np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", [CATEGORICAL_MLP, GAUSSIAN_MLP])
+def test_a_stochastic_policy_folds_like_an_mlp_and_keeps_its_log_std(arch: str) -> None:
+    torch.manual_seed(0)
+    net = QNetwork(OBS, 3, [16, 8])  # the logits / the Gaussian's mean
+    log_std = np.array([-0.5, 0.0, 0.25], np.float32)
+    arrays = net.export() | ({"log_std": log_std} if arch == GAUSSIAN_MLP else {})
+    norm = fed(observations())
+    x = probe(norm)
+    with torch.no_grad():
+        want = net(norm.normalize(x)).numpy()
+    folded = norm.fold(arrays)
+    unfolded = policy_from_arrays(arch, arrays).q_values(norm.normalize(x).numpy())
+    got = policy_from_arrays(arch, folded)
+    np.testing.assert_allclose(got.q_values(x.numpy()), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got.q_values(x.numpy()), unfolded, rtol=1e-4, atol=1e-4)
+    assert layer_sizes(folded) == (OBS, 3, [2 * OBS, 16, 8])
+    if arch == GAUSSIAN_MLP:
+        np.testing.assert_array_equal(folded["log_std"], log_std)
+        assert list(folded)[-1] == "log_std"  # after the layers, as `canopy export` orders them
+        np.testing.assert_allclose(got.actions(x.numpy()), np.clip(want, -1, 1), rtol=1e-4, atol=1e-4)
+    else:
+        assert "log_std" not in folded
+
+
+def test_a_population_of_gaussian_policies_keeps_each_models_log_std() -> None:
+    torch.manual_seed(0)
+    nets = [QNetwork(OBS, 2, [8]) for _ in range(2)]
+    arrays = {
+        f"m{k}/{name}": a
+        for k, net in enumerate(nets)
+        for name, a in (net.export() | {"log_std": np.full(2, -k, np.float32)}).items()
+    }
+    models = population_arrays(fed(observations()).fold(arrays))
+    for k, model in enumerate(models):
+        np.testing.assert_array_equal(model["log_std"], np.full(2, -k, np.float32))
+        assert policy_from_arrays(GAUSSIAN_MLP, model).std.tolist() == pytest.approx([np.exp(-k)] * 2)
+
+
+def test_stochastic_policies_may_normalize_observations() -> None:
+    spec = EnvSpec((OBS,), "float32", 2, discrete=True)
+    for arch in (CATEGORICAL_MLP, GAUSSIAN_MLP):
+        assert ObsNorm.for_learner(EnvConfig(normalize_obs=True), spec, arch, CPU).size == OBS

@@ -10,11 +10,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from canopy.config import LearnerConfig
+from canopy.config import Config, LearnerConfig, ReplayConfig
 from canopy.envs import EnvSpec
 from canopy.learner import algorithms
 from canopy.learner.model import Model
-from canopy.learner.role import TRAINING_STATS, _Trainer
+from canopy.learner.role import LAG_BINS, TRAINING_STATS, _Trainer, lag_quantiles
 from canopy.replay.client import TensorBatch
 from canopy.version import Version
 
@@ -36,12 +36,15 @@ class Sampler:
         self.sent: list[tuple[np.ndarray, np.ndarray]] = []
         self.closed = False
 
-    def tensor_batches(self, device: torch.device, timeout: float, stop: threading.Event):
+    def tensor_batches(self, device: torch.device, timeout: float, stop: threading.Event, names=()):
         obs = self.spec.obs_shape[0]
         for i in range(self.count):
             if stop.is_set():
                 return
             self.batches += 1
+            if "mask" in names:
+                yield unroll_batch(self.spec, i)
+                continue
             action = (
                 torch.randint(0, self.spec.actions, (N,))
                 if self.spec.discrete
@@ -70,6 +73,22 @@ class Sampler:
 
     def close(self) -> None:
         self.closed = True
+
+
+def unroll_batch(spec: EnvSpec, i: int, b: int = 4, t: int = 8) -> TensorBatch:
+    """Unrolls whose first steps were acted on by versions 1.3 .. 1.(3 + b - 1)."""
+    acted = (1 << 32) | (3 + np.arange(b, dtype=np.int64))
+    tensors = {
+        "obs": torch.randn(b, t + 1, spec.obs_shape[0]),
+        "action": torch.randint(0, spec.actions, (b, t)),
+        "reward": torch.ones(b, t),
+        "terminated": torch.zeros(b, t),
+        "truncated": torch.zeros(b, t),
+        "mask": torch.ones(b, t),
+        "logp": torch.full((b, t), -0.69),
+        "version": torch.from_numpy(np.repeat(acted[:, None], t, axis=1)),
+    }
+    return TensorBatch(tensors, {"version": tensors["version"].numpy()})
 
 
 class Group:
@@ -106,7 +125,8 @@ def trainer(spec: EnvSpec, cfg: LearnerConfig, batches: int, prioritized: bool) 
     sampler = Sampler(spec, batches)
     members = SimpleNamespace(close=lambda: None)
     model = Model(built.algorithm, built.arch, None, CPU)
-    return _Trainer(model, prioritized, (members, sampler), dict(TRAINING_STATS)), sampler
+    full = Config(learner=cfg, replay=ReplayConfig(sampler="prioritized" if prioritized else "uniform"))
+    return _Trainer(model, full, (members, sampler), dict(TRAINING_STATS)), sampler
 
 
 def test_a_population_alone_takes_a_batch_per_model_and_sends_each_models_priorities() -> None:
@@ -146,3 +166,34 @@ def test_a_follower_stops_as_soon_as_stop_is_set() -> None:
     group = Group(halt_after=1000, checkpoint_at=-1)
     t.run(stop, group=group, lead=None)
     assert t.algo.updates == 0 and group.steps == 1  # it told the group, then halted with it
+
+
+def test_an_on_policy_learner_trains_on_unrolls_and_reports_the_lag_of_every_unroll() -> None:
+    cfg = LearnerConfig(algorithm="ppo", hidden=[8], epochs=2, minibatch_size=16)
+    torch.manual_seed(0)
+    built = algorithms.make(DISCRETE, cfg, CPU)
+    sampler = Sampler(DISCRETE, 20)
+    model = Model(built.algorithm, built.arch, None, CPU)
+    t = _Trainer(
+        model, Config(learner=cfg), (SimpleNamespace(close=lambda: None), sampler), dict(TRAINING_STATS)
+    )
+    t.run(threading.Event(), group=None, lead=Lead())
+    assert t.algo.updates == 20 and not sampler.sent  # nothing to prioritize in a queue
+    c = t.c
+    # Each batch: unrolls from steps 3..6 against published step 10: lags 7, 6, 5, 4.
+    assert t.lag_counts[4:8].tolist() == [20, 20, 20, 20] and t.lag_counts.sum() == 80
+    assert (c["policy_lag_p50"], c["policy_lag_max"]) == (5.0, 7.0)
+    assert type(c["entropy"]) is float and c["loss"] != 0.0
+
+
+def test_lag_quantiles_read_a_histogram_whose_last_bin_is_the_rest() -> None:
+    counts = np.zeros(LAG_BINS, np.int64)
+    assert lag_quantiles(counts) == {}
+    counts[[0, 2, LAG_BINS - 1]] = [50, 40, 10]
+    got = lag_quantiles(counts)
+    assert got == {
+        "policy_lag_p50": 0.0,
+        "policy_lag_p90": 2.0,
+        "policy_lag_p99": float(LAG_BINS - 1),
+        "policy_lag_max": float(LAG_BINS - 1),
+    }

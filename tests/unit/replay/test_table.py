@@ -221,3 +221,65 @@ def test_a_uniform_remover_evicts_some_stored_item_and_keeps_the_table_full() ->
 def test_unknown_selector_names_are_refused_with_the_known_names() -> None:
     with pytest.raises(ValueError, match="uniform, prioritized, fifo"):
         Table(capacity=4, sampler="random")
+
+
+@pytest.mark.parametrize(
+    ("sampler", "max_times_sampled", "queue"),
+    [
+        pytest.param("fifo", 1, True, id="fifo-once"),
+        pytest.param("fifo", 0, False, id="fifo-unlimited"),
+        pytest.param("fifo", 2, False, id="fifo-twice"),
+        pytest.param("lifo", 1, False, id="stack"),
+        pytest.param("uniform", 1, False, id="uniform-once"),
+    ],
+)
+def test_only_a_fifo_sampler_with_max_times_sampled_one_is_a_queue(
+    sampler: str, max_times_sampled: int, queue: bool
+) -> None:
+    assert Table(capacity=4, sampler=sampler, max_times_sampled=max_times_sampled).is_queue is queue
+
+
+def test_a_queue_takes_a_chunk_only_while_it_fits_beside_the_unread_items() -> None:
+    table = Table(capacity=8, sampler="fifo", max_times_sampled=1)
+    assert table.room(8) and not table.room(9)
+    table.insert(chunk(0, 6))
+    assert table.room(2) and not table.room(3)
+    with pytest.raises(ProtocolError, match="full"):
+        table.insert(chunk(6, 3))
+    assert (table.size, table.removed_total) == (6, 0) and stored_ids(table) == list(range(6))
+    table.sample(4, np.random.default_rng(0))
+    assert table.room(6) and not table.room(7)
+
+
+def test_a_ring_has_room_for_any_chunk_and_evicts_to_make_it() -> None:
+    table = Table(capacity=4, sampler="fifo")  # fifo, but samples do not remove: a ring
+    table.insert(chunk(0, 4))
+    assert table.room(100)
+    table.insert(chunk(4, 2))
+    assert stored_ids(table) == [2, 3, 4, 5] and table.removed_total == 2
+
+
+def test_a_chunk_larger_than_a_queue_is_refused_with_the_capacity_and_the_fix() -> None:
+    table = Table(capacity=8, sampler="fifo", max_times_sampled=1, name="unrolls")
+    with pytest.raises(ProtocolError, match="holds 8 items, this chunk has 9") as refused:
+        table.insert(chunk(0, 9))
+    assert "extra_tables" in str(refused.value) and "\n" not in str(refused.value)
+    assert not table.allocated
+    # Capacity cut by the byte bound: the first chunk is held to what the bytes allow.
+    item_bytes = 3 * 4 + 8 + Table.META_BYTES
+    small = Table(capacity=100, sampler="fifo", max_times_sampled=1, max_bytes=5 * item_bytes)
+    with pytest.raises(ProtocolError, match="holds 5 items, this chunk has 6"):
+        small.insert(chunk(0, 6))
+    assert small.insert(chunk(0, 5)) == 5 and small.capacity == 5
+
+
+def test_a_queue_draw_takes_the_oldest_items_once_each_in_order() -> None:
+    table = Table(capacity=8, sampler="fifo", remover="fifo", max_times_sampled=1)
+    table.insert(chunk(0, 3))
+    table.insert(chunk(3, 3))
+    s = table.sample(4, np.random.default_rng(0))
+    assert s.arrays["action"].tolist() == [0, 1, 2, 3]
+    assert (table.size, table.removed_total) == (2, 4)
+    assert table.update_priorities(s.slots, s.gens, np.ones(4)) == 0  # those items are gone
+    assert table.sample(4, np.random.default_rng(0)).arrays["action"].tolist() == [4, 5]
+    assert table.size == 0

@@ -1,0 +1,73 @@
+"""What depends on the chosen algorithm in the config: its defaults, and for the on-policy
+ones (ppo, impala) the replay queue their unrolls travel through.
+
+Place in the data flow: canopy/config.py `load` fills in `ALGORITHM_DEFAULTS` of
+`learner.algorithm` before it builds the tree (a key the TOML file or an override sets
+wins); its `verify` checks what an on-policy learner needs of the queue. Actors
+(actors/actor.py) and the learner (learner/role.py) name the `UNROLLS` table from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# On-policy algorithms: actors send unrolls (actors/unroll.py) to this replay table, a queue
+# (fifo sampler and remover, each item sampled once): a learner that falls behind makes
+# actors wait instead of training on ever older data.
+ON_POLICY = ("ppo", "impala")
+UNROLLS = "unrolls"
+
+# Defaults of the settings an algorithm needs other than the tree's (which are DQN's), for
+# every key neither the TOML file nor an override sets. From rl-baselines3-zoo's CartPole
+# PPO (8 x 32 steps a batch, 20 epochs, GAE 0.8, gamma 0.98, lr 1e-3), and for IMPALA
+# from Espeholt et al. 2018 and RLlib's CartPole example (entropy 0.01, clip 40).
+_ON_POLICY_DEFAULTS: dict[str, Any] = {
+    "learner.hidden": [64, 64],
+    "learner.layer_norm": False,
+    "learner.batch_size": 8,  # unrolls per batch
+    "learner.unroll_length": 32,
+    "learner.publish_every": 1,  # every update is a new policy: actors should act with it
+    "learner.samples_in_flight": 1,  # batches prefetched are batches that age
+    "replay.extra_tables": [f"{UNROLLS}:fifo:fifo:1:32"],
+    "replay.samples_per_insert": 0.0,  # the queue limits itself (its capacity)
+    "replay.min_size": 1,
+    "actors.envs": 8,
+}
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {
+        **_ON_POLICY_DEFAULTS,
+        "learner.lr": 1e-3,
+        "learner.lr_final": 1e-4,
+        "learner.lr_anneal_updates": 400,
+        "learner.clip_range_final": 0.05,
+        "learner.gamma": 0.98,
+        "learner.gae_lambda": 0.8,
+        "learner.epochs": 20,
+        "learner.minibatch_size": 256,
+        "learner.max_grad_norm": 0.5,
+    },
+    "impala": {
+        **_ON_POLICY_DEFAULTS,
+        # One gradient step per batch: 32 x 32 steps keep the updates (and so the versions the
+        # actors' policy lags behind) few enough on a small machine; 8 unrolls a batch made
+        # 90 updates a second, a lag of 16 versions, and CartPole's policy collapsed.
+        "learner.batch_size": 32,
+        "replay.extra_tables": [f"{UNROLLS}:fifo:fifo:1:128"],
+        # 5e-4: still learns with actors 16 versions behind (1e-3 collapsed there).
+        "learner.lr": 5e-4,
+        "learner.lr_anneal_updates": 0,
+        "learner.ent_coef": 0.01,
+        "learner.max_grad_norm": 40.0,
+    },
+}
+
+
+def algorithm_defaults(data: dict[str, Any]) -> None:
+    """Fill in the chosen algorithm's defaults (ALGORITHM_DEFAULTS) where `data` is silent."""
+    learner = data.get("learner")
+    name = learner.get("algorithm") if isinstance(learner, dict) else None
+    for key, value in ALGORITHM_DEFAULTS.get(name, {}).items() if isinstance(name, str) else ():
+        section, _, leaf = key.partition(".")
+        part = data.setdefault(section, {})
+        if isinstance(part, dict) and leaf not in part:
+            part[leaf] = value
