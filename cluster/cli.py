@@ -365,6 +365,21 @@ def _add_bench_runs(bench_sub: argparse._SubParsersAction) -> None:
     zoo.add_argument("--plot", default="", help="PNG of return vs wall clock and env steps")
     zoo.add_argument("--work-dir", default="", help="where run dirs go (default runs/zoo-<time>)")
     zoo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="canopy up override")
+    zoo.add_argument(
+        "--algorithms",
+        default="auto",
+        help="canopy learner.algorithm values, comma-separated (auto, dqn, td3, ppo, impala): "
+        "one system each, auto as 'canopy', others as 'canopy-<name>'",
+    )
+    zoo.add_argument(
+        "--sb3-algos", default="", help="SB3 algorithms to run, comma-separated (default: all that fit)"
+    )
+    zoo.add_argument(
+        "--ceiling-s",
+        type=float,
+        default=3.0,
+        help="seconds of the random-action throughput ceiling per env (0: not measured)",
+    )
     zoo.add_argument("--skip-sb3", action="store_true", help="run canopy only")
     zoo.add_argument("--sb3-threads", type=int, default=1, help="torch threads of SB3 (0: torch's default)")
     zoo.set_defaults(func=_bench)

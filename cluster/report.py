@@ -127,6 +127,12 @@ class Report:
             "updates": int(learner.get("updates_total", 0)),
             "env_steps": last.get("env_steps"),
             "epoch": int(learner.get("epoch", 0)),
+            # Versions between the one that acted and the learner's, over every item trained on
+            # (learner/role.py; None before the learner reported any).
+            "policy_lag_p50": _float_or_none(learner.get("policy_lag_p50")),
+            "policy_lag_p90": _float_or_none(learner.get("policy_lag_p90")),
+            "policy_lag_p99": _float_or_none(learner.get("policy_lag_p99")),
+            "policy_lag_max": _float_or_none(learner.get("policy_lag_max")),
             "replay_snapshots": replay_snapshots,
             "wall_s": round(time.monotonic() - self.t0, 3),
             "started_at": self.started_at,
@@ -207,3 +213,7 @@ def _canopy_version() -> str:
     from canopy import __version__
 
     return __version__
+
+
+def _float_or_none(value: str | None) -> float | None:
+    return None if value is None else float(value)

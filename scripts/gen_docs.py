@@ -318,6 +318,11 @@ SUMMARY_FIELDS = {
     "best_error": "present when no best version could be handed over",
     "final_eval_return": "the same as `newest_return_mean`, under the name older runs used",
     "versions_published": "versions the active learner published",
+    "policy_lag_p50": "median policy lag of the items the learner trained on: versions between the one "
+    "that acted and the learner's (p90, p99 and max beside it; null before any report)",
+    "policy_lag_p90": "see policy_lag_p50",
+    "policy_lag_p99": "see policy_lag_p50",
+    "policy_lag_max": "see policy_lag_p50 (63 means 63 or more)",
     "updates": "its learner updates",
     "env_steps": "the actors' env steps in the last metrics row",
     "epoch": "the active learner's epoch",

@@ -23,6 +23,13 @@ times are shifted by summary.json's `started_at` minus the moment the bench star
 process. The budget itself is canopy's --time-limit (launcher clock) and SB3's wall clock from
 its process start; SB3's pays for its imports, canopy's does not (about two seconds).
 
+Systems: --algorithms names canopy's runs (default "auto", the system "canopy"; "ppo" is the
+system "canopy-ppo", and so on), each its own `canopy up` with `learner.algorithm` set;
+--sb3-algos narrows SB3's (cluster/bench/zoo_systems.py). A system that does not fit an env's
+action space is skipped, with the reason in the env's `skipped`. Every canopy system also
+reports its policy lag and env steps/s (summary.json), beside the ceiling measured once per
+env before the runs: the same actors stepping with random actions (cluster/bench/ceiling.py).
+
 Thresholds: gymnasium's `spec.reward_threshold`, else DEFAULT_THRESHOLDS (Pendulum-v1: -200,
 gymnasium gives none), both overridden by --threshold ENV=R.
 """
@@ -41,7 +48,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from canopy.cluster.bench import harness, report
+from canopy.cluster.bench import ceiling, harness, report, zoo_systems
 from canopy.cluster.bench.harness import read_jsonl
 from canopy.cluster.bench.rlzoo import ALGOS, zoo_hyperparams
 from canopy.cluster.bench.sb3 import CONFIRM_EPISODES
@@ -232,6 +239,7 @@ def run_figures(
         "time_to_solve_s": round(solve["wall_s"] + offset, 2) if solve else None,
         "env_steps_to_solve": solve.get("env_steps") if solve else None,
         "solve_version": solve.get("version") if solve else None,
+        **zoo_systems.seed_figures(summary),
         "curve": [
             {
                 "wall_s": round(r["wall_s"] + offset, 2),
@@ -339,15 +347,19 @@ def main(args: argparse.Namespace) -> int:
     """Every env and seed on every system, the tables, the plot with `--plot`; the report goes to `--json`."""
     envs = parse_envs(args.envs)
     overrides = parse_thresholds(args.threshold)
-    if args.seeds < 1 or args.budget_s <= 0:
-        raise UserError("--seeds must be >= 1 and --budget-s > 0")
-    plans = [plan_env(env_id, overrides) for env_id in envs]
+    algorithms = zoo_systems.parse_algorithms(args.algorithms)
+    sb3_algos = zoo_systems.parse_sb3_algos(args.sb3_algos)
+    if args.seeds < 1 or args.budget_s <= 0 or args.ceiling_s < 0:
+        raise UserError("--seeds must be >= 1, --budget-s > 0 and --ceiling-s >= 0")
+    plans = [zoo_systems.fit_systems(plan_env(e, overrides), algorithms, sb3_algos) for e in envs]
     installed = sb3_available()
     have_sb3 = installed and not args.skip_sb3
     if not installed and not args.skip_sb3:
         print(SB3_MISSING, file=sys.stderr)
     work = Path(args.work_dir or Path("runs") / f"zoo-{time.strftime('%Y%m%d-%H%M%S')}")
     work.mkdir(parents=True, exist_ok=True)
+    for plan in plans:  # before any run, so nothing else of the bench's competes for the CPU
+        plan.update(measure_ceiling(plan["env"], args.set, args.ceiling_s))
     runs = run_all(args, plans, have_sb3, work)
     results: dict[str, Any] = {
         "budget_s": args.budget_s,
@@ -374,27 +386,45 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def measure_ceiling(env_id: str, sets: list[str], seconds: float) -> dict[str, Any]:
+    """The env block's `random_actions_env_steps_per_s` (the throughput ceiling, None when
+    `seconds` is 0 or it failed) and `random_actions` (how it was measured, or why not)."""
+    if seconds <= 0:
+        return {"random_actions_env_steps_per_s": None, "random_actions": {"skipped": "--ceiling-s 0"}}
+    try:
+        how = ceiling.random_actions_rate(env_id, sets, seconds)
+    except Exception as exc:  # a reported baseline: its failure is told, the runs still go on
+        return {"random_actions_env_steps_per_s": None, "random_actions": {"error": str(exc)}}
+    return {"random_actions_env_steps_per_s": how["env_steps_per_s"], "random_actions": how}
+
+
 def run_all(
     args: argparse.Namespace, plans: list[dict[str, Any]], have_sb3: bool, work: Path
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every env, seed and system one after another: env -> system -> one row per seed."""
     seeds = list(range(args.seeds))
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p["env"]: {"canopy": []} for p in plans}
-    per_seed = {p["env"]: 1 + (len(p["algos"]) if have_sb3 else 0) for p in plans}
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {p["env"]: {} for p in plans}
+    per_seed = {p["env"]: len(p["canopy_systems"]) + (len(p["algos"]) if have_sb3 else 0) for p in plans}
     with harness.progress() as bar:
         task = bar.add_task("zoo", total=sum(per_seed.values()) * len(seeds))
         for plan in plans:
             env_id = plan["env"]
             for seed in seeds:
 
-                def show(text: str, name: str = "canopy", seed: int = seed, env_id: str = env_id) -> None:
+                def show(text: str, name: str, seed: int = seed, env_id: str = env_id) -> None:
                     bar.update(task, description=f"{env_id} seed {seed} {name}: {text}")
 
-                show("starting")
-                run_dir = work / env_id / f"canopy-seed-{seed}"
-                row = run_canopy(plan, seed, args.budget_s, args.set, run_dir, show)
-                runs[env_id]["canopy"].append(row)
-                bar.advance(task)
+                for name, algorithm in plan["canopy_systems"].items():
+
+                    def progress(text: str, name: str = name) -> None:
+                        show(text, name)
+
+                    progress("starting")
+                    run_dir = work / env_id / f"{name}-seed-{seed}"
+                    sets = zoo_systems.with_algorithm(algorithm, args.set)
+                    row = run_canopy(plan, seed, args.budget_s, sets, run_dir, progress)
+                    runs[env_id].setdefault(name, []).append(row)
+                    bar.advance(task)
                 for algo in plan["algos"] if have_sb3 else []:
                     t0 = time.monotonic()
 
@@ -415,10 +445,12 @@ def env_results(
     """One env's block of the JSON (its plan, the zoo's hyperparameters, every system's
     summary and rows) and its checks."""
     env_id = plan["env"]
-    systems = {
-        name: {"summary": summarize(rows, seeds, newest=name == "canopy"), "seeds": rows}
-        for name, rows in runs.items()
-    }
+    systems = {}
+    for name, rows in runs.items():
+        summary = summarize(rows, seeds, newest=zoo_systems.is_canopy(name))
+        if zoo_systems.is_canopy(name):
+            summary.update(zoo_systems.canopy_figures(rows))
+        systems[name] = {"summary": summary, "seeds": rows}
     if not have_sb3:  # absent, not zero: the table and JSON show SB3 did not run
         systems.update({f"sb3-{a}": {"summary": summarize([], seeds), "seeds": []} for a in plan["algos"]})
     summaries = {name: s["summary"] for name, s in systems.items()}
@@ -429,4 +461,12 @@ def env_results(
         },
         "systems": systems,
     }
-    return block, env_checks(env_id, plan["threshold"], summaries, have_sb3)
+    checks = env_checks(
+        env_id,
+        plan["threshold"],
+        summaries,
+        have_sb3,
+        action_space=plan["action_space"],
+        ceiling=plan.get("random_actions_env_steps_per_s"),
+    )
+    return block, checks

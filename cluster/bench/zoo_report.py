@@ -1,5 +1,12 @@
 """What `canopy bench zoo` concludes from its runs: the checks of each env, one table per
-env on stderr, and the plot.
+env on stderr (and one of throughput and policy lag for canopy's systems), and the plot.
+
+Checks: those of the system "canopy" (learner.algorithm "auto") against the strongest SB3
+algorithm and, on CartPole-v1, SB3 PPO; for the on-policy systems (canopy-ppo,
+canopy-impala; `onpolicy_checks`) the figures of the issue "On-policy learning at scale:
+PPO and IMPALA", each beside its in-run baseline: SB3 PPO's time, env steps and return, and
+for env steps/s the same actors stepping with random actions. A check is only there when
+its system ran.
 
 Place: the second half of zoo.py, which runs every system and sums up each one's seeds
 (`summarize`); what is here only reads those summaries and the `results` dict (zoo.py
@@ -13,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from canopy.cluster.bench import report
+from canopy.config_defaults import ON_POLICY
 
 CARTPOLE_STEPS_GOAL = 150_000  # median env steps to a confirmed CartPole solve
 
@@ -31,9 +39,24 @@ def strongest_sb3(systems: dict[str, dict[str, Any]]) -> tuple[str | None, float
 
 
 def env_checks(
+    env_id: str,
+    threshold: float | None,
+    systems: dict[str, dict[str, Any]],
+    have_sb3: bool,
+    *,
+    action_space: str = "discrete",
+    ceiling: float | None = None,
+) -> list[dict[str, Any]]:
+    """The checks of one env from its per-system summaries (those of each canopy system that
+    ran); SB3-dependent ones fail without SB3. `ceiling`: the env's random-action env steps/s."""
+    checks = canopy_checks(env_id, threshold, systems, have_sb3) if "canopy" in systems else []
+    return checks + onpolicy_checks(env_id, threshold, systems, have_sb3, action_space, ceiling)
+
+
+def canopy_checks(
     env_id: str, threshold: float | None, systems: dict[str, dict[str, Any]], have_sb3: bool
 ) -> list[dict[str, Any]]:
-    """The checks of one env from its per-system summaries; SB3-dependent ones fail without SB3."""
+    """The checks of the system "canopy" (learner.algorithm "auto") on one env."""
     ours = systems["canopy"]
     mean = ours["handed_over_mean"]
     best_name, best = strongest_sb3(systems) if have_sb3 else (None, None)
@@ -103,6 +126,123 @@ def env_checks(
     return checks
 
 
+def onpolicy_checks(
+    env_id: str,
+    threshold: float | None,
+    systems: dict[str, dict[str, Any]],
+    have_sb3: bool,
+    action_space: str,
+    ceiling: float | None,
+) -> list[dict[str, Any]]:
+    """The checks of canopy's on-policy systems (canopy-ppo, canopy-impala) that ran on one env."""
+    sb3_ppo = systems.get("sb3-ppo", {}) if have_sb3 else {}
+    checks: list[dict[str, Any]] = []
+    ppo = systems.get("canopy-ppo")
+    if ppo is not None and env_id == "CartPole-v1" and threshold is not None:
+        checks += ppo_cartpole_checks(ppo, threshold, sb3_ppo)
+    if ppo is not None and action_space == "box":
+        mean, base = ppo["handed_over_mean"], sb3_ppo.get("handed_over_mean")
+        checks.append(
+            report.check(
+                f"{env_id}: ppo_box_vs_sb3_ppo",
+                mean,
+                "return (100 episodes, mean over seeds)",
+                ">= SB3 PPO's at the same budget",
+                base,
+                mean is not None and base is not None and mean >= base,
+            )
+        )
+    impala = systems.get("canopy-impala")
+    if impala is not None and action_space == "discrete" and threshold is not None:
+        checks.append(
+            report.check(
+                f"{env_id}: impala_confirmed_solve_every_seed",
+                _solve_figures(impala),
+                "seeds solved; median s and env steps from process start to a confirmed solve",
+                f"a confirmed solve (>= {threshold:g}) on each of {impala['seeds']} seeds",
+                _solve_figures(sb3_ppo) if sb3_ppo else None,
+                impala["seeds_solved"] == impala["seeds"],
+            )
+        )
+    for algo in ON_POLICY:
+        if f"canopy-{algo}" in systems:
+            checks += lag_and_throughput_checks(env_id, algo, systems[f"canopy-{algo}"], ceiling)
+    return checks
+
+
+def _solve_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("seeds_solved", "median_time_to_solve_s", "median_env_steps_to_solve")
+    return {k: summary.get(k) for k in keys}
+
+
+def ppo_cartpole_checks(
+    ours: dict[str, Any], threshold: float, sb3_ppo: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """canopy-ppo on CartPole-v1: a confirmed solve on every seed, sooner than SB3 PPO (time
+    from process start, as the "canopy" check measures it), within 150,000 env steps."""
+    solved, t, base = (
+        ours["seeds_solved"],
+        ours["median_time_to_solve_s"],
+        sb3_ppo.get("median_time_to_solve_s"),
+    )
+    steps = ours["median_env_steps_to_solve"]
+    return [
+        report.check(
+            "CartPole-v1: ppo_confirmed_solve_every_seed",
+            solved,
+            "seeds",
+            f"== {ours['seeds']} (confirmed >= {threshold:g})",
+            sb3_ppo.get("seeds_solved"),
+            solved == ours["seeds"],
+        ),
+        # As for "canopy": SB3 PPO that never confirms a solve within the budget is beaten by
+        # any canopy-ppo solve; no SB3 PPO run at all is no pass.
+        report.check(
+            "CartPole-v1: ppo_median_time_to_solve_vs_sb3_ppo",
+            t,
+            "s",
+            "< SB3 PPO's (training plus its evaluations)",
+            base,
+            bool(sb3_ppo) and t is not None and t < (math.inf if base is None else base),
+        ),
+        report.check(
+            "CartPole-v1: ppo_median_env_steps_to_solve",
+            steps,
+            "env steps",
+            f"<= {CARTPOLE_STEPS_GOAL}",
+            sb3_ppo.get("median_env_steps_to_solve"),
+            steps is not None and steps <= CARTPOLE_STEPS_GOAL,
+        ),
+    ]
+
+
+def lag_and_throughput_checks(
+    env_id: str, algo: str, ours: dict[str, Any], ceiling: float | None
+) -> list[dict[str, Any]]:
+    """Reported figures (always met) of one on-policy system: its policy lag over seeds, and
+    its env steps/s beside the same actors stepping with random actions."""
+    lag = ours.get("policy_lag") or {}
+    rate = ours.get("env_steps_per_s")
+    return [
+        report.check(
+            f"{env_id}: {algo}_policy_lag",
+            lag.get("median_p50"),
+            "versions (median over seeds of each run's p50)",
+            "report: versions between the acting policy and the learner's, over the items trained on",
+            {"p90": lag.get("max_p90"), "max": lag.get("max_max")},
+            True,
+        ),
+        report.check(
+            f"{env_id}: {algo}_throughput_vs_random_actions",
+            rate,
+            "env steps/s of the whole canopy up (mean over seeds)",
+            "report: the ceiling is the same actors (count, envs) stepping with random actions",
+            ceiling,
+            True,
+        ),
+    ]
+
+
 def print_table(results: dict[str, Any]) -> None:
     """One table per env on stderr: each system's hand-over, newest version, env steps and solves."""
     from rich.console import Console
@@ -134,10 +274,38 @@ def print_table(results: dict[str, Any]) -> None:
                 num(s["median_env_steps_to_solve"], "{:,.0f}"),
             )
         console.print(table)
+        if throughput := throughput_table(env_id, block):
+            console.print(throughput)
     console.print(
         "mean, min: the hand-over's 100-episode return over seeds; newest: canopy's newest version; "
-        "steps: env steps used; t solve, to solve: median time and env steps to a confirmed solve"
+        "steps: env steps used; t solve, to solve: median time and env steps to a confirmed solve; "
+        "steps/s: env steps over wall time of the whole canopy up; ceiling: its actors with random "
+        "actions; lag: policy versions behind the learner's (median p50, max p90, max max over seeds)"
     )
+
+
+def throughput_table(env_id: str, block: dict[str, Any]) -> Any:
+    """A rich Table of every canopy system's env steps/s against the ceiling and its policy
+    lag; None where no system has those figures (a block of an older bench)."""
+    from rich.table import Table
+
+    rows = [(n, s["summary"]) for n, s in block["systems"].items() if "env_steps_per_s" in s["summary"]]
+    if not rows:
+        return None
+    ceiling = block.get("random_actions_env_steps_per_s")
+    table = Table(title=f"{env_id}: throughput and policy lag")
+    for col in ("system", "steps/s", "ceiling", "lag p50", "lag p90", "lag max"):
+        table.add_column(col, justify="left" if col == "system" else "right", no_wrap=True)
+    for name, s in rows:
+        lag = s.get("policy_lag") or {}
+        rates = (s["env_steps_per_s"], ceiling)
+        lags = (lag.get("median_p50"), lag.get("max_p90"), lag.get("max_max"))
+        cells = [
+            *("-" if v is None else f"{v:,.0f}" for v in rates),
+            *("-" if v is None else f"{v:g}" for v in lags),
+        ]
+        table.add_row(name, *cells)
+    return table
 
 
 def plot(results: dict[str, Any], out: str) -> Path:

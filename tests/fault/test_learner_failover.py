@@ -1,4 +1,5 @@
-"""Killing the learner of a real `canopy up` run: the warm standby takes over from the newest checkpoint."""
+"""Killing the learner of a real `canopy up` run: the warm standby takes over from the newest
+checkpoint, for an off-policy (dqn) and an on-policy (ppo) learner alike."""
 
 from __future__ import annotations
 
@@ -26,15 +27,18 @@ def events(r: redis.Redis, prefix: str) -> list[dict[str, str]]:
     ]
 
 
+@pytest.mark.parametrize("algorithm", ["dqn", "ppo"])
 def test_killing_the_learner_of_a_local_run_is_survived_by_the_standby_from_the_last_checkpoint(
-    tmp_path: Path,
+    tmp_path: Path, algorithm: str
 ) -> None:
     run_dir = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop("CANOPY_PARENT_PID", None)
     cmd = [sys.executable, "-m", "canopy.cluster.cli", "up", "--time-limit", "120", "--run-dir", str(run_dir)]
     cmd += ["--set", "checkpoint.every_s=1.0", "--set", "checkpoint.restart_backoff_s=0.2"]
-    cmd += ["--set", "actors.count=1", "--set", "replay.min_size=500"]
+    cmd += ["--set", "actors.count=1", "--set", f'learner.algorithm="{algorithm}"']
+    if algorithm == "dqn":
+        cmd += ["--set", "replay.min_size=500"]
     with open(tmp_path / "stderr", "wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=env, cwd=REPO_ROOT)
     r = None
@@ -88,6 +92,20 @@ def test_killing_the_learner_of_a_local_run_is_survived_by_the_standby_from_the_
         )
         assert recovery_s < 15, recovery_s
         print(f"recovery with warm standby: {recovery_s:.2f}s")
+        if algorithm == "ppo":
+            # The resumed learner keeps improving: a policy of the new epoch balances far
+            # longer than the ~20 steps of a random one.
+            wait_for(
+                lambda: any(
+                    e["kind"] in ("eval", "confirm")
+                    and Version.parse(e["version"]).epoch > before.epoch
+                    and float(e["mean_return"]) >= 200
+                    for e in events(r, prefix)
+                ),
+                90,
+                0.2,
+                "an evaluation of 200 or more from the new epoch",
+            )
     finally:
         if r is not None:
             r.close()

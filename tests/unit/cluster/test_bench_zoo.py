@@ -209,6 +209,7 @@ def test_main_without_sb3_says_how_to_install_it_and_runs_canopy_only(
 
     monkeypatch.setattr(zoo, "sb3_available", lambda: False)
     monkeypatch.setattr(zoo, "run_canopy", fake_canopy)
+    monkeypatch.setattr(zoo.ceiling, "random_actions_rate", lambda *_: {"env_steps_per_s": 1000.0})
     monkeypatch.setattr(zoo, "run_sb3", no_sb3)
     out, png = tmp_path / "zoo.json", tmp_path / "zoo.png"
     argv = ["bench", "zoo", "--envs", "CartPole-v1", "--seeds", "2", "--json", str(out), "--plot", str(png)]
