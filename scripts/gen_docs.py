@@ -190,7 +190,26 @@ def render_config() -> str:
                 meaning,
             ]
             out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    return "\n".join(out) + "\n"
+    return "\n".join([*out, *_algorithm_defaults()]) + "\n"
+
+
+def _algorithm_defaults() -> list[str]:
+    """The per-algorithm defaults table (canopy/config_defaults.py), values as the code has them."""
+    from canopy.config_defaults import ALGORITHM_DEFAULTS
+
+    out = ["", "## Defaults per algorithm", "", ALGORITHM_DEFAULTS_INTRO, ""]
+    names = list(ALGORITHM_DEFAULTS)
+    keys = list(dict.fromkeys(k for table in ALGORITHM_DEFAULTS.values() for k in table))
+    out += ["| key | " + " | ".join(f"`{n}`" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for key in keys:
+        cells = [f"`{ALGORITHM_DEFAULTS[n][key]!r}`" if key in ALGORITHM_DEFAULTS[n] else "" for n in names]
+        out.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return out
+
+
+ALGORITHM_DEFAULTS_INTRO = """\
+`learner.algorithm` = `ppo` or `impala` replaces these defaults of the tables above (a key the \
+TOML file or a `--set` names keeps its value). Their sources are in `canopy/config_defaults.py`."""
 
 
 # ---- docs/contracts.md --------------------------------------------------------------
