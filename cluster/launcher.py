@@ -76,12 +76,13 @@ class Launcher:
         """Stop the producers, score the handed-over versions, write and return summary.json."""
         last = self.monitor.snapshot()
         active = active_learner(self.supervisor.r, self.supervisor.keys)  # before the stop releases its lease
-        # The evaluator too: it finishes the verdict in hand, so the pinned best is final.
-        self.supervisor.stop_roles(("actor", "learner", "evaluator"))
-        self.monitor.drain_verdicts()
+        self.supervisor.stop_roles(("actor", "learner"))
         # Read now: the stats hash expires three heartbeats after the learner stopped, and
-        # the final evaluation may take longer than that.
+        # the evaluator's last verdict and the final evaluation may take longer than that.
         learner = self.monitor.stats("learner", active)
+        # The evaluator too: it finishes the verdict in hand, so the pinned best is final.
+        self.supervisor.stop_roles(("evaluator",))
+        self.monitor.drain_verdicts()
         with waiting("scoring the newest and the best confirmed version"):
             final = self.report.handover()
         snapshots = snapshot_replay(self.supervisor.role("replay"))

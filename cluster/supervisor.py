@@ -278,6 +278,7 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     ch.proc.kill()
                     ch.proc.wait()
+                    self._event("killed", role=role, ident=ch.ident, after_s=STOP_TIMEOUT_S)
 
     def shutdown(self) -> None:
         """Stop every process in STOP_ORDER and unlink the run's shared-memory rings."""

@@ -251,8 +251,12 @@ def print_table(results: dict[str, Any]) -> None:
     def num(v: Any, fmt: str = "{:.1f}") -> str:
         return "-" if v is None else fmt.format(v)
 
-    # One table per env, short headers: a non-terminal stderr is 80 columns and rich would cut figures.
+    # One table per env, short headers: a non-terminal stderr is 80 columns and rich would cut
+    # figures, and headers too beside a system name as long as "canopy-impala": a log file
+    # gets 100.
     console = Console(stderr=True)
+    if not console.is_terminal:
+        console.width = max(console.width, 100)
     for env_id, block in results["envs"].items():
         threshold = block["threshold"]
         table = Table(
