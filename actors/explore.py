@@ -7,6 +7,8 @@ actions go into the n-step adder and replay, the env actions into `env.step`.
 - Box (TD3): the deterministic policy plus Gaussian noise (`actors.action_noise`),
   clipped to [-1, 1]; replay stores the action in [-1, 1]^d, the env receives it scaled
   to its own bounds, so the learner never needs to know them.
+- Box (SAC): a draw from the squashed-Gaussian policy itself, already in [-1, 1]^d (its
+  own randomness is the exploration: no added noise), stored and scaled as TD3's.
 - On-policy (ppo, impala): actions drawn from the policy's distribution (`sample`), with
   their log-probabilities for the learner's importance ratios.
 Before the first policy version arrives, off-policy actors act uniformly at random.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from canopy.actors.policy import epsilon_ladder
+from canopy.actors.policy import SquashedGaussianPolicy, env_action, epsilon_ladder
 
 
 class Explorer:
@@ -59,6 +61,8 @@ class Explorer:
         d = self.space.shape[0]
         if policy is None:
             stored = self.rng.uniform(-1, 1, size=(self.n, d)).astype(np.float32)
+        elif isinstance(policy, SquashedGaussianPolicy):  # sac: the policy explores by itself
+            stored = policy.sample(obs, self.rng)[0]
         else:
             noisy = policy.actions(obs) + self.rng.normal(0, self.noise, size=(self.n, d))
             stored = np.clip(noisy, -1, 1).astype(np.float32)
@@ -72,7 +76,7 @@ class Explorer:
         actions, logp = policy.sample(obs, self.rng)
         if self.discrete:
             return actions, actions, logp
-        return actions, self.to_env(np.clip(actions, -1, 1).astype(np.float32)), logp
+        return actions, self.to_env(env_action(actions).astype(np.float32)), logp
 
     def greedy(self, policy, obs: np.ndarray) -> np.ndarray:
         """The evaluator's actions: no exploration at all."""

@@ -1,13 +1,14 @@
 """The actor's local copy of the policy: the forward pass of published policies in numpy,
 Q-networks (`mlp`, `nature_cnn`) or deterministic and stochastic policies (`tanh_mlp`,
-`categorical_mlp`, `gaussian_mlp`; names in canopy/arch.py).
+`categorical_mlp`, `gaussian_mlp`, `squashed_gaussian_mlp`; names in canopy/arch.py).
 
 Actors only ever run inference on small batches, where numpy beats torch's per-op
 overhead, and staying torch-free keeps an actor process cheap to start (no 1.5 s import,
 ~100 MB less memory), which matters at thousands of actors. The weights arrive as named
 float32 arrays from the cache tree; every MLP architecture is a stack of linear layers
 `layers.<i>.weight/bias` with ReLU between them, whose outputs are Q-values, a tanh's
-input, action logits or a Gaussian's mean (which also brings a `log_std` array).
+input, action logits or a Gaussian's mean (which also brings a `log_std` array), or a
+Gaussian's mean and log std side by side (sac's squashed Gaussian).
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from threadpoolctl import threadpool_limits
 
-from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP, MLP, NATURE_CNN, TANH_MLP
+from canopy.arch import (
+    CATEGORICAL_MLP,
+    GAUSSIAN_MLP,
+    LOG_STD_MAX,
+    LOG_STD_MIN,
+    MLP,
+    NATURE_CNN,
+    SQUASHED_GAUSSIAN_MLP,
+    TANH_MLP,
+)
 from canopy.errors import ProtocolError
 
 
@@ -190,6 +200,54 @@ class GaussianPolicy(MLPPolicy):
         return raw.astype(np.float32, copy=False), logp.astype(np.float32, copy=False)
 
 
+class SquashedGaussianPolicy(MLPPolicy):
+    """A stochastic Box policy for off-policy learning (sac's actor, learner/algorithms/sac.py):
+    the mlp's 2d outputs are a Gaussian's mean (first d) and log standard deviation (last d,
+    clamped to [LOG_STD_MIN, LOG_STD_MAX] as the learner clamps it); actions are tanh of a
+    sample, so they are already in canopy's action box [-1, 1]^d.
+    """
+
+    LOG_2 = np.float32(np.log(2.0))
+
+    @classmethod
+    def from_arrays(cls, arch: str, arrays: dict[str, np.ndarray]) -> SquashedGaussianPolicy:
+        """The policy of a published `squashed_gaussian_mlp`'s arrays; ProtocolError on a bad
+        name or shape (the last layer must have an even number of outputs)."""
+        if arch != SQUASHED_GAUSSIAN_MLP:
+            raise ProtocolError(f"a squashed gaussian policy cannot run architecture {arch!r}")
+        mlp = MLPPolicy.from_arrays(MLP, arrays)
+        outputs = mlp.layers[-1][0].shape[1]
+        if outputs == 0 or outputs % 2:
+            raise ProtocolError(
+                f"a squashed_gaussian_mlp's last layer needs 2 x d outputs (mean, log std), not {outputs}"
+            )
+        return cls(mlp.layers, mlp.norms)
+
+    def mean_log_std(self, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, clamped log std) of the pre-tanh Gaussian, each [batch, d]."""
+        out = self.q_values(obs)
+        d = out.shape[1] // 2
+        return out[:, :d], np.clip(out[:, d:], LOG_STD_MIN, LOG_STD_MAX)
+
+    def actions(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions tanh(mean) in [-1, 1]^d: the evaluator's, `canopy eval`'s and exports'."""
+        out = self.q_values(obs)
+        return np.tanh(out[:, : out.shape[1] // 2])
+
+    def sample(self, obs: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(actions tanh(mean + std * eps) float32 [batch, d] in [-1, 1], their log-probabilities
+        float32 [batch] with the tanh correction), eps ~ N(0, I) from `rng`."""
+        mean, log_std = self.mean_log_std(obs)
+        eps = rng.standard_normal(mean.shape, dtype=np.float32)
+        pre_tanh = mean + np.exp(log_std) * eps
+        # As learner/algorithms/sac.py `squashed_log_prob`: log N(x) in terms of eps, minus
+        # log(1 - tanh(x)^2) = 2 (log 2 - x - softplus(-2x)), finite for every x.
+        gaussian = (-0.5 * eps * eps - log_std - GaussianPolicy.HALF_LOG_2PI).sum(axis=1)
+        correction = (2 * (self.LOG_2 - pre_tanh - np.logaddexp(0, -2 * pre_tanh))).sum(axis=1)
+        actions = np.tanh(pre_tanh)
+        return actions.astype(np.float32, copy=False), (gaussian - correction).astype(np.float32, copy=False)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """log softmax over the last axis, stable for large logits (the max is subtracted first)."""
     shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -269,6 +327,8 @@ def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | 
         return NatureCNNPolicy(arrays)
     if arch == GAUSSIAN_MLP:
         return GaussianPolicy.from_arrays(arch, arrays)
+    if arch == SQUASHED_GAUSSIAN_MLP:
+        return SquashedGaussianPolicy.from_arrays(arch, arrays)
     if arch in (TANH_MLP, CATEGORICAL_MLP):
         mlp = MLPPolicy.from_arrays(MLP, arrays)
         kind = TanhMLPPolicy if arch == TANH_MLP else CategoricalPolicy

@@ -12,6 +12,10 @@ MLP = "mlp"  # Linear layers named layers.<i>.weight/bias, ReLU between, optiona
 TANH_MLP = "tanh_mlp"  # an MLP whose output goes through tanh: td3's actor, actions in [-1, 1]
 CATEGORICAL_MLP = "categorical_mlp"  # the mlp's outputs are action logits: ppo/impala, Discrete actions
 GAUSSIAN_MLP = "gaussian_mlp"  # the mlp's outputs are a diagonal Gaussian's mean, plus a log_std [d] array
+# sac's actor: an mlp with 2d outputs, a Gaussian's mean (first d) and log std (last d, clamped
+# to [LOG_STD_MIN, LOG_STD_MAX] by the learner and the actors alike); action = tanh(sample).
+SQUASHED_GAUSSIAN_MLP = "squashed_gaussian_mlp"
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
 NATURE_CNN = "nature_cnn"  # Mnih et al. (2015) convolutions over uint8 frame stacks, then an MLP
 # Linear first layers on the flat observation, so observation normalization folds into them.
-FOLDABLE = (MLP, TANH_MLP, CATEGORICAL_MLP, GAUSSIAN_MLP)
+FOLDABLE = (MLP, TANH_MLP, CATEGORICAL_MLP, GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP)

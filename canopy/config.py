@@ -141,19 +141,20 @@ class LearnerConfig:
     # dqn mlp: layer normalization after every hidden layer. What keeps CartPole's newest
     # version at 500 through 300 s of training; without it DQN collapses (docs/algorithms.md).
     layer_norm: bool = True
-    # dqn: Discrete actions (learner/algorithms/dqn.py); td3: Box actions (algorithms/td3.py);
-    # ppo, impala: on-policy, either action space (algorithms/ppo.py, impala.py), with their
+    # dqn: Discrete actions (learner/algorithms/dqn.py); td3, sac: Box actions (algorithms/td3.py,
+    # sac.py); ppo, impala: on-policy, either action space (algorithms/ppo.py, impala.py), with their
     # own defaults (ALGORITHM_DEFAULTS); auto: dqn or td3, whichever fits the action space.
     algorithm: str = "auto"
     # Polyak rate of the target networks: every target update moves them this far toward the
-    # online ones (td3: every policy update; dqn: every target_update_period updates; 1: a copy).
-    # 0.01 over 0.005: CartPole's DQN solved sooner on every seed tried, Pendulum's TD3 no later.
+    # online ones (td3: every policy update; sac: every update; dqn: every target_update_period
+    # updates; 1: a copy). 0.01 over 0.005: CartPole's DQN solved sooner on every seed tried,
+    # Pendulum's TD3 no later.
     tau: float = 0.01
     policy_delay: int = 2  # td3: critic updates per actor update
     target_noise: float = 0.2  # td3: std of the target policy smoothing noise (actions in [-1, 1])
     noise_clip: float = 0.5  # td3: ... clipped to this
     batch_size: int = 64  # with samples_per_insert 32: one update every two env steps
-    lr: float = 1e-3  # Adam's step size (td3: actor and critics alike)
+    lr: float = 1e-3  # Adam's step size (td3: actor and critics alike; sac: also the entropy weight)
     lr_anneal_updates: int = 30_000  # dqn: anneal lr linearly to lr_final over this many updates (0: off)
     lr_final: float = 5e-5  # dqn: the step size once the anneal is over
     adam_eps: float = 1e-8  # dqn: Adam's epsilon
@@ -351,7 +352,7 @@ _MINIMUMS: dict[str, float] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
-    "learner.algorithm": ("auto", "dqn", "td3", "ppo", "impala"),
+    "learner.algorithm": ("auto", "dqn", "td3", "sac", "ppo", "impala"),
     "checkpoint.placement": ("auto", "group", "ring"),
     "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
     "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),
@@ -424,7 +425,7 @@ def on_policy(cfg: Config) -> bool:
 
 
 def _on_policy_problems(cfg: Config) -> list[str]:
-    """One line per setting an on-policy learner cannot work with (none for dqn and td3)."""
+    """One line per setting an on-policy learner cannot work with (none for dqn, td3, sac)."""
     if not on_policy(cfg):
         return []
     lc, name = cfg.learner, cfg.learner.algorithm

@@ -12,7 +12,7 @@ read. The policy leaves canopy as
   with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
 - TorchScript: the network itself, loadable with `torch.jit.load` without canopy: Q-values,
   logits (`categorical_mlp`), or the greedy action (`tanh_mlp`; `gaussian_mlp`: the mean
-  clamped to [-1, 1]).
+  clamped to [-1, 1]; `squashed_gaussian_mlp`: tanh of the mean, its first d outputs).
 `canopy eval` plays greedy episodes with a run's policy or an exported safetensors file.
 """
 
@@ -31,7 +31,7 @@ import numpy as np
 import redis
 
 from canopy import config as config_mod
-from canopy.arch import GAUSSIAN_MLP, MLP, TANH_MLP
+from canopy.arch import GAUSSIAN_MLP, MLP, SQUASHED_GAUSSIAN_MLP, TANH_MLP
 from canopy.cache import blob
 from canopy.cluster.progress import waiting
 from canopy.cluster.status import load_run
@@ -134,13 +134,16 @@ def read_policy(r: redis.Redis, keys: Keys, version: str = "") -> tuple[blob.Man
     return manifest, blob.unpack(manifest, chunks, base)
 
 
-def layer_sizes(arrays: dict[str, np.ndarray]) -> tuple[int, int, list[int]]:
+def layer_sizes(arrays: dict[str, np.ndarray], arch: str = MLP) -> tuple[int, int, list[int]]:
     """(observation size, actions, hidden widths) of an `mlp` from its weight shapes; arrays
-    that are not a linear layer's (a `gaussian_mlp`'s `log_std`) do not count."""
+    that are not a linear layer's (a `gaussian_mlp`'s `log_std`) do not count. A
+    `squashed_gaussian_mlp` has 2 outputs per action (mean, log std)."""
     weights = [a for name, a in arrays.items() if name.startswith("layers.") and name.endswith(".weight")]
     if not weights or any(w.ndim != 2 for w in weights):
         raise ProtocolError("the policy is not an mlp of linear layers")
-    return weights[0].shape[1], weights[-1].shape[0], [w.shape[0] for w in weights[:-1]]
+    outputs = weights[-1].shape[0]
+    actions = outputs // 2 if arch == SQUASHED_GAUSSIAN_MLP else outputs
+    return weights[0].shape[1], actions, [w.shape[0] for w in weights[:-1]]
 
 
 def pick_model(arrays: dict[str, np.ndarray], model: int) -> dict[str, np.ndarray]:
@@ -170,12 +173,13 @@ def write_policy(
     import torch
     from safetensors.torch import save_file
 
+    from canopy.learner.algorithms.sac import Greedy, SquashedGaussianActor
     from canopy.learner.algorithms.td3 import Actor
     from canopy.learner.network import QNetwork
 
     manifest = taken.manifest
     arrays = pick_model(taken.arrays, model)
-    obs_size, n_actions, hidden = layer_sizes(arrays)
+    obs_size, n_actions, hidden = layer_sizes(arrays, manifest.arch)
     state = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
     if fmt == "safetensors":
         meta = {
@@ -200,6 +204,11 @@ def write_policy(
             mean = QNetwork(obs_size, n_actions, hidden)
             mean.load_state_dict({k: v for k, v in state.items() if k != "log_std"})
             net = torch.nn.Sequential(mean, torch.nn.Hardtanh(-1.0, 1.0))
+        elif manifest.arch == SQUASHED_GAUSSIAN_MLP:
+            # tanh of the first d outputs (the mean); the log std only matters for sampling.
+            actor = SquashedGaussianActor(obs_size, n_actions, hidden)
+            actor.load_state_dict(state)
+            net = Greedy(actor)
         else:  # mlp: Q-values; categorical_mlp: logits (their argmax is the greedy action)
             net = QNetwork(obs_size, n_actions, hidden)
             net.load_state_dict(state)

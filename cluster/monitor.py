@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import deque
 from typing import Any
 
 import redis
@@ -26,8 +27,6 @@ from canopy.cluster.verdicts import StepClock, Verdicts
 from canopy.keys import Keys
 from canopy.lease import parse_token
 from canopy.version import Version
-
-REFRESH_POLL_S = 0.1  # how often a solve re-reads the actors' hashes for its step count
 
 
 class Monitor:
@@ -51,6 +50,8 @@ class Monitor:
         self.verdicts: Verdicts | None = None
         self.last_event: bytes | str = "0-0"  # the id of the last event read
         self.stop_reason = ""
+        # Confirm events waiting for the actors' counts: (event, wall_s, publish time, deadline).
+        self.pending: deque[tuple[dict[str, str], float, float, float]] = deque()
 
     def skip_earlier_events(self) -> None:
         """Read events from here on: a resumed run's stream holds the earlier runs' events."""
@@ -83,6 +84,7 @@ class Monitor:
                     snap = self.snapshot()
                 except redis.ConnectionError:
                     continue  # the root shard died between two reads; heal restarts it
+                self._record_ready()  # verdicts the snapshot's fresh counts now cover
                 metrics.write(json.dumps(snap) + "\n")
                 metrics.flush()
                 if scalars is not None:
@@ -109,6 +111,8 @@ class Monitor:
         with contextlib.suppress(redis.RedisError):
             while self._read_events(block_ms=None):
                 pass
+            self.snapshot()  # the stopped actors' final counts
+        self._record_ready(force=True)
         self.verdicts.close()
 
     def _read_events(self, block_ms: int | None) -> int:
@@ -121,7 +125,7 @@ class Monitor:
         return sum(len(items) for _, items in entries)
 
     def _on_event(self, event: dict[str, str]) -> None:
-        """A confirmed verdict: evals.jsonl, and the solve once one reaches the threshold."""
+        """A confirmed verdict: held until its step count is known (`_record_ready`)."""
         if event.get("kind") != "confirm" or self.verdicts is None:
             return
         snap = self.snapshot()  # fresh actor counts for the step clock
@@ -129,18 +133,23 @@ class Monitor:
         at = ledger.published_at(self.r.hget(key, ledger.PUBLISHED_AT))
         if at is None:
             at = time.time()
-        if float(event["mean_return"]) >= self.cfg.run.stop_at_return:
-            self._await_refresh(at)
-        self.verdicts.on_confirm(event, snap["wall_s"], round(self.clock.steps_at(at)))
-
-    def _await_refresh(self, at: float) -> None:
-        """Read the actors' hashes until each was refreshed after `at` (at most three
-        heartbeats): a run can solve before the first refresh, and its steps to solve
-        must then come from counts around the version's publish time, not from none."""
         deadline = time.monotonic() + 3 * self.cfg.run.heartbeat_s
-        while not self.clock.covers(at) and time.monotonic() < deadline:
-            time.sleep(REFRESH_POLL_S)
-            self.snapshot()
+        self.pending.append((event, snap["wall_s"], at, deadline))
+        self._record_ready()
+
+    def _record_ready(self, force: bool = False) -> None:
+        """Hand the held verdicts, oldest first, to evals.jsonl and the solve once every actor's
+        count was refreshed after the version's publish time (or three heartbeats passed, or
+        `force`). A version is often confirmed before the actors' next refresh (the first
+        comes seconds in): its steps then come from counts on both sides of its publish time,
+        not from an extrapolation of none."""
+        assert self.verdicts is not None
+        while self.pending:
+            event, wall_s, at, deadline = self.pending[0]
+            if not (force or self.clock.covers(at) or time.monotonic() > deadline):
+                return
+            self.pending.popleft()
+            self.verdicts.on_confirm(event, wall_s, round(self.clock.steps_at(at)))
 
     def snapshot(self) -> dict[str, Any]:
         """One row of metrics.jsonl: the run's counters summed from the stats hashes."""

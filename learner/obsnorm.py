@@ -5,11 +5,11 @@ Place in the data flow: replay batch -> `ObsNorm.update` (the observations of ev
 the learner trains on) -> `ObsNorm.normalize` of obs and next_obs -> the networks. At
 publish time `fold` turns the current statistics into extra first layers of the exported
 MLP, so a published version is still a plain `mlp` / `tanh_mlp` / `categorical_mlp` /
-`gaussian_mlp` acting on raw observations (arrays other than the layers, like a
-`gaussian_mlp`'s `log_std`, pass through unchanged): actors, the evaluator, `canopy export`
-and `canopy eval` need nothing new,
-and they always act with the statistics the published weights were trained with (one
-version, one set of statistics).
+`gaussian_mlp` / `squashed_gaussian_mlp` acting on raw observations (arrays other than the
+layers, like a `gaussian_mlp`'s `log_std`, pass through unchanged; a squashed Gaussian's
+log std is an output of the last layer, which the fold leaves as it is): actors, the
+evaluator, `canopy export` and `canopy eval` need nothing new, and they always act with
+the statistics the published weights were trained with (one version, one set of statistics).
 
 Statistics: count, mean and variance of every observation element in float64, merged
 batch by batch with the parallel-variance formula of Chan et al. (1979), as SB3's

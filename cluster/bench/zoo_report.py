@@ -50,7 +50,55 @@ def env_checks(
     """The checks of one env from its per-system summaries (those of each canopy system that
     ran); SB3-dependent ones fail without SB3. `ceiling`: the env's random-action env steps/s."""
     checks = canopy_checks(env_id, threshold, systems, have_sb3) if "canopy" in systems else []
+    checks += sac_checks(env_id, threshold, systems, have_sb3)
     return checks + onpolicy_checks(env_id, threshold, systems, have_sb3, action_space, ceiling)
+
+
+def sac_checks(
+    env_id: str, threshold: float | None, systems: dict[str, dict[str, Any]], have_sb3: bool
+) -> list[dict[str, Any]]:
+    """canopy-sac on a Box env: a confirmed solve on every seed, a hand-over at least SB3 SAC's
+    at the same budget, and sooner to a confirmed solve than canopy's TD3 (when it ran)."""
+    sac = systems.get("canopy-sac")
+    if sac is None:
+        return []
+    sb3_sac = systems.get("sb3-sac", {}) if have_sb3 else {}
+    mean, base = sac["handed_over_mean"], sb3_sac.get("handed_over_mean")
+    checks = [
+        report.check(
+            f"{env_id}: sac_vs_sb3_sac",
+            mean,
+            "return (100 episodes, mean over seeds)",
+            ">= SB3 SAC's at the same budget",
+            base,
+            mean is not None and base is not None and mean >= base,
+        )
+    ]
+    if threshold is not None:
+        checks.append(
+            report.check(
+                f"{env_id}: sac_confirmed_solve_every_seed",
+                _solve_figures(sac),
+                "seeds solved; median s and env steps from process start to a confirmed solve",
+                f"a confirmed solve (>= {threshold:g}) on each of {sac['seeds']} seeds",
+                _solve_figures(sb3_sac) if sb3_sac else None,
+                sac["seeds_solved"] == sac["seeds"],
+            )
+        )
+    td3 = systems.get("canopy-td3")
+    if td3 is not None and threshold is not None:
+        t, base_t = sac["median_time_to_solve_s"], td3["median_time_to_solve_s"]
+        checks.append(
+            report.check(
+                f"{env_id}: sac_median_time_to_solve_vs_td3",
+                t,
+                "s",
+                "< canopy's TD3 in the same run (an unsolved TD3 counts as never)",
+                base_t,
+                t is not None and t < (math.inf if base_t is None else base_t),
+            )
+        )
+    return checks
 
 
 def canopy_checks(

@@ -22,6 +22,7 @@ CANOPY_FITS: dict[str, tuple[str, ...]] = {
     "auto": ("discrete", "box"),
     "dqn": ("discrete",),
     "td3": ("box",),
+    "sac": ("box",),
     **{algo: ("discrete", "box") for algo in ON_POLICY},
 }
 SB3_ALGOS = tuple(dict.fromkeys(a for algos in ALGOS.values() for a in algos))

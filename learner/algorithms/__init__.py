@@ -21,7 +21,7 @@ import torch
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
-from canopy.learner.algorithms import dqn, impala, population, ppo, td3
+from canopy.learner.algorithms import dqn, impala, population, ppo, sac, td3
 from canopy.learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, Unrolls, host_stats
 
 __all__ = [
@@ -47,6 +47,7 @@ def _dqn(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
 BUILDERS: dict[str, Builder] = {
     "dqn": _dqn,
     "td3": td3.build,  # Box actions
+    "sac": sac.build,  # Box actions, a stochastic policy with a learned entropy weight
     "ppo": ppo.build,  # on-policy, from the unrolls queue; either action space
     "impala": impala.build,  # on-policy with V-trace; either action space
 }

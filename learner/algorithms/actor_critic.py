@@ -60,9 +60,11 @@ class ActorCritic(nn.Module):
     def dist(self, obs: torch.Tensor) -> Distribution:
         """The action distribution in each state of a batch [N, ...] of observations."""
         out = self.policy(obs)
+        # No argument validation: it checks every value of every minibatch, a sizeable share
+        # of a small network's step, and these tensors come from the network itself.
         if self.discrete:
-            return Categorical(logits=out)
-        return Normal(out, self.log_std.exp().expand_as(out))
+            return Categorical(logits=out, validate_args=False)
+        return Normal(out, self.log_std.exp().expand_as(out), validate_args=False)
 
     def log_prob(self, dist: Distribution, action: torch.Tensor) -> torch.Tensor:
         """log pi(a|s) per row: a Gaussian's density is the product over action dimensions."""

@@ -16,7 +16,7 @@ import torch
 from conftest import free_port, stop_process, wait_for
 
 from canopy import config as config_mod
-from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP
+from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP
 from canopy.cache import blob
 from canopy.cluster import export, redis_server
 from canopy.config import EnvConfig
@@ -193,8 +193,8 @@ def test_without_a_confirmed_version_best_says_to_ask_for_the_newest(run_dir) ->
 
 
 # On-policy learners (ppo, impala) publish the policy network itself: logits for Discrete
-# actions, a Gaussian's mean and a `log_std` for Box ones. These need no Redis: they hand a
-# version straight to `write_policy`.
+# actions, a Gaussian's mean and a `log_std` for Box ones; sac its actor, a Gaussian's mean
+# and log std side by side. These need no Redis: they hand a version straight to `write_policy`.
 
 
 def stochastic(
@@ -202,7 +202,7 @@ def stochastic(
 ) -> dict[str, np.ndarray]:
     """A policy's published arrays; the last layer's weights times `scale` (means beyond [-1, 1])."""
     torch.manual_seed(4)
-    net = QNetwork(obs_size, d, hidden)
+    net = QNetwork(obs_size, 2 * d if arch == SQUASHED_GAUSSIAN_MLP else d, hidden)
     with torch.no_grad():
         net.layers[-1].weight.mul_(scale)
     arrays = net.export()
@@ -226,7 +226,7 @@ def greedy(arch: str, arrays: dict[str, np.ndarray], obs: np.ndarray) -> np.ndar
     return Explorer(space, len(obs), np.random.default_rng(0)).greedy(policy_from_arrays(arch, arrays), obs)
 
 
-@pytest.mark.parametrize("arch", [CATEGORICAL_MLP, GAUSSIAN_MLP])
+@pytest.mark.parametrize("arch", [CATEGORICAL_MLP, GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP])
 def test_a_stochastic_policy_round_trips_through_safetensors(arch: str, tmp_path: Path) -> None:
     # Eleven layers: safetensors stores names sorted, "layers.10" before "layers.2".
     arrays = stochastic(arch, 4, 3, [8] * 10, scale=8.0)
@@ -263,9 +263,25 @@ def test_a_gaussian_policy_exports_to_torchscript_as_its_greedy_action(tmp_path:
     np.testing.assert_allclose(got, policy.actions(OBS), atol=1e-5)
 
 
-def test_canopy_eval_plays_an_exported_gaussian_policy(tmp_path: Path) -> None:
-    arrays = stochastic(GAUSSIAN_MLP, 3, 1, [16])  # Pendulum: 3 observations, 1 action
-    out = export.write_policy(handed(GAUSSIAN_MLP, arrays), EnvConfig(id="Pendulum-v1"), tmp_path / "p.st")
+def test_a_squashed_gaussian_policy_exports_to_torchscript_as_tanh_of_its_mean(tmp_path: Path) -> None:
+    from canopy.actors.policy import policy_from_arrays
+
+    arrays = stochastic(SQUASHED_GAUSSIAN_MLP, 4, 3, [16, 16], scale=8.0)
+    out = export.write_policy(
+        handed(SQUASHED_GAUSSIAN_MLP, arrays), EnvConfig(), tmp_path / "p.pt", "torchscript"
+    )
+    with torch.no_grad():
+        got = torch.jit.load(str(out))(torch.from_numpy(OBS)).numpy()
+    policy = policy_from_arrays(SQUASHED_GAUSSIAN_MLP, arrays)
+    assert got.shape == (len(OBS), 3)  # d actions, not the 2d outputs
+    np.testing.assert_allclose(got, policy.actions(OBS), atol=1e-5)
+    np.testing.assert_allclose(got, np.tanh(policy.q_values(OBS)[:, :3]), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", [GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP])
+def test_canopy_eval_plays_an_exported_gaussian_policy(arch: str, tmp_path: Path) -> None:
+    arrays = stochastic(arch, 3, 1, [16])  # Pendulum: 3 observations, 1 action
+    out = export.write_policy(handed(arch, arrays), EnvConfig(id="Pendulum-v1"), tmp_path / "p.st")
     result = export.evaluate(str(out), episodes=2, seed=5)
     assert result["env"] == "Pendulum-v1" and np.isfinite(result["mean_return"]) and result["mean_return"] < 0
 

@@ -15,12 +15,14 @@ from canopy.actors.policy import (
     CategoricalPolicy,
     GaussianPolicy,
     MLPPolicy,
+    SquashedGaussianPolicy,
     env_action,
     epsilon_ladder,
     policy_from_arrays,
 )
-from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP
+from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP, LOG_STD_MAX, LOG_STD_MIN, SQUASHED_GAUSSIAN_MLP
 from canopy.errors import ProtocolError
+from canopy.learner.algorithms.sac import SquashedGaussianActor, squashed_log_prob
 from canopy.learner.network import ARCH, QNetwork
 
 ARCHITECTURES = [
@@ -251,3 +253,70 @@ def test_a_log_std_that_does_not_fit_the_mean_is_a_protocol_error(log_std: objec
         arrays["log_std"] = log_std
     with pytest.raises(ProtocolError, match=match):
         policy_from_arrays(GAUSSIAN_MLP, arrays)
+
+
+def squashed(d: int, hidden: list[int], scale: float) -> tuple[SquashedGaussianActor, SquashedGaussianPolicy]:
+    """sac's torch actor and the numpy policy of its exported arrays; the last layer's
+    weights times `scale` (log stds beyond the clamp on both sides, means where tanh saturates)."""
+    torch.manual_seed(5)
+    actor = SquashedGaussianActor(6, d, hidden)
+    with torch.no_grad():
+        actor.layers[-1].weight.mul_(scale)
+    policy = policy_from_arrays(SQUASHED_GAUSSIAN_MLP, actor.export())
+    assert type(policy) is SquashedGaussianPolicy
+    return actor, policy
+
+
+def test_the_squashed_gaussian_policy_acts_and_scores_as_the_torch_actor_does() -> None:
+    d = 3
+    actor, policy = squashed(d, [32], scale=6.0)
+    raw_log_std = policy.q_values(OBS)[:, d:]
+    assert (raw_log_std > LOG_STD_MAX).any() and (raw_log_std < LOG_STD_MIN).any()  # both clamps act
+    obs = torch.from_numpy(OBS)
+    with torch.no_grad():
+        mean, log_std = actor(obs)
+        np.testing.assert_allclose(policy.actions(OBS), actor.greedy(obs).numpy(), atol=1e-5)
+        actions, logp = policy.sample(OBS, np.random.default_rng(0))
+        # The same eps the policy drew (one standard_normal call on a fresh generator).
+        eps = torch.from_numpy(np.random.default_rng(0).standard_normal((len(OBS), d), dtype=np.float32))
+        pre_tanh = mean + log_std.exp() * eps
+        want_logp = squashed_log_prob(pre_tanh, eps, log_std)
+    assert actions.dtype == np.float32 and actions.shape == (64, d) and np.abs(actions).max() <= 1
+    assert logp.dtype == np.float32 and logp.shape == (64,)
+    np.testing.assert_allclose(actions, torch.tanh(pre_tanh).numpy(), atol=1e-5)
+    np.testing.assert_allclose(logp, want_logp.numpy(), atol=1e-3, rtol=1e-5)
+    assert np.isfinite(logp).all()
+
+
+def test_a_box_actor_with_a_squashed_gaussian_stores_the_policys_own_sample() -> None:
+    _, policy = squashed(2, [16], scale=1.0)
+    obs = OBS[:8]
+    space = gym.spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([2.0, 10.0], np.float32))
+    explorer = Explorer(space, len(obs), np.random.default_rng(1), noise=0.5)
+    stored, env_actions = explorer.act(policy, obs)
+    # No Gaussian noise on top (noise=0.5 would have moved them): exactly the policy's draw.
+    np.testing.assert_array_equal(stored, policy.sample(obs, np.random.default_rng(1))[0])
+    assert stored.dtype == np.float32 and np.abs(stored).max() <= 1
+    span = space.high - space.low
+    np.testing.assert_allclose(env_actions, space.low + (stored + 1) / 2 * span, rtol=1e-6)
+    greedy = space.low + (policy.actions(obs) + 1) / 2 * span
+    np.testing.assert_allclose(explorer.greedy(policy, obs), greedy, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        pytest.param(weights((4, 6), (4,), (3, 4), (3,)), "2 x d outputs", id="odd-outputs"),
+        pytest.param(
+            weights((4, 6), (4,), (2, 4), (2,)) | {"log_std": np.zeros(1, np.float32)},
+            "bad mlp array name",
+            id="log-std-array",
+        ),
+        pytest.param(weights((4, 6), (4,), (2, 5), (2,)), "do not chain", id="layers-do-not-chain"),
+    ],
+)
+def test_arrays_that_are_no_squashed_gaussian_are_a_protocol_error(arrays: dict, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        policy_from_arrays(SQUASHED_GAUSSIAN_MLP, arrays)
+    with pytest.raises(ProtocolError, match="cannot run architecture 'mlp'"):
+        SquashedGaussianPolicy.from_arrays("mlp", weights((4, 6), (4,), (2, 4), (2,)))

@@ -262,3 +262,12 @@ def test_observation_normalization_is_refused_for_atari_frames() -> None:
 def test_reward_clipping_is_on_by_default_and_can_be_turned_off() -> None:
     assert Config().env.clip_rewards
     assert not config.load(None, ["env.clip_rewards=false"]).env.clip_rewards
+
+
+def test_sac_is_an_algorithm_choice_that_trains_one_model() -> None:
+    cfg = config.load(None, ['learner.algorithm="sac"'])
+    assert cfg.learner.algorithm == "sac" and not config.on_policy(cfg)
+    assert problems_of(['learner.algorithm="sac"', "learner.models=2"]) == [
+        'learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"'
+    ]
+    assert any("is not one of auto, dqn, td3, sac" in p for p in problems_of(['learner.algorithm="sacc"']))

@@ -282,3 +282,30 @@ def test_a_failed_or_skipped_ceiling_is_told_and_the_bench_goes_on(monkeypatch: 
     assert (
         got["random_actions_env_steps_per_s"] is None and "did not report" in got["random_actions"]["error"]
     )
+
+
+def test_sac_must_match_sb3_sac_solve_every_seed_and_beat_canopys_td3() -> None:
+    sb3_sac = zoo.summarize([_row(0, -160.0, 40.0), _row(1, -150.0, 50.0)], 2)
+
+    def checks(score: float, sac_solve: list[float | None], td3_solve: list[float | None]) -> dict:
+        sac = _canopy([_row(i, score, t) for i, t in enumerate(sac_solve)])
+        td3 = _canopy([_row(i, -170.0, t) for i, t in enumerate(td3_solve)])
+        systems = {"canopy-sac": sac, "canopy-td3": td3, "sb3-sac": sb3_sac}
+        return _by_name(env_checks("Pendulum-v1", -200.0, systems, True, action_space="box"))
+
+    good = checks(-150.0, [10.0, 12.0], [20.0, 30.0])
+    assert [good[k]["met"] for k in ("sac_vs_sb3_sac", "sac_confirmed_solve_every_seed")] == [True, True]
+    assert (
+        good["sac_median_time_to_solve_vs_td3"]["value"],
+        good["sac_median_time_to_solve_vs_td3"]["met"],
+    ) == (
+        11.0,
+        True,
+    )
+    bad = checks(-160.0, [10.0, None], [5.0, 6.0])
+    assert not any(bad[k]["met"] for k in bad), bad
+    # A TD3 that never solves is beaten by any SAC solve; no canopy-sac run: no sac checks.
+    assert checks(-150.0, [10.0, 12.0], [None, None])["sac_median_time_to_solve_vs_td3"]["met"]
+    assert not any(
+        "sac" in c["name"] for c in env_checks("Pendulum-v1", -200.0, {}, True, action_space="box")
+    )

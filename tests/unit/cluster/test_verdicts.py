@@ -88,3 +88,15 @@ def test_step_clock_counts_from_the_actors_start_before_its_first_refresh() -> N
     clock.observe(0, 110.0, 10_000, started_at=100.0)  # read twice: no second anchor
     assert clock.steps_at(105.0) == pytest.approx(5_000)  # was 0: no refresh yet at 105 s
     assert clock.steps_at(99.0) == 0
+
+
+def test_step_clock_covers_a_time_once_every_actor_was_refreshed_after_it() -> None:
+    clock = StepClock()
+    assert not clock.covers(10.0)  # no actor seen: nothing is known
+    clock.observe(0, 12.0, 500, started_at=9.0)
+    clock.observe(1, 9.5, 100, started_at=9.0)
+    assert clock.covers(9.5) and not clock.covers(10.0)  # actor 1's last refresh is before 10
+    clock.observe(1, 11.0, 900)
+    assert clock.covers(10.0)
+    # A version published at 10.0, before anyone's refresh at it: counts on both sides of it.
+    assert clock.steps_at(10.0) == pytest.approx(500 * 1 / 3 + 100 + 800 * 0.5 / 1.5)

@@ -20,6 +20,7 @@ from canopy.learner.algorithms.dqn import DQN
 from canopy.learner.algorithms.impala import IMPALA
 from canopy.learner.algorithms.population import Population
 from canopy.learner.algorithms.ppo import PPO
+from canopy.learner.algorithms.sac import SAC
 from canopy.learner.algorithms.td3 import TD3
 from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
 
@@ -29,6 +30,7 @@ BOX = EnvSpec(obs_shape=(3,), obs_dtype="float32", actions=1, discrete=False)
 KINDS = {
     "dqn": (DISCRETE, LearnerConfig(hidden=[8], lr_anneal_updates=10)),
     "td3": (BOX, LearnerConfig(hidden=[8], policy_delay=2)),
+    "sac": (BOX, LearnerConfig(algorithm="sac", hidden=[8])),
     "population": (DISCRETE, LearnerConfig(hidden=[8], models=2, model_lr=[1e-3, 3e-3])),
     "ppo": (DISCRETE, LearnerConfig(algorithm="ppo", hidden=[8], epochs=2, minibatch_size=24)),
     "ppo_box": (BOX, LearnerConfig(algorithm="ppo", hidden=[8], epochs=2, value_clip=0.2)),
@@ -102,7 +104,9 @@ def test_auto_picks_by_action_space_and_make_returns_the_algorithm_and_the_actor
     assert isinstance(dqn, Built) and isinstance(dqn.algorithm, DQN) and dqn.arch == "mlp"
     assert isinstance(td3, Built) and isinstance(td3.algorithm, TD3) and td3.arch == "tanh_mlp"
     assert isinstance(build("population"), Population)
-    assert set(algorithms.BUILDERS) == {"dqn", "td3", "ppo", "impala"}
+    assert set(algorithms.BUILDERS) == {"dqn", "td3", "sac", "ppo", "impala"}
+    sac = algorithms.make(BOX, KINDS["sac"][1], CPU)
+    assert isinstance(sac.algorithm, SAC) and sac.arch == "squashed_gaussian_mlp"
     assert isinstance(build("ppo"), PPO) and isinstance(build("impala_box"), IMPALA)
     assert algorithms.make(DISCRETE, KINDS["ppo"][1], CPU).arch == "categorical_mlp"
     assert algorithms.make(BOX, KINDS["impala_box"][1], CPU).arch == "gaussian_mlp"
@@ -114,6 +118,8 @@ def test_auto_picks_by_action_space_and_make_returns_the_algorithm_and_the_actor
         (BOX, LearnerConfig(algorithm="dqn"), 'continuous (Box) actions: set learner.algorithm = "td3"'),
         (DISCRETE, LearnerConfig(algorithm="td3"), 'Discrete actions: set learner.algorithm = "dqn"'),
         (BOX, LearnerConfig(algorithm="td3", models=2), "trains dqn populations only"),
+        (DISCRETE, LearnerConfig(algorithm="sac"), 'Discrete actions: set learner.algorithm = "dqn"'),
+        (BOX, LearnerConfig(algorithm="sac", models=2), "populations only: set learner.models = 1 for sac"),
         (DISCRETE, LearnerConfig(algorithm="sarsa"), "unknown learner.algorithm 'sarsa'"),
         (DISCRETE, LearnerConfig(algorithm="ppo", models=2), "trains dqn populations only: not ppo"),
         (
@@ -173,7 +179,7 @@ def test_state_restored_into_a_fresh_build_makes_the_same_next_update(kind: str)
     fresh = build(kind, seed=1)
     fresh.restore(copied)
     assert fresh.updates == 3
-    rng = torch.get_rng_state()  # TD3's smoothing noise draws from it: the same for both
+    rng = torch.get_rng_state()  # TD3's smoothing noise and SAC's samples draw from it: the same for both
     want = host_stats(algo.update(update_input(algo, spec, 9)))
     torch.set_rng_state(rng)
     assert host_stats(fresh.update(update_input(fresh, spec, 9))) == want

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from canopy.actors.policy import policy_from_arrays, population_arrays
-from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP
+from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP
 from canopy.cluster.export import layer_sizes
 from canopy.config import EnvConfig, LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import ConfigError, ProtocolError
 from canopy.learner.algorithms.dqn import DQN
+from canopy.learner.algorithms.sac import SAC, SquashedGaussianActor
 from canopy.learner.algorithms.td3 import TD3, Actor
 from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
 from canopy.learner.model import export as _export
@@ -111,6 +112,29 @@ def test_the_published_td3_actor_on_raw_obs_equals_the_learners_on_normalized_ob
         np.testing.assert_allclose(actor(x).numpy(), want, atol=1e-5)
 
 
+def test_the_published_sac_actor_on_raw_obs_equals_the_learners_on_normalized_obs() -> None:
+    torch.manual_seed(0)
+    algo = SAC(OBS, 2, LearnerConfig(hidden=[16, 16]))
+    actor = algo.online["actor"]
+    norm = fed(observations())
+    x = probe(norm)
+    with torch.no_grad():
+        mean, log_std = actor(norm.normalize(x))
+    folded = _export(algo, norm)
+    policy = policy_from_arrays(SQUASHED_GAUSSIAN_MLP, folded)
+    got_mean, got_log_std = policy.mean_log_std(x.numpy())
+    np.testing.assert_allclose(got_mean, mean.numpy(), atol=1e-4)
+    np.testing.assert_allclose(got_log_std, log_std.numpy(), atol=1e-4)  # the log std folds too
+    np.testing.assert_allclose(policy.actions(x.numpy()), torch.tanh(mean).numpy(), atol=1e-5)
+    # `canopy export`'s sizes: d actions (not the 2d outputs), one hidden layer of 2 * OBS more.
+    obs_size, actions, hidden = layer_sizes(folded, SQUASHED_GAUSSIAN_MLP)
+    assert (obs_size, actions, hidden) == (OBS, 2, [2 * OBS, 16, 16])
+    plain = SquashedGaussianActor(obs_size, actions, hidden)
+    plain.load_state_dict({k: torch.from_numpy(v) for k, v in folded.items()})
+    with torch.no_grad():
+        np.testing.assert_allclose(plain.greedy(x).numpy(), torch.tanh(mean).numpy(), atol=1e-5)
+
+
 def test_every_model_of_a_population_version_is_folded_under_its_own_prefix() -> None:
     torch.manual_seed(0)
     nets = [QNetwork(OBS, 2, [8]) for _ in range(2)]
@@ -174,6 +198,7 @@ def test_only_learners_that_asked_get_one_and_pixel_envs_are_refused() -> None:
     spec = EnvSpec((OBS,), "float32", 2, discrete=True)
     assert ObsNorm.for_learner(EnvConfig(), spec, "mlp", CPU) is None
     assert ObsNorm.for_learner(EnvConfig(normalize_obs=True), spec, "tanh_mlp", CPU).size == OBS
+    assert ObsNorm.for_learner(EnvConfig(normalize_obs=True), spec, SQUASHED_GAUSSIAN_MLP, CPU).size == OBS
     frames = EnvSpec((4, 84, 84), "uint8", 6, discrete=True)
     with pytest.raises(ConfigError, match=r"env\.normalize_obs needs flat observations"):
         ObsNorm.for_learner(EnvConfig(id="MyPixels-v0", normalize_obs=True), frames, "nature_cnn", CPU)
