@@ -17,6 +17,7 @@ value loss cannot pull the policy around, so its weight (`vf_coef`) is no balanc
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -27,7 +28,9 @@ from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
+from canopy.learner.algorithms.base import TrainingState, adam, load_torch_state, torch_state
 from canopy.learner.network import QNetwork
+from canopy.learner.overlap import GradSync
 
 
 class ActorCritic(nn.Module):
@@ -116,3 +119,39 @@ def build_net(name: str, spec: EnvSpec, cfg: LearnerConfig, device: torch.device
         raise UserError(f"learner.models > 1 trains dqn populations only: not {name}; set learner.models = 1")
     net = ActorCritic(int(np.prod(spec.obs_shape)), spec.actions, cfg.hidden, spec.discrete)
     return net.to(device)
+
+
+class OnPolicyLearner:
+    """What ppo.py and impala.py share besides their `update`: one actor-critic and one Adam,
+    nothing to prioritize, the policy as the published arrays, and the checkpoint state."""
+
+    models = 1  # one batch of unrolls per update
+
+    def __init__(self, net: ActorCritic, cfg: LearnerConfig):
+        self.cfg = cfg
+        self.online = net
+        self.optimizer = adam(net.parameters(), lr=cfg.lr, eps=1e-5)  # the usual epsilon of both
+        self.updates = 0
+        # A data-parallel learner group averages the gradients here (see dqn.py).
+        self.grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None
+
+    def priorities(self) -> list[torch.Tensor] | None:
+        """None: queue items are read once, there is nothing to prioritize."""
+        return None
+
+    def export(self) -> dict[str, np.ndarray]:
+        """The policy's arrays (categorical_mlp or gaussian_mlp); the value net stays here."""
+        return self.online.export()
+
+    def state(self) -> TrainingState:
+        """Both networks (and log_std), Adam, and the update count (schedules follow it)."""
+        return torch_state(self.updates, {"online": self.online}, self.optimizer)
+
+    def restore(self, state: TrainingState) -> None:
+        """Put back what `state` took, the update count included."""
+        load_torch_state(state, {"online": self.online}, self.optimizer)
+        self.updates = state.updates
+
+    def join_group(self) -> None:
+        """From the next update on, gradients are averaged over the learner group."""
+        self.grad_sync = GradSync()

@@ -18,48 +18,34 @@ a truncated unroll's last step bootstraps from its true final observation. With 
 gradient's advantages are scaled to unit std over each batch: their scale then does not
 depend on the task's rewards.
 
-An `Algorithm` (learner/algorithms/base.py); `build` at the end is its registry entry.
+An `Algorithm` (learner/algorithms/base.py): its optimizer, export and checkpoint state are
+`OnPolicyLearner`'s (actor_critic.py), `update` is this file's; `build` at the end is its
+registry entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
-import numpy as np
 import torch
 from torch import nn
 
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
-from canopy.learner.algorithms.actor_critic import ActorCritic, build_net, normalized, steps, values_of
+from canopy.learner.algorithms.actor_critic import OnPolicyLearner, build_net, normalized, steps, values_of
 from canopy.learner.algorithms.advantages import discounts_of, vtrace
 from canopy.learner.algorithms.base import (
     Built,
     Stats,
-    TrainingState,
     Unrolls,
-    adam,
-    load_torch_state,
-    torch_state,
 )
-from canopy.learner.overlap import GradSync
 
 
-class IMPALA:
+class IMPALA(OnPolicyLearner):
     """Example:
     algo = IMPALA(ActorCritic(4, 2, [64, 64], discrete=True), cfg.learner)
     stats = algo.update(unrolls)  # {'loss': ..., 'rho_mean': ..., ...}
     """
 
-    models = 1  # one batch of unrolls per update
     report_every = 10  # updates between stats reports
-
-    def __init__(self, net: ActorCritic, cfg: LearnerConfig):
-        self.cfg = cfg
-        self.online = net
-        self.optimizer = adam(net.parameters(), lr=cfg.lr, eps=1e-5)
-        self.updates = 0
-        self.grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None  # see dqn.py
 
     def update(self, batch: Unrolls) -> Stats:
         """One gradient step on the batch's V-trace losses."""
@@ -103,27 +89,6 @@ class IMPALA:
             "rho_clipped_mean": rho,
             "value_mean": (values[:, :-1].detach() * mask).sum() / n,
         }
-
-    def priorities(self) -> list[torch.Tensor] | None:
-        """None: queue items are read once, there is nothing to prioritize."""
-        return None
-
-    def export(self) -> dict[str, np.ndarray]:
-        """The policy's arrays (categorical_mlp or gaussian_mlp); the value net stays here."""
-        return self.online.export()
-
-    def state(self) -> TrainingState:
-        """Both networks (and log_std), Adam, and the update count."""
-        return torch_state(self.updates, {"online": self.online}, self.optimizer)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the update count included."""
-        load_torch_state(state, {"online": self.online}, self.optimizer)
-        self.updates = state.updates
-
-    def join_group(self) -> None:
-        """From the next update on, gradients are averaged over the learner group."""
-        self.grad_sync = GradSync()
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:

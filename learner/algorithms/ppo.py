@@ -16,48 +16,34 @@ policy assumed to be the learner's (the learner reports the lag per unroll). The
 and the clip range anneal linearly to `lr_final` and `clip_range_final` over
 `lr_anneal_updates` updates, then stay.
 
-An `Algorithm` (learner/algorithms/base.py); `build` at the end is its registry entry.
+An `Algorithm` (learner/algorithms/base.py): its optimizer, export and checkpoint state are
+`OnPolicyLearner`'s (actor_critic.py), `update` is this file's; `build` at the end is its
+registry entry.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
-import numpy as np
 import torch
 from torch import nn
 
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
-from canopy.learner.algorithms.actor_critic import ActorCritic, build_net, normalized, steps, values_of
+from canopy.learner.algorithms.actor_critic import OnPolicyLearner, build_net, normalized, steps, values_of
 from canopy.learner.algorithms.advantages import discounts_of, gae
 from canopy.learner.algorithms.base import (
     Built,
     Stats,
-    TrainingState,
     Unrolls,
-    adam,
-    load_torch_state,
-    torch_state,
 )
-from canopy.learner.overlap import GradSync
 
 
-class PPO:
+class PPO(OnPolicyLearner):
     """Example:
     algo = PPO(ActorCritic(4, 2, [64, 64], discrete=True), cfg.learner)
     stats = algo.update(unrolls)  # {'loss': ..., 'approx_kl': ..., 'clip_fraction': ...}
     """
 
-    models = 1  # one batch of unrolls per update
     report_every = 1  # an update is a whole PPO iteration: report each
-
-    def __init__(self, net: ActorCritic, cfg: LearnerConfig):
-        self.cfg = cfg
-        self.online = net
-        self.optimizer = adam(net.parameters(), lr=cfg.lr, eps=1e-5)  # PPO's usual epsilon
-        self.updates = 0
-        self.grad_sync: Callable[[Iterable[nn.Parameter]], None] | None = None  # see dqn.py
 
     def schedule(self) -> tuple[float, float]:
         """(step size, clip range) for the next update, linear in the updates made so far."""
@@ -137,27 +123,6 @@ class PPO:
             "clip_fraction": clipped,
             "value_mean": v.detach().mean(),
         }
-
-    def priorities(self) -> list[torch.Tensor] | None:
-        """None: queue items are read once, there is nothing to prioritize."""
-        return None
-
-    def export(self) -> dict[str, np.ndarray]:
-        """The policy's arrays (categorical_mlp or gaussian_mlp); the value net stays here."""
-        return self.online.export()
-
-    def state(self) -> TrainingState:
-        """Both networks (and log_std), Adam, and the update count (the schedules follow it)."""
-        return torch_state(self.updates, {"online": self.online}, self.optimizer)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the update count included."""
-        load_torch_state(state, {"online": self.online}, self.optimizer)
-        self.updates = state.updates
-
-    def join_group(self) -> None:
-        """From the next update on, gradients are averaged over the learner group."""
-        self.grad_sync = GradSync()
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
