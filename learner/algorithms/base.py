@@ -224,16 +224,16 @@ def load_torch_state(
 
 
 def online_target_state(algo: Any) -> TrainingState:
-    """`torch_state` of a value learner laid out as DQN and a DQN population are: `online`
-    and `target` networks, one `optimizer`, an optional lr `scheduler`, `updates`."""
+    """`torch_state` of a learner laid out as DQN, TD3, SAC and a DQN population are:
+    `online` and `target` modules, one `optimizer`, an lr `scheduler` if it has one, `updates`."""
     modules = {"online": algo.online, "target": algo.target}
-    return torch_state(algo.updates, modules, algo.optimizer, algo.scheduler)
+    return torch_state(algo.updates, modules, algo.optimizer, getattr(algo, "scheduler", None))
 
 
 def load_online_target_state(algo: Any, state: TrainingState) -> None:
     """Put back what `online_target_state` took, the update count included."""
     modules = {"online": algo.online, "target": algo.target}
-    load_torch_state(state, modules, algo.optimizer, algo.scheduler)
+    load_torch_state(state, modules, algo.optimizer, getattr(algo, "scheduler", None))
     algo.updates = state.updates
 
 

@@ -45,9 +45,9 @@ from canopy.learner.algorithms.base import (
     Stats,
     TrainingState,
     adam,
-    load_torch_state,
+    load_online_target_state,
+    online_target_state,
     polyak,
-    torch_state,
 )
 from canopy.learner.algorithms.td3 import TwinCritic, mlp
 from canopy.learner.overlap import GradSync
@@ -229,12 +229,11 @@ class SAC:
 
     def state(self) -> TrainingState:
         """Actor, twin critic, temperature, target critic, the one Adam, and the update count."""
-        return torch_state(self.updates, {"online": self.online, "target": self.target}, self.optimizer)
+        return online_target_state(self)
 
     def restore(self, state: TrainingState) -> None:
         """Put back what `state` took, the update count included."""
-        load_torch_state(state, {"online": self.online, "target": self.target}, self.optimizer)
-        self.updates = state.updates
+        load_online_target_state(self, state)
 
     def join_group(self) -> None:
         """From the next update on, gradients are averaged over the learner group."""
