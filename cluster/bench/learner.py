@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -194,10 +196,15 @@ def _rank_main(
         timeout=timedelta(seconds=timeout_s),
     )
     try:
-        result = fn(rank, world, *args)
+        (Path(out) / f"rank-{rank}.json").write_text(json.dumps(fn(rank, world, *args)))
     finally:
         dist.destroy_process_group()
-    (Path(out) / f"rank-{rank}.json").write_text(json.dumps(result))
+    # Gloo's worker threads can abort the interpreter's teardown ("terminate called without
+    # an active exception", about one run in fifteen); the rank's result is written, so the
+    # process leaves without that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def population(models: int, seed: int = 0) -> list[Member]:
