@@ -8,7 +8,9 @@ the cache's shared-memory ring are not taken between hosts. The root namespace g
 address, so several networks with the same subnet can exist at once without clashing.
 
 Needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN), `ip` (iproute2), `tc` and `unshare`;
-`unavailable_reason()` says in one line why not, for a test to skip with.
+`unavailable_reason()` says in one line why not, for a test to skip with. Where a Docker
+engine has put bridged frames through iptables with a FORWARD policy of DROP, each network
+adds one ACCEPT rule for its own bridge (and removes it on close).
 
 Example:
     with Network(["redis", "learner"], rate_mbit=1000) as net:
@@ -120,7 +122,7 @@ class Network:
         self.procs: list[subprocess.Popen] = []
         addresses = net.hosts()
         self.hosts = {name: Host(name, f"{self.tag}-{name}", str(next(addresses)), self) for name in names}
-        self._made: list[tuple[str, ...]] = []  # `ip` objects to delete, newest last
+        self._made: list[list[str]] = []  # commands that undo what was built, newest last
 
     def __getitem__(self, name: str) -> Host:
         return self.hosts[name]
@@ -136,20 +138,37 @@ class Network:
         """Build the bridge, namespaces and links; on any failure remove what was built and raise."""
         try:
             _ip("link", "add", self.bridge, "type", "bridge")
-            self._made.append(("link", "del", self.bridge))
+            self._made.append(["ip", "link", "del", self.bridge])
             _ip("link", "set", self.bridge, "up")
+            self._let_bridged_traffic_pass()
             for i, host in enumerate(self.hosts.values()):
                 self._add_host(i, host)
         except BaseException:
             self.close()
             raise
 
+    def _let_bridged_traffic_pass(self) -> None:
+        # Once br_netfilter is loaded (a Docker engine loads it), frames between two ports of a
+        # bridge go through iptables' FORWARD chain, whose policy Docker sets to DROP: hosts on
+        # our bridge could not reach each other. One ACCEPT rule for this bridge, first in the
+        # chain, lets them through without touching anyone else's rules.
+        if not _bridged_frames_reach_iptables():
+            return
+        if shutil.which("iptables") is None:
+            raise NetnsError(
+                "frames on a bridge pass through iptables here (br_netfilter is loaded), but "
+                "`iptables` is missing to let them through: install iptables"
+            )
+        rule = ["FORWARD", "-i", self.bridge, "-o", self.bridge, "-j", "ACCEPT"]
+        _run(["iptables", "-w", "10", "-I", *rule])
+        self._made.append(["iptables", "-w", "10", "-D", *rule])
+
     def _add_host(self, i: int, host: Host) -> None:
         outside, inside = f"{self.tag}v{i}", f"{self.tag}p{i}"
         _ip("netns", "add", host.netns)
-        self._made.append(("netns", "del", host.netns))
+        self._made.append(["ip", "netns", "del", host.netns])
         _ip("link", "add", outside, "type", "veth", "peer", "name", inside)
-        self._made.append(("link", "del", outside))  # deleting one end deletes the pair
+        self._made.append(["ip", "link", "del", outside])  # deleting one end deletes the pair
         _ip("link", "set", outside, "master", self.bridge, "up")
         _ip("link", "set", inside, "netns", host.netns)
         ns = ("-n", host.netns)
@@ -213,12 +232,20 @@ class Network:
         while self._made:
             undo = self._made.pop()
             try:
-                _ip(*undo)
+                _run(undo)
             except NetnsError as exc:
                 if "Cannot find device" not in str(exc):  # already gone with its peer
                     errors.append(str(exc))
         if errors:
             raise NetnsError("could not remove every namespace and link: " + "; ".join(errors))
+
+
+def _bridged_frames_reach_iptables() -> bool:
+    try:
+        with open("/proc/sys/net/bridge/bridge-nf-call-iptables") as f:
+            return f.read().strip() == "1"
+    except OSError:  # br_netfilter not loaded: bridged frames skip iptables
+        return False
 
 
 def _ip(*args: str) -> None:

@@ -121,3 +121,18 @@ def test_a_rate_limit_on_one_link_slows_it_and_lifting_it_restores_speed() -> No
         free = transfer_s(net)
     assert limited >= 0.6, f"2 MB took {limited:.2f}s through a 16 Mbit/s link"
     assert free < limited / 2, f"unlimited {free:.2f}s vs limited {limited:.2f}s"
+
+
+def test_a_forward_policy_of_drop_gets_one_accept_rule_per_bridge_removed_on_close() -> None:
+    # What a Docker engine leaves behind: bridged frames through iptables, FORWARD dropping.
+    if not netns._bridged_frames_reach_iptables():
+        pytest.skip("bridged frames skip iptables here (br_netfilter not loaded): nothing to let through")
+
+    def rules(bridge: str) -> list[str]:
+        out = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True, timeout=10)
+        return [line for line in out.stdout.splitlines() if bridge in line]
+
+    net = netns.Network(["a"])
+    with net:
+        assert rules(net.bridge) == [f"-A FORWARD -i {net.bridge} -o {net.bridge} -j ACCEPT"]
+    assert rules(net.bridge) == []
