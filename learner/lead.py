@@ -121,6 +121,7 @@ class Lead:
             repair_every_s=ck.repair_every_s if ck.enabled else 0.0,
         )
         self.capturer = Capturer(pin=model.device.type == "cuda")
+        self.fences_seen = 0
         self.version: Version | None = None
         self.period = ck.every_s if ck.every_s > 0 else math.inf  # 0: only on demand
         self.next_ckpt = time.monotonic() + self.period
@@ -165,17 +166,21 @@ class Lead:
     def after_update(self, checkpoint_now: bool, sampler: SampleClient, rank_states: list[bytes]) -> None:
         """Publish when the update count comes due, then checkpoint when `checkpoint_now`."""
         algo = self.model.algo
+        if self.capturer.fences > self.fences_seen:  # this update's step waited for a capture's copy
+            self.fences_seen = self.capturer.fences
+            self.c["checkpoint_stall_ms_last"] += self.capturer.last_fence_wait_s * 1000
         if algo.updates % self.cfg.learner.publish_every == 0:
             self.publish(self.writer.last_committed or self.parent)
         if checkpoint_now:
             self._checkpoint(sampler, rank_states)
 
     def _checkpoint(self, sampler: SampleClient, rank_states: list[bytes]) -> None:
-        """Capture the state now (the training thread's only stall) for the background writer."""
+        """Capture the state for the background writer: metadata now, the tensors on a copy
+        thread that the next optimizer step waits for (learner/checkpoint/state.py)."""
         algo, lease, c = self.model.algo, self.lease, self.c
         t1 = time.monotonic()
         state = {**_state_counters(lease.epoch, c, sampler, rank_states), **_norm_state(self.model.norm)}
-        snap = self.capturer.capture(algo, state, to_dict(self.cfg))
+        snap = self.capturer.capture(algo, state, to_dict(self.cfg), background=True)
         stall_ms = (time.monotonic() - t1) * 1000
         self.writer.submit(snap, f"{lease.epoch}.{algo.updates}", lease.token, stall_ms=round(stall_ms, 2))
         c["checkpoint_stall_ms_last"] = stall_ms

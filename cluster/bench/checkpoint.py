@@ -14,7 +14,10 @@ hosts) beside a training loop, then real `canopy learner` processes for recovery
    bracket the "on" arm, so a load drift on this shared machine hits both alike):
    "off" trains only; "on" also captures the state every `--period` s (first one at half
    a period, so the arm holds duration/period checkpoints) and hands it to the writer.
-   Figures: mean step time per arm, stall of the training thread per capture, commit latency.
+   Figures: mean step time per arm, stall of the training thread per capture (the capture
+   call plus what the next optimizer step waits for the background copy), commit latency.
+   In-run baseline of the stall: the same capture done wholly on the training thread
+   (one copy of the state, what the learner paid before background captures).
 3. Baselines, same state, same run: torch.save to local disk + fsync (blocking on the
    training thread), and torch.distributed.checkpoint.async_save when it is available.
 4. Recovery, real processes and SIGKILL: cold (kill the learner, start a new one) and warm
@@ -50,8 +53,8 @@ from canopy.config import Config
 from canopy.keys import Keys
 from canopy.redisconn import connect
 
-GOAL_OVERHEAD_PCT = 3.0
-GOAL_STALL_MS = 20.0
+GOAL_OVERHEAD_PCT = 1.0
+GOAL_STALL_MS = 5.0
 GOAL_COLD_S = 5.0
 GOAL_WARM_S = 1.5
 OBS, ACTIONS, LAYERS = 4, 2, 3  # CartPole-sized ends, so `canopy learner` processes can restore it
@@ -99,7 +102,8 @@ def train(
     """Train for `seconds`; with `ckpt`, capture every period and submit to its writer.
 
     `ckpt` holds capturer, writer, lease, config dict, period. Returns the step times
-    and the training-thread stall of each capture.
+    and the training-thread stall of each capture: the capture call plus the fence wait of
+    the step after it (learner/checkpoint/state.py), which is also inside that step's time.
     """
     steps: list[float] = []
     stalls: list[float] = []
@@ -112,11 +116,21 @@ def train(
             if writer.busy():
                 deferred += 1  # as the learner does: keep it due, never queue behind a write
             else:
+                capturer = ckpt["capturer"]
                 t1 = time.monotonic()
-                snap = ckpt["capturer"].capture(trainer.algo, {"epoch": ckpt["lease"].epoch}, ckpt["cfg"])
+                snap = capturer.capture(
+                    trainer.algo, {"epoch": ckpt["lease"].epoch}, ckpt["cfg"], background=True
+                )
                 stalls.append(time.monotonic() - t1)
                 writer.submit(snap, f"{ckpt['lease'].epoch}.{trainer.algo.updates}", ckpt["lease"].token)
                 next_ckpt += ckpt["period"]
+                fences = capturer.fences
+                t0 = time.monotonic()
+                trainer.step()
+                steps.append(time.monotonic() - t0)
+                if capturer.fences > fences:
+                    stalls[-1] += capturer.last_fence_wait_s
+                continue
         t0 = time.monotonic()
         trainer.step()
         steps.append(time.monotonic() - t0)
@@ -212,14 +226,18 @@ class Checkpointing:
         with self._lock:
             self.events.append({"kind": kind, **fields})
 
-    def first_captures(self, trainer: Trainer) -> float:
+    def first_captures(self, trainer: Trainer) -> tuple[float, float]:
         """Allocate both capture buffers (and fault their pages in) before the timed arms: a
-        one-time cost per learner start, reported on its own; the first one's seconds."""
+        one-time cost per learner start, reported on its own. Returns the first capture's
+        seconds and then a capture into warm buffers wholly on the training thread (the
+        stall's baseline: one copy of the state)."""
         t0 = time.monotonic()
         self.capturer.capture(trainer.algo, {}, self.cfg_dict)
         first_capture_s = time.monotonic() - t0
         self.capturer.capture(trainer.algo, {}, self.cfg_dict)
-        return first_capture_s
+        t0 = time.monotonic()
+        self.capturer.capture(trainer.algo, {}, self.cfg_dict)
+        return first_capture_s, time.monotonic() - t0
 
     def arm(self, period: float) -> dict[str, Any]:
         """What `train` needs to checkpoint every `period` s."""
@@ -251,6 +269,7 @@ class Measured:
 
     state_bytes: int
     first_capture_s: float
+    sync_capture_s: float  # the whole copy on the training thread: the stall's baseline
     arms: dict[str, list[dict[str, Any]]]  # "off" / "on": what `train` returned, per run of each
     commits: list[dict[str, Any]]  # commit events of the timed arm
     failed: list[dict[str, Any]]  # writer events that were neither a commit nor a repair
@@ -295,7 +314,7 @@ def measure(args: argparse.Namespace, c: Cluster, workdir: Path, bar: Progress) 
     trainer = Trainer(cfg)
     state_bytes = sum(t.numel() * t.element_size() for t in _flat(trainer))
     ck = Checkpointing(cfg, r, keys)
-    first_capture_s = ck.first_captures(trainer)
+    first_capture_s, sync_capture_s = ck.first_captures(trainer)
     arms = train_arms(args, trainer, ck, bar, task)
     bar.update(task, description="baseline: torch.save + fsync", total=None)
     arm_events = len(ck.events)  # commit figures cover the timed arm only
@@ -319,6 +338,7 @@ def measure(args: argparse.Namespace, c: Cluster, workdir: Path, bar: Progress) 
     return Measured(
         state_bytes=state_bytes,
         first_capture_s=first_capture_s,
+        sync_capture_s=sync_capture_s,
         arms=arms,
         commits=[e for e in ck.events[:arm_events] if e["kind"] == "checkpoint_commit"],
         failed=[e for e in ck.events if e["kind"] not in ("checkpoint_commit", "checkpoint_repair")],
@@ -391,6 +411,7 @@ def figures_of(args: argparse.Namespace, cfg: Config, m: Measured) -> dict[str, 
         "step_overhead_pct": round(m.overhead_pct, 2),
         "stall_ms": harness.ms_summary(m.stalls),
         "first_capture_ms": round(1000 * m.first_capture_s, 2),
+        "baseline_sync_capture_ms": round(1000 * m.sync_capture_s, 2),
         "checkpoints": len(m.stalls),
         "deferred": sum(a["deferred"] for a in m.arms["on"]),
         "commit_ms": harness.ms_summary([float(e["commit_s"]) for e in m.commits]),
@@ -424,8 +445,8 @@ def checks_of(args: argparse.Namespace, m: Measured) -> list[dict[str, Any]]:
             "training_thread_stall_per_checkpoint",
             stall_ms["max"],
             "ms",
-            f"<= {GOAL_STALL_MS:g}",
-            m.save["blocking_ms"]["p50"],
+            f"<= {GOAL_STALL_MS:g}; baseline: the same capture on the training thread",
+            round(1000 * m.sync_capture_s, 2),
             stall_ms["max"] is not None and stall_ms["max"] <= GOAL_STALL_MS,
         ),
         report.check(

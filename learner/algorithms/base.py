@@ -121,8 +121,13 @@ class Algorithm(Protocol):
         ...
 
     def state(self) -> TrainingState:
-        """The whole training state (networks, optimizer, schedules, `updates`), uncopied:
-        the checkpoint copies the tensors at once, before the next update."""
+        """The whole training state (networks, optimizer, schedules, `updates`), uncopied.
+
+        The checkpoint copies the tensors on a thread of its own while the next update runs
+        (learner/checkpoint/state.py), fenced by that update's first optimizer step. So an
+        update must write none of these tensors before it steps an optimizer: targets,
+        schedules and running statistics move after the step, as every algorithm here does
+        (tests/unit/learner/test_algorithms.py checks each, bit for bit)."""
         ...
 
     def restore(self, state: TrainingState) -> None:

@@ -1,9 +1,19 @@
 """Capture and restore the learner's whole training state, without pickle.
 
-Data flow: training loop -> `Capturer.capture` (one copy of every tensor into a reused
-host buffer: the only cost the training thread pays) -> `Snapshot` (msgpack metadata +
-raw tensor bytes) -> background writer -> Redis shards. Recovery runs the other way:
-chunks -> `Snapshot` -> `restore` into freshly built networks and optimizer.
+Data flow: training loop -> `Capturer.capture` (every tensor copied into a reused host
+buffer) -> `Snapshot` (msgpack metadata + raw tensor bytes) -> background writer -> Redis
+shards. Recovery runs the other way: chunks -> `Snapshot` -> `restore` into freshly built
+networks and optimizer.
+
+A consistent cut without the copy on the training thread (`background=True`): the capture
+takes the metadata, RNG states and layout at once (microseconds), and a copy thread fills
+the buffer while training goes on. The cut stays the state after the captured update
+because nothing writes a captured tensor before the next optimizer step: every algorithm
+moves its targets, schedulers and counters after its optimizer steps, and the forward and
+backward passes only read parameters and write gradients (not captured). So a global
+optimizer step pre-hook is the one fence: the first step after a background capture waits
+for the copy, which by then has usually had a whole forward and backward pass to finish.
+tests/unit/learner/test_checkpoint_state.py holds every algorithm to that, bit for bit.
 
 What is captured: the algorithm's own training state (`Algorithm.state`,
 learner/algorithms/base.py: for DQN and TD3 the online and target networks, optimizer
@@ -29,12 +39,16 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
+import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
 import numpy as np
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from canopy.errors import ProtocolError
 from canopy.learner.algorithms.base import Algorithm, TrainingState
@@ -61,6 +75,12 @@ _DTYPES = {
 }
 
 
+def _done() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class Snapshot:
     """One captured state: msgpack metadata plus a flat byte buffer the layout points into.
@@ -73,6 +93,11 @@ class Snapshot:
     flat: torch.Tensor  # uint8, host memory
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    copied: threading.Event = field(default_factory=_done)  # `flat` holds every tensor
+
+    def wait_copied(self, timeout: float | None = None) -> bool:
+        """Block until a background capture has filled `flat`; False when `timeout` came first."""
+        return self.copied.wait(timeout)
 
     def meta_bytes(self) -> bytes:
         """The metadata as msgpack, chunk 0 of a stored checkpoint."""
@@ -176,16 +201,25 @@ class Capturer:
     Two buffers let the training thread capture while the writer still sends the previous
     snapshot; `busy` names the buffer the writer holds, which a capture never overwrites.
     Reusing buffers matters: touching 128 MB of fresh pages costs more than the copy itself.
+    With `background=True` the copy runs on a thread of its own, fenced by the first
+    optimizer step that follows (see the module docstring); `fences` counts those steps and
+    `last_fence_wait_s` is how long the newest one waited: the part of a background capture
+    the training thread pays, besides the call itself.
 
     Example:
         cap = Capturer(pin=torch.cuda.is_available())
-        snap = cap.capture(algo, {"epoch": 3}, config_dict, avoid=None)
+        snap = cap.capture(algo, {"epoch": 3}, config_dict, background=True)
+        writer.submit(snap, ...)  # the writer waits for snap.copied before sending
     """
 
     def __init__(self, pin: bool = False):
         self.pin = pin
         self.buffers: list[torch.Tensor | None] = [None, None]
         self.next = 0
+        self.fences = 0
+        self.last_fence_wait_s = 0.0
+        self._pending: Snapshot | None = None
+        self._hook: Any = None
 
     def capture(
         self,
@@ -193,8 +227,10 @@ class Capturer:
         counters: dict[str, Any],
         config: dict[str, Any],
         avoid: torch.Tensor | None = None,
+        background: bool = False,
     ) -> Snapshot:
         """Copy the algorithm's state into a buffer other than `avoid` (the one the writer holds)."""
+        self.fence()  # one copy in flight at a time: its buffer may be the one picked below
         state = algo.state()
         items = named_tensors(algo, state)
         layout, offset = [], 0
@@ -215,15 +251,60 @@ class Capturer:
             buf.fill_(0)  # fault the pages in now, not on the next capture's clock
             self.buffers[slot] = buf
         self.next = 1 - slot
-        on_gpu = False
-        for (_, t), (_, _, _, off, nbytes) in zip(items, layout, strict=True):
-            if nbytes:
-                on_gpu |= t.is_cuda
-                buf[off : off + nbytes].copy_(t.detach().reshape(-1).view(torch.uint8), non_blocking=True)
-        if on_gpu:
-            torch.cuda.synchronize()
-        meta = _meta(state, counters, config, layout)
-        return Snapshot(meta=meta, flat=buf, step=state.updates)
+        snap = Snapshot(meta=_meta(state, counters, config, layout), flat=buf, step=state.updates)
+        copies = [
+            (t.detach().reshape(-1), buf[off : off + n])
+            for (_, t), (*_, off, n) in zip(items, layout, strict=True)
+            if n
+        ]
+        if not background:
+            _copy(copies)
+            return snap
+        if self._hook is None:
+            self._hook = register_optimizer_step_pre_hook(self._before_step)
+        snap.copied = threading.Event()
+        self._pending = snap
+        if any(src.is_cuda for src, _ in copies):
+            # The copies must see what the training stream has queued up to this point.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+        else:
+            side = None
+        threading.Thread(
+            target=_copy, args=(copies, snap.copied, side), name="ckpt-capture", daemon=True
+        ).start()
+        return snap
+
+    def fence(self) -> None:
+        """Wait until the background copy in flight (if any) has finished."""
+        snap, self._pending = self._pending, None
+        if snap is None:
+            return
+        t0 = time.monotonic()
+        snap.copied.wait()
+        self.fences += 1
+        self.last_fence_wait_s = time.monotonic() - t0
+
+    def _before_step(self, *_: Any) -> None:
+        if self._pending is not None:
+            self.fence()
+
+
+def _copy(
+    copies: list[tuple[torch.Tensor, torch.Tensor]],
+    done: threading.Event | None = None,
+    stream: Any = None,
+) -> None:
+    """Copy every (source, destination bytes) pair; set `done` once all of it landed."""
+    try:
+        with torch.cuda.stream(stream) if stream is not None else nullcontext():
+            for src, dst in copies:
+                dst.copy_(src.view(torch.uint8), non_blocking=src.is_cuda)
+        if any(src.is_cuda for src, _ in copies):
+            (stream or torch.cuda.current_stream()).synchronize()
+    finally:
+        if done is not None:
+            done.set()
 
 
 def sampler_state(sampler: Any) -> dict[str, Any]:

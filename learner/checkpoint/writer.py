@@ -1,6 +1,7 @@
 """The background checkpoint writer: the training loop hands it a snapshot and moves on.
 
-Data flow: training thread -> `Capturer.capture` (copy to host memory, milliseconds) ->
+Data flow: training thread -> `Capturer.capture` (a copy to host memory that runs on a
+thread of its own, fenced by the next optimizer step; see state.py) ->
 `Writer.submit` -> writer thread -> `CheckpointStore.write` (chunks to R shards,
 rate-limited, then the fenced commit) -> an event in the stream.
 
@@ -118,6 +119,7 @@ class Writer:
                 next_check = time.monotonic() + (period or 0.0)
                 continue
             try:
+                snap.wait_copied()  # a background capture may still be filling the buffer
                 result = self.store.write(snap, ckpt, token, self.learner, guard=self.guard)
                 self.last, self.last_committed = result, ckpt
                 self.commits += 1

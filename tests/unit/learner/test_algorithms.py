@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import inspect
+import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from canopy.learner.algorithms.population import Population
 from canopy.learner.algorithms.ppo import PPO
 from canopy.learner.algorithms.sac import SAC
 from canopy.learner.algorithms.td3 import TD3
+from canopy.learner.checkpoint import state as checkpoint_state
 from canopy.learner.checkpoint.state import Capturer, Snapshot, restore
 
 CPU = torch.device("cpu")
@@ -244,3 +247,30 @@ def test_algorithm_state_may_not_take_the_checkpoints_own_names() -> None:
     algo.state = lambda: TrainingState({}, {"counters": 1}, 0)  # type: ignore[method-assign]
     with pytest.raises(ValueError, match="counters"):
         Capturer().capture(algo, {}, {})
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_background_capture_is_the_state_of_its_step_bit_for_bit_while_the_next_update_runs(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec = KINDS[kind][0]
+    algo = build(kind, seed=0)
+    for step in range(2):
+        algo.update(update_input(algo, spec, step))
+    want = bytes(Capturer().capture(algo, {}, {}).flat.numpy())  # on this thread: the reference cut
+
+    copy = checkpoint_state._copy
+
+    def slow_copy(*args: Any) -> None:
+        time.sleep(0.2)  # the next update's forward and backward run first; its step must wait
+        copy(*args)
+
+    monkeypatch.setattr(checkpoint_state, "_copy", slow_copy)
+    cap = Capturer()
+    snap = cap.capture(algo, {}, {}, background=True)
+    assert not snap.copied.is_set()
+    algo.update(update_input(algo, spec, 7))
+    assert snap.copied.is_set() and cap.fences == 1 and cap.last_fence_wait_s > 0.05
+    assert bytes(snap.flat.numpy()) == want
+    # The update did change the state, so a step that did not wait would have been caught.
+    assert bytes(Capturer().capture(algo, {}, {}).flat.numpy()) != want
