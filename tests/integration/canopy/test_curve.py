@@ -197,3 +197,16 @@ def test_a_key_authorized_under_two_roles_is_refused_as_both(keys_dir: Path) -> 
     actor_public = curve.load_dir(keys_dir, "actor").client
     assert actor_public is not None and actor_public[0] not in allowed
     assert curve.LEARNER in allowed.values()
+
+
+def test_canopy_keys_makes_the_layout_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from canopy.cluster import cli
+
+    d = tmp_path / "keys"
+    assert cli.main(["keys", str(d)]) == 0
+    assert curve.load_dir(d, "cache").server is not None
+    assert sorted(curve.read_allowed(d).values()) == sorted(curve.CLIENT_ROLES)
+    capsys.readouterr()
+    assert cli.main(["keys", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already holds keys" in err
