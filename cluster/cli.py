@@ -56,7 +56,7 @@ def _role_command(args: argparse.Namespace) -> int:
 
         exec_server(cfg, args.id)
         return 0  # not reached: exec replaced this process
-    curve.use(curve.load(cfg.cluster))  # every ZeroMQ socket of this role follows it
+    curve.use(curve.load(cfg.cluster, args.role))  # every ZeroMQ socket of this role follows it
     stop = lifecycle.stop_event()
     # A standby learner waits cold first, without torch (learner/standby.py).
     module = "canopy.learner.standby" if getattr(args, "standby", False) else ROLES[args.role]
@@ -181,7 +181,10 @@ def _keys(args: argparse.Namespace) -> int:
     from canopy import curve
 
     d = curve.generate(args.dir)
-    print(f"CURVE keys in {d}: set cluster.curve_dir = {str(d)!r} on every host (keep *.key_secret private)")
+    print(
+        f"CURVE keys in {d}: set cluster.curve_dir = {str(d)!r}; give each role's hosts only its own"
+        " *.key_secret (docs/security.md)"
+    )
     return 0
 
 
@@ -324,7 +327,7 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--model", type=int, default=None, help=MODEL_HELP)
     ev.set_defaults(func=_eval)
 
-    ky = sub.add_parser("keys", help="CURVE keys for ZeroMQ sockets; set cluster.curve_dir to DIR")
+    ky = sub.add_parser("keys", help="CURVE keys per role for ZeroMQ sockets; set cluster.curve_dir to DIR")
     ky.add_argument("dir", metavar="DIR")
     ky.set_defaults(func=_keys)
 

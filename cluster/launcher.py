@@ -98,7 +98,7 @@ def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     `resume`: `cfg` is the config.toml of a stopped run (see the module docstring).
     """
-    curve.use(curve.load(cfg.cluster))  # for its own requests to the replay shards
+    curve.use(curve.load(cfg.cluster, curve.OPERATOR))  # for its own requests to the replay shards
     launcher = Launcher(cfg, resume)
     stop_flag = [False]
 

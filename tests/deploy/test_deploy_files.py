@@ -190,8 +190,9 @@ def test_canopy_secrets_makes_every_key_once(tmp_path: Path) -> None:
         password_file=str(secrets_dir / "redis.password"),
         curve_dir=str(secrets_dir / "curve"),
     )
-    keys = curve.load(cfg.cluster)
-    assert keys is not None and keys.public in keys.authorized  # what `canopy keys` makes
+    keys = curve.load(cfg.cluster, "replay")
+    assert keys is not None and keys.server is not None  # what `canopy keys` makes
+    assert sorted(curve.read_allowed(keys.directory).values()) == sorted(curve.CLIENT_ROLES)
     passwords = [read_password(cfg.cluster, credentials(cfg.cluster, role)[1]) for role in acl.ROLES]
     passwords.append(read_password(cfg.cluster))
     assert len(set(passwords)) == len(acl.ROLES) + 1 and all(len(p) >= 24 for p in passwords)
@@ -320,7 +321,7 @@ def test_every_pod_gets_the_config_and_exactly_the_secrets_its_role_reads(tmp_pa
         assert credentials(cfg.cluster, "health")[0] == "status" and read_password(
             cfg.cluster, credentials(cfg.cluster, "health")[1]
         ), f"{label}: the probes run `canopy health` as the status user"
-        assert curve.load(cfg.cluster) is not None, label
+        assert curve.load(cfg.cluster, role) is not None, label
         # Least privilege: no other role's password, and the operator's only for the shards.
         allowed = {f"redis.{role}.password", "redis.status.password", "curve"}
         assert {p.name for p in seen.iterdir()} <= allowed, label
