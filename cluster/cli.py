@@ -13,6 +13,7 @@ canopy bench faults [--faults a,b,c] --json FILE
 canopy cache plan --hosts H --actors N --model-mb M   fan-out and depth of the cache tree
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
 canopy keys DIR                                 CURVE keys for ZeroMQ across hosts
+canopy tls DIR [--name HOST ...]                CA and certificate for Redis over TLS (DIR/tls)
 canopy check-env ID [--set env.kwargs=...]      gymnasium checks, spaces, stepping speed
 canopy export RUN_DIR --out FILE [--format F] [--version best|newest|ID]   the policy as a file
 canopy eval RUN_DIR|FILE [--episodes 100] [--version best|newest|ID] [--video F.gif]
@@ -185,6 +186,12 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace) -> int:
+    from canopy import tls
+
+    return tls.command(Path(args.dir), args.name)
+
+
 def _cache_plan(args: argparse.Namespace) -> int:
     from canopy.cache import topology
 
@@ -297,6 +304,13 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
         "--allow-standby", action="store_true", help="a warm standby counts as healthy (liveness)"
     )
     hl.set_defaults(func=_health)
+
+    tl = sub.add_parser("tls", help="CA and certificate for Redis over TLS in DIR/tls, DIR: the passwords'")
+    tl.add_argument("dir", metavar="DIR")
+    tl.add_argument(
+        "--name", action="append", default=[], help="a host name or IP of the shards (repeatable)"
+    )
+    tl.set_defaults(func=_tls)
 
 
 def _add_tools(sub: argparse._SubParsersAction) -> None:

@@ -1,7 +1,7 @@
 """A replay shard or a cache node in its own process, for tests/fuzz/ to throw bytes at.
 
 Usage: python fuzz_worker.py replay
-       python fuzz_worker.py cache PORT USER PASSWORD_FILE RUN
+       python fuzz_worker.py cache PORT USER PASSWORD_FILE RUN [tls]
 Prints `ready <endpoint>` (the ROUTER the fuzzer talks to) and serves until SIGTERM or
 until DEADLINE_S, so a worker never outlives a test that forgot it.
 """
@@ -35,7 +35,10 @@ def main() -> None:
         from canopy.cache.node import CacheNode
 
         port, user, password_file, run = sys.argv[2:6]
-        cluster = ClusterConfig(redis=[f"127.0.0.1:{port}"], redis_user=user, password_file=password_file)
+        tls = sys.argv[6:7] == ["tls"]  # a TLS-only Redis (CANOPY_TEST_TLS=1), its CA beside the password
+        cluster = ClusterConfig(
+            redis=[f"127.0.0.1:{port}"], redis_user=user, password_file=password_file, tls=tls
+        )
         r = connect(cluster, "cache", 0)
         server = CacheNode(CacheConfig(poll_s=0.2), r, Keys(run))
         endpoint, _ = server.bind("tcp://127.0.0.1:0", "tcp://127.0.0.1:0")

@@ -183,9 +183,8 @@ def cache_worker(redis_server: RedisServer) -> Iterator[tuple[subprocess.Popen, 
     weights = QNetwork(4, 2, [16, 16]).export()
     Publisher(r, Keys("fuzz"), learner_id=0, keep=2).publish(weights, step=0, arch=ARCH)
     r.close()
-    proc, endpoint = start_worker(
-        "cache", str(redis_server.port), redis_server.user, str(redis_server.password_file), "fuzz"
-    )
+    args = [str(redis_server.port), redis_server.user, str(redis_server.password_file), "fuzz"]
+    proc, endpoint = start_worker("cache", *args, *(["tls"] if redis_server.tls else []))
     try:
         wait_for(lambda: serves_latest(endpoint), 10, interval=0.1, what="the node fetching the version")
         yield proc, endpoint
