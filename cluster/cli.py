@@ -412,6 +412,7 @@ def _add_bench_parts(bench_sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--keyframe-every", type=int, default=16)
     bc.add_argument("--netns", action="store_true", help="one network namespace per host (root only)")
     bc.add_argument("--rate-mbit", type=float, default=0.0, help="with --netns: each host's link rate")
+    bc.add_argument("--tls", action="store_true", help="tree and flat again over TLS, beside plaintext")
     bc.add_argument("--json", required=True)
     bc.set_defaults(func=_bench)
     rb = bench_sub.add_parser("replay", help="replay shard throughput across processes vs numpy and ZeroMQ")
@@ -468,6 +469,7 @@ def _add_bench_faults(bench_sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--no-recovery", action="store_true", help="skip the kill/recovery trials")
     ck.add_argument("--no-dcp", action="store_true", help="skip the torch.distributed.checkpoint baseline")
     ck.add_argument("--workdir", help="parent of the temporary directory (the torch.save disk)")
+    ck.add_argument("--tls", action="store_true", help="the arms and recovery again on TLS shards")
     ck.add_argument("--json", required=True, help="file for the result")
     ck.set_defaults(func=_bench)
 

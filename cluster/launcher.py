@@ -152,7 +152,7 @@ def prepare(cfg: Config, resume: bool) -> tuple[Path, Path]:
     c.password_file = str(run_dir / "redis.password")
     c.role_users = True  # every role its own least-privilege Redis user (canopy/acl.py)
     c.actor_users = True  # and every actor its own, that may write only its own keys
-    users = [*acl.ROLES, *(acl.actor_user(i) for i in range(cfg.actors.count))]
+    users = [*(r for r in acl.ROLES if r != "actor"), *(acl.actor_user(i) for i in range(cfg.actors.count))]
     if c.tls and not (resume and (tls_dir(c) / tls.CA_CERT).exists()):  # clients of a resumed run keep theirs
         tls.generate(tls_dir(c), [host])
     for path in [Path(c.password_file)] + [role_password_file(c, user) for user in users]:
