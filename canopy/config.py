@@ -254,6 +254,8 @@ class ClusterConfig:
     # Least-privilege Redis users, one per role (canopy/acl.py), each with its password in
     # redis.<role>.password beside password_file; off: every role connects as redis_user.
     role_users: bool = False
+    actor_users: bool = False  # and each actor its own, `actor-<id>`, that may write only its own keys
+    tls: bool = False  # Redis over TLS only; clients check shards against tls/ca.crt beside password_file
     # host:port of the learner group's rendezvous (TCPStore), served by rank 0; needed when
     # learner.learners > 1 (`canopy up` picks a free port).
     learner_store: str = ""

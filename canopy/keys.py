@@ -105,10 +105,10 @@ class Keys:
         parent version, codec, digest, published_at."""
         return f"{self.prefix}ledger:version:{version}"
 
-    @property
-    def ledger_actors(self) -> str:
-        """Hash: actor id -> version it acts with now."""
-        return f"{self.prefix}ledger:actors"
+    def ledger_actor(self, ident: int) -> str:
+        """String: the version actor `ident` acts with now (its own key, so that with per-actor
+        Redis users no actor can rewrite another's entry; cache/ledger.py `acting` reads them all)."""
+        return f"{self.prefix}ledger:actor:{ident}"
 
     @property
     def lease(self) -> str:

@@ -13,6 +13,7 @@ canopy bench faults [--faults a,b,c] --json FILE
 canopy cache plan --hosts H --actors N --model-mb M   fan-out and depth of the cache tree
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
 canopy keys DIR                                 CURVE keys for ZeroMQ across hosts
+canopy tls DIR [--name HOST ...]                CA and certificate for Redis over TLS (DIR/tls)
 canopy check-env ID [--set env.kwargs=...]      gymnasium checks, spaces, stepping speed
 canopy export RUN_DIR --out FILE [--format F] [--version best|newest|ID]   the policy as a file
 canopy eval RUN_DIR|FILE [--episodes 100] [--version best|newest|ID] [--video F.gif]
@@ -188,6 +189,12 @@ def _keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tls(args: argparse.Namespace) -> int:
+    from canopy import tls
+
+    return tls.command(Path(args.dir), args.name)
+
+
 def _cache_plan(args: argparse.Namespace) -> int:
     from canopy.cache import topology
 
@@ -301,6 +308,13 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     )
     hl.set_defaults(func=_health)
 
+    tl = sub.add_parser("tls", help="CA and certificate for Redis over TLS in DIR/tls, DIR: the passwords'")
+    tl.add_argument("dir", metavar="DIR")
+    tl.add_argument(
+        "--name", action="append", default=[], help="a host name or IP of the shards (repeatable)"
+    )
+    tl.set_defaults(func=_tls)
+
 
 def _add_tools(sub: argparse._SubParsersAction) -> None:
     """Commands about envs and policies: check-env, export, eval, keys, plot."""
@@ -401,6 +415,7 @@ def _add_bench_parts(bench_sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--keyframe-every", type=int, default=16)
     bc.add_argument("--netns", action="store_true", help="one network namespace per host (root only)")
     bc.add_argument("--rate-mbit", type=float, default=0.0, help="with --netns: each host's link rate")
+    bc.add_argument("--tls", action="store_true", help="tree and flat again over TLS, beside plaintext")
     bc.add_argument("--json", required=True)
     bc.set_defaults(func=_bench)
     rb = bench_sub.add_parser("replay", help="replay shard throughput across processes vs numpy and ZeroMQ")
@@ -457,6 +472,7 @@ def _add_bench_faults(bench_sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--no-recovery", action="store_true", help="skip the kill/recovery trials")
     ck.add_argument("--no-dcp", action="store_true", help="skip the torch.distributed.checkpoint baseline")
     ck.add_argument("--workdir", help="parent of the temporary directory (the torch.save disk)")
+    ck.add_argument("--tls", action="store_true", help="the arms and recovery again on TLS shards")
     ck.add_argument("--json", required=True, help="file for the result")
     ck.set_defaults(func=_bench)
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from canopy import acl, curve
+from canopy import acl, curve, tls
 from canopy import config as config_mod
 from canopy.cache import topology
 from canopy.cluster import redis_server
@@ -39,7 +39,7 @@ from canopy.envs import check_env_id
 from canopy.errors import UserError
 from canopy.keys import Keys
 from canopy.ports import free_ports
-from canopy.redisconn import role_password_file
+from canopy.redisconn import role_password_file, tls_dir
 
 
 class Launcher:
@@ -151,7 +151,11 @@ def prepare(cfg: Config, resume: bool) -> tuple[Path, Path]:
         cfg.replay.snapshot_dir = str(run_dir / "replay")
     c.password_file = str(run_dir / "redis.password")
     c.role_users = True  # every role its own least-privilege Redis user (canopy/acl.py)
-    for path in [Path(c.password_file)] + [role_password_file(c, role) for role in acl.ROLES]:
+    c.actor_users = True  # and every actor its own, that may write only its own keys
+    users = [*(r for r in acl.ROLES if r != "actor"), *(acl.actor_user(i) for i in range(cfg.actors.count))]
+    if c.tls and not (resume and (tls_dir(c) / tls.CA_CERT).exists()):  # clients of a resumed run keep theirs
+        tls.generate(tls_dir(c), [host])
+    for path in [Path(c.password_file)] + [role_password_file(c, user) for user in users]:
         if not (resume and path.exists()):  # operators of a resumed run keep theirs
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from canopy import config as config_mod
+from canopy.cache import ledger
 from canopy.errors import ProtocolError, UserError
 from canopy.keys import Keys
 from canopy.redisconn import connect
@@ -77,7 +78,7 @@ def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool, str]:
         row(role, ident, stats, deadline, now)
         for (role, ident), stats, deadline in zip(procs, replies[::2], replies[1::2], strict=True)
     ]
-    add_lag(rows, r.get(keys.model_latest), r.hgetall(keys.ledger_actors))
+    add_lag(rows, r.get(keys.model_latest), ledger.acting(r, keys))
     caption = f"{policy_lag(r, keys)}\n{checkpoint_age(r, keys, now)}"
     return rows, all(x["alive"] for x in rows), caption
 
@@ -110,7 +111,7 @@ def row(
 def add_lag(rows: list[dict[str, Any]], latest_raw: bytes | None, ledger: dict[bytes, bytes]) -> None:
     """Each actor's lag behind `model:latest`, in learner steps (only within one epoch).
 
-    The version an actor acts with comes from `ledger:actors`, written as it switches, the
+    The version an actor acts with comes from its `ledger:actor:<id>`, written as it switches, the
     same source as the caption; its stats hash can be a heartbeat older.
     """
     try:
@@ -155,12 +156,12 @@ def _number(text: str | None) -> float | None:
 
 
 def policy_lag(r: redis.Redis, keys: Keys) -> str:
-    """Lag of every actor behind the newest version, from `model:latest` and `ledger:actors`.
+    """Lag of every actor behind the newest version, from `model:latest` and the actors' ledger entries.
 
     Within one epoch the lag is in learner steps; an actor still on an older epoch's version
     is counted apart (steps of different epochs do not compare).
     """
-    latest_raw, acting = r.get(keys.model_latest), r.hgetall(keys.ledger_actors)
+    latest_raw, acting = r.get(keys.model_latest), ledger.acting(r, keys)
     if latest_raw is None or not acting:
         return "policy lag: no version published or no actor acting yet"
     try:

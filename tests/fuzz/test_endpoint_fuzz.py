@@ -201,14 +201,8 @@ def cache_worker(redis_server: RedisServer, keys_dir: Path) -> Iterator[Worker]:
     weights = QNetwork(4, 2, [16, 16]).export()
     Publisher(r, Keys("fuzz"), learner_id=0, keep=2).publish(weights, step=0, arch=ARCH)
     r.close()
-    proc, endpoint = start_worker(
-        "cache",
-        str(redis_server.port),
-        redis_server.user,
-        str(redis_server.password_file),
-        "fuzz",
-        str(keys_dir),
-    )
+    args = [str(redis_server.port), redis_server.user, str(redis_server.password_file), "fuzz"]
+    proc, endpoint = start_worker("cache", *args, str(keys_dir), *(["tls"] if redis_server.tls else []))
     try:
         wait_for(
             lambda: serves_latest(endpoint, keys_dir), 10, interval=0.1, what="the node fetching the version"
