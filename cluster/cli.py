@@ -72,11 +72,20 @@ def _role_command(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from canopy.cluster.launcher import up
+    from canopy.cluster.launcher import adopt, up
 
     overrides = list(args.set)
     config_path = args.config
-    if args.resume is not None:
+    adopted = None
+    if args.resume == "":  # a deployment's run, named by the connection options
+        clash = [f for f, v in (("--env", args.env), ("--seed", args.seed)) if v is not None]
+        if clash:
+            raise UserError(
+                f"--resume takes the run's own config: drop {', '.join(clash)} (--set still works)"
+            )
+    elif args.resume is not None:
+        if connection.given(args) and not args.config:
+            raise UserError("--resume RUN_DIR takes no connection options: the run directory names the run")
         config_path = Path(args.resume) / "config.toml"
         if not config_path.is_file():
             raise UserError(
@@ -100,6 +109,8 @@ def _up(args: argparse.Namespace) -> int:
                 f"--resume takes the run's own config: drop {', '.join(clash)} (--set still works)"
             )
         args.run_dir = str(Path(args.resume).resolve())
+    elif connection.given(args) and not args.config:
+        raise UserError("the connection options go with --resume (a deployment's run, continued here)")
     for flag, key in (
         ("env", "env.id"),
         ("seed", "run.seed"),
@@ -111,7 +122,11 @@ def _up(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    summary = up(config_mod.load(config_path, overrides), resume=args.resume is not None)
+    if args.resume == "":
+        cfg, adopted = adopt(connection.resolve(args), overrides)
+    else:
+        cfg = config_mod.load(config_path, overrides)
+    summary = up(cfg, resume=bool(args.resume), adopted=adopted)
     keys = (
         "solved",
         "time_to_solve_s",
