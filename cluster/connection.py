@@ -12,14 +12,16 @@ place that turns what an operator has at hand into the run's config, key names a
   which the learner leaves at `run:config` (learner/metrics.py).
 
 Flags override what a TOML or run directory says. Which Redis user: the one `--user` and
-`--password-file` name (the read-only `status` user of `cluster.role_users` is enough for
-status, eval, export and plot; resume needs the operator's); from a run directory or TOML,
-the `status` user when `cluster.role_users` is on, else `cluster.redis_user`.
+`--password-file` name; from a run directory or TOML, the `status` user when
+`cluster.role_users` is on, else `cluster.redis_user`. Every tool only reads the run (a
+resume writes into its own new shards), so the read-only `status` user of canopy/acl.py is
+enough for all of them and is the one to hand out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,13 +117,14 @@ def resolve(args: argparse.Namespace, run_dir: str | Path | None = None) -> Targ
         raise UserError("no Redis password: pass --password-file FILE (the operator's or the status user's)")
     if args.run:
         target.cfg.run.name = args.run
-    if not target.cfg.run.name:
-        target.cfg.run.name = discover_run(target.client("status"))
-    target.keys = Keys(target.cfg.run.name)
-    if run_dir is None and not config_file:
-        stored = read_run_config(target.client("status"), target.keys)
+    address_only = run_dir is None and not config_file
+    if address_only or not target.cfg.run.name:
+        with contextlib.closing(target.client("status")) as r:
+            target.cfg.run.name = target.cfg.run.name or discover_run(r)
+            stored = read_run_config(r, Keys(target.cfg.run.name)) if address_only else None
         if stored is not None:
             _adopt(target, stored)
+    target.keys = Keys(target.cfg.run.name)
     return target
 
 

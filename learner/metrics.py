@@ -31,10 +31,10 @@ def sample(r: redis.Redis, keys: Keys, learner: dict[str, Any]) -> dict[str, str
     """One stream entry: the live actors' summed counters, the learner's (`learner`, its own
     counters) and the evaluator's newest score. Fields that are missing or not numbers in a
     stats hash (anyone with write access can put anything there) are left out of the sums."""
-    actors = r.zrange(keys.alive("actor"), 0, -1)
+    actors = [int(m) for m in r.zrange(keys.alive("actor"), 0, -1) if m.isdigit() and len(m) < 10]
     pipe = r.pipeline(transaction=False)
     for ident in actors:
-        pipe.hmget(f"{keys.prefix}proc:actor:{ident.decode(errors='replace')}", *ACTOR_FIELDS)
+        pipe.hmget(keys.proc("actor", ident), *ACTOR_FIELDS)
     pipe.hmget(keys.proc("evaluator", 0), *EVALUATOR_FIELDS)
     *per_actor, (eval_return, eval_version) = pipe.execute()
     steps = episodes = 0
