@@ -8,11 +8,12 @@ stats hash or is past its deadline, so the command doubles as a health check.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
@@ -46,6 +47,9 @@ ROLE_ORDER = ("replay", "cache", "learner", "evaluator", "actor")
 RATE_OF = {"actor": "env_steps_total", "learner": "updates_total", "replay": "inserts_total"}
 MAX_CKPT_DOC_BYTES = 4 << 20
 
+if TYPE_CHECKING:  # torch comes with it: imported only by `canopy checkpoint list`
+    from canopy.learner.checkpoint.store import CheckpointStore
+
 
 def processes(r: redis.Redis, keys: Keys, listed: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """(role, id) of every process the run's liveness sets hold, plus `listed` (cluster.json),
@@ -66,8 +70,12 @@ def read(target: Target) -> tuple[list[dict[str, Any]], bool, str]:
 
     The caption holds the policy lag of the actors and the age of the newest checkpoint.
     """
+    with contextlib.closing(target.client("status")) as r:  # `--watch` reads once a second
+        return _read(r, target)
+
+
+def _read(r: redis.Redis, target: Target) -> tuple[list[dict[str, Any]], bool, str]:
     keys = target.keys
-    r = target.client("status")
     try:
         procs = processes(r, keys, target.listed)
         pipe = r.pipeline(transaction=False)
@@ -77,7 +85,7 @@ def read(target: Target) -> tuple[list[dict[str, Any]], bool, str]:
         replies = pipe.execute()
     except redis.RedisError as exc:
         raise UserError(
-            f"cannot read the run's Redis root {target.cfg.cluster.redis[0]} ({exc}): is the run up?"
+            f"cannot read the run's Redis root {target.where()} ({exc}): is the run up?"
         ) from None
     if not procs:
         caption = f"no process of run {keys.run} has reported to this Redis (alive:<role> is empty)"
@@ -256,11 +264,21 @@ def checkpoints(target: Target) -> Table:
     """`canopy checkpoint list`: the run's committed checkpoints, newest first, each from its
     first manifest copy whose digest and shape check out on any reachable shard."""
     from canopy.learner.checkpoint.placement import make_plan, shard_hosts_of
-    from canopy.learner.checkpoint.store import CheckpointStore, Incomplete
+    from canopy.learner.checkpoint.store import CheckpointStore
 
     addresses = target.cfg.cluster.redis
     plan = make_plan(shard_hosts_of([], addresses), 1)  # reads only: the plan is never used
-    store = CheckpointStore(target.clients("checkpoint"), target.keys, plan)
+    clients = target.clients("checkpoint")
+    try:
+        return _checkpoint_table(CheckpointStore(clients, target.keys, plan), target)
+    finally:
+        for r in clients:
+            r.close()
+
+
+def _checkpoint_table(store: CheckpointStore, target: Target) -> Table:
+    from canopy.learner.checkpoint.store import Incomplete
+
     table = Table(title=f"checkpoints of run {target.keys.run}")
     for name in ("id", "step", "learner", "MB", "chunks", "age", "on shards"):
         table.add_column(name)
