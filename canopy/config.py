@@ -370,15 +370,22 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     Example:
         cfg = load("cluster.toml", ["learner.lr=5e-4", "actors.count=4"])
     """
-    data: dict[str, Any] = {}
-    problems: list[str] = []
+    text = ""
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError([f"config file {path} not found"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
+    return loads(text, overrides, f"config file {path}")
+
+
+def loads(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """`load` from TOML text (a run's `run:config` in Redis); `source` names it in errors."""
+    problems: list[str] = []
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source} is not valid TOML: {exc}"]) from None
     apply_overrides(data, overrides or [], problems)
     algorithm_defaults(data)
     cfg = build(Config, data, "", problems)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from canopy.version import Version
 
+# Entries kept in the `metrics` stream (XADD MAXLEN ~): one per heartbeat, about 11 hours
+# at the default 2 s, a few MB.
+METRICS_MAXLEN = 20_000
+
 
 class Keys:
     """Key names for one run.
@@ -57,6 +61,20 @@ class Keys:
         """Stream: notable events (`start`, `stop`, `eval` with version and mean_return, `command`,
         checkpoint and failover events, `rejected_input`, ...), capped at about 10k entries."""
         return f"{self.prefix}events"
+
+    @property
+    def metrics(self) -> str:
+        """Stream: one sample of the run's summed counters per heartbeat (`t` unix seconds,
+        `env_steps`, `episodes`, `train_return`, `updates`, `loss`, `version`, `eval_return`,
+        `eval_version`), written by the learner holding the lease under every launcher; what
+        `canopy plot` draws. Capped at about `METRICS_MAXLEN` (20k) entries."""
+        return f"{self.prefix}metrics"
+
+    @property
+    def run_config(self) -> str:
+        """String: the run's resolved config as TOML, written by the learner when it takes the
+        lease; operator tools given only a Redis address read the env and layout from it."""
+        return f"{self.prefix}run:config"
 
     @property
     def epoch(self) -> str:

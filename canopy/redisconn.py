@@ -17,8 +17,9 @@ from canopy import tls
 from canopy.config import ClusterConfig
 from canopy.errors import UserError
 
-# Processes that are not roles but only read (status, probes, export) use the read-only user.
-READERS = {"status": "status", "health": "status", "export": "status"}
+# Processes that are not roles but only read (status, probes, the operator tools of
+# cluster/connection.py) use the read-only user.
+READERS = {name: "status" for name in ("status", "health", "export", "eval", "plot", "checkpoint", "resume")}
 
 
 def role_password_file(cluster: ClusterConfig, user: str) -> Path:
