@@ -1,5 +1,6 @@
 """A replay shard or a cache node in its own process, for tests/fuzz/ to throw bytes at and
-for the CURVE authorization tests (tests/integration/replay|cache/test_authorization.py) to call.
+for the CURVE authorization tests (tests/integration/replay/test_replay_authorization.py,
+tests/integration/cache/test_cache_authorization.py) to call.
 
 Usage: python fuzz_worker.py replay [KEYS_DIR]
        python fuzz_worker.py cache PORT USER PASSWORD_FILE RUN [KEYS_DIR]
