@@ -29,6 +29,7 @@ from pathlib import Path
 
 from canopy import acl, curve
 from canopy.config import ClusterConfig
+from canopy.errors import UserError
 from canopy.redisconn import role_password_file
 
 
@@ -60,7 +61,11 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    made = make(Path(argv[0]))
+    try:
+        made = make(Path(argv[0]))
+    except UserError as exc:  # e.g. keys of the old one-keypair layout there
+        print(f"canopy-secrets: {exc}", file=sys.stderr)
+        return 2
     names = ", ".join(p.relative_to(argv[0]).as_posix() for p in made)
     names = names or "nothing: every key and password exists"
     print(f"canopy-secrets: {argv[0]}: made {names}", file=sys.stderr)

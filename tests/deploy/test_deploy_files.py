@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import tomli_w
 import yaml
+import zmq.auth
 
 from canopy import acl, curve
 from canopy import config as config_mod
@@ -259,6 +260,20 @@ def _secret_generator() -> dict[str, Any]:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     (generator,) = kustomization["secretGenerator"]
     return generator
+
+
+def test_canopy_secrets_refuses_keys_of_the_old_one_keypair_layout_in_one_line(tmp_path: Path) -> None:
+    curve_dir = tmp_path / "secrets" / "curve"
+    curve_dir.mkdir(parents=True)
+    zmq.auth.create_certificates(curve_dir, "server")
+    done = subprocess.run(
+        [sys.executable, str(DEPLOY / "make_secrets.py"), str(tmp_path / "secrets")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "old one-keypair layout" in done.stderr
 
 
 def test_the_secret_holds_what_canopy_secrets_makes(tmp_path: Path) -> None:

@@ -210,3 +210,21 @@ def test_canopy_keys_makes_the_layout_once(tmp_path: Path, capsys: pytest.Captur
     assert cli.main(["keys", str(d)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds keys" in err
+
+
+def test_rotating_a_roles_key_authorizes_the_new_one_and_keeps_revocations(keys_dir: Path) -> None:
+    old_actor = curve.load_dir(keys_dir, "actor").client
+    shutil.rmtree(keys_dir / "actor")
+    (keys_dir / "authorized" / "actor" / "actor.key").unlink()
+    (keys_dir / "authorized" / "evaluator" / "evaluator.key").unlink()  # revoked, not rotated
+    made = curve.complete(keys_dir)
+    assert {p.relative_to(keys_dir).as_posix() for p in made} == {
+        "actor/actor.key",
+        "actor/actor.key_secret",
+        "authorized/actor/actor.key",
+    }
+    new_actor = curve.load_dir(keys_dir, "actor").client
+    allowed = curve.read_allowed(keys_dir)
+    assert old_actor is not None and new_actor is not None
+    assert old_actor[0] not in allowed and allowed[new_actor[0]] == curve.ACTOR
+    assert curve.EVALUATOR not in allowed.values()
