@@ -78,6 +78,7 @@ class MetricsWriter:
         self._thread = threading.Thread(target=self._run, name="metrics", daemon=True)
 
     def start(self) -> None:
+        """Write the run's config to `run:config` (best effort), then sample every heartbeat."""
         with contextlib.suppress(redis.RedisError):
             self.r.set(self.keys.run_config, tomli_w.dumps(to_dict(self.cfg)))
         self._thread.start()
@@ -91,6 +92,7 @@ class MetricsWriter:
             self.errors += 1
 
     def close(self) -> None:
+        """Stop sampling; waits a few seconds for the thread."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
