@@ -30,7 +30,8 @@ hosts) beside a training loop, then real `canopy learner` processes for recovery
    (cluster.tls): `tls_cost` sets commit and write latency, step overhead and recovery
    times over TLS beside the plaintext figures of the same run, with their ratio.
 
-The shards, the learner processes and the recovery trials are checkpoint_procs.py.
+The shards, the learner processes and the recovery trials are checkpoint_procs.py; the
+baselines of 3 checkpoint_baselines.py.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ import redis
 import torch
 from rich.progress import Progress
 
-from canopy.cluster.bench import harness, report
+from canopy.cluster.bench import checkpoint_baselines, harness, report
 from canopy.cluster.bench.checkpoint_procs import Cluster, cluster, recovery_trial
 from canopy.config import Config
 from canopy.keys import Keys
@@ -144,7 +145,6 @@ def train(
     return {"steps": steps, "stalls": stalls, "deferred": deferred, "wall_s": time.monotonic() - t_start}
 
 
-# ---- baselines -------------------------------------------------------------------------
 def _state_dict(trainer: Trainer) -> dict[str, Any]:
     a = trainer.algo
     return {
@@ -152,56 +152,6 @@ def _state_dict(trainer: Trainer) -> dict[str, Any]:
         "target": a.target.state_dict(),
         "optim": a.optimizer.state_dict(),
     }
-
-
-def torch_save_baseline(trainer: Trainer, workdir: Path, trials: int) -> dict[str, Any]:
-    """torch.save + fsync of the same state to local disk: the training thread waits for all of it."""
-    path = workdir / "baseline.pt"
-    saves, loads = [], []
-    for _ in range(trials):
-        t0 = time.monotonic()
-        with open(path, "wb") as f:
-            torch.save(_state_dict(trainer), f)
-            f.flush()
-            os.fsync(f.fileno())
-        saves.append(time.monotonic() - t0)
-        t0 = time.monotonic()
-        torch.load(path, weights_only=True)
-        loads.append(time.monotonic() - t0)
-    size = path.stat().st_size
-    path.unlink()
-    return {"bytes": size, "blocking_ms": harness.ms_summary(saves), "load_ms": harness.ms_summary(loads)}
-
-
-def dcp_async_baseline(trainer: Trainer, workdir: Path, trials: int) -> dict[str, Any]:
-    """torch.distributed.checkpoint.async_save (gloo, world size 1): blocking part and completion."""
-    try:
-        import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
-
-        if not hasattr(dcp, "async_save"):
-            return {"available": False, "reason": "torch.distributed.checkpoint has no async_save"}
-        own_group = not dist.is_initialized()
-        if own_group:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        blocking, total = [], []
-        try:
-            for i in range(trials):
-                t0 = time.monotonic()
-                fut = dcp.async_save(_state_dict(trainer), checkpoint_id=str(workdir / f"dcp-{i}"))
-                blocking.append(time.monotonic() - t0)
-                fut.result(timeout=300)
-                total.append(time.monotonic() - t0)
-        finally:
-            if own_group:
-                dist.destroy_process_group()
-        return {
-            "available": True,
-            "blocking_ms": harness.ms_summary(blocking),
-            "complete_ms": harness.ms_summary(total),
-        }
-    except Exception as exc:  # a baseline that cannot run is reported, not fatal
-        return {"available": False, "reason": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 # ---- the checkpoint path ---------------------------------------------------------------
@@ -326,10 +276,12 @@ def measure(
     bar.update(task, description="baseline: torch.save + fsync", total=None)
     arm_events = len(ck.events)  # commit figures cover the timed arm only
     ck.last(trainer)
-    save = torch_save_baseline(trainer, workdir, args.baseline_trials) if baselines else {}
+    save = {}
+    if baselines:
+        save = checkpoint_baselines.torch_save(_state_dict(trainer), workdir, args.baseline_trials)
     bar.update(task, description="baseline: torch.distributed.checkpoint.async_save")
     dcp = (
-        dcp_async_baseline(trainer, workdir, args.baseline_trials)
+        checkpoint_baselines.dcp_async(_state_dict(trainer), workdir, args.baseline_trials)
         if baselines and not args.no_dcp
         else {"available": False, "reason": "--no-dcp" if baselines else "the TLS pass"}
     )
