@@ -55,9 +55,7 @@ _EXTRA_COMMANDS = {
 # Its stats, liveness and control list; and the id claims of canopy-scaled (deploy/scaled.py),
 # which picks a scaled replica's id as that role.
 _TELEMETRY = ["proc:{role}:*", "alive:{role}", "control:{role}:*", "deploy:claim:{role}:*"]
-
-
-_ACTOR_READS = ["model:*", "replay:*", "learner:epoch"]
+_ACTOR_READS = ["model:*", "replay:*", "learner:epoch"]  # actors' and the evaluator's reads
 
 
 def _own(role: str) -> list[str]:

@@ -6,4 +6,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
-exec "$ROOT/.venv/bin/python" -m pytest -q "$@"
+"$ROOT/.venv/bin/python" -m pytest -q "$@"
+if [ $# -eq 0 ]; then
+  # The whole suite's run: the fuzz suite again with every Redis fixture TLS-only (cluster.tls).
+  CANOPY_TEST_TLS=1 "$ROOT/.venv/bin/python" -m pytest -q tests/fuzz
+fi

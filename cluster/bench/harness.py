@@ -309,12 +309,13 @@ def read_events(
 
 # ---- figures ---------------------------------------------------------------------------
 def tls_cost(plain: dict[str, float | None], tls: dict[str, float | None]) -> dict[str, dict[str, Any]]:
-    """Figure by figure, a plaintext pass beside the same pass over TLS and their ratio (TLS / plaintext)."""
+    """Figure by figure, a plaintext pass beside the same pass over TLS and their ratio (TLS /
+    plaintext; None unless both are positive: a ratio of overheads near or below 0 means nothing)."""
     return {
         k: {
             "plaintext": a,
             "tls": tls[k],
-            "ratio": round(tls[k] / a, 3) if a and tls[k] is not None else None,
+            "ratio": round(tls[k] / a, 3) if a and a > 0 and (tls[k] or 0) > 0 else None,
         }
         for k, a in plain.items()
     }

@@ -9,7 +9,12 @@ import ssl
 import pytest
 import redis
 from conftest import wait_for
-from test_up import EXIT_AFTER_SIGTERM_S, assert_all_gone, canopy_up  # noqa: F401 (fixture)
+from test_up import (  # noqa: F401 (canopy_up: a fixture)
+    EXIT_AFTER_SIGTERM_S,
+    assert_all_gone,
+    assert_no_password_leaked,
+    canopy_up,
+)
 
 from canopy import acl
 from canopy import config as config_mod
@@ -71,4 +76,5 @@ def test_a_tls_run_trains_cartpole_and_refuses_plaintext_and_forged_actor_writes
     # Its exit took 18-28 s under a load average of 20-30 on 2 cores, plaintext 18 s: twice the bound.
     assert run.wait(2 * EXIT_AFTER_SIGTERM_S) == 0
     assert not (run.run_dir / "redis.actor.password").exists()  # no shared actor user to hold
+    assert_no_password_leaked(run)  # each actor's own password included
     assert_all_gone(cluster)

@@ -13,11 +13,13 @@ import pytest
 import redis
 from conftest import free_port, stop_process, wait_for
 
-from canopy import tls
+from canopy import acl, tls
 from canopy.cache.rawget import ChunkReader
+from canopy.cluster import redis_server
 from canopy.cluster.redis_server import tls_lines
-from canopy.config import ClusterConfig
-from canopy.redisconn import connect
+from canopy.config import ClusterConfig, Config
+from canopy.keys import Keys
+from canopy.redisconn import connect, role_password_file, tls_dir
 
 PASSWORD = "pw-" + "t" * 20
 
@@ -110,3 +112,41 @@ def test_the_raw_chunk_reader_speaks_tls_too(tls_redis: ClusterConfig) -> None:
     finally:
         reader.close()
         r.close()
+
+
+def test_a_shard_configured_as_canopy_up_does_takes_each_actor_over_tls_on_its_own_keys(
+    tmp_path: Path,
+) -> None:
+    cfg = Config()
+    cfg.run.name, cfg.run.dir, cfg.actors.count = "tlsconf", str(tmp_path), 2
+    c = cfg.cluster
+    c.redis, c.password_file = [f"127.0.0.1:{free_port()}"], str(tmp_path / "redis.password")
+    c.role_users = c.actor_users = c.tls = True
+    for path in [
+        Path(c.password_file),
+        *(role_password_file(c, u) for u in (*acl.ROLES, "actor-0", "actor-1")),
+    ]:
+        path.write_text(f"pw-{path.name}")
+    tls.generate(tls_dir(c))
+    conf = redis_server.write_conf(cfg, 0)
+    assert "port 0" in conf.read_text().splitlines()
+    proc = subprocess.Popen([redis_server.binary(), str(conf)], stdout=subprocess.DEVNULL)
+    actor0, keys = connect(c, "actor", 0), Keys(cfg.run.name)
+    try:
+        wait_for(lambda: _pings(actor0), 10, interval=0.05, what="the shard of write_conf")
+        assert actor0.connection_pool.connection_kwargs["username"] == "actor-0"
+        actor0.set(keys.ledger_actor(0), "1.1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            actor0.set(keys.ledger_actor(1), "1.1")
+        with pytest.raises(redis.AuthenticationError):  # no shared actor user under actor_users
+            connect(c, "actor", "scaled@host").ping()
+    finally:
+        actor0.close()
+        stop_process(proc)
+
+
+def _pings(r: redis.Redis) -> bool:
+    try:
+        return bool(r.ping())
+    except redis.ConnectionError:
+        return False

@@ -40,3 +40,18 @@ def test_a_missing_file_says_how_to_make_it(tmp_path: Path) -> None:
         tls.server_files(tmp_path)
     with pytest.raises(UserError, match=r"cluster\.password_file"):
         tls.ca_file(tmp_path)
+
+
+def test_canopy_tls_writes_dir_slash_tls_where_the_clients_of_its_passwords_look(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from canopy.cluster import cli
+    from canopy.config import ClusterConfig
+    from canopy.redisconn import tls_dir
+
+    assert cli.main(["tls", str(tmp_path), "--name", "redis-0"]) == 0
+    cluster = ClusterConfig(password_file=str(tmp_path / "redis.password"), tls=True)
+    cert = x509.load_pem_x509_certificate((tls_dir(cluster) / tls.SERVER_CERT).read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "redis-0" in sans.get_values_for_type(x509.DNSName)
+    assert "cluster.tls = true" in capsys.readouterr().out
