@@ -6,12 +6,22 @@ fenced Lua script (learner/publisher.py); both take the fields from `entry`. The
 outlives the version's blob. Readers take the publish time with `published_at`: the
 launcher (env steps at a confirmed version's publish time, cluster/verdicts.py) and the
 fault and cutoff benches (publish cadence, versions a fenced learner still wrote).
+
+The ledger is bounded: `ledger:index` lists every entry by (epoch, step), and the publisher
+keeps the newest `learner.keep_ledger` (`stale`, then `remove`), deleting with each older
+entry whatever is left of its version's blob. Neither `canopy export` nor `canopy eval` reads
+the ledger (they read the pinned best version or a kept blob); the monitor reads an entry
+when a confirmation arrives, long before a thousand versions later.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import redis
+
+from canopy.errors import ProtocolError
+from canopy.keys import Keys
 from canopy.version import Version
 
 PUBLISHED_AT = "published_at"  # wall-clock seconds, what every reader of the ledger asks for
@@ -61,3 +71,27 @@ def published_at(value: bytes | str | None) -> float | None:
         return float(value)
     except ValueError:
         raise ValueError(f"malformed ledger {PUBLISHED_AT} {value!r}, expected seconds") from None
+
+
+def stale(r: redis.Redis, keys: Keys, keep: int) -> tuple[list[Version], list[bytes]]:
+    """The ledger's entries beyond the newest `keep`, oldest first: (their versions, index
+    members that name no version, to drop as they are)."""
+    versions, bad = [], []
+    for raw in r.zrange(keys.ledger_index, 0, -(keep + 1)):
+        try:
+            versions.append(Version.parse(raw))
+        except ProtocolError:
+            bad.append(raw)
+    return versions, bad
+
+
+def remove(r: redis.Redis, keys: Keys, versions: list[Version], bad: list[bytes]) -> None:
+    """Delete these versions' ledger entries and index members (and the `bad` members)."""
+    members = [str(v) for v in versions] + list(bad)
+    if not members:
+        return
+    pipe = r.pipeline(transaction=True)
+    if versions:
+        pipe.delete(*(keys.ledger_version(v) for v in versions))
+    pipe.zrem(keys.ledger_index, *members)
+    pipe.execute()
