@@ -233,7 +233,9 @@ class CheckpointConfig:
     learner_host: str = ""  # host label of the learner, never the only holder of a chunk
     lease_ttl_s: float = 1.0  # the active learner's lease; a standby takes over when it expires
     standby: bool = True  # `canopy up` runs a warm standby learner
-    restart_backoff_s: float = 1.0  # `canopy up` restarts a dead role after this, doubling to 30 s
+    # `canopy up` restarts a dead role at once; one that dies again within 10 s of its restart
+    # waits this long, doubling per quick death up to 30 s (a crash loop).
+    restart_backoff_s: float = 1.0
     # The writer checks the shards this often between checkpoints and re-replicates when one
     # died or came back empty, so R copies return even when no checkpoint is being written.
     repair_every_s: float = 5.0
