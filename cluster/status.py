@@ -36,6 +36,7 @@ COLUMNS = (
     ("eval", "eval_return"),
     ("items", "items"),
     ("rejected", "rejected_total"),
+    ("fenced", "priority_updates_fenced_total"),  # replay: priority updates of a stale learner
     ("rss MB", "rss_mb"),
 )
 # The counter whose mean rate since the process started is each role's "rate/s".
