@@ -65,6 +65,10 @@ class Publisher:
         """Write a version and make it the latest; raises Fenced if the lease is no longer ours."""
         version = Version(self.epoch, step)
         manifest, chunks = blob.pack(state, version, arch, self.learner_id, encoder=self.encoder)
+        # Room for this version's entry first, so the ledger never holds more than keep_ledger.
+        old, bad = ledger.stale(self.r, self.keys, self.keep_ledger - 1)
+        blob.discard(self.r, self.keys, old)  # before its entry: a crash between leaves it listed
+        ledger.remove(self.r, self.keys, old, bad)
         if self.lease is None:
             blob.write(self.r, self.keys, manifest, chunks)
         else:
@@ -72,9 +76,6 @@ class Publisher:
         self.published.append(manifest)
         while len(self.published) > self.keep:
             blob.delete(self.r, self.keys, self.published.popleft())
-        old, bad = ledger.stale(self.r, self.keys, self.keep_ledger)
-        blob.discard(self.r, self.keys, old)  # before its entry: a crash between leaves it listed
-        ledger.remove(self.r, self.keys, old, bad)
         return version
 
     def _publish_fenced(self, manifest: blob.Manifest, chunks: list[bytes], checkpoint: str) -> None:
