@@ -259,6 +259,7 @@ def write(r: redis.Redis, keys: Keys, manifest: Manifest, chunks: list[bytes]) -
         pipe.set(keys.model_chunk(v, i), chunk)
     pipe.hset(keys.model_manifest(v), mapping=manifest.to_fields())
     pipe.hset(keys.ledger_version(v), mapping=ledger.entry(manifest))
+    pipe.zadd(keys.ledger_index, {str(v): v.packed()})
     pipe.set(keys.model_latest, str(v))
     pipe.publish(keys.model_notify, str(v))
     pipe.execute()
@@ -268,6 +269,23 @@ def delete(r: redis.Redis, keys: Keys, manifest: Manifest) -> None:
     """Drop an old version's blob (its ledger entry stays)."""
     v = manifest.version
     r.delete(keys.model_manifest(v), *(keys.model_chunk(v, i) for i in range(manifest.chunks)))
+
+
+def discard(r: redis.Redis, keys: Keys, versions: list[Version]) -> None:
+    """Drop whatever is left of these versions' blobs, however many chunks each manifest names
+    (a version already trimmed has no manifest: nothing to do)."""
+    pipe = r.pipeline(transaction=False)
+    for v in versions:
+        pipe.hget(keys.model_manifest(v), "chunks")
+    doomed = []
+    for v, raw in zip(versions, pipe.execute(), strict=True):
+        if raw is None:
+            continue
+        doomed.append(keys.model_manifest(v))
+        n = int(raw) if raw.isdigit() else 0  # a bad count: the chunks are not ours to guess
+        doomed += [keys.model_chunk(v, i) for i in range(min(n, MAX_CHUNKS))]
+    if doomed:
+        r.delete(*doomed)
 
 
 def read_manifest(r: redis.Redis, keys: Keys, version: Version) -> Manifest:

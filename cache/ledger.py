@@ -10,6 +10,12 @@ fault and cutoff benches (publish cadence, versions a fenced learner still wrote
 The actors' side of the ledger, the version each acts with, is one key per actor
 (`ledger:actor:<id>`, written by the actor itself as it switches) so that per-actor Redis
 users (canopy/acl.py) can write their own entry and no other; `acting` reads them all.
+
+The ledger is bounded: `ledger:index` lists every entry by (epoch, step), and the publisher
+keeps the newest `learner.keep_ledger` (`stale`, then `remove`), deleting with each older
+entry whatever is left of its version's blob. Neither `canopy export` nor `canopy eval` reads
+the ledger (they read the pinned best version or a kept blob); the monitor reads an entry
+when a confirmation arrives, long before a thousand versions later.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Protocol
 
 import redis
 
+from canopy.errors import ProtocolError
 from canopy.keys import Keys
 from canopy.version import Version
 
@@ -77,3 +84,27 @@ def acting(r: redis.Redis, keys: Keys) -> dict[bytes, bytes]:
         return {}
     values = r.mget([keys.ledger_actor(int(i)) for i in ids])
     return {i: v for i, v in zip(ids, values, strict=True) if v is not None}
+
+
+def stale(r: redis.Redis, keys: Keys, keep: int) -> tuple[list[Version], list[bytes]]:
+    """The ledger's entries beyond the newest `keep`, oldest first: (their versions, index
+    members that name no version, to drop as they are)."""
+    versions, bad = [], []
+    for raw in r.zrange(keys.ledger_index, 0, -(keep + 1)):
+        try:
+            versions.append(Version.parse(raw))
+        except ProtocolError:
+            bad.append(raw)
+    return versions, bad
+
+
+def remove(r: redis.Redis, keys: Keys, versions: list[Version], bad: list[bytes]) -> None:
+    """Delete these versions' ledger entries and index members (and the `bad` members)."""
+    members = [str(v) for v in versions] + list(bad)
+    if not members:
+        return
+    pipe = r.pipeline(transaction=True)
+    if versions:
+        pipe.delete(*(keys.ledger_version(v) for v in versions))
+    pipe.zrem(keys.ledger_index, *members)
+    pipe.execute()

@@ -164,6 +164,9 @@ class LearnerConfig:
     max_grad_norm: float = 10.0  # gradients are clipped to this global norm
     publish_every: int = 50  # updates between published policy versions
     keep_versions: int = 8  # published versions kept in Redis
+    # Ledger entries kept in Redis (at least keep_versions): the oldest go, with any blob a dead
+    # learner left, so the ledger stays bounded however many versions a run publishes.
+    keep_ledger: int = 1024
     samples_in_flight: int = 4  # sample requests outstanding per replay shard
     threads: int = 1  # torch intra-op threads on CPU
     # Data-parallel ranks training one model together (learner/group.py): each samples its
@@ -230,7 +233,9 @@ class CheckpointConfig:
     learner_host: str = ""  # host label of the learner, never the only holder of a chunk
     lease_ttl_s: float = 1.0  # the active learner's lease; a standby takes over when it expires
     standby: bool = True  # `canopy up` runs a warm standby learner
-    restart_backoff_s: float = 1.0  # `canopy up` restarts a dead role after this, doubling to 30 s
+    # `canopy up` restarts a dead role at once; one that dies again within 10 s of its restart
+    # waits this long, doubling per quick death up to 30 s (a crash loop).
+    restart_backoff_s: float = 1.0
     # The writer checks the shards this often between checkpoints and re-replicates when one
     # died or came back empty, so R copies return even when no checkpoint is being written.
     repair_every_s: float = 5.0
@@ -322,6 +327,7 @@ _MINIMUMS: dict[str, float] = {
     "learner.target_update_period": 1,
     "learner.publish_every": 1,
     "learner.keep_versions": 2,
+    "learner.keep_ledger": 2,
     "learner.samples_in_flight": 1,
     "learner.threads": 1,
     "learner.learners": 1,

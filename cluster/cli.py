@@ -498,19 +498,25 @@ def _add_bench_parts(bench_sub: argparse._SubParsersAction) -> None:
 
 def _add_bench_faults(bench_sub: argparse._SubParsersAction) -> None:
     """Benches of load, faults and recovery: soak, faults, checkpoint."""
-    sk = bench_sub.add_parser("soak", help="a long canopy up under simulated actors: errors, RSS growth")
+    sk = bench_sub.add_parser(
+        "soak", help="a long canopy up under simulated actors: errors, RSS and Redis memory growth"
+    )
     sk.add_argument("--json", required=True, help="file to write the results to")
     sk.add_argument("--actors", type=int, default=1000, help="simulated actors")
     sk.add_argument("--minutes", type=float, default=10.0)
     sk.add_argument("--processes", type=int, default=8, help="worker processes for the actors")
     sk.add_argument("--period", type=float, default=1.0, help="seconds between a simulated actor's inserts")
+    sk.add_argument("--set", action="append", default=[], help="config key=value for the run (repeatable)")
     sk.set_defaults(func=_bench)
     fb = bench_sub.add_parser("faults", help="the fault matrix: kills, a paused learner, on a live canopy up")
     fb.add_argument("--json", required=True, help="file to write the results to")
     fb.add_argument(
         "--faults",
-        default="actor,replay,cache,redis,learner,standby,zombie,root,cut-actors,cut-learner",
+        default="actor,replay,cache,redis,learner,standby,zombie,takeover,cold,root,cut-actors,cut-learner",
         help="comma-separated, run in this order",
+    )
+    fb.add_argument(
+        "--repeat", type=int, default=3, help="kills of each of takeover and cold; the worst counts"
     )
     fb.set_defaults(func=_bench)
     ck = bench_sub.add_parser("checkpoint", help="cost of checkpointing to Redis shards; recovery time")

@@ -40,6 +40,7 @@ COLUMNS = (
     ("eval", "eval_return"),
     ("items", "items"),
     ("rejected", "rejected_total"),
+    ("fenced", "priority_updates_fenced_total"),  # replay: priority updates of a stale learner
     ("rss MB", "rss_mb"),
 )
 # Table order; a process of another role (none today) would come last.

@@ -34,6 +34,10 @@ from canopy.redisconn import connect
 START_TIMEOUT_S = 90.0
 REDIS_START_TIMEOUT_S = 60.0  # a shard loads its append-only file before it answers
 STOP_TIMEOUT_S = 10.0
+# A role that dies within this long of its restart is crash-looping: it waits a doubling
+# backoff (a start-up that fails fast would otherwise spin); one that ran longer died on its
+# own and is restarted at once, as a user waits for it (a cold restart of every learner).
+STABLE_S = 10.0
 # Stop order: producers first, so nobody waits on a role that is already gone.
 STOP_ORDER = ("actor", "learner", "evaluator", "cache", "replay", "redis")
 
@@ -49,6 +53,8 @@ class Child:
     endpoints: dict[str, str] = field(default_factory=dict)
     args: tuple[str, ...] = ()  # extra command-line flags, kept for a restart
     standby: bool = False  # the standby learner: started last, stopped first
+    died_at: float | None = None  # when the supervisor found it dead
+    backoff: float = 0.0  # then: how long it waits before starting it again
 
     def describe(self) -> dict[str, Any]:
         """Its entry in cluster.json."""
@@ -85,7 +91,7 @@ class Supervisor:
         self.config_path = config_path
         self.keys = keys
         self.children: list[Child] = []
-        # (role, id) -> (restart time, next backoff): roles that died and come back.
+        # (role, id) -> (last restart time, backoff should it die again soon): crash loops.
         self.restarts: dict[tuple[str, int], tuple[float, float]] = {}
         # One client per shard, so that start-up waits for each; shard 0, the root, holds the
         # stats hashes and the events stream. Clients connect on first use.
@@ -220,7 +226,9 @@ class Supervisor:
 
     # ---- run ----------------------------------------------------------------------
     def heal(self) -> None:
-        """Restart any role that died, after a backoff that doubles per role (capped at 30 s).
+        """Restart any role that died: at once after a stable run, after a backoff that doubles
+        per role (from `checkpoint.restart_backoff_s`, capped at 30 s) when it keeps dying
+        within STABLE_S of its restart.
 
         A restarted learner comes back as a standby (the lease decides who trains), except a
         learner group's follower, which comes back as the same rank.
@@ -231,26 +239,20 @@ class Supervisor:
             if code is None:
                 continue
             key = (ch.role, ch.ident)
-            if key not in self.restarts:
-                backoff = self.cfg.checkpoint.restart_backoff_s
-                self.restarts[key] = (now + backoff, min(30.0, max(2 * backoff, 0.5)))
-                self._event("role_died", role=ch.role, ident=ch.ident, code=code, restart_in_s=backoff)
-                continue
-            due, backoff = self.restarts[key]
-            if now < due:
+            if ch.died_at is None:
+                last = self.restarts.get(key)
+                ch.died_at, ch.backoff = now, last[1] if last and now - last[0] < STABLE_S else 0.0
+                self._event("role_died", role=ch.role, ident=ch.ident, code=code, restart_in_s=ch.backoff)
+            if now < ch.died_at + ch.backoff:
                 continue
             self.children.remove(ch)
             # A learner group's followers rejoin the next group as themselves (learner/group.py).
             follower = follower_rank(self.cfg.learner.learners, ch.ident) is not None
             args = ("--standby",) if ch.role == "learner" and not follower else ch.args
             self.spawn(ch.role, ch.ident, ch.endpoints, args)
+            backoff = min(30.0, 2 * ch.backoff) if ch.backoff else self.cfg.checkpoint.restart_backoff_s
+            self.restarts[key] = (now, backoff)
             self._event("restart", role=ch.role, ident=ch.ident, next_backoff_s=backoff)
-            # Keep the longer backoff for a while: a role that keeps dying restarts ever slower.
-            self.restarts[key] = (now + backoff, min(30.0, 2 * backoff))
-        for key, (due, _) in list(self.restarts.items()):
-            alive = [ch for ch in self.role(key[0]) if ch.ident == key[1] and ch.proc.poll() is None]
-            if alive and now > due + 60:
-                del self.restarts[key]
 
     def _event(self, kind: str, **fields: Any) -> None:
         """A launcher line on stderr and, while the root shard answers, in the events stream."""

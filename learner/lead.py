@@ -110,7 +110,10 @@ class Lead:
         self.cfg, self.tel, self.lease, self.model, self.parent = cfg, tel, lease, model, parent
         self.c = tel.counters
         encoder = Encoder(cfg.cache.codec, cfg.cache.codec_levels, cfg.cache.keyframe_every)
-        self.publisher = Publisher(r, keys, ident, cfg.learner.keep_versions, lease=lease, encoder=encoder)
+        lc = cfg.learner
+        self.publisher = Publisher(
+            r, keys, ident, lc.keep_versions, lease=lease, encoder=encoder, keep_ledger=lc.keep_ledger
+        )
         self.writer = Writer(
             store,
             ident,

@@ -93,7 +93,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
     prefetch, t_lease = took
     counters, parent = _restore_newest(ck.enabled, store, prefetch, model, lease.epoch, t_lease, tel)
     lead = Lead(cfg, ident, r, keys, tel, lease, store, model, parent, stop)
-    trainer = _Trainer(model, cfg, _sample_client(cfg, r, keys, ident), tel.counters)
+    trainer = _Trainer(model, cfg, _sample_client(cfg, r, keys, ident, lease.epoch), tel.counters)
     if "sampler" in counters:
         _load_sampler(trainer.sampler, counters["sampler"], tel)  # the next batch is drawn as before the stop
     c = tel.counters
@@ -170,7 +170,7 @@ def follow(cfg: Config, ident: int, rank: int, stop: threading.Event) -> None:
     except GroupLost:
         tel.close()
         return
-    trainer = _Trainer(model, cfg, _sample_client(cfg, r, keys, ident), tel.counters)
+    trainer = _Trainer(model, cfg, _sample_client(cfg, r, keys, ident, group.epoch), tel.counters)
     c = tel.counters
     c.update(rank=rank, epoch=group.epoch, updates_total=0, versions_published_total=0, **TRAINING_STATS)
     try:
@@ -344,8 +344,11 @@ def lag_quantiles(counts: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple[RedisMembers, SampleClient]:
-    """This learner's replay sample client (its own draw order: seeded by its id)."""
+def _sample_client(
+    cfg: Config, r: redis.Redis, keys: Keys, ident: int, epoch: int
+) -> tuple[RedisMembers, SampleClient]:
+    """This learner's replay sample client (its own draw order: seeded by its id); its priority
+    updates carry `epoch`, so shards drop them once a newer learner has spoken."""
     rc, lc = cfg.replay, cfg.learner
     # Every live replay shard, following membership in Redis as shards come and go.
     members = RedisMembers(r, keys, rc.member_ttl_s / 3, fallback=cfg.cluster.replay)
@@ -359,6 +362,7 @@ def _sample_client(cfg: Config, r: redis.Redis, keys: Keys, ident: int) -> tuple
         anneal_batches=rc.importance_anneal_updates,
         seed=cfg.run.seed * 1000 + ident,
         table=UNROLLS if on_policy(cfg) else None,
+        epoch=epoch,
     )
     return members, sampler
 

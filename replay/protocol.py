@@ -20,8 +20,12 @@ Requests (every one may carry `req`, echoed in the reply, and `table`, MAIN when
                                           `unique_frames` with `packed` on a pixel table:
                                           frames plus per-item frame indexes instead of
                                           whole stacks (replay/packed.py)
-    priority {noreply?}                + slot (i8), gen (i8), priority (f8)
-                                       -> updated {applied, dropped} (none with `noreply`)
+    priority {epoch, noreply?}         + slot (i8), gen (i8), priority (f8)
+                                       -> updated {applied, dropped, fenced} (none with
+                                          `noreply`); `epoch` is the sending learner's lease
+                                          epoch (canopy/lease.py; 0 outside any lease): an
+                                          update from an epoch older than the newest the
+                                          shard has seen is dropped whole (`fenced` items)
     configure {samples_per_insert?, min_size?, error_buffer?} -> configured {limiter}
     snapshot                           -> snapshot {ok, seq, path, seconds, pause_ms (fork),
                                           request_max_ms (longest request served meanwhile)},
@@ -54,6 +58,7 @@ INSERT_MAX_FRAME = 64 * 2**20  # an inserting client's default: acks are small
 SAMPLE_MAX_FRAME = 256 * 2**20  # a sampling client's default: replies carry whole batches
 LIMITER_FIELDS = ("samples_per_insert", "min_size", "error_buffer")  # configure's, and RateLimiter's
 PRIORITY_ARRAYS = ("slot", "gen", "priority")
+MAX_EPOCH = 2**62  # a lease epoch (a Redis INCR): far inside int64 and msgpack
 # Each sampled item's address and probability, after its columns in a batch reply.
 ADDRESS: list[tuple[str, np.dtype, tuple[int, ...]]] = [
     ("slot", np.dtype(np.int64), ()),
@@ -135,9 +140,10 @@ def sample_request(
     return _named(header, table)
 
 
-def priority_request(req: int, table: str | None = None, reply: bool = False) -> dict[str, Any]:
-    """A priority update's header; without `reply` the shard sends no `updated`."""
-    header: dict[str, Any] = {"op": Op.PRIORITY, "req": req}
+def priority_request(req: int, epoch: int, table: str | None = None, reply: bool = False) -> dict[str, Any]:
+    """A priority update's header from a learner of lease epoch `epoch`; without `reply` the
+    shard sends no `updated`."""
+    header: dict[str, Any] = {"op": Op.PRIORITY, "req": req, "epoch": epoch}
     if not reply:
         header["noreply"] = True
     return _named(header, table)
@@ -230,6 +236,14 @@ def parse_priority(arrays: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nda
     return slot, gen, priority
 
 
+def priority_epoch(header: Mapping[str, Any]) -> int:
+    """The lease epoch a priority update comes from; ProtocolError when absent or malformed."""
+    epoch = header.get("epoch")
+    if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+        raise ProtocolError(f"priority update needs an integer 'epoch' in 0..{MAX_EPOCH}")
+    return epoch
+
+
 def wants_reply(header: Mapping[str, Any]) -> bool:
     """Whether a priority update is answered (learners send theirs with `noreply`)."""
     return not header.get("noreply")
@@ -277,9 +291,10 @@ def address(slot: np.ndarray, gen: np.ndarray, prob: np.ndarray) -> dict[str, np
     return {"slot": slot, "gen": gen, "prob": prob}
 
 
-def updated(applied: int, dropped: int) -> dict[str, Any]:
-    """The reply to a priority update: how many applied and how many were dropped as stale."""
-    return {"op": Reply.UPDATED, "applied": applied, "dropped": dropped}
+def updated(applied: int, dropped: int, fenced: int = 0) -> dict[str, Any]:
+    """The reply to a priority update: how many applied, how many were dropped as stale (their
+    slot was overwritten) and how many as fenced (from an epoch older than the newest seen)."""
+    return {"op": Reply.UPDATED, "applied": applied, "dropped": dropped, "fenced": fenced}
 
 
 def configured(limiter: dict[str, Any]) -> dict[str, Any]:

@@ -99,6 +99,9 @@ class SampleClient:
     stacks are views on the received frames (one-step transitions: obs and next_obs of an
     item share memory) or rebuilt into pooled buffers.
 
+    Fencing: every priority update carries `epoch`, the learner's lease epoch; a shard that
+    has seen a newer epoch drops it (replay/shard.py: EpochFence).
+
     Membership: with a `Members` view the client follows the live set. A shard that leaves
     is dropped with the batches it had sent (they belong to a draw over a set of shards that
     no longer exists); a shard that joins enters the draw once it has reported its total.
@@ -123,7 +126,9 @@ class SampleClient:
         is_exponent_final: float = 1.0,
         anneal_batches: int = 100_000,
         seed: int = 0,
+        epoch: int = 0,
     ) -> None:
+        self.epoch = epoch  # the learner's lease epoch: shards drop priority updates of older ones
         self.members = target if isinstance(target, Members) else Members(target)
         self.ctx = zmq.Context.instance()
         self.batch = batch
@@ -226,7 +231,7 @@ class SampleClient:
         if target is None:
             self.priority_updates_dropped_total += len(slot)
             return
-        header = protocol.priority_request(next(self.req), self.table)
+        header = protocol.priority_request(next(self.req), self.epoch, self.table)
         arrays = protocol.priority_arrays(slot, gen, priority)
         target.sock.send_multipart(wire.encode(header, arrays), copy=False)
 

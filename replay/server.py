@@ -76,6 +76,7 @@ class ReplayServer:
         self.cfg = cfg
         self.seed = seed
         self.tables = shard.build(cfg, seed)
+        self.fence = shard.EpochFence()
         self.rng = np.random.default_rng(seed)
         self.max_frame = cfg.max_frame_mb * 2**20
         self.ctx = ctx or zmq.Context.instance()
@@ -89,6 +90,8 @@ class ReplayServer:
             "sample_requests_total": 0,
             "priority_updates_total": 0,
             "priority_updates_dropped_total": 0,
+            "priority_updates_fenced_total": 0,  # items from a learner epoch older than the newest
+            "priority_epoch": 0,  # the newest learner epoch seen in a priority update
             "rejected_total": 0,
             "forbidden_total": 0,  # ops refused to the caller's role (CURVE keys on)
             "not_ready_total": 0,
@@ -270,13 +273,19 @@ class ReplayServer:
 
     def _update_priorities(self, ident: bytes, msg: wire.Message) -> None:
         slot = self._slot(msg)
+        epoch = protocol.priority_epoch(msg.header)
         slots, gens, priorities = protocol.parse_priority(msg.arrays)
-        applied = slot.table.update_priorities(slots, gens, priorities)
-        dropped = len(slots) - applied
+        if self.fence.admit(epoch):
+            self.counters["priority_epoch"] = self.fence.newest
+            applied, fenced = slot.table.update_priorities(slots, gens, priorities), 0
+        else:  # a learner that lost its lease: its successor's priorities stand
+            applied, fenced = 0, len(slots)
+            self.counters["priority_updates_fenced_total"] += fenced
+        dropped = len(slots) - applied - fenced
         self.counters["priority_updates_total"] += applied
         self.counters["priority_updates_dropped_total"] += dropped
         if protocol.wants_reply(msg.header):
-            self._reply(ident, msg, protocol.updated(applied, dropped))
+            self._reply(ident, msg, protocol.updated(applied, dropped, fenced))
 
     def _configure(self, ident: bytes, msg: wire.Message) -> None:
         """Change a table's rate limiter at runtime; its insert/sample counts carry over."""
@@ -367,11 +376,14 @@ class ReplayServer:
 
     def snapshot_state(self) -> tuple[dict[str, Any], snapshot.Groups]:
         """Every table and limiter as (JSON state, arrays per table): what a snapshot holds."""
-        return shard.export(self.tables)
+        return shard.export(self.tables, self.fence)
 
     def _accept_snapshot(self, state: dict[str, Any], groups: snapshot.Groups) -> None:
         """Load a snapshot into fresh tables; nothing changes unless all of it loads."""
+        fence = shard.fence_from(state)
         self.tables = shard.load(self.cfg, self.seed, state, groups)
+        self.fence = fence
+        self.counters["priority_epoch"] = fence.newest
 
     def _snapshot_tick(self) -> None:
         outcome = self.snaps.poll()

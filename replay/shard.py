@@ -12,6 +12,14 @@ samples_per_insert / min_size / error_buffer are tuned for the off-policy main t
 would hold an on-policy learner back for nothing (or for ever: min_size above the queue's
 capacity), so a queue's limiter is `QUEUE_LIMITER`, in `build`, `load` and for good: the
 `configure` op leaves queues alone (replay/server.py).
+
+Priority updates are fenced by the sender's lease epoch (`EpochFence`, one per shard: one
+lease covers every table): a learner that lost its lease (paused, partitioned, replaced by a
+standby) cannot reorder what its successor samples. The ranks of a learner group share
+their epoch, so all of them pass. The newest epoch goes into every snapshot (`export`
+state key `priority_epoch`, read back by `fence_from`), so a restarted shard still refuses
+a stale learner that comes back; a shard without snapshots starts again at 0 and learns the
+newest epoch from the first update of the live learner.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from canopy.config import ReplayConfig
 from canopy.errors import ProtocolError
 from canopy.replay.limiter import RateLimiter
 from canopy.replay.packed import Layouts
-from canopy.replay.protocol import MAIN, SampleRequest
+from canopy.replay.protocol import MAIN, MAX_EPOCH, SampleRequest
 from canopy.replay.snapshot import Groups
 from canopy.replay.table import Table
 
@@ -82,6 +90,35 @@ class Slot:
         if self.table.is_queue:
             return max(1, min(want.batches, self.table.size // want.batch))
         return 1
+
+
+@dataclass
+class EpochFence:
+    """The newest learner lease epoch seen in a priority update; older ones are refused.
+
+    Example:
+        fence = EpochFence()
+        fence.admit(2)  # True: epoch 2 is now the newest
+        fence.admit(1)  # False: a fenced learner's update
+    """
+
+    newest: int = 0
+
+    def admit(self, epoch: int) -> bool:
+        """Whether an update from `epoch` may apply; a newer epoch becomes the newest."""
+        if epoch < self.newest:
+            return False
+        self.newest = epoch
+        return True
+
+
+def fence_from(state: Any) -> EpochFence:
+    """The fence a snapshot's state holds (0 for a snapshot taken before fencing existed);
+    ValueError when its `priority_epoch` is not an epoch."""
+    epoch = state.get("priority_epoch", 0) if isinstance(state, dict) else None
+    if type(epoch) is not int or not 0 <= epoch <= MAX_EPOCH:
+        raise ValueError(f"its priority_epoch {epoch!r} is not an integer in 0..{MAX_EPOCH}")
+    return EpochFence(epoch)
 
 
 def table_specs(cfg: ReplayConfig) -> list[dict[str, Any]]:
@@ -143,9 +180,10 @@ def build(cfg: ReplayConfig, seed: int) -> dict[str, Slot]:
     return slots
 
 
-def export(slots: dict[str, Slot]) -> tuple[dict[str, Any], Groups]:
-    """Every table and limiter as (JSON state, arrays per table): what a snapshot holds."""
-    state: dict[str, Any] = {"tables": {}, "limiters": {}}
+def export(slots: dict[str, Slot], fence: EpochFence | None = None) -> tuple[dict[str, Any], Groups]:
+    """Every table and limiter, and the newest priority epoch, as (JSON state, arrays per
+    table): what a snapshot holds."""
+    state: dict[str, Any] = {"tables": {}, "limiters": {}, "priority_epoch": fence.newest if fence else 0}
     groups: Groups = {}
     for name, slot in slots.items():
         state["tables"][name], groups[name] = slot.table.export()

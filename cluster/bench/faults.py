@@ -12,7 +12,16 @@ has settled again (every role running, a standby warm, a checkpoint committed si
 - `zombie`: SIGSTOP of the active learner until its standby took over and published, then
   SIGCONT: it must stop (fenced) without publishing or committing anything after it woke;
 - `root`: kill -9 of Redis shard 0 (lease, epoch, model:latest, events); recovered at the
-  first newer version once the launcher brought it back.
+  first newer version once the launcher brought it back;
+- `takeover` (the active learner) and `cold` (every learner process: the launcher restarts
+  them and one restores the newest checkpoint): kill -9, timed the way an operator would
+  see it, from outside: the bench subscribes to `model:notify` on the root shard before the
+  kill and stops the clock when the first version of a newer epoch is announced there.
+  Each runs `--repeat` times; its check is the worst. `cold` also reports where the time
+  went (`phases`: the launcher's restart, the new process's telemetry up after its
+  imports, the lease taken, the checkpoint restored, the first version announced; and
+  `learner_cpu_s`, the CPU seconds the new learner had used by then: what the restart
+  costs on an idle machine, where wall time on a loaded one is mostly waiting for a core).
 
 Detection is the first sign of the fault in the run's own records: the launcher's
 `role_died` (read from its stderr, which carries it even while the root shard is down) or
@@ -46,7 +55,8 @@ from canopy.learner.checkpoint.store import Incomplete
 from canopy.lifecycle import wait_until
 from canopy.version import Version
 
-FAULTS = ("actor", "replay", "cache", "redis", "learner", "standby", "zombie", "root")
+FAULTS = ("actor", "replay", "cache", "redis", "learner", "standby", "zombie", "root", "takeover", "cold")
+REPEATED = ("takeover", "cold")  # failover as a user sees it: run `--repeat` times, the worst counts
 # Recovery goals (s) on a small shared machine; a warm standby must take over within 5 s.
 GOALS_S = {
     "actor": 15.0,
@@ -57,6 +67,8 @@ GOALS_S = {
     "standby": 5.0,
     "zombie": 5.0,
     "root": 20.0,
+    "takeover": 1.5,  # a warm standby's first version, seen from outside
+    "cold": 5.0,  # every learner killed: restart, restore, first version
 }
 UP_SETTINGS = (
     "checkpoint.every_s=1.0",
@@ -213,6 +225,62 @@ class Cluster(LiveRun):
         self.settle(time.time())
         return self._fault_learner(out, self.latest() or before)
 
+    def _fault_takeover(self, out: Outcome, before: Version) -> Version:
+        active = self.active_learner()
+        assert active is not None
+        v = self._until_announced(out, before, [active])
+        self._detect(out, out.phases["t_kill"], "learner", active, failover=True)
+        del out.phases["t_kill"]
+        return v
+
+    def _fault_cold(self, out: Outcome, before: Version) -> Version:
+        active = self.active_learner()
+        assert active is not None
+        ids = [i for i in range(self.cfg.learner.learners + 1) if self.proc("learner", i).get("pid")]
+        v = self._until_announced(out, before, ids)
+        t = out.phases.pop("t_kill")
+        holder = self.active_learner()
+        winner = self.proc("learner", holder) if holder is not None else {}
+        # What the restart cost the new learner in CPU, whatever the machine's load made of it in time.
+        out.phases["learner_cpu_s"] = round(harness.cpu_seconds([int(winner.get("pid", 0))]), 2)
+        self._detect(out, t, "learner", active)
+        restarts = [self.launcher_line("restart", "learner", i, t) for i in ids]
+        marks = {
+            "launcher_restart": min((x for x in restarts if x is not None), default=None),
+            "telemetry_up": float(winner["started_at"]) if "started_at" in winner else None,
+            "lease_taken": next((te for te, _ in self.events_since(t, "failover")), None),
+            "restored": next((te for te, _ in self.events_since(t, "restore")), None),
+        }
+        out.phases |= {k: round(x - t, 3) for k, x in marks.items() if x is not None}
+        return v
+
+    def _until_announced(self, out: Outcome, before: Version, learners: list[int]) -> Version:
+        """Kill -9 these learners; the first version of a newer epoch announced on `model:notify`,
+        timed by this process (out.recover_s) from the kill (out.phases["t_kill"], wall time)."""
+        sub = self.r.pubsub(ignore_subscribe_messages=True)
+        sub.subscribe(self.keys.model_notify)  # before the kill: no announcement can slip past
+        try:
+            pids = [int(self.proc("learner", i)["pid"]) for i in learners]
+            out.target = ", ".join(f"learner {i} (pid {p})" for i, p in zip(learners, pids, strict=True))
+            t = time.time()
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+
+            def announced() -> tuple[float, Version] | None:
+                msg = sub.get_message(timeout=0.1)
+                if msg is None or msg["type"] != "message":
+                    return None
+                v = Version.parse(msg["data"])
+                return (time.time(), v) if v.epoch > before.epoch else None
+
+            seen, v = wait_until(announced, RECOVER_TIMEOUT_S, "a version of a newer epoch announced", 0)
+        finally:
+            sub.close()
+        out.recover_s = round(seen - t, 3)
+        out.recovered_by = f"{v} announced on model:notify"
+        out.phases = {"t_kill": t, "announced": out.recover_s}
+        return v
+
     def _fault_zombie(self, out: Outcome, before: Version) -> Version:
         active = self.active_learner()
         assert active is not None
@@ -335,6 +403,26 @@ def parse_faults(text: str) -> list[str]:
     return names
 
 
+def worst_check(fault: str, outcomes: list[Outcome], baseline: float | None) -> dict | None:
+    """One check for every repeat of `fault`: the worst time to a newer epoch's first version
+    (None when a repeat never got there), met when every repeat was ok."""
+    if not outcomes:
+        return None
+    times = [o.recover_s for o in outcomes]
+    worst = None if None in times else max(t for t in times if t is not None)
+    what = (
+        "the active learner (standby takes over)" if fault == "takeover" else "every learner (cold restart)"
+    )
+    return report.check(
+        f"{fault}: kill -9 of {what}, first version of the new epoch seen, worst of {len(outcomes)}",
+        worst,
+        "s",
+        f"<= {outcomes[0].goal_s}",
+        baseline,
+        all(o.ok for o in outcomes),
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """The kills on one live `canopy up`, then the cut-offs; report to `--json`, 1 if a check is missed."""
     faults = parse_faults(args.faults)
@@ -346,8 +434,11 @@ def main(args: argparse.Namespace) -> int:
     if kills := [f for f in faults if f in FAULTS]:
         with Cluster(run_dir / "up") as cluster:
             for fault in kills:
-                console.print(f"fault: {fault}")
-                outcomes.append(cluster.inject(fault))
+                for i in range(args.repeat if fault in REPEATED else 1):
+                    console.print(
+                        f"fault: {fault}" + (f" ({i + 1}/{args.repeat})" if fault in REPEATED else "")
+                    )
+                    outcomes.append(cluster.inject(fault))
             baseline = cluster.publish_gap_s(t0)
         leftover, tracked = [str(p) for p in cluster.leftover], len(cluster.pids)
     if cuts := [f for f in faults if f in cutoff.CUT_FAULTS]:
@@ -366,7 +457,10 @@ def main(args: argparse.Namespace) -> int:
             o.ok,
         )
         for o in outcomes
+        if o.fault not in REPEATED
     ]
+    checks += [worst_check(fault, [o for o in outcomes if o.fault == fault], baseline) for fault in REPEATED]
+    checks = [c for c in checks if c is not None]
     checks.append(report.check("no process left behind", len(leftover), "processes", "0", None, not leftover))
     figures = {
         "faults": [asdict(o) | {"ok": o.ok} for o in outcomes],

@@ -35,6 +35,8 @@ class Outcome:
     checkpoints_lost: list[str] = field(default_factory=list)
     fenced: bool | None = None  # zombie only: it stopped after waking
     zombie_writes: list[str] = field(default_factory=list)  # zombie only: versions/ckpts after SIGCONT
+    # takeover/cold only: seconds from the kill to each step of the restart, as the run recorded them
+    phases: dict[str, float] = field(default_factory=dict)
     error: str = ""
 
     @property
@@ -89,7 +91,7 @@ def table(outcomes: list[Outcome], baseline_s: float | None) -> Table:
             _fmt(o.detect_s),
             o.detected_by,
             _fmt(o.recover_s),
-            f"{o.goal_s:.0f}",
+            f"{o.goal_s:g}",
             f"{o.version_before} -> {o.version_after or '?'}",
             f"{_fmt(o.eval_before)} -> {_fmt(o.eval_after)}",
             f"{o.checkpoints_checked - len(o.checkpoints_lost)}/{o.checkpoints_checked}",

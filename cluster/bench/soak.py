@@ -1,24 +1,38 @@
 """`canopy bench soak --actors 1000 --minutes 10 --json FILE`: a long run under load.
 
-A real `canopy up` (CartPole, its learner training, its own two actors) plus simulated
-actors in worker processes: each has its own replay InsertClient and cache ModelClient
+A real `canopy up` (CartPole, its learner training and publishing every PUBLISH_EVERY
+updates, a checkpoint every CHECKPOINT_S, its own two actors) plus simulated actors in
+worker processes: each has its own replay InsertClient and cache ModelClient
 (own sockets), inserts a CartPole-sized chunk per period and picks up every new version.
 Workers share one membership view per process (as actors on one host could). The run
 reports, every sample period: inserts and versions received per second, how often the
 replay shards held inserts back (backpressure: the rate limiter keeps samples per insert
 bounded, so actors slow down when the learner is slower: by design, nothing queues
-without bound), and the RSS of every role process.
+without bound), the RSS of every role process, and of every Redis shard `used_memory`
+(INFO memory), its key count and the root's ledger entries (canopy/keys.py: every key
+family has a bound).
 
-Checks: no errors, RSS growth of every role under 10% after warm-up, the learner keeps
-training. The baseline beside each RSS is the role's RSS at the end of warm-up.
+Warm-up ends at the first sample after both WARMUP_FRACTION of the run and the ledger
+holding its full `learner.keep_ledger` entries (or at WARMUP_FRACTION if it never fills:
+the report says so in `ledger_full_at_s`): from there on, memory should be flat.
+
+Checks: no errors, the learner keeps training, RSS growth of every role under 10% after
+warm-up, every Redis shard's `used_memory` level at the end of the run within 10% of its
+level right after warm-up, and the ledger never above `learner.keep_ledger` entries. A
+shard's level is the median of LEVEL_SAMPLES samples (the first after warm-up, the last of
+the run): a checkpoint in flight holds a whole extra checkpoint for a moment (a third of a
+small shard's memory), which is no growth; the highest sample is reported beside it
+(`redis_peak_over_level`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import os
 import signal
+import statistics
 import subprocess
 import time
 from pathlib import Path
@@ -33,6 +47,10 @@ from canopy.errors import DeadlineExceeded
 
 CHUNK = 64
 SAMPLE_S = 5.0
+PUBLISH_EVERY = 5  # updates between versions: many publishes, so an unbounded ledger shows
+CHECKPOINT_S = 15.0
+FLAT = 0.10  # the largest drift from the end of warm-up a bounded figure may show
+LEVEL_SAMPLES = 12  # a minute of samples: the median over them is a shard's memory level
 WARMUP_FRACTION = 0.25
 START_TIMEOUT_S = 120.0
 
@@ -102,16 +120,49 @@ def role_pids(cluster: dict) -> dict[str, int]:
     return pids
 
 
-def learner_updates(cfg: Config) -> int:
-    """Learner 0's updates so far, from its stats hash."""
-    from canopy.keys import Keys
-    from canopy.redisconn import connect
+class RedisWatch:
+    """What the soak reads from Redis: every shard's memory and key count, the root's ledger,
+    the learners' counts."""
 
-    r = connect(cfg.cluster, "soak", 0)
-    try:
-        return int(float(r.hget(Keys(cfg.run.name).proc("learner", 0), "updates_total") or 0))
-    finally:
-        r.close()
+    def __init__(self, cfg: Config):
+        from canopy.keys import Keys
+        from canopy.redisconn import connect
+
+        self.keys = Keys(cfg.run.name)
+        self.shards = [connect(cfg.cluster, "soak", 0, shard=i) for i in range(cfg.redis.shards)]
+
+    def sample(self) -> dict[str, Any]:
+        """One row's Redis figures."""
+        root = self.shards[0]
+        learners = [root.hgetall(self.keys.proc("learner", i)) for i in range(2)]  # active and standby
+        return {
+            "learner_updates": max(int(float(h.get(b"updates_total", 0))) for h in learners),
+            "versions_published": sum(int(float(h.get(b"versions_published_total", 0))) for h in learners),
+            "ledger_entries": sum(1 for _ in root.scan_iter(match=self.keys.ledger_version("*"), count=1000)),
+            "redis_used_memory": {
+                f"redis-{i}": int(r.info("memory")["used_memory"]) for i, r in enumerate(self.shards)
+            },
+            "redis_keys": {f"redis-{i}": int(r.dbsize()) for i, r in enumerate(self.shards)},
+        }
+
+    def close(self) -> None:
+        for r in self.shards:
+            r.close()
+
+
+def warmup_index(series: list[dict], keep_ledger: int) -> tuple[int, float | None]:
+    """The sample that ends warm-up, and when the ledger first held `keep_ledger` entries."""
+    full = next((i for i, row in enumerate(series) if row["ledger_entries"] >= keep_ledger), None)
+    first = max(0, int(len(series) * WARMUP_FRACTION) - 1)
+    end = first if full is None else min(max(first, full), len(series) - 1)
+    return end, None if full is None else series[full]["t_s"]
+
+
+def levels(values: list[int]) -> tuple[float, float]:
+    """The level (median) of the first and of the last LEVEL_SAMPLES of `values` (fewer when the
+    run is short: half of them each)."""
+    n = max(1, min(LEVEL_SAMPLES, len(values) // 2))
+    return statistics.median(values[:n]), statistics.median(values[-n:])
 
 
 def main(args: argparse.Namespace) -> int:
@@ -119,9 +170,16 @@ def main(args: argparse.Namespace) -> int:
     duration = args.minutes * 60
     # Scratch once measured; kept when the run fails, for its logs.
     with harness.scratch_dir("canopy-soak-", keep_on_error=True) as run_dir:
-        series, totals = soak(args, run_dir, duration)
-    warm = series[max(0, int(len(series) * WARMUP_FRACTION) - 1)]
-    last = series[-1]
+        series, totals, keep_ledger = soak(args, run_dir, duration)
+    end, ledger_full_at = warmup_index(series, keep_ledger)
+    warm, last, after = series[end], series[-1], series[end:]
+    memory, peaks = {}, {}
+    for name in warm["redis_used_memory"]:
+        values = [row["redis_used_memory"][name] for row in after]
+        first, end = levels(values)
+        memory[name] = (round(abs(end - first) / first, 4), first)
+        peaks[name] = round(max(values) / first - 1, 4)
+    most_ledger = max(row["ledger_entries"] for row in series)
     growth = {
         name: round((last["rss_bytes"][name] - rss) / rss, 4)
         for name, rss in warm["rss_bytes"].items()
@@ -137,17 +195,44 @@ def main(args: argparse.Namespace) -> int:
             warm["learner_updates"],
             last["learner_updates"] > warm["learner_updates"],
         ),
-    ] + [
         report.check(
-            f"RSS growth after warm-up: {name}", g, "fraction", "< 0.10", warm["rss_bytes"][name], g < 0.10
+            "ledger entries bounded",
+            most_ledger,
+            "entries",
+            f"<= learner.keep_ledger ({keep_ledger})",
+            last["versions_published"],
+            most_ledger <= keep_ledger,
+        ),
+    ]
+    checks += [
+        report.check(
+            f"RSS growth after warm-up: {name}", g, "fraction", f"< {FLAT}", warm["rss_bytes"][name], g < FLAT
         )
         for name, g in growth.items()
+    ]
+    checks += [
+        report.check(
+            f"Redis used_memory flat after warm-up: {name}",
+            d,
+            "level at the end vs after warm-up, fraction",
+            f"<= {FLAT}",
+            first,
+            d <= FLAT,
+        )
+        for name, (d, first) in memory.items()
     ]
     figures = {
         "actors": args.actors,
         "minutes": args.minutes,
         "processes": args.processes,
         "period_s": args.period,
+        "publish_every": PUBLISH_EVERY,
+        "checkpoint_every_s": CHECKPOINT_S,
+        "keep_ledger": keep_ledger,
+        "warmup_end_s": warm["t_s"],
+        "ledger_full_at_s": ledger_full_at,
+        "redis_peak_over_level": peaks,
+        "versions_published": last["versions_published"],
         "inserts_total": int(totals[0]) * CHUNK,
         "held_back_total": int(totals[1]),
         "versions_received_total": int(totals[2]),
@@ -157,10 +242,12 @@ def main(args: argparse.Namespace) -> int:
     return 0 if all(c["met"] for c in checks) else 1
 
 
-def soak(args: argparse.Namespace, run_dir: Path, duration: float) -> tuple[list[dict], np.ndarray]:
-    """A `canopy up` in `run_dir` under the simulated actors for `duration` s: (the samples, totals)."""
+def soak(args: argparse.Namespace, run_dir: Path, duration: float) -> tuple[list[dict], np.ndarray, int]:
+    """A `canopy up` in `run_dir` under the simulated actors for `duration` s: (the samples,
+    totals, the run's `learner.keep_ledger`)."""
+    sets = [f"learner.publish_every={PUBLISH_EVERY}", f"checkpoint.every_s={CHECKPOINT_S}", *args.set]
     cmd = harness.up_command(
-        "CartPole-v1", run_dir, stop_at_return="1e9", time_limit=duration + START_TIMEOUT_S + 60
+        "CartPole-v1", run_dir, stop_at_return="1e9", time_limit=duration + START_TIMEOUT_S + 60, sets=sets
     )
     with open(run_dir / "up.stderr", "wb") as stderr:
         up = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
@@ -177,7 +264,9 @@ def soak(args: argparse.Namespace, run_dir: Path, duration: float) -> tuple[list
                     ctx.Process(target=worker, args=(cluster["config"], first, count, args.period, out, stop))
                 )
                 procs[-1].start()
-        return sample(args, duration, config_mod.load(cluster["config"]), role_pids(cluster), out)
+        cfg = config_mod.load(cluster["config"])
+        series, totals = sample(args, duration, cfg, role_pids(cluster), out)
+        return series, totals, cfg.learner.keep_ledger
     finally:
         stop.set()
         harness.join(procs, 30.0)
@@ -189,11 +278,11 @@ def soak(args: argparse.Namespace, run_dir: Path, duration: float) -> tuple[list
 def sample(
     args: argparse.Namespace, duration: float, cfg: Config, pids: dict[str, int], out: Any
 ) -> tuple[list[dict], np.ndarray]:
-    """Every SAMPLE_S until `duration`: the workers' counts, the learner's updates, each role's RSS."""
+    """Every SAMPLE_S until `duration`: the workers' counts, each role's RSS, the Redis figures."""
     series: list[dict] = []
     totals = np.zeros(4, np.int64)
     start = time.monotonic()
-    with harness.progress(transient=False) as progress:
+    with contextlib.closing(RedisWatch(cfg)) as watch, harness.progress(transient=False) as progress:
         task = progress.add_task(f"soak: {args.actors} simulated actors", total=duration)
         while (elapsed := time.monotonic() - start) < duration:
             time.sleep(SAMPLE_S)
@@ -208,8 +297,8 @@ def sample(
                     "held_back_per_s": round(window[1] / SAMPLE_S, 1),
                     "versions_received_per_s": round(window[2] / SAMPLE_S, 1),
                     "errors": int(window[3]),
-                    "learner_updates": learner_updates(cfg),
                     "rss_bytes": {name: harness.rss_bytes(pid) for name, pid in pids.items()},
+                    **watch.sample(),
                 }
             )
             progress.update(task, completed=min(elapsed, duration))

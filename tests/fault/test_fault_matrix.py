@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 
 from canopy.cluster.bench.faults import Cluster, Outcome
+from canopy.version import Version
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 
 # Recovery limits for a shared 2-core CI machine: the bench's goals (GOALS_S), with slack.
-CI_LIMIT_S = {"actor": 20.0, "replay": 20.0, "cache": 30.0, "standby": 10.0, "zombie": 10.0}
+CI_LIMIT_S = {"actor": 20.0, "replay": 20.0, "cache": 30.0, "standby": 10.0, "zombie": 10.0, "cold": 30.0}
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,21 @@ def test_a_paused_learner_is_fenced_when_it_wakes_and_publishes_nothing(cluster:
     assert o.detected_by == "failover"
     assert o.fenced, "the learner woken after its lease expired did not stop"
     assert o.zombie_writes == [], f"the fenced learner still wrote: {o.zombie_writes}"
+    assert_survived(o)
+
+
+def test_killing_every_learner_brings_a_version_of_a_new_epoch_from_the_newest_checkpoint(
+    cluster: Cluster,
+) -> None:
+    o = cluster.inject("cold")
+    assert o.target.count("learner") == 2, o.target  # the active one and its standby
+    assert o.recovered_by.endswith("announced on model:notify")
+    epoch_before = Version.parse(o.version_before).epoch
+    assert Version.parse(o.recovered_by.split()[0]).epoch > epoch_before
+    assert {"launcher_restart", "telemetry_up", "lease_taken", "restored", "announced"} <= set(o.phases), (
+        o.phases
+    )
+    assert 0 < o.phases["launcher_restart"] < o.phases["telemetry_up"] < o.phases["announced"], o.phases
     assert_survived(o)
 
 

@@ -217,18 +217,28 @@ def test_publisher_epochs_increase_across_instances_and_a_new_epoch_supersedes_a
     assert_same_arrays(arrays, weights(1))
 
 
-def test_publisher_keeps_only_the_newest_versions_in_redis_but_every_ledger_entry(
+def test_publisher_keeps_the_newest_blobs_and_a_bounded_ledger_even_of_a_dead_learners_versions(
     redis_client: redis.Redis, run_keys: Keys
 ) -> None:
-    publisher = Publisher(redis_client, run_keys, learner_id=0, keep=2)
-    versions = [publisher.publish(weights(0), step=s, arch=ARCH) for s in range(4)]
+    dead = Publisher(redis_client, run_keys, learner_id=0, keep=2, keep_ledger=3)
+    versions = [dead.publish(weights(0), step=s, arch=ARCH) for s in range(4)]
 
     present = [bool(redis_client.exists(run_keys.model_manifest(v))) for v in versions]
     assert present == [False, False, True, True]
     assert not redis_client.exists(run_keys.model_chunk(versions[0], 0))
-    assert all(redis_client.exists(run_keys.ledger_version(v)) for v in versions)
+    entries = [bool(redis_client.exists(run_keys.ledger_version(v))) for v in versions]
+    assert entries == [False, True, True, True]
     ledger = redis_client.hgetall(run_keys.ledger_version(versions[-1]))
-    assert ledger[b"step"] == b"3" and ledger[b"epoch"] == str(publisher.epoch).encode()
+    assert ledger[b"step"] == b"3" and ledger[b"epoch"] == str(dead.epoch).encode()
+
+    # The learner dies with two blobs in Redis; its successor's publishes trim them with their entries.
+    successor = Publisher(redis_client, run_keys, learner_id=1, keep=2, keep_ledger=3)
+    versions += [successor.publish(weights(1), step=s, arch=ARCH) for s in range(3)]
+    index = [Version.parse(v) for v in redis_client.zrange(run_keys.ledger_index, 0, -1)]
+    assert index == versions[-3:]
+    assert len(redis_client.keys(run_keys.prefix + "ledger:version:*")) == 3
+    assert not any(redis_client.exists(run_keys.model_manifest(v)) for v in versions[:-2])
+    assert not redis_client.keys(f"{run_keys.prefix}model:{dead.epoch}.*")
 
 
 def test_blob_read_returns_what_write_stored_and_refuses_missing_parts(

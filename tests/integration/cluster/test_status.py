@@ -6,7 +6,7 @@ import json
 
 import redis
 
-from canopy.cluster.status import add_lag, checkpoint_age, policy_lag, row
+from canopy.cluster.status import add_lag, checkpoint_age, policy_lag, render, row
 from canopy.keys import Keys
 
 
@@ -37,6 +37,13 @@ def test_a_row_shows_the_mean_rate_of_its_role_counter_since_start() -> None:
     assert row("actor", 0, stats, deadline=200.0, now=111.0)["rate"] == "500"
     assert "rate" not in row("actor", 0, {**stats, b"updated_at": b"nan"}, deadline=200.0, now=111.0)
     assert "rate" not in row("cache", 0, stats, deadline=200.0, now=111.0)
+
+
+def test_the_table_shows_the_priority_updates_a_replay_shard_fenced() -> None:
+    stats = {b"state": b"running", b"priority_updates_fenced_total": b"16"}
+    table = render([row("replay", 0, stats, deadline=200.0, now=111.0)])
+    fenced = next(c for c in table.columns if c.header == "fenced")
+    assert list(fenced.cells) == ["16"]
 
 
 def test_actor_lag_is_in_learner_steps_within_the_newest_epoch_from_the_ledger() -> None:

@@ -39,8 +39,11 @@ REPLAY = Path(__file__).resolve().parents[3] / "replay"
                 "table": "q",
             },
         ),
-        (protocol.priority_request(5), {"op": "priority", "req": 5, "noreply": True}),
-        (protocol.priority_request(5, table="q", reply=True), {"op": "priority", "req": 5, "table": "q"}),
+        (protocol.priority_request(5, 3), {"op": "priority", "req": 5, "epoch": 3, "noreply": True}),
+        (
+            protocol.priority_request(5, 0, table="q", reply=True),
+            {"op": "priority", "req": 5, "epoch": 0, "table": "q"},
+        ),
         (protocol.configure_request(2, min_size=5), {"op": "configure", "req": 2, "min_size": 5}),
         (protocol.snapshot_request(), {"op": "snapshot", "req": 0}),
         (protocol.stats_request(), {"op": "stats", "req": 0}),
@@ -50,7 +53,7 @@ REPLAY = Path(__file__).resolve().parents[3] / "replay"
             protocol.batch_reply(10, 2.5, 0.5, 2, 4),
             {"op": "batch", "size": 10, "total": 2.5, "min_weight": 0.5, "batches": 2, "req": 4},
         ),
-        (protocol.updated(3, 1), {"op": "updated", "applied": 3, "dropped": 1}),
+        (protocol.updated(3, 1, 2), {"op": "updated", "applied": 3, "dropped": 1, "fenced": 2}),
         (protocol.configured({"min_size": 5}), {"op": "configured", "limiter": {"min_size": 5}}),
         (protocol.stats_reply({"items": 4}), {"op": "stats", "items": 4}),
         (
@@ -124,6 +127,14 @@ def test_configure_refuses_settings_outside_the_limits(fields: dict[str, Any]) -
 def test_configure_request_names_only_limiter_settings() -> None:
     with pytest.raises(ValueError, match="batch"):
         protocol.configure_request(batch=3)
+
+
+@pytest.mark.parametrize("epoch", [None, -1, 1.0, True, "2", protocol.MAX_EPOCH + 1])
+def test_a_priority_update_without_a_lease_epoch_is_refused(epoch: object) -> None:
+    header = {"op": "priority", "req": 1} if epoch is None else {"op": "priority", "req": 1, "epoch": epoch}
+    with pytest.raises(ProtocolError, match="epoch"):
+        protocol.priority_epoch(header)
+    assert protocol.priority_epoch({**header, "epoch": 7}) == 7
 
 
 def test_a_priority_update_needs_its_three_arrays_in_the_right_kinds() -> None:

@@ -65,3 +65,14 @@ def test_a_snapshot_loads_a_queue_with_the_queue_limiter_whatever_it_saved() -> 
     assert loaded["q"].limiter.settings() == shard.QUEUE_LIMITER
     assert loaded["q"].limiter.inserted == 6 and loaded["q"].table.size == 6
     assert loaded["main"].limiter.settings()["min_size"] == 50
+
+
+def test_the_epoch_fence_admits_the_newest_epoch_and_its_peers_and_survives_a_snapshot() -> None:
+    fence = shard.EpochFence()
+    assert fence.admit(1) and fence.admit(2) and fence.admit(2)  # a group's ranks share epoch 2
+    assert not fence.admit(1)
+    state, _ = shard.export(shard.build(ReplayConfig(**CFG), 0), fence)
+    assert shard.fence_from(state).newest == 2
+    assert shard.fence_from({"tables": {}}).newest == 0  # a snapshot from before fencing
+    with pytest.raises(ValueError, match="priority_epoch"):
+        shard.fence_from({**state, "priority_epoch": "2"})
