@@ -143,7 +143,8 @@ class LearnerConfig:
     layer_norm: bool = True
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3, sac: Box actions (algorithms/td3.py,
     # sac.py); ppo, impala: on-policy, either action space (algorithms/ppo.py, impala.py), with their
-    # own defaults (ALGORITHM_DEFAULTS); auto: dqn or td3, whichever fits the action space.
+    # own defaults (ALGORITHM_DEFAULTS); r2d2: recurrent DQN on replayed sequences (algorithms/r2d2.py,
+    # its own defaults); auto: dqn or td3, whichever fits the action space.
     algorithm: str = "auto"
     # Polyak rate of the target networks: every target update moves them this far toward the
     # online ones (td3: every policy update; sac: every update; dqn: every target_update_period
@@ -170,8 +171,11 @@ class LearnerConfig:
     # own batches, gradients are averaged before every step; only rank 0 publishes.
     learners: int = 1
     # On-policy learners (ppo, impala) read unrolls of `unroll_length` env steps from the
-    # replay queue table UNROLLS; `batch_size` then counts unrolls.
+    # replay queue table UNROLLS; `batch_size` then counts unrolls. r2d2: the length T of its
+    # replayed sequences (actors/sequence.py), `batch_size` counting sequences.
     unroll_length: int = 32
+    overlap: int = 20  # r2d2: steps a sequence shares with the one before it in an episode
+    burn_in: int = 10  # r2d2: first steps of a sequence that only warm the LSTM state up (no loss)
     epochs: int = 10  # ppo: passes over each batch, in minibatches
     minibatch_size: int = 256  # ppo: env steps per gradient step
     gae_lambda: float = 0.95  # ppo: lambda of GAE
@@ -325,6 +329,8 @@ _MINIMUMS: dict[str, float] = {
     "learner.learners": 1,
     "learner.models": 1,
     "learner.unroll_length": 1,
+    "learner.overlap": 0,
+    "learner.burn_in": 0,
     "learner.epochs": 1,
     "learner.minibatch_size": 1,
     "learner.gae_lambda": 0,
@@ -352,7 +358,7 @@ _MINIMUMS: dict[str, float] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
-    "learner.algorithm": ("auto", "dqn", "td3", "sac", "ppo", "impala"),
+    "learner.algorithm": ("auto", "dqn", "td3", "sac", "ppo", "impala", "r2d2"),
     "checkpoint.placement": ("auto", "group", "ring"),
     "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
     "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),
@@ -410,6 +416,7 @@ def verify(cfg: Config) -> list[str]:
     if lc.models > 1 and lc.algorithm not in ("auto", "dqn"):
         problems.append('learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"')
     problems += _on_policy_problems(cfg)
+    problems += _r2d2_problems(cfg)
     store = cfg.cluster.learner_store
     if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
         problems.append(f"cluster.learner_store = {store!r} must be host:port")
@@ -454,6 +461,32 @@ def _on_policy_problems(cfg: Config) -> list[str]:
             f"learner.minibatch_size = {lc.minibatch_size} exceeds a batch's "
             f"{lc.batch_size * lc.unroll_length} env steps (batch_size x unroll_length)"
         )
+    return problems
+
+
+def _r2d2_problems(cfg: Config) -> list[str]:
+    """One line per setting r2d2's sequences cannot work with (none for other algorithms)."""
+    lc = cfg.learner
+    if lc.algorithm != "r2d2":
+        return []
+    problems = []
+    if lc.overlap >= lc.unroll_length:
+        problems.append(
+            f"learner.overlap = {lc.overlap} must be below learner.unroll_length = {lc.unroll_length} "
+            "(r2d2's sequence length)"
+        )
+    if lc.burn_in >= lc.unroll_length:
+        problems.append(
+            f"learner.burn_in = {lc.burn_in} leaves nothing to learn from in sequences of "
+            f"learner.unroll_length = {lc.unroll_length}"
+        )
+    if lc.burn_in > lc.overlap:
+        problems.append(
+            f"learner.burn_in = {lc.burn_in} exceeds learner.overlap = {lc.overlap}: the steps in between "
+            "would never be learned from; raise the overlap"
+        )
+    if cfg.env.normalize_obs:
+        problems.append("env.normalize_obs does not fit r2d2 (its lstm_q takes raw observations): remove it")
     return problems
 
 

@@ -1,5 +1,6 @@
 """What depends on the chosen algorithm in the config: its defaults, and for the on-policy
-ones (ppo, impala) the replay queue their unrolls travel through.
+ones (ppo, impala) the replay queue their unrolls travel through (r2d2's sequences use the
+prioritized main table).
 
 Place in the data flow: canopy/config.py `load` fills in `ALGORITHM_DEFAULTS` of
 `learner.algorithm` before it builds the tree (a key the TOML file or an override sets
@@ -63,6 +64,32 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         "learner.lr_anneal_updates": 0,
         "learner.ent_coef": 0.01,
         "learner.max_grad_norm": 40.0,
+    },
+    # Recurrent DQN (Kapturowski et al. 2019) scaled down to CartPoleNoVelocity: sequences of
+    # 40 steps overlapping by 20 with a burn-in of 10 (two steps already reveal the velocities
+    # the observation hides), a hard target copy every 100 updates, Adam's eps 1e-3, n = 3.
+    "r2d2": {
+        "learner.hidden": [64, 64],  # a linear layer of 64, then an LSTM of 64 units
+        "learner.layer_norm": False,
+        "learner.batch_size": 32,  # sequences per batch
+        "learner.unroll_length": 40,
+        "learner.overlap": 20,
+        "learner.burn_in": 10,
+        "learner.lr": 1e-3,
+        "learner.lr_anneal_updates": 0,
+        "learner.adam_eps": 1e-3,
+        "learner.tau": 1.0,
+        "learner.target_update_period": 100,
+        "learner.publish_every": 10,
+        "replay.sampler": "prioritized",
+        "replay.priority_exponent": 0.9,  # the paper's alpha
+        "replay.importance_exponent": 0.6,
+        "replay.importance_exponent_final": 0.6,
+        "replay.capacity": 20_000,  # sequences: 400k env steps
+        "replay.min_size": 64,
+        "replay.samples_per_insert": 4.0,  # sequences sampled per sequence inserted
+        "replay.error_buffer": 2_000.0,
+        "actors.chunk": 8,  # sequences per insert
     },
 }
 
