@@ -49,7 +49,6 @@ class SequenceAdder:
         self.real = RealSteps(num_envs, mode)
         self.length, self.overlap = length, overlap
         self.steps: list[list[tuple]] = [[] for _ in range(num_envs)]
-        self.sent = [0] * num_envs  # leading steps of the buffer already in a sequence sent
         self.fresh = [True] * num_envs  # the buffer starts an episode
         self.ready: list[dict[str, np.ndarray]] = []
 
@@ -58,15 +57,14 @@ class SequenceAdder:
         for i, final in self.real.of(next_obs, terminated, truncated, info):
             steps = self.steps[i]
             steps.append((obs[i], actions[i], rewards[i], terminated[i], h[i], c[i], version))
-            if terminated[i] or truncated[i]:
-                if len(steps) > self.sent[i]:  # else every step was in the last sequence already
-                    self.ready.append(self._sequence(steps, final, self.fresh[i]))
+            if terminated[i] or truncated[i]:  # closes the sequence: it holds a step not sent yet
+                self.ready.append(self._sequence(steps, final, self.fresh[i]))
                 steps.clear()
-                self.sent[i], self.fresh[i] = 0, True
+                self.fresh[i] = True
             elif len(steps) == self.length:
                 self.ready.append(self._sequence(steps, final, self.fresh[i]))
-                del steps[: self.length - self.overlap]
-                self.sent[i], self.fresh[i] = self.overlap, False
+                del steps[: self.length - self.overlap]  # the next sequence starts with the overlap
+                self.fresh[i] = False
 
     def take(self, count: int) -> dict[str, np.ndarray] | None:
         """The oldest `count` ready sequences stacked along a new first axis, or None if fewer."""

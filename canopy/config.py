@@ -19,7 +19,7 @@ from typing import Any
 import tomli_w
 
 from canopy.config_checks import apply_overrides, build
-from canopy.config_defaults import ON_POLICY, UNROLLS, algorithm_defaults
+from canopy.config_defaults import ON_POLICY, algorithm_defaults, algorithm_problems
 from canopy.errors import ConfigError
 
 
@@ -415,8 +415,7 @@ def verify(cfg: Config) -> list[str]:
         problems.append("learner.model_lr rates must be positive")
     if lc.models > 1 and lc.algorithm not in ("auto", "dqn"):
         problems.append('learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"')
-    problems += _on_policy_problems(cfg)
-    problems += _r2d2_problems(cfg)
+    problems += algorithm_problems(cfg)
     store = cfg.cluster.learner_store
     if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
         problems.append(f"cluster.learner_store = {store!r} must be host:port")
@@ -429,65 +428,6 @@ def verify(cfg: Config) -> list[str]:
 def on_policy(cfg: Config) -> bool:
     """Whether the learner trains on unrolls from the UNROLLS queue (ppo, impala)."""
     return cfg.learner.algorithm in ON_POLICY
-
-
-def _on_policy_problems(cfg: Config) -> list[str]:
-    """One line per setting an on-policy learner cannot work with (none for dqn, td3, sac)."""
-    if not on_policy(cfg):
-        return []
-    lc, name = cfg.learner, cfg.learner.algorithm
-    problems = []
-    if cfg.replay.sampler == "prioritized":
-        problems.append(
-            f"replay.sampler = 'prioritized' does not fit learner.algorithm = {name!r}: "
-            "on-policy unrolls are read once, oldest first; remove the setting"
-        )
-    queues = [e for e in cfg.replay.extra_tables if e.split(":")[0] == UNROLLS]
-    parts = queues[0].split(":") if len(queues) == 1 else []
-    if len(parts) != 5 or parts[1:4] != ["fifo", "fifo", "1"] or not parts[4].isdigit():
-        return [
-            *problems,
-            f"learner.algorithm = {name!r} reads unrolls from a queue: replay.extra_tables needs "
-            f"exactly one entry '{UNROLLS}:fifo:fifo:1:<capacity>'",
-        ]
-    capacity = int(parts[4])
-    if capacity < max(lc.batch_size, cfg.actors.envs):
-        problems.append(
-            f"the {UNROLLS} queue holds {capacity} unrolls, fewer than learner.batch_size "
-            f"({lc.batch_size}) or actors.envs ({cfg.actors.envs}): raise its capacity"
-        )
-    if name == "ppo" and lc.minibatch_size > lc.batch_size * lc.unroll_length:
-        problems.append(
-            f"learner.minibatch_size = {lc.minibatch_size} exceeds a batch's "
-            f"{lc.batch_size * lc.unroll_length} env steps (batch_size x unroll_length)"
-        )
-    return problems
-
-
-def _r2d2_problems(cfg: Config) -> list[str]:
-    """One line per setting r2d2's sequences cannot work with (none for other algorithms)."""
-    lc = cfg.learner
-    if lc.algorithm != "r2d2":
-        return []
-    problems = []
-    if lc.overlap >= lc.unroll_length:
-        problems.append(
-            f"learner.overlap = {lc.overlap} must be below learner.unroll_length = {lc.unroll_length} "
-            "(r2d2's sequence length)"
-        )
-    if lc.burn_in >= lc.unroll_length:
-        problems.append(
-            f"learner.burn_in = {lc.burn_in} leaves nothing to learn from in sequences of "
-            f"learner.unroll_length = {lc.unroll_length}"
-        )
-    if lc.burn_in > lc.overlap:
-        problems.append(
-            f"learner.burn_in = {lc.burn_in} exceeds learner.overlap = {lc.overlap}: the steps in between "
-            "would never be learned from; raise the overlap"
-        )
-    if cfg.env.normalize_obs:
-        problems.append("env.normalize_obs does not fit r2d2 (its lstm_q takes raw observations): remove it")
-    return problems
 
 
 # Set by canopy itself when it builds an env, so not allowed in env.kwargs.

@@ -30,10 +30,12 @@ class CartPoleNoVelocityEnv(CartPoleEnv):
         self.observation_space = gym.spaces.Box(full.low[VISIBLE], full.high[VISIBLE], dtype=np.float32)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
+        """CartPole's reset; the observation without its velocities."""
         obs, info = super().reset(seed=seed, options=options)
         return obs[VISIBLE], info
 
     def step(self, action):
+        """CartPole's step; the observation without its velocities."""
         obs, reward, terminated, truncated, info = super().step(action)
         return obs[VISIBLE], reward, terminated, truncated, info
 

@@ -136,8 +136,8 @@ class R2D2:
         q_rest, _ = self.online(batch.obs[:, burn:], (h, c))
         return torch.cat([q_burn, q_rest], dim=1)
 
-    def update(self, batch: Sequences) -> Stats:
-        """One training step on a batch of sequences."""
+    def loss(self, batch: Sequences) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, Q(s_t, a_t), TD errors, learned steps) of a batch; the last three [B, T]."""
         q_all = self.unroll_online(batch)
         with torch.no_grad():
             q_tgt, _ = self.target(batch.obs, (batch.h0, batch.c0))
@@ -147,7 +147,11 @@ class R2D2:
         learned = learned_steps(batch.mask, batch.fresh, self.cfg.burn_in)
         per_seq = (td.pow(2) * learned).sum(dim=1) / learned.sum(dim=1).clamp(min=1)
         weight = torch.ones_like(per_seq) if batch.weight is None else batch.weight
-        loss = 0.5 * (weight * per_seq).mean()
+        return 0.5 * (weight * per_seq).mean(), q, td, learned
+
+    def update(self, batch: Sequences) -> Stats:
+        """One training step on a batch of sequences."""
+        loss, q, td, learned = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.grad_sync is not None:
