@@ -163,7 +163,8 @@ def _steps_in_numpy(env_id: str, e: EnvConfig, asynchronous: bool) -> bool:
     entry = gym.spec(name).vector_entry_point
     if asynchronous or e.kwargs or is_atari(env_id) or not isinstance(entry, str):
         return False
-    return entry.startswith("gymnasium.envs.classic_control.")  # others need jax
+    # Others need jax; canopy's own (canopy/tasks.py) are numpy CartPoles.
+    return entry.startswith(("gymnasium.envs.classic_control.", "canopy.tasks:"))
 
 
 def make_one(env_id: str, env_cfg: EnvConfig | None = None, render_mode: str | None = None) -> gym.Env:

@@ -1,5 +1,5 @@
 """Killing the learner of a real `canopy up` run: the warm standby takes over from the newest
-checkpoint, for an off-policy (dqn) and an on-policy (ppo) learner alike."""
+checkpoint, for an off-policy (dqn), an on-policy (ppo) and a recurrent (r2d2) learner alike."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def events(r: redis.Redis, prefix: str) -> list[dict[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("algorithm", ["dqn", "ppo"])
+@pytest.mark.parametrize("algorithm", ["dqn", "ppo", "r2d2"])
 def test_killing_the_learner_of_a_local_run_is_survived_by_the_standby_from_the_last_checkpoint(
     tmp_path: Path, algorithm: str
 ) -> None:
