@@ -1,5 +1,6 @@
 """`canopy actor --id N`: step a vector env, act and explore, stream n-step transitions
-(or, for an on-policy learner, unrolls to the replay queue table).
+(or, for an on-policy learner, unrolls to the replay queue table; for r2d2, overlapping
+sequences with the recurrent state they start from).
 
 build (env, clients) -> run (act, step, add, insert; swap weights when a version lands)
 -> report (counters in the stats hash). Inserts block only when the replay shard's rate
@@ -15,8 +16,9 @@ import numpy as np
 from gymnasium.vector import AutoresetMode
 
 from canopy.actors.adder import FrameAdder, NStepAdder
-from canopy.actors.explore import Explorer, initial_priorities, ladder
-from canopy.actors.policy import limit_blas_threads, member_arrays, policy_from_arrays
+from canopy.actors.explore import Explorer, initial_priorities, ladder, sequence_priorities
+from canopy.actors.policy import RecurrentState, limit_blas_threads, member_arrays, policy_from_arrays
+from canopy.actors.sequence import SequenceAdder
 from canopy.actors.unroll import UnrollAdder
 from canopy.cache.client import leaf_client
 from canopy.config import Config, on_policy
@@ -96,12 +98,14 @@ def _insert(chunk, inserter, adder, obs, counters: dict, pixels: bool, stop, los
     return lost_seen
 
 
-def _adder(cfg: Config, pixels: bool, ident: int) -> FrameAdder | NStepAdder | UnrollAdder:
+def _adder(cfg: Config, pixels: bool, ident: int) -> FrameAdder | NStepAdder | UnrollAdder | SequenceAdder:
     """What cuts this actor's steps into replay items: unrolls for an on-policy learner,
-    n-step transitions else (pixel frames sent once each)."""
+    sequences for r2d2, n-step transitions else (pixel frames sent once each)."""
     a, lc = cfg.actors, cfg.learner
     if on_policy(cfg):
         return UnrollAdder(a.envs, lc.unroll_length, AutoresetMode.NEXT_STEP)
+    if lc.algorithm == "r2d2":
+        return SequenceAdder(a.envs, lc.unroll_length, lc.overlap, AutoresetMode.NEXT_STEP)
     if pixels:
         return FrameAdder(a.envs, lc.n_step, lc.gamma, AutoresetMode.NEXT_STEP, ident)
     return NStepAdder(a.envs, lc.n_step, lc.gamma, AutoresetMode.NEXT_STEP)
@@ -115,8 +119,24 @@ def _act_and_add(env, adder, explorer: Explorer, policy, obs, version: int, clip
         rewards = np.sign(rewards) if clip else rewards
         adder.add(obs, actions, rewards, next_obs, terminated, truncated, info, logp, version)
         return next_obs, info
+    if isinstance(adder, SequenceAdder):  # r2d2: each step stored with the state it acted from
+        h, c = explorer.carry.h.copy(), explorer.carry.c.copy()
+        actions, env_actions = explorer.act(policy, obs)
+        next_obs, rewards, terminated, truncated, info = env.step(env_actions)
+        explorer.stepped(terminated, truncated)
+        rewards = np.sign(rewards) if clip else rewards
+        adder.add(obs, actions, rewards, next_obs, terminated, truncated, info, h, c, version)
+        return next_obs, info
     actions, env_actions = explorer.act(policy, obs)
     return step_and_add(env, adder, obs, actions, env_actions, version, clip)
+
+
+def _priorities(cfg: Config, policy, chunk: dict[str, np.ndarray]) -> np.ndarray:
+    """Initial priorities of a chunk, priced by the actor's policy (Ape-X)."""
+    lc = cfg.learner
+    if lc.algorithm == "r2d2":
+        return sequence_priorities(policy, chunk, lc.n_step, lc.gamma, lc.burn_in)
+    return initial_priorities(policy, chunk)
 
 
 def run(cfg: Config, ident: int, stop: threading.Event) -> None:
@@ -136,6 +156,8 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
     pixels = space.dtype == np.uint8 and len(space.shape) == 3  # stacked frames: send each once
     clip = clips_rewards(cfg.env)
     adder = _adder(cfg, pixels, ident)
+    if isinstance(adder, SequenceAdder):  # sequences carry a state from the first step, policy or not
+        explorer.carry = RecurrentState(a.envs, cfg.learner.hidden[-1])
     # An on-policy actor sends whole unrolls, `actors.envs` to a chunk, and acts only with a
     # policy: random actions would be data no version of the learner's policy could take.
     unrolls = isinstance(adder, UnrollAdder)
@@ -185,7 +207,7 @@ def run(cfg: Config, ident: int, stop: threading.Event) -> None:
             chunk = adder.take(chunk_size)
             if chunk is not None:
                 if prioritized and policy is not None:
-                    chunk["priority"] = initial_priorities(policy, chunk)
+                    chunk["priority"] = _priorities(cfg, policy, chunk)
                 lost_seen = _insert(chunk, inserter, adder, obs, counters, pixels, stop, lost_seen)
     finally:
         models.stop()

@@ -47,6 +47,7 @@ def evaluate(env, policy, seed: int) -> np.ndarray:
     done = np.zeros(n, dtype=bool)
     while not done.all():
         obs, rewards, terminated, truncated, _ = env.step(explorer.greedy(policy, obs))
+        explorer.stepped(terminated, truncated)  # a recurrent policy's state restarts per episode
         returns += np.where(done, 0.0, rewards)
         done |= terminated | truncated
     return returns

@@ -11,6 +11,9 @@ actions go into the n-step adder and replay, the env actions into `env.step`.
   own randomness is the exploration: no added noise), stored and scaled as TD3's.
 - On-policy (ppo, impala): actions drawn from the policy's distribution (`sample`), with
   their log-probabilities for the learner's importance ratios.
+- Recurrent (r2d2's `lstm_q`): epsilon-greedy as DQN's, on Q-values from the recurrent
+  state the explorer carries per sub-env (made on the first recurrent policy it sees; the
+  acting loop calls `stepped` after each env step so the state restarts with each episode).
 Before the first policy version arrives, off-policy actors act uniformly at random.
 """
 
@@ -19,7 +22,13 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from canopy.actors.policy import SquashedGaussianPolicy, env_action, epsilon_ladder
+from canopy.actors.policy import (
+    LSTMQPolicy,
+    RecurrentState,
+    SquashedGaussianPolicy,
+    env_action,
+    epsilon_ladder,
+)
 
 
 class Explorer:
@@ -37,6 +46,7 @@ class Explorer:
         noise: float = 0.1,
     ):
         self.space, self.n, self.rng, self.noise = space, num_envs, rng, noise
+        self.carry: RecurrentState | None = None  # a recurrent policy's state per sub-env
         if isinstance(space, gym.spaces.Discrete):
             self.epsilons = epsilons if epsilons is not None else np.full(num_envs, 0.05)
         elif isinstance(space, gym.spaces.Box) and len(space.shape) == 1 and np.isfinite(space.low).all():
@@ -55,7 +65,7 @@ class Explorer:
         if self.discrete:
             actions = self.rng.integers(self.space.n, size=self.n)
             if policy is not None:
-                greedy = policy.q_values(obs).argmax(axis=1)
+                greedy = self.q_values(policy, obs).argmax(axis=1)
                 actions = np.where(self.rng.random(self.n) < self.epsilons, actions, greedy)
             return actions, actions
         d = self.space.shape[0]
@@ -81,8 +91,21 @@ class Explorer:
     def greedy(self, policy, obs: np.ndarray) -> np.ndarray:
         """The evaluator's actions: no exploration at all."""
         if self.discrete:
-            return policy.q_values(obs).argmax(axis=1)
+            return self.q_values(policy, obs).argmax(axis=1)
         return self.to_env(policy.actions(obs).astype(np.float32))
+
+    def q_values(self, policy, obs: np.ndarray) -> np.ndarray:
+        """The policy's Q-values; a recurrent policy's from the carried state, moved one step on."""
+        if not isinstance(policy, LSTMQPolicy):
+            return policy.q_values(obs)
+        if self.carry is None:
+            self.carry = RecurrentState(self.n, policy.state_size)
+        return self.carry.q_values(policy, obs)
+
+    def stepped(self, terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """After each env step: a recurrent state restarts where an episode starts."""
+        if self.carry is not None:
+            self.carry.stepped(terminated, truncated)
 
     def to_env(self, a: np.ndarray) -> np.ndarray:
         """Actions in [-1, 1]^d scaled to the env's Box bounds."""
@@ -108,3 +131,67 @@ def initial_priorities(policy, chunk: dict[str, np.ndarray], floor: float = 1e-3
     taken = q[np.arange(len(q)), chunk["action"]]
     target = chunk["reward"] + chunk["discount"] * q_next
     return np.abs(target - taken).astype(np.float64) + floor
+
+
+# ---- r2d2: priorities of new sequences (actors/sequence.py), Kapturowski et al. 2019 ------------
+PRIORITY_ETA = 0.9  # a sequence's priority: eta * max |TD| + (1 - eta) * mean |TD| over its learned steps
+RESCALE_EPS = 1e-3  # epsilon of the value rescaling h
+
+
+def rescale(x: np.ndarray, eps: float = RESCALE_EPS) -> np.ndarray:
+    """h(x) = sign(x) (sqrt(|x| + 1) - 1) + eps x: the space r2d2's Q-values live in."""
+    return np.sign(x) * (np.sqrt(np.abs(x) + 1) - 1) + eps * x
+
+
+def unrescale(x: np.ndarray, eps: float = RESCALE_EPS) -> np.ndarray:
+    """h^-1(x) = sign(x) (((sqrt(1 + 4 eps (|x| + 1 + eps)) - 1) / (2 eps))^2 - 1)."""
+    root = (np.sqrt(1 + 4 * eps * (np.abs(x) + 1 + eps)) - 1) / (2 * eps)
+    return np.sign(x) * (root * root - 1)
+
+
+def learned_steps(mask: np.ndarray, fresh: np.ndarray, burn_in: int) -> np.ndarray:
+    """[B, T] 1 where the learner learns: real steps past the burn-in (from step 0 in a
+    sequence that starts an episode: its stored state is the true, zero one)."""
+    after = np.arange(mask.shape[1])[None, :] >= burn_in
+    return mask * np.logical_or(after, fresh[:, None] > 0)
+
+
+def sequence_td(q, q_target, chunk: dict[str, np.ndarray], n_step: int, gamma: float) -> np.ndarray:
+    """[B, T] TD errors in the rescaled space of n-step double-Q targets inside each sequence
+    (learner/algorithms/r2d2.py `targets` is the torch twin): q, q_target [B, T + 1, A]."""
+    action, reward, mask = chunk["action"], chunk["reward"], chunk["mask"]
+    b, t = action.shape
+    length = mask.sum(axis=1).astype(np.int64)[:, None]
+    steps = np.arange(t)[None, :]
+    boot = np.minimum(steps + n_step, length)  # the step each target bootstraps from
+    padded = np.concatenate([reward, np.zeros((b, n_step), reward.dtype)], axis=1)
+    returns = sum(gamma**j * padded[:, j : j + t] for j in range(n_step))
+    ends = (boot == length) & (chunk["terminated"].max(axis=1, keepdims=True) > 0)
+    discount = np.where(ends, 0.0, gamma ** np.maximum(boot - steps, 0))
+    rows = np.arange(b)[:, None]
+    best = q[rows, boot].argmax(axis=2)
+    target = rescale(returns + discount * unrescale(q_target[rows, boot, best]))
+    return target - q[rows, steps, action]
+
+
+def priority_mix(td: np.ndarray, learned: np.ndarray, eta: float = PRIORITY_ETA) -> np.ndarray:
+    """[B] eta * max + (1 - eta) * mean of |td| over each sequence's learned steps."""
+    err = np.abs(td) * learned
+    mean = err.sum(axis=1) / np.maximum(learned.sum(axis=1), 1)
+    return eta * err.max(axis=1) + (1 - eta) * mean
+
+
+def sequence_priorities(
+    policy: LSTMQPolicy,
+    chunk: dict[str, np.ndarray],
+    n_step: int,
+    gamma: float,
+    burn_in: int,
+    floor: float = 1e-3,
+) -> np.ndarray:
+    """Initial priorities of new sequences, Ape-X style: the actor's copy of the online network
+    unrolled from each stored state stands in for the learner's online and target networks."""
+    q = policy.unroll(chunk["obs"], chunk["h0"], chunk["c0"])
+    td = sequence_td(q, q, chunk, n_step, gamma)
+    learned = learned_steps(chunk["mask"], chunk["fresh"], burn_in)
+    return priority_mix(td, learned).astype(np.float64) + floor

@@ -1,6 +1,7 @@
 """The actor's local copy of the policy: the forward pass of published policies in numpy,
-Q-networks (`mlp`, `nature_cnn`) or deterministic and stochastic policies (`tanh_mlp`,
-`categorical_mlp`, `gaussian_mlp`, `squashed_gaussian_mlp`; names in canopy/arch.py).
+Q-networks (`mlp`, `nature_cnn`, the recurrent `lstm_q`) or deterministic and stochastic
+policies (`tanh_mlp`, `categorical_mlp`, `gaussian_mlp`, `squashed_gaussian_mlp`; names in
+canopy/arch.py).
 
 Actors only ever run inference on small batches, where numpy beats torch's per-op
 overhead, and staying torch-free keeps an actor process cheap to start (no 1.5 s import,
@@ -24,6 +25,7 @@ from canopy.arch import (
     GAUSSIAN_MLP,
     LOG_STD_MAX,
     LOG_STD_MIN,
+    LSTM_Q,
     MLP,
     NATURE_CNN,
     SQUASHED_GAUSSIAN_MLP,
@@ -297,6 +299,125 @@ class NatureCNNPolicy:
         return np.maximum(x @ w1 + b1, 0) @ w2 + b2
 
 
+class LSTMQPolicy:
+    """The learner's `lstm_q` (learner/network.py `LSTMQNetwork`) in numpy: linear layers with
+    ReLU, one LSTM step, a linear head. The recurrent state is the caller's: `step` takes
+    (h, c) and returns the next, so one set of weights serves any number of sub-envs, and
+    the state outlives a swap of weights (`RecurrentState` keeps it for an acting loop).
+
+    Example:
+        policy = LSTMQPolicy.from_arrays(LSTM_Q, arrays)
+        h, c = policy.zero_state(8)
+        q, h, c = policy.step(obs, h, c)  # q [8, actions]
+    """
+
+    LSTM = ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.bias_ih_l0", "lstm.bias_hh_l0")
+
+    def __init__(self, torso: MLPPolicy | None, lstm: list[np.ndarray], head: tuple[np.ndarray, np.ndarray]):
+        self.torso = torso
+        w_ih, w_hh, b_ih, b_hh = lstm
+        self.w_ih, self.w_hh, self.b = w_ih.T, w_hh.T, b_ih + b_hh
+        self.head_w, self.head_b = head[0].T, head[1]
+
+    @classmethod
+    def from_arrays(cls, arch: str, arrays: dict[str, np.ndarray]) -> LSTMQPolicy:
+        """The policy of a published `lstm_q`'s arrays; ProtocolError on a bad name or shape."""
+        if arch != LSTM_Q:
+            raise ProtocolError(f"an lstm policy cannot run architecture {arch!r}")
+        known = {*cls.LSTM, "head.weight", "head.bias"}
+        layers = {k: v for k, v in arrays.items() if k not in known}
+        missing = sorted(known - set(arrays))
+        if missing:
+            raise ProtocolError(f"lstm_q arrays lack {', '.join(missing)}")
+        torso = MLPPolicy.from_arrays(MLP, layers) if layers else None
+        lstm = [np.asarray(arrays[k], dtype=np.float32) for k in cls.LSTM]
+        w_ih, w_hh, b_ih, b_hh = lstm
+        units = w_hh.shape[1] if w_hh.ndim == 2 else 0
+        # The LSTM's input: the torso's last width, else the observation (w_ih's own width).
+        inputs = torso.layers[-1][0].shape[1] if torso is not None else (w_ih.shape[-1] if w_ih.ndim else 0)
+        if (
+            units == 0
+            or w_hh.shape != (4 * units, units)
+            or w_ih.shape != (4 * units, inputs)
+            or b_ih.shape != (4 * units,)
+            or b_hh.shape != (4 * units,)
+        ):
+            raise ProtocolError(f"bad lstm_q lstm: weight_ih {w_ih.shape}, weight_hh {w_hh.shape}")
+        w, b = (np.asarray(arrays[k], dtype=np.float32) for k in ("head.weight", "head.bias"))
+        if w.ndim != 2 or w.shape[1] != units or b.shape != (w.shape[0],):
+            raise ProtocolError(f"bad lstm_q head: weight {w.shape} / bias {b.shape} after {units} units")
+        return cls(torso, lstm, (w, b))
+
+    @property
+    def state_size(self) -> int:
+        """Units of h (and of c)."""
+        return self.w_hh.shape[0]
+
+    def zero_state(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The state at an episode's start for `n` sub-envs: h = c = 0."""
+        return np.zeros((n, self.state_size), np.float32), np.zeros((n, self.state_size), np.float32)
+
+    def step(
+        self, obs: np.ndarray, h: np.ndarray, c: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(Q-values [n, actions], next h, next c) of one observation per sub-env."""
+        x = obs.reshape(len(obs), -1).astype(np.float32, copy=False)
+        if self.torso is not None:
+            x = np.maximum(self.torso.q_values(x), 0)  # the torso's last layer has its ReLU here
+        gates = x @ self.w_ih + h @ self.w_hh + self.b
+        i, f, g, o = np.split(gates, 4, axis=1)  # torch's gate order
+        c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
+        h = _sigmoid(o) * np.tanh(c)
+        return h @ self.head_w + self.head_b, h, c
+
+    def unroll(self, obs: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """Q-values [n, T, actions] of n sequences of observations [n, T, ...] from (h, c)."""
+        q = []
+        for t in range(obs.shape[1]):
+            q_t, h, c = self.step(obs[:, t], h, c)
+            q.append(q_t)
+        return np.stack(q, axis=1)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    # tanh form: no overflow warning for large |x|, unlike 1 / (1 + exp(-x))
+    return 0.5 * (np.tanh(0.5 * x) + 1.0)
+
+
+class RecurrentState:
+    """The recurrent state (h, c) of each sub-env of an acting loop, zeroed where an episode starts.
+
+    With NEXT_STEP autoreset (canopy/envs.py), the step after an episode's end ignores its
+    action and returns the next episode's first observation: the state is zeroed after that
+    step, so the first action of every episode is taken from the zero state, as the learner
+    unrolls a sequence that begins an episode.
+
+    Example:
+        carry = RecurrentState(num_envs, policy.state_size)
+        q = carry.q_values(policy, obs)
+        obs, r, terminated, truncated, info = env.step(q.argmax(1))
+        carry.stepped(terminated, truncated)
+    """
+
+    def __init__(self, num_envs: int, size: int):
+        self.h = np.zeros((num_envs, size), np.float32)
+        self.c = np.zeros((num_envs, size), np.float32)
+        self.restart = np.zeros(num_envs, dtype=bool)  # this sub-env's coming step is a reset
+
+    def q_values(self, policy: LSTMQPolicy, obs: np.ndarray) -> np.ndarray:
+        """Q-values of `obs` from the carried state, which then moves one step on."""
+        if policy.state_size != self.h.shape[1]:
+            raise ProtocolError(f"an lstm_q of {policy.state_size} units for a state of {self.h.shape[1]}")
+        q, self.h, self.c = policy.step(obs, self.h, self.c)
+        return q
+
+    def stepped(self, terminated: np.ndarray, truncated: np.ndarray) -> None:
+        """After each env step: zero the state of sub-envs whose next observation starts an episode."""
+        self.h[self.restart] = 0.0
+        self.c[self.restart] = 0.0
+        self.restart = np.logical_or(terminated, truncated)
+
+
 def population_arrays(arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
     """A version's arrays per model: one model, or M for a population (names `m<k>/<name>`,
     learner/algorithms/population.py), each with its names as a single model's and its order kept."""
@@ -321,8 +442,10 @@ def member_arrays(arrays: dict[str, np.ndarray], ident: int) -> tuple[int, dict[
     return k, models[k]
 
 
-def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | NatureCNNPolicy:
+def policy_from_arrays(arch: str, arrays: dict[str, np.ndarray]) -> MLPPolicy | NatureCNNPolicy | LSTMQPolicy:
     """The actor-side forward pass for a published architecture name."""
+    if arch == LSTM_Q:
+        return LSTMQPolicy.from_arrays(arch, arrays)
     if arch == NATURE_CNN:
         return NatureCNNPolicy(arrays)
     if arch == GAUSSIAN_MLP:

@@ -16,6 +16,10 @@ GAUSSIAN_MLP = "gaussian_mlp"  # the mlp's outputs are a diagonal Gaussian's mea
 # to [LOG_STD_MIN, LOG_STD_MAX] by the learner and the actors alike); action = tanh(sample).
 SQUASHED_GAUSSIAN_MLP = "squashed_gaussian_mlp"
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
+# r2d2's recurrent Q-network: linear layers `layers.<i>` with ReLU, an LSTM (`lstm.weight_ih_l0`,
+# `lstm.weight_hh_l0`, `lstm.bias_ih_l0`, `lstm.bias_hh_l0`; torch's gate order i, f, g, o), then a
+# linear `head` to one Q-value per action, in the value-rescaled space of learner/algorithms/r2d2.py.
+LSTM_Q = "lstm_q"
 NATURE_CNN = "nature_cnn"  # Mnih et al. (2015) convolutions over uint8 frame stacks, then an MLP
 # Linear first layers on the flat observation, so observation normalization folds into them.
 FOLDABLE = (MLP, TANH_MLP, CATEGORICAL_MLP, GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP)

@@ -19,7 +19,7 @@ from typing import Any
 import tomli_w
 
 from canopy.config_checks import apply_overrides, build
-from canopy.config_defaults import ON_POLICY, UNROLLS, algorithm_defaults
+from canopy.config_defaults import ON_POLICY, algorithm_defaults, algorithm_problems
 from canopy.errors import ConfigError
 
 
@@ -143,7 +143,8 @@ class LearnerConfig:
     layer_norm: bool = True
     # dqn: Discrete actions (learner/algorithms/dqn.py); td3, sac: Box actions (algorithms/td3.py,
     # sac.py); ppo, impala: on-policy, either action space (algorithms/ppo.py, impala.py), with their
-    # own defaults (ALGORITHM_DEFAULTS); auto: dqn or td3, whichever fits the action space.
+    # own defaults (ALGORITHM_DEFAULTS); r2d2: recurrent DQN on replayed sequences (algorithms/r2d2.py,
+    # its own defaults); auto: dqn or td3, whichever fits the action space.
     algorithm: str = "auto"
     # Polyak rate of the target networks: every target update moves them this far toward the
     # online ones (td3: every policy update; sac: every update; dqn: every target_update_period
@@ -173,8 +174,11 @@ class LearnerConfig:
     # own batches, gradients are averaged before every step; only rank 0 publishes.
     learners: int = 1
     # On-policy learners (ppo, impala) read unrolls of `unroll_length` env steps from the
-    # replay queue table UNROLLS; `batch_size` then counts unrolls.
+    # replay queue table UNROLLS; `batch_size` then counts unrolls. r2d2: the length T of its
+    # replayed sequences (actors/sequence.py), `batch_size` counting sequences.
     unroll_length: int = 32
+    overlap: int = 20  # r2d2: steps a sequence shares with the one before it in an episode
+    burn_in: int = 10  # r2d2: first steps of a sequence that only warm the LSTM state up (no loss)
     epochs: int = 10  # ppo: passes over each batch, in minibatches
     minibatch_size: int = 256  # ppo: env steps per gradient step
     gae_lambda: float = 0.95  # ppo: lambda of GAE
@@ -333,6 +337,8 @@ _MINIMUMS: dict[str, float] = {
     "learner.learners": 1,
     "learner.models": 1,
     "learner.unroll_length": 1,
+    "learner.overlap": 0,
+    "learner.burn_in": 0,
     "learner.epochs": 1,
     "learner.minibatch_size": 1,
     "learner.gae_lambda": 0,
@@ -360,7 +366,7 @@ _MINIMUMS: dict[str, float] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "learner.device": ("auto", "cpu", "cuda"),
-    "learner.algorithm": ("auto", "dqn", "td3", "sac", "ppo", "impala"),
+    "learner.algorithm": ("auto", "dqn", "td3", "sac", "ppo", "impala", "r2d2"),
     "checkpoint.placement": ("auto", "group", "ring"),
     "replay.sampler": ("uniform", "prioritized", "fifo", "lifo", "min_heap", "max_heap"),
     "replay.remover": ("uniform", "fifo", "lifo", "min_heap", "max_heap"),
@@ -424,7 +430,7 @@ def verify(cfg: Config) -> list[str]:
         problems.append("learner.model_lr rates must be positive")
     if lc.models > 1 and lc.algorithm not in ("auto", "dqn"):
         problems.append('learner.models > 1 trains dqn populations only: set learner.algorithm = "dqn"')
-    problems += _on_policy_problems(cfg)
+    problems += algorithm_problems(cfg)
     store = cfg.cluster.learner_store
     if store and not (store.rpartition(":")[0] and store.rpartition(":")[2].isdigit()):
         problems.append(f"cluster.learner_store = {store!r} must be host:port")
@@ -437,39 +443,6 @@ def verify(cfg: Config) -> list[str]:
 def on_policy(cfg: Config) -> bool:
     """Whether the learner trains on unrolls from the UNROLLS queue (ppo, impala)."""
     return cfg.learner.algorithm in ON_POLICY
-
-
-def _on_policy_problems(cfg: Config) -> list[str]:
-    """One line per setting an on-policy learner cannot work with (none for dqn, td3, sac)."""
-    if not on_policy(cfg):
-        return []
-    lc, name = cfg.learner, cfg.learner.algorithm
-    problems = []
-    if cfg.replay.sampler == "prioritized":
-        problems.append(
-            f"replay.sampler = 'prioritized' does not fit learner.algorithm = {name!r}: "
-            "on-policy unrolls are read once, oldest first; remove the setting"
-        )
-    queues = [e for e in cfg.replay.extra_tables if e.split(":")[0] == UNROLLS]
-    parts = queues[0].split(":") if len(queues) == 1 else []
-    if len(parts) != 5 or parts[1:4] != ["fifo", "fifo", "1"] or not parts[4].isdigit():
-        return [
-            *problems,
-            f"learner.algorithm = {name!r} reads unrolls from a queue: replay.extra_tables needs "
-            f"exactly one entry '{UNROLLS}:fifo:fifo:1:<capacity>'",
-        ]
-    capacity = int(parts[4])
-    if capacity < max(lc.batch_size, cfg.actors.envs):
-        problems.append(
-            f"the {UNROLLS} queue holds {capacity} unrolls, fewer than learner.batch_size "
-            f"({lc.batch_size}) or actors.envs ({cfg.actors.envs}): raise its capacity"
-        )
-    if name == "ppo" and lc.minibatch_size > lc.batch_size * lc.unroll_length:
-        problems.append(
-            f"learner.minibatch_size = {lc.minibatch_size} exceeds a batch's "
-            f"{lc.batch_size * lc.unroll_length} env steps (batch_size x unroll_length)"
-        )
-    return problems
 
 
 # Set by canopy itself when it builds an env, so not allowed in env.kwargs.

@@ -1,10 +1,12 @@
 """What depends on the chosen algorithm in the config: its defaults, and for the on-policy
-ones (ppo, impala) the replay queue their unrolls travel through.
+ones (ppo, impala) the replay queue their unrolls travel through (r2d2's sequences use the
+prioritized main table).
 
 Place in the data flow: canopy/config.py `load` fills in `ALGORITHM_DEFAULTS` of
 `learner.algorithm` before it builds the tree (a key the TOML file or an override sets
-wins); its `verify` checks what an on-policy learner needs of the queue. Actors
-(actors/actor.py) and the learner (learner/role.py) name the `UNROLLS` table from here.
+wins); its `verify` calls `algorithm_problems` for what an on-policy learner needs of the
+queue and what r2d2's sequences need. Actors (actors/actor.py) and the learner
+(learner/role.py) name the `UNROLLS` table from here.
 """
 
 from __future__ import annotations
@@ -64,6 +66,31 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
         "learner.ent_coef": 0.01,
         "learner.max_grad_norm": 40.0,
     },
+    # Recurrent DQN (Kapturowski et al. 2019) scaled down to CartPoleNoVelocity: sequences of
+    # 40 steps overlapping by 20 with a burn-in of 10 (two steps already reveal the velocities
+    # the observation hides), a hard target copy every 100 updates, n = 3.
+    "r2d2": {
+        "learner.hidden": [64, 64],  # a linear layer of 64, then an LSTM of 64 units
+        "learner.layer_norm": False,
+        "learner.batch_size": 32,  # sequences per batch
+        "learner.unroll_length": 40,
+        "learner.overlap": 20,
+        "learner.burn_in": 10,
+        "learner.lr": 1e-3,
+        "learner.lr_anneal_updates": 0,
+        "learner.tau": 1.0,
+        "learner.target_update_period": 100,
+        "learner.publish_every": 10,
+        "replay.sampler": "prioritized",
+        "replay.priority_exponent": 0.9,  # the paper's alpha
+        "replay.importance_exponent": 0.6,
+        "replay.importance_exponent_final": 0.6,
+        "replay.capacity": 20_000,  # sequences: 400k env steps
+        "replay.min_size": 64,
+        "replay.samples_per_insert": 4.0,  # sequences sampled per sequence inserted
+        "replay.error_buffer": 2_000.0,
+        "actors.chunk": 8,  # sequences per insert
+    },
 }
 
 
@@ -76,3 +103,68 @@ def algorithm_defaults(data: dict[str, Any]) -> None:
         part = data.setdefault(section, {})
         if isinstance(part, dict) and leaf not in part:
             part[leaf] = value
+
+
+def algorithm_problems(cfg: Any) -> list[str]:
+    """One line per setting the chosen algorithm cannot work with (`cfg`: canopy/config.py's
+    tree, typed loosely here because that module imports this one)."""
+    return _on_policy_problems(cfg) + _r2d2_problems(cfg)
+
+
+def _on_policy_problems(cfg: Any) -> list[str]:
+    """One line per setting an on-policy learner cannot work with (none for dqn, td3, sac)."""
+    if cfg.learner.algorithm not in ON_POLICY:
+        return []
+    lc, name = cfg.learner, cfg.learner.algorithm
+    problems = []
+    if cfg.replay.sampler == "prioritized":
+        problems.append(
+            f"replay.sampler = 'prioritized' does not fit learner.algorithm = {name!r}: "
+            "on-policy unrolls are read once, oldest first; remove the setting"
+        )
+    queues = [e for e in cfg.replay.extra_tables if e.split(":")[0] == UNROLLS]
+    parts = queues[0].split(":") if len(queues) == 1 else []
+    if len(parts) != 5 or parts[1:4] != ["fifo", "fifo", "1"] or not parts[4].isdigit():
+        return [
+            *problems,
+            f"learner.algorithm = {name!r} reads unrolls from a queue: replay.extra_tables needs "
+            f"exactly one entry '{UNROLLS}:fifo:fifo:1:<capacity>'",
+        ]
+    capacity = int(parts[4])
+    if capacity < max(lc.batch_size, cfg.actors.envs):
+        problems.append(
+            f"the {UNROLLS} queue holds {capacity} unrolls, fewer than learner.batch_size "
+            f"({lc.batch_size}) or actors.envs ({cfg.actors.envs}): raise its capacity"
+        )
+    if name == "ppo" and lc.minibatch_size > lc.batch_size * lc.unroll_length:
+        problems.append(
+            f"learner.minibatch_size = {lc.minibatch_size} exceeds a batch's "
+            f"{lc.batch_size * lc.unroll_length} env steps (batch_size x unroll_length)"
+        )
+    return problems
+
+
+def _r2d2_problems(cfg: Any) -> list[str]:
+    """One line per setting r2d2's sequences cannot work with (none for other algorithms)."""
+    lc = cfg.learner
+    if lc.algorithm != "r2d2":
+        return []
+    problems = []
+    if lc.overlap >= lc.unroll_length:
+        problems.append(
+            f"learner.overlap = {lc.overlap} must be below learner.unroll_length = {lc.unroll_length} "
+            "(r2d2's sequence length)"
+        )
+    if lc.burn_in >= lc.unroll_length:
+        problems.append(
+            f"learner.burn_in = {lc.burn_in} leaves nothing to learn from in sequences of "
+            f"learner.unroll_length = {lc.unroll_length}"
+        )
+    if lc.burn_in > lc.overlap:
+        problems.append(
+            f"learner.burn_in = {lc.burn_in} exceeds learner.overlap = {lc.overlap}: the steps in between "
+            "would never be learned from; raise the overlap"
+        )
+    if cfg.env.normalize_obs:
+        problems.append("env.normalize_obs does not fit r2d2 (its lstm_q takes raw observations): remove it")
+    return problems

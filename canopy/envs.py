@@ -18,6 +18,9 @@ Environments a user brings: `env.id` may name a module to import first, gymnasiu
 `env.kwargs` go to the env's constructor (`gym.make(id, **kwargs)`) wherever canopy builds
 it: actors and the evaluator (`make_vec`), the learner (`env_spec`), `canopy check-env`
 and `canopy eval` (`make_one`).
+
+canopy's own tasks (canopy/tasks.py, ids `canopy/...`) are registered by `check_env_id`, which
+every path that builds an env goes through.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode
 
+from canopy import tasks
 from canopy.config import EnvConfig
 from canopy.errors import UserError
 
@@ -42,6 +46,7 @@ def check_env_id(env_id: str) -> None:
     `module:Name-v0` imports `module` first (as `gym.make` does); `gym.spec` then looks
     `Name-v0` up, so every later `gym.make(env_id)` finds it registered.
     """
+    tasks.register()  # canopy's own ids (canopy/CartPoleNoVelocity-v1) resolve in every process
     module, name = split_env_id(env_id)
     if module is not None:
         _import_env_module(module, env_id)
@@ -158,7 +163,8 @@ def _steps_in_numpy(env_id: str, e: EnvConfig, asynchronous: bool) -> bool:
     entry = gym.spec(name).vector_entry_point
     if asynchronous or e.kwargs or is_atari(env_id) or not isinstance(entry, str):
         return False
-    return entry.startswith("gymnasium.envs.classic_control.")  # others need jax
+    # Others need jax; canopy's own (canopy/tasks.py) are numpy CartPoles.
+    return entry.startswith(("gymnasium.envs.classic_control.", "canopy.tasks:"))
 
 
 def make_one(env_id: str, env_cfg: EnvConfig | None = None, render_mode: str | None = None) -> gym.Env:

@@ -439,7 +439,7 @@ def _add_bench_runs(bench_sub: argparse._SubParsersAction) -> None:
     zoo.add_argument(
         "--algorithms",
         default="auto",
-        help="canopy learner.algorithm values, comma-separated (auto, dqn, td3, ppo, impala): "
+        help="canopy learner.algorithm values, comma-separated (auto, dqn, td3, sac, ppo, impala, r2d2): "
         "one system each, auto as 'canopy', others as 'canopy-<name>'",
     )
     zoo.add_argument(

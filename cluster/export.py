@@ -13,7 +13,9 @@ for as long as they read. The policy leaves canopy as
   with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
 - TorchScript: the network itself, loadable with `torch.jit.load` without canopy: Q-values,
   logits (`categorical_mlp`), or the greedy action (`tanh_mlp`; `gaussian_mlp`: the mean
-  clamped to [-1, 1]; `squashed_gaussian_mlp`: tanh of the mean, its first d outputs).
+  clamped to [-1, 1]; `squashed_gaussian_mlp`: tanh of the mean, its first d outputs);
+  `lstm_q` (r2d2): `(obs [batch, time, obs], (h, c)) -> (Q [batch, time, actions], (h, c))`,
+  the caller carrying the state (zeros at an episode's start) and Q in r2d2's rescaled space.
 `canopy eval` plays greedy episodes with a run's policy or an exported safetensors file.
 """
 
@@ -32,7 +34,7 @@ import numpy as np
 import redis
 
 from canopy import config as config_mod
-from canopy.arch import GAUSSIAN_MLP, MLP, SQUASHED_GAUSSIAN_MLP, TANH_MLP
+from canopy.arch import GAUSSIAN_MLP, LSTM_Q, MLP, SQUASHED_GAUSSIAN_MLP, TANH_MLP
 from canopy.cache import blob
 from canopy.cluster.connection import Target, require_config
 from canopy.cluster.progress import waiting
@@ -140,13 +142,27 @@ def read_policy(r: redis.Redis, keys: Keys, version: str = "") -> tuple[blob.Man
 def layer_sizes(arrays: dict[str, np.ndarray], arch: str = MLP) -> tuple[int, int, list[int]]:
     """(observation size, actions, hidden widths) of an `mlp` from its weight shapes; arrays
     that are not a linear layer's (a `gaussian_mlp`'s `log_std`) do not count. A
-    `squashed_gaussian_mlp` has 2 outputs per action (mean, log std)."""
+    `squashed_gaussian_mlp` has 2 outputs per action (mean, log std). An `lstm_q`'s hidden
+    widths end with its LSTM's units, its actions are its head's outputs."""
+    if arch == LSTM_Q:
+        return _lstm_sizes(arrays)
     weights = [a for name, a in arrays.items() if name.startswith("layers.") and name.endswith(".weight")]
     if not weights or any(w.ndim != 2 for w in weights):
         raise ProtocolError("the policy is not an mlp of linear layers")
     outputs = weights[-1].shape[0]
     actions = outputs // 2 if arch == SQUASHED_GAUSSIAN_MLP else outputs
     return weights[0].shape[1], actions, [w.shape[0] for w in weights[:-1]]
+
+
+def _lstm_sizes(arrays: dict[str, np.ndarray]) -> tuple[int, int, list[int]]:
+    w_ih, head = arrays.get("lstm.weight_ih_l0"), arrays.get("head.weight")
+    if w_ih is None or head is None or w_ih.ndim != 2 or head.ndim != 2:
+        raise ProtocolError("the policy is not an lstm_q (lstm and head arrays)")
+    widths = [
+        a.shape for name, a in arrays.items() if name.startswith("layers.") and name.endswith(".weight")
+    ]
+    obs_size = widths[0][1] if widths else w_ih.shape[1]
+    return obs_size, head.shape[0], [w[0] for w in widths] + [head.shape[1]]
 
 
 def pick_model(arrays: dict[str, np.ndarray], model: int) -> dict[str, np.ndarray]:
@@ -179,7 +195,7 @@ def write_policy(
 
     from canopy.learner.algorithms.sac import Greedy, SquashedGaussianActor
     from canopy.learner.algorithms.td3 import Actor
-    from canopy.learner.network import QNetwork
+    from canopy.learner.network import LSTMQNetwork, QNetwork
 
     manifest = taken.manifest
     arrays = pick_model(taken.arrays, model)
@@ -213,6 +229,12 @@ def write_policy(
             actor = SquashedGaussianActor(obs_size, n_actions, hidden)
             actor.load_state_dict(state)
             net = Greedy(actor)
+        elif manifest.arch == LSTM_Q:
+            lstm = LSTMQNetwork(obs_size, n_actions, hidden)
+            lstm.load_state_dict(state)
+            example = (torch.zeros(1, 1, obs_size), lstm.zero_state(1))
+            torch.jit.trace(lstm.eval(), example).save(str(path))
+            return path
         else:  # mlp: Q-values; categorical_mlp: logits (their argmax is the greedy action)
             net = QNetwork(obs_size, n_actions, hidden)
             net.load_state_dict(state)
@@ -234,7 +256,7 @@ def load_file(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise UserError(f"cannot read {path} as an exported policy ({exc}): use `canopy export`") from None
     # safetensors stores names sorted; the policy needs layer order, weight before bias.
     layers = sorted((k for k in arrays if _layer_index(k) is not None), key=_layer_order)
-    if not layers:
+    if not layers and "lstm.weight_ih_l0" not in arrays:  # an lstm_q may have no layer before its LSTM
         raise UserError(f"{path} does not hold layers.<i>.weight/bias tensors: use `canopy export`")
     others = sorted(k for k in arrays if _layer_index(k) is None)  # a gaussian_mlp's log_std
     return {k: arrays[k] for k in [*layers, *others]}, meta

@@ -1,4 +1,5 @@
-"""Q-networks. Parameter names are part of the actor contract (see actors/policy.py)."""
+"""Q-networks, feed-forward and recurrent. Parameter names are part of the actor contract
+(see actors/policy.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from canopy.arch import MLP, NATURE_CNN
+from canopy.arch import LSTM_Q, MLP, NATURE_CNN
+from canopy.errors import UserError
 
 ARCH = MLP
 CNN_ARCH = NATURE_CNN
@@ -79,6 +81,63 @@ class QNetwork(nn.Module):
             arrays[f"layers.{n}.weight"] = _np(self.value.weight) + w_a - w_a.mean(axis=0, keepdims=True)
             arrays[f"layers.{n}.bias"] = _np(self.value.bias) + b_a - b_a.mean()
         return arrays
+
+
+class LSTMQNetwork(nn.Module):
+    """r2d2's recurrent Q-network (arch `lstm_q`): linear layers with ReLU on the flat
+    observation, one LSTM layer of `hidden[-1]` units, and a linear head to one Q-value per action.
+
+    Example:
+        net = LSTMQNetwork(obs_size=2, n_actions=2, hidden=[64, 64])
+        q, (h, c) = net(torch.zeros(32, 80, 2), net.zero_state(32))  # q: [32, 80, 2]
+
+    The state (h, c) is carried from step to step; an actor zeroes it where an episode starts
+    (actors/policy.py `LSTMQPolicy`, the same maths in numpy), and the learner starts each
+    replayed sequence from the state stored with it.
+    """
+
+    def __init__(self, obs_size: int, n_actions: int, hidden: list[int]):
+        super().__init__()
+        sizes = [obs_size, *hidden[:-1]]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
+        self.lstm = nn.LSTM(sizes[-1], hidden[-1], batch_first=True)
+        self.head = nn.Linear(hidden[-1], n_actions)
+
+    @property
+    def state_size(self) -> int:
+        """Units of h (and of c)."""
+        return self.lstm.hidden_size
+
+    def zero_state(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The state at an episode's start: h = c = 0, each [batch, state_size]."""
+        z = torch.zeros(batch, self.state_size, device=self.head.weight.device)
+        return z, z.clone()
+
+    def forward(
+        self, obs: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Q-values [batch, time, actions] of observations [batch, time, ...] from `state`
+        (h, c each [batch, state_size]), and the state after the last step."""
+        x = obs.flatten(2).float()
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        h, c = state
+        out, (h, c) = self.lstm(x, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
+        return self.head(out), (h.squeeze(0), c.squeeze(0))
+
+    def export(self) -> dict[str, np.ndarray]:
+        """Every parameter by its name (the `lstm_q` contract of canopy/arch.py), as float32."""
+        return {k: _np(v) for k, v in self.state_dict().items()}
+
+
+def build_recurrent(obs_shape: tuple[int, ...], obs_dtype: str, n_actions: int, hidden: list[int]):
+    """r2d2's LSTM Q-network on the flattened observation, and its architecture name."""
+    if obs_dtype == "uint8" and len(obs_shape) == 3:
+        raise UserError(
+            f"r2d2's lstm_q network takes flat observations, not {obs_dtype} frames {obs_shape}: "
+            'use learner.algorithm = "dqn" for pixels'
+        )
+    return LSTMQNetwork(int(np.prod(obs_shape)), n_actions, hidden), LSTM_Q
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

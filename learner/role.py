@@ -41,7 +41,7 @@ from canopy.config import Config, on_policy
 from canopy.config_defaults import UNROLLS
 from canopy.errors import ProtocolError
 from canopy.keys import Keys
-from canopy.learner.algorithms import Batch, Stats, Unrolls, host_stats
+from canopy.learner.algorithms import Batch, Sequences, Stats, Unrolls, host_stats
 from canopy.learner.checkpoint.prefetch import Prefetcher
 from canopy.learner.checkpoint.state import Snapshot, load_sampler_state, restore, sampler_state
 from canopy.learner.checkpoint.store import CheckpointStore
@@ -67,6 +67,8 @@ GROUP_TIMEOUT_S = SAMPLE_TIMEOUT_S + 60.0
 TRAINING_STATS = {"loss": 0.0, "q_mean": 0.0, "sample_wait_seconds_total": 0.0, "policy_lag_mean": 0.0}
 # The columns of an unroll (actors/unroll.py) an on-policy learner trains on.
 UNROLL_FIELDS = ("obs", "action", "reward", "terminated", "truncated", "mask", "logp", "version")
+# The columns of an r2d2 sequence (actors/sequence.py) its learner trains on, and the IS weight.
+SEQUENCE_FIELDS = ("obs", "action", "reward", "terminated", "mask", "fresh", "h0", "c0", "weight")
 LAG_BINS = 64  # policy lag histogram: 0 .. LAG_BINS - 1 versions, the last bin holding the rest
 
 
@@ -202,7 +204,7 @@ class _Trainer:
     def __init__(self, model: Model, cfg: Config, sampling: tuple[RedisMembers, SampleClient], c: dict):
         self.model, self.algo, self.c = model, model.algo, c
         self.prioritized = cfg.replay.sampler == "prioritized"
-        self.fields = UNROLL_FIELDS if on_policy(cfg) else TRAIN_FIELDS
+        self.fields = _fields(cfg)
         self.members, self.sampler = sampling  # `_sample_client`
         self.priorities = PriorityReturn(self.sampler, model.device)
         # Policy lag of every item trained on (an unroll: its first step), in versions.
@@ -388,8 +390,19 @@ def _newest_epoch(store: CheckpointStore) -> int:
     return max((Version.parse(ckpt).epoch for ckpt in store.committed()), default=0)
 
 
-def _to_batch(batch: TensorBatch, weighted: bool, norm: ObsNorm | None = None) -> Batch | Unrolls:
+def _fields(cfg: Config) -> tuple[str, ...]:
+    """The sampled columns the configured algorithm trains on."""
+    if on_policy(cfg):
+        return UNROLL_FIELDS
+    return SEQUENCE_FIELDS if cfg.learner.algorithm == "r2d2" else TRAIN_FIELDS
+
+
+def _to_batch(batch: TensorBatch, weighted: bool, norm: ObsNorm | None = None) -> Batch | Unrolls | Sequences:
     t = batch.tensors
+    if "h0" in t:  # r2d2 sequences with their stored state (config.py rules out obs normalization)
+        return Sequences(
+            **{k: t[k] for k in SEQUENCE_FIELDS if k != "weight"}, weight=t["weight"] if weighted else None
+        )
     if "mask" in t:  # unrolls (on-policy): obs [B, T + 1, ...]
         obs = t["obs"]
         if norm is not None:

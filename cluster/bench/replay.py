@@ -15,7 +15,10 @@ The sampling goal still compares with raw ZeroMQ moving the decoded batch (both 
 stacks per item), what the learner gets; the bytes actually sent and ZeroMQ's rate for
 them are reported beside it. The RSS baseline is the same table fed whole stacked
 observations. Learners' clients ask for several small batches per request
-(replay/client.py); `cartpole_batches_per_request` records how many. The snapshot figure is
+(replay/client.py); `cartpole_batches_per_request` records how many. r2d2's sequences
+(40 steps, their stored LSTM state; replay_procs.py `sequences`) are inserted 8 to a chunk
+and sampled 32 to a batch from a prioritized table with priority updates, reported beside
+the transition figures (no numeric goal). The snapshot figure is
 the longest serving pause while the shard snapshots its Atari table (replay/snapshot.py):
 the longer of fork() and the slowest request served while the child writes, beside the
 longest reply gaps a client sees with and without a snapshot running and the time the
@@ -37,6 +40,7 @@ from canopy.cluster.bench import report
 from canopy.cluster.bench.replay_procs import (
     ATARI_OBS,
     CARTPOLE_OBS,
+    SEQUENCE_OBS,
     Cluster,
     fill,
     inserter,
@@ -46,6 +50,7 @@ from canopy.cluster.bench.replay_procs import (
     rss_per_transition,
     run_clients,
     sampler,
+    sequences,
     snapshot_pause,
     transitions,
     zmq_bytes_per_s,
@@ -54,6 +59,7 @@ from canopy.cluster.bench.replay_procs import (
 SECONDS = 2.0  # timing window of each figure, unless --seconds
 BATCH = 256  # items per sampled batch, as a learner asks
 CARTPOLE_CAPACITY = 200_000
+SEQUENCE_CHUNK, SEQUENCE_BATCH, SEQUENCE_CAPACITY = 8, 32, 20_000  # r2d2's defaults
 
 
 def main(args: argparse.Namespace) -> int:
@@ -138,6 +144,11 @@ def shard_figures(shards: int, atari_capacity: int, seconds: float) -> dict[str,
         r["cartpole_prioritized_update_batches_per_s"] = rate(
             run_clients([(sampler, c.endpoints, BATCH, True, seconds)])
         )
+    with Cluster(shards, {**cp_cfg, "capacity": SEQUENCE_CAPACITY, "sampler": "prioritized"}) as c:
+        jobs = [(inserter, e, SEQUENCE_OBS, "sequence", SEQUENCE_CHUNK, seconds) for e in c.endpoints]
+        r["r2d2_sequence_insert_per_s"] = rate(run_clients(jobs))
+        got = run_clients([(sampler, c.endpoints, SEQUENCE_BATCH, True, seconds)])
+        r["r2d2_prioritized_update_batches_per_s"] = rate(got)
     with Cluster(shards, at_cfg) as c:
         r.update(rss_per_transition(c, "pixels", atari_capacity))
         jobs = [(inserter, e, ATARI_OBS, "pixels", 64, seconds) for e in c.endpoints]
@@ -158,7 +169,7 @@ def replay_checks(figs: dict[str, Any], zmq_wire_batches: float) -> list[dict[st
     """One check per goal of the replay issue, each beside its in-run baselines."""
     one = figs["1_shard"]
     ins = max(one["cartpole_insert_chunk64_per_s"], one["cartpole_insert_chunk1024_per_s"])
-    checks = cartpole_checks(figs, ins) + atari_checks(figs, zmq_wire_batches)
+    checks = cartpole_checks(figs, ins) + sequence_checks(figs) + atari_checks(figs, zmq_wire_batches)
     if snap := figs.get("snapshot"):
         checks.append(snapshot_check(snap))
     if two := figs.get("2_shard"):
@@ -200,6 +211,38 @@ def cartpole_checks(figs: dict[str, Any], ins: float) -> list[dict[str, Any]]:
                 "zmq_same_bytes": zmq["cartpole_batch_256"] / (BATCH * cp_item),
             },
             one["cartpole_prioritized_update_batches_per_s"] >= 3.4e3,
+        ),
+    ]
+
+
+def sequence_checks(figs: dict[str, Any]) -> list[dict[str, Any]]:
+    """r2d2's sequences through one shard, reported beside the CartPole transition figures and
+    ZeroMQ moving the same bytes (no numeric goal: report only)."""
+    one, zmq = figs["1_shard"], figs["baseline_zmq_bytes_per_s"]
+    seq = nbytes(sequences(1))
+    ins, smp = one["r2d2_sequence_insert_per_s"], one["r2d2_prioritized_update_batches_per_s"]
+    return [
+        report.check(
+            "r2d2_sequence_insert",
+            ins,
+            "sequences/s",
+            f"reported (no numeric goal; {SEQUENCE_CHUNK} to a chunk, {seq} bytes each)",
+            {
+                "cartpole_transitions_per_s": one["cartpole_insert_chunk64_per_s"],
+                "zmq_same_bytes": zmq["cartpole_chunk_1024"] / seq,
+            },
+            True,
+        ),
+        report.check(
+            f"r2d2_prioritized_sample_update_batch{SEQUENCE_BATCH}",
+            smp,
+            "batches/s",
+            f"reported (no numeric goal; {SEQUENCE_BATCH} sequences a batch)",
+            {
+                "cartpole_prioritized_batch256_per_s": one["cartpole_prioritized_update_batches_per_s"],
+                "zmq_same_bytes": zmq["cartpole_batch_256"] / (SEQUENCE_BATCH * seq),
+            },
+            True,
         ),
     ]
 

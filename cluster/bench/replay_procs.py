@@ -1,5 +1,6 @@
-"""The processes and data of `canopy bench replay`: synthetic transitions, shard and client
-processes, and the same work without them (raw ZeroMQ, an in-process numpy ring).
+"""The processes and data of `canopy bench replay`: synthetic transitions (and r2d2's
+sequences), shard and client processes, and the same work without them (raw ZeroMQ, an
+in-process numpy ring).
 
 Place: replay.py decides what to measure and judges it; everything here runs it. Each shard
 and each client is a process of its own (multiprocessing spawn) talking ZeroMQ on loopback,
@@ -20,6 +21,9 @@ from canopy.cluster.bench import harness
 
 CARTPOLE_OBS = (4,)
 ATARI_OBS = (4, 84, 84)
+# r2d2's sequences as its defaults cut them on CartPoleNoVelocity (canopy/config_defaults.py):
+# T = 40 steps of 2-float observations, an LSTM state of 64 units.
+SEQUENCE_STEPS, SEQUENCE_OBS, SEQUENCE_STATE = 40, (2,), 64
 EPISODE_STEPS = 400  # synthetic Atari episodes: each starts with one extra frame
 _FILL_STREAMS = itertools.count(1000)  # frame-key streams of this process's fills
 PROC_TIMEOUT_S = 60.0
@@ -38,6 +42,24 @@ def transitions(n: int, obs_shape: tuple[int, ...], dtype: str) -> dict[str, np.
         "discount": np.full(n, 0.99, np.float32),
         "version": np.zeros(n, np.int64),
     }
+
+
+def sequences(n: int) -> dict[str, np.ndarray]:
+    """`n` synthetic r2d2 sequences, the columns actors/sequence.py cuts, with priorities."""
+    from canopy.actors.sequence import FIELDS
+
+    rng = np.random.default_rng(0)
+    t, h = SEQUENCE_STEPS, SEQUENCE_STATE
+    shapes = {"obs": (t + 1, *SEQUENCE_OBS), "fresh": (), "h0": (h,), "c0": (h,)}
+    ints = ("action", "version")
+    arrays = {
+        k: rng.random((n, *shapes.get(k, (t,)))).astype(np.int64 if k in ints else np.float32) for k in FIELDS
+    }
+    return arrays | {"priority": rng.random(n) + 0.01}
+
+
+def _items(kind: str, n: int, obs: tuple, dtype: str) -> dict[str, np.ndarray]:
+    return sequences(n) if kind == "sequence" else transitions(n, obs, dtype)
 
 
 def nbytes(arrays: dict[str, np.ndarray]) -> int:
@@ -108,7 +130,7 @@ def inserter(endpoint: str, obs: tuple, dtype: str, chunk: int, seconds: float, 
     from canopy.replay.client import InsertClient
 
     pixels = PixelStream(os.getpid()) if dtype == "pixels" else None
-    arrays = transitions(chunk, obs, dtype) if pixels is None else {}
+    arrays = _items(dtype, chunk, obs, dtype) if pixels is None else {}
     client = InsertClient(endpoint, inflight=8)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -269,13 +291,14 @@ def numpy_baseline(
 
 
 def fill(endpoints: list[str], obs: tuple, dtype: str, items: int) -> None:
-    """Insert about `items` transitions into every shard of `endpoints` (at least one chunk each)."""
+    """Insert about `items` transitions (dtype "sequence": r2d2 sequences) into every shard of
+    `endpoints` (at least one chunk each)."""
     from canopy.replay.client import InsertClient
 
     chunk = 1024 if dtype == "float32" else 64
     for e in endpoints:
         pixels = PixelStream(next(_FILL_STREAMS)) if dtype == "pixels" else None
-        arrays = transitions(chunk, obs, dtype) if pixels is None else {}
+        arrays = _items(dtype, chunk, obs, dtype) if pixels is None else {}
         client = InsertClient(e, inflight=8)
         for _ in range(max(1, items // chunk)):
             client.insert(pixels.chunk(chunk) if pixels else arrays, timeout=60)

@@ -96,6 +96,9 @@ def run_episodes(
     """
     import gymnasium as gym
 
+    from canopy import tasks
+
+    tasks.register()  # canopy's own ids (canopy/CartPoleNoVelocity-v1), in this process too
     envs = [gym.make(env_id) for _ in range(min(batch, episodes))]
     returns = [0.0] * episodes
     episode_of: dict[int, int] = {}  # env slot -> episode it is playing
@@ -145,6 +148,9 @@ def build(args: argparse.Namespace, own: dict[str, Any], kwargs: dict[str, Any])
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
+    from canopy import tasks
+
+    tasks.register()  # canopy's own ids (canopy/CartPoleNoVelocity-v1), in this process too
     env = make_vec_env(args.env, n_envs=int(own.get("n_envs", 1)), seed=args.seed)
     norm: VecNormalize | None = None
     if own.get("normalize"):

@@ -110,6 +110,9 @@ def plan_env(env_id: str, overrides: dict[str, float]) -> dict[str, Any]:
     """Action space kind, SB3 algorithms and threshold of one env; a UserError if it cannot run."""
     import gymnasium as gym
 
+    from canopy import tasks
+
+    tasks.register()  # canopy's own ids (canopy/CartPoleNoVelocity-v1) resolve here as in `canopy up`
     try:
         env = gym.make(env_id)
     except Exception as exc:  # gymnasium raises many types for a bad id or a missing extra

@@ -5,8 +5,9 @@ Checks: those of the system "canopy" (learner.algorithm "auto") against the stro
 algorithm and, on CartPole-v1, SB3 PPO; for the on-policy systems (canopy-ppo,
 canopy-impala; `onpolicy_checks`) the figures of the issue "On-policy learning at scale:
 PPO and IMPALA", each beside its in-run baseline: SB3 PPO's time, env steps and return, and
-for env steps/s the same actors stepping with random actions. A check is only there when
-its system ran.
+for env steps/s the same actors stepping with random actions; for canopy-r2d2
+(`r2d2_checks`) a confirmed solve on every seed where canopy-dqn, on a partially observed
+env, stays below the threshold. A check is only there when its system ran.
 
 Place: the second half of zoo.py, which runs every system and sums up each one's seeds
 (`summarize`); what is here only reads those summaries and the `results` dict (zoo.py
@@ -50,7 +51,7 @@ def env_checks(
     """The checks of one env from its per-system summaries (those of each canopy system that
     ran); SB3-dependent ones fail without SB3. `ceiling`: the env's random-action env steps/s."""
     checks = canopy_checks(env_id, threshold, systems, have_sb3) if "canopy" in systems else []
-    checks += sac_checks(env_id, threshold, systems, have_sb3)
+    checks += sac_checks(env_id, threshold, systems, have_sb3) + r2d2_checks(env_id, threshold, systems)
     return checks + onpolicy_checks(env_id, threshold, systems, have_sb3, action_space, ceiling)
 
 
@@ -96,6 +97,41 @@ def sac_checks(
                 "< canopy's TD3 in the same run (an unsolved TD3 counts as never)",
                 base_t,
                 t is not None and t < (math.inf if base_t is None else base_t),
+            )
+        )
+    return checks
+
+
+def r2d2_checks(
+    env_id: str, threshold: float | None, systems: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """canopy-r2d2: a confirmed solve on every seed; beside canopy-dqn (when it ran), which
+    sees one observation at a time and so, on a partially observed env
+    (canopy/CartPoleNoVelocity-v1), should hand over a policy below the threshold."""
+    r2d2 = systems.get("canopy-r2d2")
+    if r2d2 is None or threshold is None:
+        return []
+    dqn = systems.get("canopy-dqn")
+    checks = [
+        report.check(
+            f"{env_id}: r2d2_confirmed_solve_every_seed",
+            _solve_figures(r2d2),
+            "seeds solved; median s and env steps from process start to a confirmed solve",
+            f"a confirmed solve (>= {threshold:g}) on each of {r2d2['seeds']} seeds",
+            _solve_figures(dqn) if dqn else None,
+            r2d2["seeds_solved"] == r2d2["seeds"],
+        )
+    ]
+    if dqn is not None:
+        mean = dqn["handed_over_mean"]
+        checks.append(
+            report.check(
+                f"{env_id}: dqn_below_r2d2_without_memory",
+                mean,
+                "canopy-dqn's return (100 episodes, mean over seeds)",
+                f"< {threshold:g}, where canopy-r2d2 solves",
+                r2d2["handed_over_mean"],
+                mean is not None and mean < threshold,
             )
         )
     return checks

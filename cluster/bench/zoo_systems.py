@@ -23,6 +23,7 @@ CANOPY_FITS: dict[str, tuple[str, ...]] = {
     "dqn": ("discrete",),
     "td3": ("box",),
     "sac": ("box",),
+    "r2d2": ("discrete",),
     **{algo: ("discrete", "box") for algo in ON_POLICY},
 }
 SB3_ALGOS = tuple(dict.fromkeys(a for algos in ALGOS.values() for a in algos))

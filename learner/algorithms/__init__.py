@@ -6,7 +6,8 @@ Every algorithm is an `Algorithm` (learner/algorithms/base.py: `update(batch)` -
 `BUILDERS` names them for `learner.algorithm`, and "auto" picks by the env's action space.
 With `learner.models > 1` "dqn" builds a Population (learner/algorithms/population.py): the
 same interface, `update` then taking one batch per model. The on-policy algorithms (ppo,
-impala) take `Unrolls` from the replay queue table instead of n-step transitions.
+impala) take `Unrolls` from the replay queue table instead of n-step transitions; r2d2 takes
+`Sequences` (with their stored recurrent state) from the prioritized main table.
 
 A new algorithm: one file with its class and `build`, one line in `BUILDERS` (and its name
 among the choices of `learner.algorithm` in canopy/config.py).
@@ -21,14 +22,24 @@ import torch
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
-from canopy.learner.algorithms import dqn, impala, population, ppo, sac, td3
-from canopy.learner.algorithms.base import Algorithm, Batch, Built, Stats, TrainingState, Unrolls, host_stats
+from canopy.learner.algorithms import dqn, impala, population, ppo, r2d2, sac, td3
+from canopy.learner.algorithms.base import (
+    Algorithm,
+    Batch,
+    Built,
+    Sequences,
+    Stats,
+    TrainingState,
+    Unrolls,
+    host_stats,
+)
 
 __all__ = [
     "BUILDERS",
     "Algorithm",
     "Batch",
     "Built",
+    "Sequences",
     "Stats",
     "TrainingState",
     "Unrolls",
@@ -50,6 +61,7 @@ BUILDERS: dict[str, Builder] = {
     "sac": sac.build,  # Box actions, a stochastic policy with a learned entropy weight
     "ppo": ppo.build,  # on-policy, from the unrolls queue; either action space
     "impala": impala.build,  # on-policy with V-trace; either action space
+    "r2d2": r2d2.build,  # recurrent DQN from prioritized replay of sequences; Discrete actions
 }
 
 

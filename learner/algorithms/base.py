@@ -52,6 +52,24 @@ class Unrolls:
     version: torch.Tensor
 
 
+@dataclass
+class Sequences:
+    """One batch of r2d2 sequences on the learner's device (actors/sequence.py): B sequences
+    of T steps of one episode each, obs [B, T + 1, ...] (obs[:, L] what the last of L real
+    steps bootstraps from), action/reward/terminated/mask [B, T], `fresh` [B] (1: obs[:, 0]
+    starts an episode), the stored LSTM state h0, c0 [B, H], and importance weights [B]."""
+
+    obs: torch.Tensor
+    action: torch.Tensor
+    reward: torch.Tensor
+    terminated: torch.Tensor
+    mask: torch.Tensor
+    fresh: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    weight: torch.Tensor | None = None
+
+
 Stats = dict[str, torch.Tensor]
 """What `update` returns; see `Algorithm.update`."""
 

@@ -1,6 +1,6 @@
 """Killing the learner of a real `canopy up` run: the warm standby takes over from the newest
-checkpoint, for off-policy learners (dqn on CartPole, sac on Pendulum) and an on-policy one
-(ppo) alike."""
+checkpoint, for off-policy learners (dqn on CartPole, sac on Pendulum), an on-policy one
+(ppo) and a recurrent one (r2d2) alike."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def events(r: redis.Redis, prefix: str) -> list[dict[str, str]]:
     ]
 
 
-@pytest.mark.parametrize("algorithm", ["dqn", "ppo", "sac"])
+@pytest.mark.parametrize("algorithm", ["dqn", "ppo", "sac", "r2d2"])
 def test_killing_the_learner_of_a_local_run_is_survived_by_the_standby_from_the_last_checkpoint(
     tmp_path: Path, algorithm: str
 ) -> None:

@@ -296,3 +296,46 @@ def test_a_file_without_layers_is_a_one_line_error(tmp_path: Path) -> None:
     save_file({"log_std": np.zeros(3, np.float32)}, str(tmp_path / "std.safetensors"))
     with pytest.raises(UserError, match="canopy export"):
         export.load_file(tmp_path / "std.safetensors")
+
+
+# r2d2's lstm_q: the arrays round-trip through safetensors and play `canopy eval` on the
+# partially observed CartPole; TorchScript takes and returns the recurrent state.
+def lstm_arrays(obs_size: int = 2, actions: int = 2) -> dict[str, np.ndarray]:
+    from canopy.learner.network import LSTMQNetwork
+
+    torch.manual_seed(5)
+    return LSTMQNetwork(obs_size, actions, [16, 8]).export()
+
+
+def test_an_lstm_q_round_trips_through_safetensors_and_plays_canopy_eval(tmp_path: Path) -> None:
+    from canopy.arch import LSTM_Q
+
+    arrays = lstm_arrays()
+    env = EnvConfig(id="canopy/CartPoleNoVelocity-v1")
+    out = export.write_policy(handed(LSTM_Q, arrays), env, tmp_path / "p.st")
+    loaded, meta = export.load_file(out)
+    assert set(loaded) == set(arrays) and all(np.array_equal(loaded[k], arrays[k]) for k in arrays)
+    assert (meta["arch"], meta["obs_size"], meta["n_actions"], json.loads(meta["hidden"])) == (
+        LSTM_Q,
+        "2",
+        "2",
+        [16, 8],
+    )
+    result = export.evaluate(str(out), episodes=2, seed=5)
+    assert result["env"] == "canopy/CartPoleNoVelocity-v1" and result["mean_return"] >= 8
+
+
+def test_an_lstm_q_exports_to_torchscript_with_its_state(tmp_path: Path) -> None:
+    from canopy.actors.policy import policy_from_arrays
+    from canopy.arch import LSTM_Q
+
+    arrays = lstm_arrays()
+    out = export.write_policy(handed(LSTM_Q, arrays), EnvConfig(), tmp_path / "p.pt", "torchscript")
+    obs = np.random.default_rng(2).normal(size=(3, 5, 2)).astype(np.float32)
+    net = torch.jit.load(str(out))
+    with torch.no_grad():
+        q, (h, c) = net(torch.from_numpy(obs), (torch.zeros(3, 8), torch.zeros(3, 8)))
+    policy = policy_from_arrays(LSTM_Q, arrays)
+    h0, c0 = policy.zero_state(3)
+    np.testing.assert_allclose(q.numpy(), policy.unroll(obs, h0, c0), atol=1e-5)
+    assert h.shape == c.shape == (3, 8)

@@ -69,3 +69,28 @@ def test_settings_an_on_policy_learner_cannot_work_with_are_one_line_problems(
     problems = info.value.problems
     assert any(needle in p for p in problems), problems
     assert all("\n" not in p for p in problems)
+
+
+def test_r2d2_brings_its_defaults_a_prioritized_main_table_and_no_queue() -> None:
+    cfg = config.load(None, ['learner.algorithm="r2d2"'])
+    assert not config.on_policy(cfg)
+    for key, value in ALGORITHM_DEFAULTS["r2d2"].items():
+        assert config.get(cfg, key) == value, key
+    assert cfg.replay.sampler == "prioritized" and not cfg.replay.extra_tables
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learner.overlap=40"], "learner.overlap = 40 must be below learner.unroll_length = 40"),
+        (["learner.burn_in=40", "learner.overlap=39"], "learner.burn_in = 40 leaves nothing to learn from"),
+        (["learner.burn_in=25"], "learner.burn_in = 25 exceeds learner.overlap = 20"),
+        (["env.normalize_obs=true"], "env.normalize_obs does not fit r2d2"),
+    ],
+)
+def test_r2d2_settings_its_sequences_cannot_work_with_are_one_line_problems(
+    overrides: list[str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, ['learner.algorithm="r2d2"', *overrides])
+    assert any(line.startswith(message) for line in info.value.problems), info.value.problems

@@ -16,12 +16,13 @@ from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.errors import UserError
 from canopy.learner import algorithms
-from canopy.learner.algorithms import Algorithm, Batch, Built, TrainingState, Unrolls, host_stats
+from canopy.learner.algorithms import Algorithm, Batch, Built, Sequences, TrainingState, Unrolls, host_stats
 from canopy.learner.algorithms.actor_critic import ActorCritic
 from canopy.learner.algorithms.dqn import DQN
 from canopy.learner.algorithms.impala import IMPALA
 from canopy.learner.algorithms.population import Population
 from canopy.learner.algorithms.ppo import PPO
+from canopy.learner.algorithms.r2d2 import R2D2
 from canopy.learner.algorithms.sac import SAC
 from canopy.learner.algorithms.td3 import TD3
 from canopy.learner.checkpoint import state as checkpoint_state
@@ -39,6 +40,10 @@ KINDS = {
     "ppo_box": (BOX, LearnerConfig(algorithm="ppo", hidden=[8], epochs=2, value_clip=0.2)),
     "impala": (DISCRETE, LearnerConfig(algorithm="impala", hidden=[8], ent_coef=0.01)),
     "impala_box": (BOX, LearnerConfig(algorithm="impala", hidden=[8])),
+    "r2d2": (
+        DISCRETE,
+        LearnerConfig(algorithm="r2d2", hidden=[8, 8], burn_in=2, target_update_period=2, tau=1),
+    ),
 }
 ON_POLICY = [k for k in KINDS if k.startswith(("ppo", "impala"))]
 
@@ -81,11 +86,31 @@ def unrolls(spec: EnvSpec, seed: int, b: int = 4, t: int = 8) -> Unrolls:
     )
 
 
-def update_input(algo: Algorithm, spec: EnvSpec, seed: int) -> Batch | list[Batch] | Unrolls:
+def sequences(spec: EnvSpec, seed: int, b: int = 16, t: int = 6) -> Sequences:
+    """Random r2d2 sequences from random stored states, one ending (terminated) inside."""
+    g = torch.Generator().manual_seed(seed)
+    terminated, mask = torch.zeros(b, t), torch.ones(b, t)
+    terminated[0, 3], mask[0, 4:] = 1, 0
+    return Sequences(
+        torch.randn(b, t + 1, spec.obs_shape[0], generator=g),
+        torch.randint(0, spec.actions, (b, t), generator=g),
+        torch.randn(b, t, generator=g) * mask,
+        terminated,
+        mask,
+        (torch.arange(b) % 2).float(),
+        torch.randn(b, 8, generator=g),
+        torch.randn(b, 8, generator=g),
+        torch.rand(b, generator=g),
+    )
+
+
+def update_input(algo: Algorithm, spec: EnvSpec, seed: int) -> Batch | list[Batch] | Unrolls | Sequences:
     """What the learner role hands `update`: one batch, or one per model of a population;
-    unrolls for an on-policy algorithm."""
+    unrolls for an on-policy algorithm, sequences for r2d2."""
     if isinstance(algo.online, ActorCritic):
         return unrolls(spec, seed)
+    if isinstance(algo, R2D2):
+        return sequences(spec, seed)
     batches = [batch(spec, 10 * seed + k) for k in range(algo.models)]
     return batches[0] if algo.models == 1 else batches
 
@@ -107,7 +132,9 @@ def test_auto_picks_by_action_space_and_make_returns_the_algorithm_and_the_actor
     assert isinstance(dqn, Built) and isinstance(dqn.algorithm, DQN) and dqn.arch == "mlp"
     assert isinstance(td3, Built) and isinstance(td3.algorithm, TD3) and td3.arch == "tanh_mlp"
     assert isinstance(build("population"), Population)
-    assert set(algorithms.BUILDERS) == {"dqn", "td3", "sac", "ppo", "impala"}
+    assert set(algorithms.BUILDERS) == {"dqn", "td3", "sac", "ppo", "impala", "r2d2"}
+    r2d2 = algorithms.make(DISCRETE, KINDS["r2d2"][1], CPU)
+    assert isinstance(r2d2.algorithm, R2D2) and r2d2.arch == "lstm_q"
     sac = algorithms.make(BOX, KINDS["sac"][1], CPU)
     assert isinstance(sac.algorithm, SAC) and sac.arch == "squashed_gaussian_mlp"
     assert isinstance(build("ppo"), PPO) and isinstance(build("impala_box"), IMPALA)
@@ -129,6 +156,16 @@ def test_auto_picks_by_action_space_and_make_returns_the_algorithm_and_the_actor
             EnvSpec((4, 84, 84), "uint8", 6, True),
             LearnerConfig(algorithm="impala"),
             "impala trains on flat observations",
+        ),
+        (
+            BOX,
+            LearnerConfig(algorithm="r2d2"),
+            'r2d2 needs Discrete actions: for Box actions set learner.algorithm = "sac"',
+        ),
+        (
+            EnvSpec((4, 84, 84), "uint8", 6, True),
+            LearnerConfig(algorithm="r2d2"),
+            "lstm_q network takes flat observations",
         ),
     ],
 )
