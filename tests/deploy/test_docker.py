@@ -126,6 +126,11 @@ def _torch_wheel(directory: Path) -> Path | None:
     return wheels[0] if wheels else None
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # one line per request otherwise
+        pass
+
+
 @pytest.fixture(scope="module")
 def image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
     """deploy/Dockerfile's `cpu` target, built as IMAGE on this engine."""
@@ -138,7 +143,7 @@ def image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
     index_root = tmp_path_factory.mktemp("torch-index")
     server = None
     if _torch_wheel(index_root) is not None:
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(index_root))
+        handler = functools.partial(_QuietHandler, directory=str(index_root))
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         # The build's RUN steps reach the host's loopback only on the host's network.
