@@ -88,9 +88,10 @@ def engine() -> Engine:
     docker = _docker_cli()
     if docker is None:
         pytest.skip("no docker CLI that builds with BuildKit (buildx plugin, or docker.io 20.10)")
-    info = _run([docker, "info", "--format", "{{.ServerVersion}}"], 30)
-    if info.returncode != 0 or not info.stdout.strip():
-        pytest.skip(f"no Docker engine reachable: {(info.stderr or info.stdout).strip()[:200]}")
+    server = _run([docker, "version", "--format", "{{.Server.Version}}"], 30)
+    if server.returncode != 0 or not server.stdout.strip():
+        why = (server.stderr.strip() or server.stdout.strip()).splitlines()
+        pytest.skip(f"no Docker engine reachable ({why[0][:200] if why else 'no answer'})")
     if _run([docker, "compose", "version"], 30).returncode == 0:
         compose = [docker, "compose"]
     elif (legacy := shutil.which("docker-compose")) is not None:
