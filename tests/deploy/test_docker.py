@@ -108,21 +108,8 @@ def _torch_wheel(directory: Path) -> Path | None:
     except importlib.metadata.PackageNotFoundError:
         return None
     out = directory / "torch"  # a PEP 503 project page: INDEX/torch/ lists the wheel
-    got = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--no-index",
-            "-q",
-            "-d",
-            str(out),
-            f"torch=={version}",
-        ],
-        300,
-    )
+    download = ["download", "--no-deps", "--no-index", "-q", "-d", str(out), f"torch=={version}"]
+    got = _run([sys.executable, "-m", "pip", *download], 300)
     wheels = sorted(out.glob("torch-*.whl")) if got.returncode == 0 else []
     return wheels[0] if wheels else None
 
@@ -148,12 +135,8 @@ def image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         # The build's RUN steps reach the host's loopback only on the host's network.
-        args += [
-            "--network",
-            "host",
-            "--build-arg",
-            f"TORCH_INDEX_URL=http://127.0.0.1:{server.server_port}/",
-        ]
+        index = f"http://127.0.0.1:{server.server_port}/"
+        args += ["--network", "host", "--build-arg", f"TORCH_INDEX_URL={index}"]
     try:
         built = _run(
             [engine.docker, *args, str(REPO_ROOT)], BUILD_S, env={**os.environ, "DOCKER_BUILDKIT": "1"}
