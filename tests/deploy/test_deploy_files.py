@@ -224,15 +224,38 @@ def test_compose_roles_start_after_the_keys_and_mount_them_read_only() -> None:
         assert service["depends_on"]["keys"] == {"condition": "service_completed_successfully"}, name
         assert f"secrets:{secrets_dir}:ro" in service["volumes"], name
         assert "./cluster.toml:/etc/canopy/cluster.toml:ro" in service["volumes"], name
-    # Each Redis shard's append-only file (run.dir/redis-N) on a volume of its own.
+    # Each Redis shard's append-only file (run.dir/redis-N) and each replay shard's snapshots
+    # (replay.snapshot_dir, under run.dir) on a volume of their own.
     run_dirs = {
         name: v
         for name, service in services.items()
         for v in service["volumes"]
         if v.endswith(f":{cfg.run.dir}")
     }
-    assert run_dirs == {f"redis{i}": f"redis{i}:{cfg.run.dir}" for i in range(cfg.redis.shards)}
+    stateful = [f"redis{i}" for i in range(cfg.redis.shards)]
+    stateful += [f"replay{i}" for i in range(cfg.replay.shards)]
+    assert run_dirs == {name: f"{name}:{cfg.run.dir}" for name in stateful}
+    assert Path(cfg.run.dir) in Path(cfg.replay.snapshot_dir).parents
     assert {"secrets", *run_dirs} <= compose["volumes"].keys()
+
+
+def test_compose_runs_a_standby_learner_and_needs_no_compose_v2_keys() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    # Debian's docker-compose 1.29 rejects a top-level `name:` (compose v2 only).
+    assert "name" not in compose
+    learners = {
+        name: service["command"]
+        for name, service in compose["services"].items()
+        if service.get("command", [None])[0] == "learner"
+    }
+    assert sorted(learners) == ["learner", "learner-standby"]
+    ids = {name: int(cmd[cmd.index("--id") + 1]) for name, cmd in learners.items()}
+    assert "--standby" in learners["learner-standby"] and "--standby" not in learners["learner"]
+    assert len(set(ids.values())) == 2, "distinct learner ids"
+    for name in learners:
+        # Either may be the standby after a failover: both are alive while waiting.
+        test = compose["services"][name]["healthcheck"]["test"]
+        assert "--allow-standby" in test and str(ids[name]) in test, name
 
 
 def _pod_secret_dir(
