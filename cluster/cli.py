@@ -2,6 +2,7 @@
 
 canopy up [--env ID] [--set k=v ...]          the embedded local cluster
 canopy up --resume RUN_DIR                    continue a stopped run where it left off
+canopy up --ray ADDRESS [--env ID] ...        the same roles on the nodes of a Ray cluster
 canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
 canopy bench e2e --env ID --seeds N --json FILE
 canopy bench broadcast --actors N --model-mb M --json FILE
@@ -69,6 +70,8 @@ def _up(args: argparse.Namespace) -> int:
 
     overrides = list(args.set)
     config_path = args.config
+    if args.ray is not None and args.resume is not None:
+        raise UserError("--resume is for runs of this machine: drop --ray or --resume")
     if args.resume is not None:
         config_path = Path(args.resume) / "config.toml"
         if not config_path.is_file():
@@ -104,7 +107,13 @@ def _up(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    summary = up(config_mod.load(config_path, overrides), resume=args.resume is not None)
+    cfg = config_mod.load(config_path, overrides)
+    if args.ray is not None:
+        from canopy.cluster import ray_launch  # imports Ray only when asked for
+
+        summary = ray_launch.up(cfg, args.ray)
+    else:
+        summary = up(cfg, resume=args.resume is not None)
     keys = (
         "solved",
         "time_to_solve_s",
@@ -236,6 +245,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the learner trains")
     up.add_argument(
         "--resume", metavar="RUN_DIR", help="continue a stopped run: its config, checkpoints and replay"
+    )
+    up.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run every role on the nodes of the Ray cluster at ADDRESS (host:port, or auto); "
+        "needs pip install 'canopy-rl[ray]'",
     )
     up.set_defaults(func=_up)
 

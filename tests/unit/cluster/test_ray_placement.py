@@ -1,0 +1,113 @@
+"""Where `canopy up --ray` puts each role (cluster/ray_launch.py), from `ray.nodes()`-shaped records.
+
+No Ray needed: the placement is plain functions of the node list; tests/deploy/test_ray_cluster.py
+runs it on a real Ray cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from canopy import config as config_mod
+from canopy.cluster import ray_launch
+from canopy.cluster.ray_launch import Node
+
+
+def ray_node(
+    ip: str, head: bool = False, gpus: float = 0, alive: bool = True, **offers: float
+) -> dict[str, Any]:
+    resources: dict[str, float] = {
+        "CPU": 4.0,
+        f"node:{ip}": 1.0,
+        **{f"canopy_{k}": v for k, v in offers.items()},
+    }
+    if head:
+        resources["node:__internal_head__"] = 1.0
+    if gpus:
+        resources["GPU"] = gpus
+    return {"NodeID": f"id-{ip}", "NodeManagerAddress": ip, "Alive": alive, "Resources": resources}
+
+
+def ports_from(start: int) -> Any:
+    """A `ports_on` that hands out distinct ports and records how many each node was asked for."""
+    asked: dict[str, int] = {}
+    counter = iter(range(start, start + 1000))
+
+    def ports_on(node: Node, count: int) -> list[int]:
+        asked[node.ip] = asked.get(node.ip, 0) + count
+        return [next(counter) for _ in range(count)]
+
+    ports_on.asked = asked  # type: ignore[attr-defined]
+    return ports_on
+
+
+# What `prepare` sets before the plan is made.
+PREPARED = ['run.name="t"', 'cluster.password_file="run/redis.password"']
+
+
+def test_nodes_come_head_first_then_by_address_and_dead_ones_are_left_out() -> None:
+    nodes = ray_launch.nodes_of(
+        [
+            ray_node("10.0.0.10"),
+            ray_node("10.0.0.9"),
+            ray_node("10.0.0.1", head=True),
+            ray_node("10.0.0.5", alive=False),
+        ]
+    )
+    assert [n.ip for n in nodes] == ["10.0.0.1", "10.0.0.9", "10.0.0.10"]
+    assert nodes[0].head and not nodes[1].head
+
+
+def test_without_offers_the_shards_take_turns_over_every_node_and_listen_on_its_address() -> None:
+    cfg = config_mod.load(None, ["redis.shards=2", "replay.shards=2", "cache.nodes=1"])
+    nodes = ray_launch.nodes_of([ray_node(f"10.0.0.{i}", head=i == 1) for i in (1, 2, 3)])
+    ports_on = ports_from(7000)
+    ray_launch.assign_addresses(cfg, nodes, ports_on)
+    c = cfg.cluster
+    assert [a.rpartition(":")[0] for a in c.redis] == ["10.0.0.1", "10.0.0.2"]
+    assert [a.rpartition(":")[0] for a in c.replay] == ["tcp://10.0.0.3", "tcp://10.0.0.1"]
+    assert c.cache_fetch[0].startswith("tcp://10.0.0.2:") and c.cache_notify[0].startswith("tcp://10.0.0.2:")
+    ports = [int(a.rpartition(":")[2]) for a in [*c.redis, *c.replay, *c.cache_fetch, *c.cache_notify]]
+    assert len(set(ports)) == len(ports)
+    assert ports_on.asked == {"10.0.0.1": 2, "10.0.0.2": 3, "10.0.0.3": 1}  # one ask per node
+    assert c.learner_store == ""
+
+
+def test_offers_pin_roles_to_nodes_and_learners_prefer_gpus() -> None:
+    cfg = config_mod.load(None, [*PREPARED, "redis.shards=2", "actors.count=3", "learner.learners=1"])
+    nodes = ray_launch.nodes_of(
+        [
+            ray_node("10.0.0.1", head=True, redis=1),
+            ray_node("10.0.0.2", replay=1, cache=1, evaluator=1),
+            ray_node("10.0.0.3", gpus=1),
+            ray_node("10.0.0.4", gpus=2),
+            ray_node("10.0.0.5", actor=1),
+            ray_node("10.0.0.6", actor=1),
+        ]
+    )
+    ray_launch.assign_addresses(cfg, nodes, ports_from(7000))
+    assert all(a.startswith("10.0.0.1:") for a in cfg.cluster.redis)
+    plan = ray_launch.node_plan(cfg, "run/config.toml", nodes)
+    where = {key: node.ip for key, node in plan.items()}
+    assert where[("redis", 0)] == where[("redis", 1)] == "10.0.0.1"
+    assert where[("replay", 0)] == where[("cache", 0)] == where[("evaluator", 0)] == "10.0.0.2"
+    # Learner 0 on the first GPU node, the standby (id 1) on the second.
+    assert (where[("learner", 0)], where[("learner", 1)]) == ("10.0.0.3", "10.0.0.4")
+    assert [where[("actor", i)] for i in range(3)] == ["10.0.0.5", "10.0.0.6", "10.0.0.5"]
+
+
+def test_a_learner_group_gets_its_rendezvous_on_the_first_learner_node() -> None:
+    cfg = config_mod.load(None, [*PREPARED, "learner.learners=2"])
+    nodes = ray_launch.nodes_of([ray_node("10.0.0.1", head=True), ray_node("10.0.0.2", learner=1)])
+    ray_launch.assign_addresses(cfg, nodes, ports_from(7000))
+    assert cfg.cluster.learner_store.startswith("10.0.0.2:")
+    plan = ray_launch.node_plan(cfg, "run/config.toml", nodes)
+    assert {plan[("learner", i)].ip for i in range(3)} == {"10.0.0.2"}
+
+
+@pytest.mark.parametrize("role", ["redis", "actor"])
+def test_a_role_no_node_offers_may_go_anywhere(role: str) -> None:
+    nodes = ray_launch.nodes_of([ray_node("10.0.0.1", head=True), ray_node("10.0.0.2", learner=1)])
+    assert ray_launch.eligible(role, nodes) == nodes
