@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import ipaddress
+import math
 import os
 import signal
 import subprocess
@@ -155,6 +156,20 @@ def node_plan(cfg: Config, config_path: str, nodes: list[Node]) -> dict[tuple[st
         for cmd in commands:
             out[(cmd[0], int(cmd[cmd.index("--id") + 1]))] = by_ip[host]
     return out
+
+
+def learner_gpu_share(cfg: Config, where: dict[tuple[str, int], Node]) -> dict[int, float]:
+    """GPUs each learner on a GPU node asks Ray for: one, or a share where more learners than
+    GPUs sit on a node (a one-GPU node holding learner 0 and its standby gives each half, so
+    the standby can start; only one of them trains at a time). None with `learner.device = cpu`."""
+    if cfg.learner.device == "cpu":
+        return {}
+    learners = {ident: node for (role, ident), node in where.items() if role == "learner" and node.gpus}
+    per_node: dict[str, int] = {}
+    for node in learners.values():
+        per_node[node.node_id] = per_node.get(node.node_id, 0) + 1
+    # 1/k of a GPU, k the learners one GPU must hold: fractions that Ray can pack whole.
+    return {ident: 1.0 / math.ceil(per_node[node.node_id] / node.gpus) for ident, node in learners.items()}
 
 
 class RoleHost:
@@ -281,6 +296,8 @@ class RemoteProcess:
             code = ray.get(self.handle.wait.remote(limit), timeout=limit + CALL_TIMEOUT_S)
         except ray.exceptions.RayActorError:
             code = -1
+        except ray.exceptions.GetTimeoutError:
+            code = None  # its node does not answer: the caller kills the actor
         if code is None:
             raise subprocess.TimeoutExpired("role", limit)
         self.returncode = code
@@ -303,7 +320,7 @@ class RaySupervisor(Supervisor):
     ) -> None:
         super().__init__(cfg, run_dir, config_path, keys)
         self.where = where
-        self.gpus = any(n.gpus for n in where.values()) and cfg.learner.device != "cpu"
+        self.gpu_share = learner_gpu_share(cfg, where)
         self.files = _files_for_roles(cfg, config_path)
 
     def spawn(
@@ -316,15 +333,14 @@ class RaySupervisor(Supervisor):
         follower = follower_rank(self.cfg.learner.learners, ident) is not None
         restart_args = ("--standby",) if role == "learner" and not follower else args
         log = self.run_dir / "logs" / f"{role}-{ident}.log"
-        learner_gpu = role == "learner" and self.gpus
         listening = role in LISTENING
         # A listening role stays on its node (its address is there); the others may move
         # when their node is gone. It asks for no CPU slot: it is bound to that one node, so
         # it must never wait there for a slot the actors and learners hold.
         strategy = NodeAffinitySchedulingStrategy(node.node_id, soft=not listening)
         actor = _role_host_class().options(
-            num_cpus=0 if learner_gpu or listening else 1,
-            num_gpus=1 if learner_gpu else 0,
+            num_cpus=0 if listening else 1,
+            num_gpus=self.gpu_share.get(ident, 0.0) if role == "learner" else 0.0,
             max_restarts=MAX_RESTARTS,
             scheduling_strategy=strategy,
             name=f"canopy-{self.cfg.run.name}-{role}-{ident}",

@@ -111,3 +111,21 @@ def test_a_learner_group_gets_its_rendezvous_on_the_first_learner_node() -> None
 def test_a_role_no_node_offers_may_go_anywhere(role: str) -> None:
     nodes = ray_launch.nodes_of([ray_node("10.0.0.1", head=True), ray_node("10.0.0.2", learner=1)])
     assert ray_launch.eligible(role, nodes) == nodes
+
+
+def test_learners_share_a_gpu_only_where_there_are_more_of_them_than_gpus() -> None:
+    cfg = config_mod.load(None, [*PREPARED, "learner.learners=2"])  # ranks 0, 1 and the standby 2
+    one, two = ray_launch.nodes_of([ray_node("10.0.0.1", head=True, gpus=1), ray_node("10.0.0.2", gpus=2)])
+    where = {("learner", 0): one, ("learner", 1): two, ("learner", 2): one, ("actor", 0): two}
+    assert ray_launch.learner_gpu_share(cfg, where) == {0: 0.5, 1: 1.0, 2: 0.5}
+    three = {("learner", i): two for i in range(3)}
+    assert ray_launch.learner_gpu_share(cfg, three) == {0: 0.5, 1: 0.5, 2: 0.5}  # packs on 2 GPUs
+    cfg.learner.device = "cpu"
+    assert ray_launch.learner_gpu_share(cfg, where) == {}
+
+
+def test_up_refuses_ray_with_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    from canopy.cluster import cli
+
+    assert cli.main(["up", "--ray", "10.0.0.1:6379", "--resume", "runs/x"]) == 2
+    assert "--resume is for runs of this machine" in capsys.readouterr().err
