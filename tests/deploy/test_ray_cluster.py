@@ -10,8 +10,9 @@ and `act2` one actor each.
   writes cluster.json and summary.json as `canopy up` does.
 - A run that cannot solve (its threshold is out of reach) meets the faults: the active
   learner is killed with SIGKILL (the standby takes over under a new lease epoch, Ray
-  restarts the killed one as a standby), then every process of `act2` (its raylet, workers
-  and roles: the host is gone) and Ray starts its actor again on another node. Training
+  restarts the killed one as a standby), then the replay shard (Ray restarts it on its own
+  node, at its address), then every process of `act2` (its raylet, workers and roles: the
+  host is gone) and Ray starts its actor again on another node. Training
   goes on after both, and the run still stops cleanly on SIGTERM.
 
 CartPole solves within seconds of the roles being up here, before any fault could land;
@@ -309,6 +310,20 @@ def test_a_ray_run_trains_on_through_a_killed_learner_and_a_lost_host(
         "Ray to restart the killed learner as a standby",
     )
 
+    # A listening role comes back on its own node, at its own address.
+    shard = stats("replay", 0)["pid"]
+    os.kill(int(shard), signal.SIGKILL)
+    t_shard = time.monotonic()
+    run.wait(
+        lambda: (
+            alive() or ((s := stats("replay", 0)).get("pid", shard) != shard and s.get("state") == "running")
+        ),
+        60,
+        "Ray to restart the killed replay shard",
+    )
+    shard_s = time.monotonic() - t_shard
+    assert stats("replay", 0)["host"] == net["data"].netns
+
     kill_host(net["act2"])
     t_host = time.monotonic()
 
@@ -355,5 +370,6 @@ def test_a_ray_run_trains_on_through_a_killed_learner_and_a_lost_host(
     assert Version.parse(summary["newest_version"]).epoch >= after.epoch, summary
     print(
         f"\nray faults: new epoch {before} -> {after} {learner_s:.1f}s after the learner kill; "
-        f"actor 1 back on another node {host_s:.1f}s after its host died"
+        f"replay shard back {shard_s:.1f}s after its kill; actor 1 back on another node {host_s:.1f}s "
+        "after its host died"
     )
