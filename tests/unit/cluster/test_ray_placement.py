@@ -6,6 +6,8 @@ runs it on a real Ray cluster.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ import pytest
 from canopy import config as config_mod
 from canopy.cluster import ray_launch
 from canopy.cluster.ray_launch import Node
+from canopy.errors import UserError
 
 
 def ray_node(
@@ -129,3 +132,14 @@ def test_up_refuses_ray_with_resume(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert cli.main(["up", "--ray", "10.0.0.1:6379", "--resume", "runs/x"]) == 2
     assert "--resume is for runs of this machine" in capsys.readouterr().err
+
+
+def test_ray_is_imported_only_by_a_ray_run() -> None:
+    code = "import sys, canopy.cluster.cli, canopy.cluster.ray_launch; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_a_ray_run_without_ray_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    with pytest.raises(UserError, match=r"pip install 'canopy-rl\[ray\]'"):
+        ray_launch.up(config_mod.load(None), "10.0.0.1:6379")
