@@ -55,7 +55,7 @@ def _swap_policy(update, ident: int, counters: dict, r, keys: Keys):
     counters["policy_model"], arrays = member_arrays(arrays, ident)
     policy = policy_from_arrays(manifest.arch, arrays)
     counters["policy_version"] = str(version)
-    r.hset(keys.ledger_actors, str(ident), str(version))
+    r.set(keys.ledger_actor(ident), str(version))
     return version, policy
 
 

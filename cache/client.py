@@ -133,7 +133,7 @@ class ClientCore:
         if not self.watched:  # else the process's HostWatch hears landed versions for us
             self.sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_LANDED)
         self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
-        curve.connect(self.sub, notify)
+        curve.connect(self.sub, notify, curve.CACHE_SERVER)
         self.req = self._dealer(fetch)
         self.req.send_multipart(protocol.hello())
         self._sent_at, self._asked = time.monotonic(), None
@@ -207,7 +207,7 @@ class ClientCore:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_BYTES)
-        curve.connect(sock, fetch)
+        curve.connect(sock, fetch, curve.CACHE_SERVER)
         return sock
 
     def _on_notify(self) -> Update | None:
@@ -351,7 +351,7 @@ class HostWatch:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, protocol.TOPIC_LANDED)
         self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
-        curve.connect(self.sub, notify)
+        curve.connect(self.sub, notify, curve.CACHE_SERVER)
 
     def add(self, core: ClientCore) -> None:
         """Offer this watch's landed notifications to `core` from now on."""

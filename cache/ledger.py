@@ -6,12 +6,19 @@ fenced Lua script (learner/publisher.py); both take the fields from `entry`. The
 outlives the version's blob. Readers take the publish time with `published_at`: the
 launcher (env steps at a confirmed version's publish time, cluster/verdicts.py) and the
 fault and cutoff benches (publish cadence, versions a fenced learner still wrote).
+
+The actors' side of the ledger, the version each acts with, is one key per actor
+(`ledger:actor:<id>`, written by the actor itself as it switches) so that per-actor Redis
+users (canopy/acl.py) can write their own entry and no other; `acting` reads them all.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
 
+import redis
+
+from canopy.keys import Keys
 from canopy.version import Version
 
 PUBLISHED_AT = "published_at"  # wall-clock seconds, what every reader of the ledger asks for
@@ -61,3 +68,12 @@ def published_at(value: bytes | str | None) -> float | None:
         return float(value)
     except ValueError:
         raise ValueError(f"malformed ledger {PUBLISHED_AT} {value!r}, expected seconds") from None
+
+
+def acting(r: redis.Redis, keys: Keys) -> dict[bytes, bytes]:
+    """Actor id -> the version it acts with, for every actor in `alive:actor` with an entry."""
+    ids = [i for i in r.zrange(keys.alive("actor"), 0, -1) if i.isdigit()]  # members are untrusted
+    if not ids:
+        return {}
+    values = r.mget([keys.ledger_actor(int(i)) for i in ids])
+    return {i: v for i, v in zip(ids, values, strict=True) if v is not None}

@@ -62,6 +62,7 @@ class CacheNode:
             "served_bytes_total": 0,
             "fetch_requests_total": 0,
             "rejected_total": 0,
+            "forbidden_total": 0,  # requests refused to the caller's role (CURVE keys on)
             "upstream_errors_total": 0,
             "missed_notifications_total": 0,
             "failovers_total": 0,

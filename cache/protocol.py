@@ -26,7 +26,10 @@ may be another node and a child may be a node or an actor:
                                    {op: chunk, version, i} + the chunk's raw frame
         {op: latest}            -> the newest version, as for get
         {op: hb, child}         -> no reply: the child's heartbeat to its parent
-    errors: {op: error, code: bad_request | unknown_version, message}
+    errors: {op: error, code: bad_request | unknown_version | forbidden, message}
+
+With CURVE keys (canopy/curve.py) each op, and subscribing to the notify PUB, is for the
+client roles ROLES names; a node refuses any other role's request with `forbidden`.
 
 `version` strings are `<epoch>.<step>`; `shm` names the host's shared-memory ring
 (cache/shm.py) and `reader` the pin cells given to this child, or "" / -1 for none.
@@ -51,6 +54,7 @@ import zmq
 
 from canopy import wire
 from canopy.cache import blob
+from canopy.curve import ACTOR, CACHE, EVALUATOR
 from canopy.errors import ProtocolError
 from canopy.version import Version
 
@@ -60,6 +64,7 @@ HELLO = "hello"  # request and its reply
 GET = "get"
 LATEST = "latest"
 HB = "hb"
+SUBSCRIBE = "subscribe"  # not a message: connecting a SUB to the notify PUB
 VERSION = "version"  # replies to get / latest: the manifest, then its chunks
 CHUNK = "chunk"
 ERROR = "error"
@@ -67,6 +72,21 @@ ERROR = "error"
 # ---- error codes ----------------------------------------------------------------------
 BAD_REQUEST = "bad_request"  # a request that fails the checks: never retried as is
 UNKNOWN_VERSION = "unknown_version"  # not held (evicted, never published, or lost upstream)
+FORBIDDEN = "forbidden"  # an op the caller's role may not use (ROLES)
+
+# ---- who may ask (client roles of canopy/curve.py) -------------------------------------
+_CHILDREN = frozenset({ACTOR, EVALUATOR, CACHE})  # whoever follows a node: leaves and child nodes
+ROLES: dict[str, frozenset[str]] = {
+    HELLO: _CHILDREN,
+    GET: _CHILDREN,
+    LATEST: _CHILDREN,
+    HB: _CHILDREN,
+    SUBSCRIBE: _CHILDREN,
+}
+# Who may connect at all (ZAP): to the fetch ROUTER, and to the notify PUB.
+FETCH_ROLES = frozenset().union(*(roles for op, roles in ROLES.items() if op != SUBSCRIBE))
+NOTIFY_ROLES = ROLES[SUBSCRIBE]
+FETCH_DOMAIN, NOTIFY_DOMAIN = "cache-fetch", "cache-notify"
 
 # ---- limits ---------------------------------------------------------------------------
 MAX_REQUEST_BYTES = 4096

@@ -20,17 +20,23 @@ A reply is trusted no more than any other input: each is a bulk string whose len
 fit the chunk limit and the space the manifest leaves; a nil (missing chunk), an error, an
 over-long header line or any other reply type raises, and the connection is dropped (its
 reply stream is in an unknown state) and opened again on the next read.
+
+With TLS (`cluster.tls`) the socket is wrapped with the same CA and host-name check as the
+redis-py client it copies (canopy/tls.py); `recv_into` then decrypts a record (16 KiB at
+most) at a time, still straight into the version's buffer.
 """
 
 from __future__ import annotations
 
 import mmap
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import redis
 
+from canopy import tls
 from canopy.errors import ProtocolError
 
 MAX_LINE = 4096  # a reply header (`$<n>`) or an error line
@@ -57,19 +63,28 @@ class ChunkReader:
         client_name: str | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         connect_timeout_s: float = DEFAULT_TIMEOUT_S,
+        ssl_context: ssl.SSLContext | None = None,
     ):
         self.host, self.port, self.username, self.password, self.db = host, port, username, password, db
+        self.ssl_context = ssl_context  # None: plain TCP
         self.client_name, self.timeout_s, self.connect_timeout_s = client_name, timeout_s, connect_timeout_s
         self._sock: socket.socket | None = None
         self._pending = b""  # bytes received past the last reply parsed
 
     @classmethod
     def for_client(cls, r: redis.Redis) -> ChunkReader:
-        """A reader with the same server and credentials as `r` (a plain TCP client)."""
+        """A reader with the same server, credentials and TLS settings as `r`."""
         pool = r.connection_pool
         kw: dict[str, Any] = pool.connection_kwargs
-        if pool.connection_class is not redis.Connection or kw.get("credential_provider") is not None:
-            raise ValueError("a cache node reads chunks over plain TCP with a username/password client")
+        context = None
+        if pool.connection_class is redis.SSLConnection:
+            if not kw.get("ssl_ca_certs") or not kw.get("ssl_check_hostname"):
+                raise ValueError("a cache node reads chunks over TLS only with a client that verifies Redis")
+            context = tls.client_context(kw["ssl_ca_certs"])
+        elif pool.connection_class is not redis.Connection:
+            raise ValueError("a cache node reads chunks over TCP or TLS, not a unix socket")
+        if kw.get("credential_provider") is not None:
+            raise ValueError("a cache node reads chunks with a username/password client")
         name = kw.get("client_name")
         return cls(
             kw.get("host", "localhost"),
@@ -80,6 +95,7 @@ class ChunkReader:
             f"{name}:chunks" if name else None,
             kw.get("socket_timeout") or DEFAULT_TIMEOUT_S,  # a stalled Redis must not hang the node
             kw.get("socket_connect_timeout") or kw.get("socket_timeout") or DEFAULT_TIMEOUT_S,
+            context,
         )
 
     def close(self) -> None:
@@ -127,8 +143,14 @@ class ChunkReader:
         if self._sock is not None:
             return self._sock
         sock = socket.create_connection((self.host, self.port), timeout=self.connect_timeout_s)
-        sock.settimeout(self.timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            if self.ssl_context is not None:  # the handshake runs under the connect timeout
+                sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(self.timeout_s)
         self._sock, self._pending = sock, b""
         try:
             if self.password is not None:

@@ -71,11 +71,12 @@ class Server:
         self.seq = 0
         self.next_reader = 0
         self._next_beat = 0.0
+        self.gate: curve.Gate | None = None  # names each request's role when CURVE is on
 
     def bind(self, fetch: str, notify: str) -> tuple[str, str]:
         """Bind the ROUTER and the PUB; returns the endpoints bound (port 0 resolved)."""
-        curve.bind(self.fetch_sock, fetch)
-        curve.bind(self.notify_sock, notify)
+        self.gate = curve.bind(self.fetch_sock, fetch, protocol.FETCH_DOMAIN, protocol.FETCH_ROLES)
+        curve.bind(self.notify_sock, notify, protocol.NOTIFY_DOMAIN, protocol.NOTIFY_ROLES)
         return (
             self.fetch_sock.getsockopt_string(zmq.LAST_ENDPOINT),
             self.notify_sock.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -90,7 +91,7 @@ class Server:
         """Handle up to MAX_BATCH queued requests without blocking."""
         for _ in range(MAX_BATCH):
             try:
-                frames = self.fetch_sock.recv_multipart(zmq.NOBLOCK)
+                frames = self.fetch_sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._handle(frames)
@@ -221,10 +222,17 @@ class Server:
         self.handoff.set_waited(self.parked)
 
     # ---- requests -----------------------------------------------------------------------
-    def _handle(self, frames: list[bytes]) -> None:
-        ident = frames[0]
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
         try:
+            role = self.gate.role_of(frames[1]) if self.gate is not None and len(frames) > 1 else None
+            if self.gate is not None and role is None:
+                self._forbid(ident, "your key is no longer authorized")
+                return
             msg = protocol.read_request(frames[1:])
+            if self.gate is not None and msg.op in protocol.ROLES and role not in protocol.ROLES[msg.op]:
+                self._forbid(ident, f"{msg.op} is not for the {role} role")
+                return
             self.children[ident] = time.monotonic()
             if msg.op == protocol.HB:
                 return
@@ -258,6 +266,10 @@ class Server:
         self.next_reader += reader >= 0
         reply = protocol.hello_reply(self.store.newest(), self.seq, self.name, self.store.shm_name(), reader)
         self.fetch_sock.send_multipart([ident, *reply])
+
+    def _forbid(self, ident: bytes, message: str) -> None:
+        self.counters["forbidden_total"] += 1
+        self._refuse(ident, protocol.FORBIDDEN, message)
 
     def _refuse(self, ident: bytes, code: str, message: str) -> None:
         self.fetch_sock.send_multipart([ident, *protocol.error_reply(code, message)])

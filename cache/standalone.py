@@ -2,7 +2,8 @@
 
 For the broadcast benchmark and the fault tests, which build trees of real node processes
 (and kill them): `python -m canopy.cache.standalone --run R --redis H:P --user U --password-file F
---parents '[["tcp://..", "tcp://.."], []]' --name n1 [--shm-tag T] [--counters FILE]`.
+--parents '[["tcp://..", "tcp://.."], []]' --name n1 [--shm-tag T] [--counters FILE] [--tls]`.
+With --tls Redis is TLS-only and checked against `tls/ca.crt` beside F (cluster.tls).
 An empty parent entry is the Redis root. Prints one JSON line {fetch, notify} once bound,
 writes its counters to FILE every 0.2 s and on exit, and stops on SIGTERM.
 """
@@ -21,8 +22,9 @@ import redis
 
 from canopy.cache.node import CacheNode
 from canopy.cache.upstream import Parent
-from canopy.config import CacheConfig
+from canopy.config import CacheConfig, ClusterConfig
 from canopy.keys import Keys
+from canopy.redisconn import tls_kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shm-tag", default="")
     p.add_argument("--bind", default="tcp://127.0.0.1:0")
     p.add_argument("--counters", default="")
+    p.add_argument("--tls", action="store_true", help="Redis over TLS, its CA in tls/ beside --password-file")
     p.add_argument("--set", action="append", default=[], help="CacheConfig field=value (JSON)")
     args = p.parse_args(argv)
     cfg = CacheConfig()
@@ -49,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.redis:
         host, port = args.redis.rsplit(":", 1)
         password = Path(args.password_file).read_text().strip() if args.password_file else None
-        r = redis.Redis(host=host, port=int(port), username=args.user, password=password, socket_timeout=5)
+        tls = tls_kwargs(ClusterConfig(password_file=args.password_file, tls=args.tls))
+        r = redis.Redis(
+            host=host, port=int(port), username=args.user, password=password, socket_timeout=5, **tls
+        )
         r.client_setname(f"canopy:cache:{args.name}")
     parents = [Parent(*e) if e else Parent() for e in json.loads(args.parents)]
     node = CacheNode(cfg, r, Keys(args.run), parents=parents, name=args.name, shm_tag=args.shm_tag)

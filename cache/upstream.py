@@ -63,7 +63,7 @@ def _dealer(ctx: zmq.Context, parent: Parent) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_REPLY_BYTES)
-    curve.connect(sock, parent.fetch)
+    curve.connect(sock, parent.fetch, curve.CACHE_SERVER)
     return sock
 
 
@@ -77,7 +77,7 @@ class NodeLink:
         self.sub.setsockopt(zmq.LINGER, 0)
         self.sub.setsockopt(zmq.SUBSCRIBE, b"")
         self.sub.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_NOTIFY_BYTES)
-        curve.connect(self.sub, parent.notify)
+        curve.connect(self.sub, parent.notify, curve.CACHE_SERVER)
         self.req = _dealer(ctx, parent)
         self.last_heard = time.monotonic()
         self.last_seq: int | None = None

@@ -10,15 +10,26 @@ What each role may touch, under the run's prefix `canopy:<run>:`:
 | user | reads | writes |
 |---|---|---|
 | learner | the whole run | the whole run: model, ledger, lease, epoch, ckpt |
-| actor | model, replay membership, epoch | own stats, liveness, control list |
+| actor | model, replay membership, epoch | own stats, liveness, control list, ledger entry |
 | evaluator | model, replay membership, epoch | own stats, liveness, control list; `eval:*` (best version) |
+| actor-<id> | as actor | that id's stats, control list and ledger entry; liveness |
 | cache | model, epoch | own stats, liveness, control list |
 | replay | - | own stats, liveness, control list; replay membership |
 | status | the whole run | nothing (an operator's read-only view, `canopy status`) |
 
 Every role but `status` may also append to `events` (XADD only, through an ACL selector,
-so it cannot delete or trim the stream), and actors and the evaluator may set their own
-entry in `ledger:actors` (HSET only).
+so it cannot delete or trim the stream).
+
+Per-actor users (`cluster.actor_users`): a role user is shared by every process of the role,
+so one `actor` password lets any actor overwrite another's stats or ledger entry. With
+actor_users each actor id has its own user, `actor-<id>`, whose write patterns name only
+that id's keys: `proc:actor:<id>`, `control:actor:<id>`, `ledger:actor:<id>`. Redis itself
+refuses actor 3 writing actor 4's keys (NOPERM), so no broker sits on the telemetry path.
+Still shared by all actors: `alive:actor` (one sorted set, member = id, that every actor
+moves its own deadline in; ACL key patterns cannot split a key by member) and `events`.
+The users are written into every shard's config by whoever holds the operator password
+(`canopy up`, or the operator step that writes a deployment's redis.conf), one per id in
+`0..actors.count-1`; each actor process needs only its own password file.
 
 Commands: data reads and writes, transactions, Lua scripts and the connection commands the
 clients use (`CLIENT SETNAME`); no admin or dangerous commands (FLUSHALL, CONFIG, KEYS,
@@ -46,6 +57,9 @@ _EXTRA_COMMANDS = {
 _TELEMETRY = ["proc:{role}:*", "alive:{role}", "control:{role}:*", "deploy:claim:{role}:*"]
 
 
+_ACTOR_READS = ["model:*", "replay:*", "learner:epoch"]
+
+
 def _own(role: str) -> list[str]:
     return [p.format(role=role) for p in _TELEMETRY]
 
@@ -57,9 +71,9 @@ def _key_rules(role: str) -> tuple[list[str], list[str]]:
     if role == "status":
         return [], ["*"]
     if role == "actor":
-        return _own(role), ["model:*", "replay:*", "learner:epoch"]
+        return [*_own(role), "ledger:actor:*"], _ACTOR_READS
     if role == "evaluator":
-        return [*_own(role), "eval:*"], ["model:*", "replay:*", "learner:epoch"]
+        return [*_own(role), "eval:*"], _ACTOR_READS
     if role == "cache":
         return _own(role), ["model:*", "learner:epoch"]
     if role == "replay":
@@ -79,9 +93,28 @@ def rules(role: str, run: str) -> str:
     channels = [f"&{prefix}model:notify"] if role in ("cache", "learner") else []
     # Selectors: a command allowed on one key only, whatever the root rules allow.
     selectors = [] if role in ("learner", "status") else [f"(%W~{prefix}events +xadd)"]
-    if role in ("actor", "evaluator"):
-        selectors.append(f"(%W~{prefix}ledger:actors +hset)")
     return " ".join(["resetkeys", *keys, "resetchannels", *channels, commands, *selectors])
+
+
+def actor_user(ident: int) -> str:
+    """The Redis user of actor `ident` under `cluster.actor_users`."""
+    if ident < 0:
+        raise ValueError(f"actor id {ident} is negative")
+    return f"actor-{ident}"
+
+
+def actor_rules(ident: int, run: str) -> str:
+    """The ACL rules of actor `ident`'s own user: the actor role's, with writes to its keys only."""
+    prefix = f"canopy:{run}:"
+    own = ["proc:actor:{i}", "control:actor:{i}", "ledger:actor:{i}", "alive:actor"]
+    keys = [f"~{prefix}{p.format(i=ident)}" for p in own] + [f"%R~{prefix}{p}" for p in _ACTOR_READS]
+    selector = f"(%W~{prefix}events +xadd)"
+    return " ".join(["resetkeys", *keys, "resetchannels", _BASE_COMMANDS, selector])
+
+
+def actor_user_line(ident: int, run: str, password: str) -> str:
+    """A `user` directive for redis.conf: actor `ident`'s own user, on, with its password."""
+    return f"user {actor_user(ident)} on resetpass >{password} {actor_rules(ident, run)}"
 
 
 def user_line(role: str, run: str, password: str) -> str:

@@ -254,6 +254,8 @@ class ClusterConfig:
     # Least-privilege Redis users, one per role (canopy/acl.py), each with its password in
     # redis.<role>.password beside password_file; off: every role connects as redis_user.
     role_users: bool = False
+    actor_users: bool = False  # and each actor its own, `actor-<id>`, that may write only its own keys
+    tls: bool = False  # Redis over TLS only; clients check shards against tls/ca.crt beside password_file
     # host:port of the learner group's rendezvous (TCPStore), served by rank 0; needed when
     # learner.learners > 1 (`canopy up` picks a free port).
     learner_store: str = ""
@@ -368,15 +370,22 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
     Example:
         cfg = load("cluster.toml", ["learner.lr=5e-4", "actors.count=4"])
     """
-    data: dict[str, Any] = {}
-    problems: list[str] = []
+    text = ""
     if path is not None:
         try:
-            data = tomllib.loads(Path(path).read_text())
+            text = Path(path).read_text()
         except FileNotFoundError:
             raise ConfigError([f"config file {path} not found"]) from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
+    return loads(text, overrides, f"config file {path}")
+
+
+def loads(text: str, overrides: list[str] | None = None, source: str = "config") -> Config:
+    """`load` from TOML text (a run's `run:config` in Redis); `source` names it in errors."""
+    problems: list[str] = []
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{source} is not valid TOML: {exc}"]) from None
     apply_overrides(data, overrides or [], problems)
     algorithm_defaults(data)
     cfg = build(Config, data, "", problems)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from canopy.version import Version
 
+# Entries kept in the `metrics` stream (XADD MAXLEN ~): one per heartbeat, about 11 hours
+# at the default 2 s, a few MB.
+METRICS_MAXLEN = 20_000
+
 
 class Keys:
     """Key names for one run.
@@ -59,6 +63,20 @@ class Keys:
         return f"{self.prefix}events"
 
     @property
+    def metrics(self) -> str:
+        """Stream: one sample of the run's summed counters per heartbeat (`t` unix seconds,
+        `env_steps`, `episodes`, `train_return`, `updates`, `loss`, `version`, `eval_return`,
+        `eval_version`), written by the learner holding the lease under every launcher; what
+        `canopy plot` draws. Capped at about `METRICS_MAXLEN` (20k) entries."""
+        return f"{self.prefix}metrics"
+
+    @property
+    def run_config(self) -> str:
+        """String: the run's resolved config as TOML, written by the learner when it takes the
+        lease; operator tools given only a Redis address read the env and layout from it."""
+        return f"{self.prefix}run:config"
+
+    @property
     def epoch(self) -> str:
         """String: a counter INCR'd by every learner start; the epoch of its versions, and its fence."""
         return f"{self.prefix}learner:epoch"
@@ -105,10 +123,10 @@ class Keys:
         parent version, codec, digest, published_at."""
         return f"{self.prefix}ledger:version:{version}"
 
-    @property
-    def ledger_actors(self) -> str:
-        """Hash: actor id -> version it acts with now."""
-        return f"{self.prefix}ledger:actors"
+    def ledger_actor(self, ident: int) -> str:
+        """String: the version actor `ident` acts with now (its own key, so that with per-actor
+        Redis users no actor can rewrite another's entry; cache/ledger.py `acting` reads them all)."""
+        return f"{self.prefix}ledger:actor:{ident}"
 
     @property
     def lease(self) -> str:

@@ -1,16 +1,25 @@
-"""Connections to the Redis shards, each named `canopy:<role>:<id>` (CLIENT SETNAME)."""
+"""Connections to the Redis shards, each named `canopy:<role>:<id>` (CLIENT SETNAME).
+
+Every redis-py client of a role is made here: with `cluster.tls` it speaks TLS and checks
+the shard's certificate against the run's CA (`tls_dir`, canopy/tls.py); cache/rawget.py
+takes the same settings from the client it is given.
+"""
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
+from typing import Any
 
 import redis
 
+from canopy import tls
 from canopy.config import ClusterConfig
 from canopy.errors import UserError
 
-# Processes that are not roles but only read (status, probes, export) use the read-only user.
-READERS = {"status": "status", "health": "status", "export": "status"}
+# Processes that are not roles but only read (status, probes, the operator tools of
+# cluster/connection.py) use the read-only user.
+READERS = {name: "status" for name in ("status", "health", "export", "eval", "plot", "checkpoint", "resume")}
 
 
 def role_password_file(cluster: ClusterConfig, user: str) -> Path:
@@ -18,14 +27,23 @@ def role_password_file(cluster: ClusterConfig, user: str) -> Path:
     return Path(cluster.password_file).with_name(f"redis.{user}.password")
 
 
-def credentials(cluster: ClusterConfig, role: str) -> tuple[str, Path]:
-    """(Redis user, password file) for a process of `role`.
+def tls_dir(cluster: ClusterConfig) -> Path:
+    """The directory of the run's TLS files (canopy/tls.py): `tls/` beside the password files."""
+    return Path(cluster.password_file).with_name("tls")
 
-    With `cluster.role_users`, each role has its own least-privilege user (canopy/acl.py);
-    anything else (the launcher, benchmarks, tests) is an operator and uses `redis_user`.
+
+def credentials(cluster: ClusterConfig, role: str, ident: int | str | None = None) -> tuple[str, Path]:
+    """(Redis user, password file) for process `ident` of `role`.
+
+    With `cluster.role_users`, each role has its own least-privilege user (canopy/acl.py),
+    and with `cluster.actor_users` each actor (an integer `ident`) its own; anything else
+    (the launcher, benchmarks, tests) is an operator and uses `redis_user`.
     """
     from canopy import acl
 
+    if cluster.actor_users and role == "actor" and isinstance(ident, int):
+        user = acl.actor_user(ident)
+        return user, role_password_file(cluster, user)
     user = READERS.get(role, role)
     if cluster.role_users and user in acl.ROLES:
         return user, role_password_file(cluster, user)
@@ -54,7 +72,7 @@ def connect(cluster: ClusterConfig, role: str, ident: int | str, shard: int = 0)
     if not cluster.redis:
         raise UserError("cluster.redis is empty: list the Redis shards as host:port")
     host, _, port = cluster.redis[shard].rpartition(":")
-    user, password_file = credentials(cluster, role)
+    user, password_file = credentials(cluster, role, ident)
     return redis.Redis(
         host=host,
         port=int(port),
@@ -64,4 +82,18 @@ def connect(cluster: ClusterConfig, role: str, ident: int | str, shard: int = 0)
         socket_timeout=10,
         socket_connect_timeout=5,
         health_check_interval=30,
+        **tls_kwargs(cluster),
     )
+
+
+def tls_kwargs(cluster: ClusterConfig) -> dict[str, Any]:
+    """redis-py's keyword arguments for `cluster.tls`: verify the shard against the run's CA."""
+    if not cluster.tls:
+        return {}
+    return {
+        "ssl": True,
+        "ssl_ca_certs": str(tls.ca_file(tls_dir(cluster))),
+        "ssl_cert_reqs": "required",
+        "ssl_check_hostname": True,
+        "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+    }

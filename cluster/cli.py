@@ -2,6 +2,7 @@
 
 canopy up [--env ID] [--set k=v ...]          the embedded local cluster
 canopy up --resume RUN_DIR                    continue a stopped run where it left off
+canopy up --resume --redis H:P --password-file F   a deployment's run, here, from its newest checkpoint
 canopy up --ray ADDRESS [--env ID] ...        the same roles on the nodes of a Ray cluster
 canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
 canopy bench e2e --env ID --seeds N --json FILE
@@ -13,10 +14,15 @@ canopy bench soak --actors 1000 --minutes 10 --json FILE
 canopy bench faults [--faults a,b,c] --json FILE
 canopy cache plan --hosts H --actors N --model-mb M   fan-out and depth of the cache tree
 canopy checkpoint plan [--config FILE]          where checkpoint chunks go
+canopy checkpoint list RUN|CONNECTION           a run's committed checkpoints
 canopy keys DIR                                 CURVE keys for ZeroMQ across hosts
+canopy tls DIR [--name HOST ...]                CA and certificate for Redis over TLS (DIR/tls)
 canopy check-env ID [--set env.kwargs=...]      gymnasium checks, spaces, stepping speed
-canopy export RUN_DIR --out FILE [--format F] [--version best|newest|ID]   the policy as a file
-canopy eval RUN_DIR|FILE [--episodes 100] [--version best|newest|ID] [--video F.gif]
+canopy export RUN|CONNECTION --out FILE [--format F] [--version best|newest|ID]   the policy as a file
+canopy eval RUN|CONNECTION|FILE [--episodes 100] [--version best|newest|ID] [--video F.gif]
+canopy status|plot RUN|CONNECTION               roles table; learning curves PNG
+RUN is a `canopy up` run directory; CONNECTION is --config cluster.toml or
+--redis HOST:PORT --password-file F [--user status] (cluster/connection.py).
 canopy hosts plan CONFIG [--place ROLE=HOST]    role commands per host (bare metal)
 """
 
@@ -29,10 +35,12 @@ import sys
 from pathlib import Path
 
 from canopy import config as config_mod
+from canopy.cluster import connection
 from canopy.errors import CanopyError, ConfigError, DeadlineExceeded, UserError
 
 # role name -> module whose `run(cfg, ident, stop)` runs it
 VERSION_HELP = "best (the best version the evaluator confirmed; default), newest, or a version id"
+RUN_DIR_HELP = "a run directory of canopy up (or pass the connection options)"
 MODEL_HELP = "which model of a population run (default: the confirmed one of `best`, else 0)"
 ROLES = {
     "replay": "canopy.replay.role",
@@ -57,7 +65,7 @@ def _role_command(args: argparse.Namespace) -> int:
 
         exec_server(cfg, args.id)
         return 0  # not reached: exec replaced this process
-    curve.use(curve.load(cfg.cluster))  # every ZeroMQ socket of this role follows it
+    curve.use(curve.load(cfg.cluster, args.role))  # every ZeroMQ socket of this role follows it
     stop = lifecycle.stop_event()
     # A standby learner waits cold first, without torch (learner/standby.py).
     module = "canopy.learner.standby" if getattr(args, "standby", False) else ROLES[args.role]
@@ -66,13 +74,22 @@ def _role_command(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from canopy.cluster.launcher import up
+    from canopy.cluster.launcher import adopt, up
 
     overrides = list(args.set)
     config_path = args.config
     if args.ray is not None and args.resume is not None:
-        raise UserError("--resume is for runs of this machine: drop --ray or --resume")
-    if args.resume is not None:
+        raise UserError("--ray starts a new run: drop --ray or --resume")
+    adopted = None
+    if args.resume == "":  # a deployment's run, named by the connection options
+        clash = [f for f, v in (("--env", args.env), ("--seed", args.seed)) if v is not None]
+        if clash:
+            raise UserError(
+                f"--resume takes the run's own config: drop {', '.join(clash)} (--set still works)"
+            )
+    elif args.resume is not None:
+        if connection.given(args) and not args.config:
+            raise UserError("--resume RUN_DIR takes no connection options: the run directory names the run")
         config_path = Path(args.resume) / "config.toml"
         if not config_path.is_file():
             raise UserError(
@@ -96,6 +113,8 @@ def _up(args: argparse.Namespace) -> int:
                 f"--resume takes the run's own config: drop {', '.join(clash)} (--set still works)"
             )
         args.run_dir = str(Path(args.resume).resolve())
+    elif connection.given(args) and not args.config:
+        raise UserError("the connection options go with --resume (a deployment's run, continued here)")
     for flag, key in (
         ("env", "env.id"),
         ("seed", "run.seed"),
@@ -107,13 +126,16 @@ def _up(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    cfg = config_mod.load(config_path, overrides)
+    if args.resume == "":
+        cfg, adopted = adopt(connection.resolve(args), overrides)
+    else:
+        cfg = config_mod.load(config_path, overrides)
     if args.ray is not None:
         from canopy.cluster import ray_launch  # imports Ray only when asked for
 
         summary = ray_launch.up(cfg, args.ray)
     else:
-        summary = up(cfg, resume=args.resume is not None)
+        summary = up(cfg, resume=bool(args.resume), adopted=adopted)
     keys = (
         "solved",
         "time_to_solve_s",
@@ -132,7 +154,7 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from canopy.cluster import status
 
-    return status.main(args.run_dir, args.watch)
+    return status.main(connection.resolve(args, args.run_dir), args.watch)
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -144,7 +166,10 @@ def _health(args: argparse.Namespace) -> int:
 def _plot(args: argparse.Namespace) -> int:
     from canopy.cluster.plot import plot
 
-    print(plot(args.run_dirs, args.out))
+    live = connection.resolve(args) if connection.given(args) else None
+    if live is None and not args.run_dirs:
+        raise UserError(f"which run? pass {connection.SOURCES_HELP}")
+    print(plot(args.run_dirs, args.out, live))
     return 0
 
 
@@ -165,7 +190,8 @@ def _hosts_plan(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from canopy.cluster.export import export
 
-    print(f"wrote {export(args.run_dir, args.out, args.format, args.version, args.model)}")
+    target = connection.resolve(args, args.run_dir)
+    print(f"wrote {export(target, args.out, args.format, args.version, args.model)}")
     return 0
 
 
@@ -174,7 +200,11 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.episodes < 1:
         raise UserError("--episodes must be at least 1")
-    result = evaluate(args.source, args.episodes, args.seed, args.env, args.video, args.model, args.version)
+    is_file = args.source is not None and Path(args.source).is_file()
+    if is_file and connection.given(args):
+        raise UserError("pass an exported FILE or a run, not both")
+    source = args.source if is_file else connection.resolve(args, args.source)
+    result = evaluate(source, args.episodes, args.seed, args.env, args.video, args.model, args.version)
     print(json.dumps(result))
     return 0
 
@@ -190,8 +220,17 @@ def _keys(args: argparse.Namespace) -> int:
     from canopy import curve
 
     d = curve.generate(args.dir)
-    print(f"CURVE keys in {d}: set cluster.curve_dir = {str(d)!r} on every host (keep *.key_secret private)")
+    print(
+        f"CURVE keys in {d}: set cluster.curve_dir = {str(d)!r}; give each role's hosts only its own"
+        " *.key_secret (docs/security.md)"
+    )
     return 0
+
+
+def _tls(args: argparse.Namespace) -> int:
+    from canopy import tls
+
+    return tls.command(Path(args.dir), args.name)
 
 
 def _cache_plan(args: argparse.Namespace) -> int:
@@ -202,6 +241,16 @@ def _cache_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(str(exc)) from None
     print(json.dumps(plan.to_dict()) if args.json else plan.describe())
+    return 0
+
+
+def _checkpoint_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from canopy.cluster.status import checkpoints
+
+    table = checkpoints(connection.resolve(args, args.run_dir))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 
@@ -244,7 +293,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--seed", type=int)
     up.add_argument("--device", choices=("auto", "cpu", "cuda"), help="where the learner trains")
     up.add_argument(
-        "--resume", metavar="RUN_DIR", help="continue a stopped run: its config, checkpoints and replay"
+        "--resume",
+        nargs="?",
+        const="",
+        metavar="RUN_DIR",
+        help="continue a stopped run: its config, checkpoints and replay; without RUN_DIR, the run "
+        "--redis/--password-file (or --config) name, from its newest checkpoint",
     )
     up.add_argument(
         "--ray",
@@ -252,6 +306,7 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         help="run every role on the nodes of the Ray cluster at ADDRESS (host:port, or auto); "
         "needs pip install 'canopy-rl[ray]'",
     )
+    connection.add_options(up, config=False)
     up.set_defaults(func=_up)
 
 
@@ -277,8 +332,9 @@ def _add_roles(sub: argparse._SubParsersAction) -> None:
 def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     """Commands about a running or planned cluster: status, hosts, checkpoint, health."""
     st = sub.add_parser("status", help="table of every role of a run; exit 1 if one is dead")
-    st.add_argument("run_dir", help="the run directory (holds cluster.json)")
+    st.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help=RUN_DIR_HELP)
     st.add_argument("--watch", action="store_true", help="refresh every second")
+    connection.add_options(st)
     st.set_defaults(func=_status)
 
     hosts = sub.add_parser("hosts", help="bare-metal clusters: which role commands run on which host")
@@ -303,6 +359,10 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     plan.add_argument("--learner", type=int, default=0, help="learner id")
     plan.add_argument("--chunks", type=int, default=8, help="chunks to list")
     plan.set_defaults(func=_checkpoint_plan)
+    cl = ckpt_sub.add_parser("list", help="a run's committed checkpoints, newest first")
+    cl.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help=RUN_DIR_HELP)
+    connection.add_options(cl)
+    cl.set_defaults(func=_checkpoint_list)
 
     hl = sub.add_parser("health", help="exit 0 when one role process is alive (for probes)")
     hl.add_argument("role")
@@ -313,6 +373,13 @@ def _add_cluster_commands(sub: argparse._SubParsersAction) -> None:
     )
     hl.set_defaults(func=_health)
 
+    tl = sub.add_parser("tls", help="CA and certificate for Redis over TLS in DIR/tls, DIR: the passwords'")
+    tl.add_argument("dir", metavar="DIR")
+    tl.add_argument(
+        "--name", action="append", default=[], help="a host name or IP of the shards (repeatable)"
+    )
+    tl.set_defaults(func=_tls)
+
 
 def _add_tools(sub: argparse._SubParsersAction) -> None:
     """Commands about envs and policies: check-env, export, eval, keys, plot."""
@@ -322,30 +389,33 @@ def _add_tools(sub: argparse._SubParsersAction) -> None:
     ce.set_defaults(func=_check_env)
 
     ex = sub.add_parser("export", help="a run's best confirmed policy as safetensors or TorchScript")
-    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("run_dir", nargs="?", metavar="RUN_DIR", help=RUN_DIR_HELP)
     ex.add_argument("--out", required=True, help="file to write")
     ex.add_argument("--format", default="safetensors", help="safetensors | torchscript")
     ex.add_argument("--version", default="best", help=VERSION_HELP)
     ex.add_argument("--model", type=int, default=None, help=MODEL_HELP)
+    connection.add_options(ex)
     ex.set_defaults(func=_export)
 
     ev = sub.add_parser("eval", help="greedy episodes with a run's best confirmed policy or an exported file")
-    ev.add_argument("source", metavar="RUN_DIR|FILE")
+    ev.add_argument("source", nargs="?", metavar="RUN_DIR|FILE", help=f"{RUN_DIR_HELP}, or an exported file")
     ev.add_argument("--episodes", type=int, default=100)
     ev.add_argument("--version", default="best", help=VERSION_HELP)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--env", default="", help="env id (default: the run's or the file's)")
     ev.add_argument("--video", default="", help="GIF of the first episode")
     ev.add_argument("--model", type=int, default=None, help=MODEL_HELP)
+    connection.add_options(ev)
     ev.set_defaults(func=_eval)
 
-    ky = sub.add_parser("keys", help="CURVE keys for ZeroMQ sockets; set cluster.curve_dir to DIR")
+    ky = sub.add_parser("keys", help="CURVE keys per role for ZeroMQ sockets; set cluster.curve_dir to DIR")
     ky.add_argument("dir", metavar="DIR")
     ky.set_defaults(func=_keys)
 
     pl = sub.add_parser("plot", help="PNG of learning curves and throughput of one or more runs")
-    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    pl.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="runs of canopy up (metrics.jsonl)")
     pl.add_argument("--out", default="canopy-plot.png", help="PNG file to write")
+    connection.add_options(pl)  # one more run, from its metrics stream in Redis
     pl.set_defaults(func=_plot)
 
 
@@ -413,6 +483,7 @@ def _add_bench_parts(bench_sub: argparse._SubParsersAction) -> None:
     bc.add_argument("--keyframe-every", type=int, default=16)
     bc.add_argument("--netns", action="store_true", help="one network namespace per host (root only)")
     bc.add_argument("--rate-mbit", type=float, default=0.0, help="with --netns: each host's link rate")
+    bc.add_argument("--tls", action="store_true", help="tree and flat again over TLS, beside plaintext")
     bc.add_argument("--json", required=True)
     bc.set_defaults(func=_bench)
     rb = bench_sub.add_parser("replay", help="replay shard throughput across processes vs numpy and ZeroMQ")
@@ -469,6 +540,7 @@ def _add_bench_faults(bench_sub: argparse._SubParsersAction) -> None:
     ck.add_argument("--no-recovery", action="store_true", help="skip the kill/recovery trials")
     ck.add_argument("--no-dcp", action="store_true", help="skip the torch.distributed.checkpoint baseline")
     ck.add_argument("--workdir", help="parent of the temporary directory (the torch.save disk)")
+    ck.add_argument("--tls", action="store_true", help="the arms and recovery again on TLS shards")
     ck.add_argument("--json", required=True, help="file for the result")
     ck.set_defaults(func=_bench)
 

@@ -4,9 +4,10 @@ Place in the data flow: after (or during) training. What a run hands over is its
 confirmed version: the one the evaluator judged best over `eval.confirm_episodes` fresh
 episodes, pinned at the Redis root (`eval:best`, cache/blob.py `pin`) so it outlives the
 trimming of old versions; `--version newest` takes `model:latest` instead, `--version ID`
-any version still kept. A run that has stopped still has them in its persisted shard
-(RUN_DIR/redis-0), which these commands start on a free loopback port for as long as they
-read. The policy leaves canopy as
+any version still kept. The run is a `canopy up` run directory, a deployment's TOML or a
+Redis address (cluster/connection.py); a `canopy up` run that has stopped still has them in
+its persisted shard (RUN_DIR/redis-0), which these commands start on a free loopback port
+for as long as they read. The policy leaves canopy as
 - safetensors: the published network's arrays (a Q-network's or policy's state_dict, and a
   `gaussian_mlp`'s `log_std`) plus metadata (env id, version, arch, layer sizes), loadable
   with `safetensors.torch.load_file` into `torch.nn.Linear` layers;
@@ -24,7 +25,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,8 +34,8 @@ import redis
 from canopy import config as config_mod
 from canopy.arch import GAUSSIAN_MLP, MLP, SQUASHED_GAUSSIAN_MLP, TANH_MLP
 from canopy.cache import blob
+from canopy.cluster.connection import Target, require_config
 from canopy.cluster.progress import waiting
-from canopy.cluster.status import load_run
 from canopy.config import EnvConfig
 from canopy.errors import ProtocolError, UserError
 from canopy.keys import Keys
@@ -47,22 +48,24 @@ REDIS_START_S = 30.0  # loading a large append-only file takes a while
 
 
 @contextlib.contextmanager
-def run_redis(run_dir: Path) -> Iterator[tuple[redis.Redis, Keys, config_mod.Config]]:
-    """The run's root shard: the live one when the run is up, else its persisted copy."""
-    cluster, cfg, keys = load_run(run_dir)
-    r = connect(cfg.cluster, "export", 0)
+def run_redis(target: Target) -> Iterator[tuple[redis.Redis, Keys, config_mod.Config]]:
+    """The run's root shard: the live one when it answers, else (a `canopy up` run directory
+    only) its persisted copy."""
+    r = target.client("export")
     try:
         live = bool(r.ping())
     except redis.ConnectionError:
         live = False
     if live:
         try:
-            yield r, keys, cfg
+            yield r, target.keys, target.cfg
         finally:
             r.close()
         return
     r.close()
-    conf = run_dir / "redis-0" / "redis.conf"
+    if target.run_dir is None:
+        raise UserError(f"cannot reach the run's Redis root at {target.where()}: is the run up?")
+    conf = target.run_dir / "redis-0" / "redis.conf"
     if not conf.is_file():
         raise UserError(f"the run's Redis is down and {conf} does not exist: nothing to read the policy from")
     port = free_ports(1)[0]
@@ -79,8 +82,8 @@ def run_redis(run_dir: Path) -> Iterator[tuple[redis.Redis, Keys, config_mod.Con
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    host_cfg = config_mod.load(cluster["config"], [f'cluster.redis=["127.0.0.1:{port}"]'])
-    r = connect(host_cfg.cluster, "export", 0)
+    copy = replace(target.cfg.cluster, redis=[f"127.0.0.1:{port}"])
+    r = connect(copy, "export", 0)
     try:
         deadline = time.monotonic() + REDIS_START_S
         while True:
@@ -91,7 +94,7 @@ def run_redis(run_dir: Path) -> Iterator[tuple[redis.Redis, Keys, config_mod.Con
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise UserError(f"could not start the run's persisted Redis from {conf}") from None
                 time.sleep(0.05)
-        yield r, keys, cfg
+        yield r, target.keys, target.cfg
     finally:
         r.close()
         proc.terminate()
@@ -156,12 +159,13 @@ def pick_model(arrays: dict[str, np.ndarray], model: int) -> dict[str, np.ndarra
     return models[model]
 
 
-def export(run_dir: str, out: str, fmt: str, version: str = "best", model: int | None = None) -> Path:
+def export(target: Target, out: str, fmt: str, version: str = "best", model: int | None = None) -> Path:
     """Write a run's policy (`version`: best | newest | an id) to `out`; `model`: default, the
     confirmed model of a population's best version, else model 0."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    with run_redis(Path(run_dir)) as (r, keys, cfg):
+    require_config(target, "export")  # the file names the run's env
+    with run_redis(target) as (r, keys, cfg):
         taken = handover(r, keys, version)
     return write_policy(taken, cfg.env, Path(out), fmt, taken.model if model is None else model)
 
@@ -250,7 +254,7 @@ def _layer_order(name: str) -> tuple[int, int, str]:
 
 
 def evaluate(
-    source: str,
+    source: Target | str,
     episodes: int,
     seed: int,
     env_id: str = "",
@@ -263,16 +267,19 @@ def evaluate(
     from canopy.actors.evaluator import judge
     from canopy.envs import check_env_id
 
-    path = Path(source)
     env_cfg = EnvConfig(id=env_id)
-    if path.is_dir():
-        with run_redis(path) as (r, keys, cfg):
+    from_run = isinstance(source, Target)
+    if isinstance(source, Target):
+        if not env_id:
+            require_config(source, "eval without --env")
+        with run_redis(source) as (r, keys, cfg):
             taken = handover(r, keys, version)
         model = taken.model if model is None else model
         arrays = {k: np.array(v) for k, v in pick_model(taken.arrays, model).items()}
         env_cfg = cfg.env if not env_id or env_id == cfg.env.id else env_cfg
         version, arch = str(taken.manifest.version), taken.manifest.arch
     else:
+        path = Path(source)
         arrays, meta = load_file(path)
         env_cfg.id = env_id or meta.get("env", "")
         if env_cfg.id == meta.get("env"):
@@ -288,7 +295,7 @@ def evaluate(
     return {
         "env": env_cfg.id,
         "version": version,
-        **({"model": model} if path.is_dir() else {}),
+        **({"model": model} if from_run else {}),
         "episodes": episodes,
         "mean_return": score["mean"],
         "std_return": score["std"],

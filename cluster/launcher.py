@@ -13,6 +13,14 @@ shards start on their append-only files in RUN_DIR/redis-<i> (cluster/redis_serv
 the replay shards on their snapshots in RUN_DIR/replay (`replay.snapshot_dir`), so the
 learner restores its newest checkpoint under a new, larger epoch and trains on the replay
 contents it left. Only the addresses are new: ports are picked again.
+
+Resume from a connection (`canopy up --resume --redis HOST:PORT ... --password-file F`, or
+`--resume --config cluster.toml`): a run of any launcher (compose, Kubernetes, Ray) continues
+on this machine. Its config comes from `run:config` (or the TOML), with this machine's own
+cluster section; its newest checkpoint that loads completely is read from the deployment's
+shards (`adopt`) and committed into the new local shards under a lease of its own before
+any role starts (`Launcher.start`), so the learner restores it as after a local restart.
+The replay contents and the confirmed best stay with the deployment.
 """
 
 from __future__ import annotations
@@ -24,22 +32,35 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from canopy import acl, curve
+import redis
+import tomli_w
+
+from canopy import acl, curve, tls
 from canopy import config as config_mod
 from canopy.cache import topology
 from canopy.cluster import redis_server
+from canopy.cluster.connection import Target, require_config
 from canopy.cluster.monitor import Monitor, active_learner
 from canopy.cluster.progress import waiting
 from canopy.cluster.report import Report, snapshot_replay, write_json
 from canopy.cluster.supervisor import Supervisor
-from canopy.config import Config
+from canopy.config import Config, to_dict
 from canopy.envs import check_env_id
 from canopy.errors import UserError
 from canopy.keys import Keys
+from canopy.lease import Lease
 from canopy.ports import free_ports
-from canopy.redisconn import role_password_file
+from canopy.redisconn import role_password_file, tls_dir
+from canopy.version import Version
+
+# The lease the launcher holds while it commits an adopted checkpoint: far longer than a
+# local commit takes; it is deleted right after, before any learner starts.
+ADOPT_LEASE_S = 120.0
+
+if TYPE_CHECKING:
+    from canopy.learner.checkpoint.store import Loaded
 
 
 class Launcher:
@@ -53,9 +74,10 @@ class Launcher:
         launcher.supervisor.shutdown()
     """
 
-    def __init__(self, cfg: Config, resume: bool = False) -> None:
+    def __init__(self, cfg: Config, resume: bool = False, adopted: Loaded | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
+        self.adopted = adopted  # a deployment's checkpoint to start from (`adopt`)
         # The run's clock starts before the build: wall_s counts start-up too.
         self.t0 = time.monotonic()
         self.started_at = time.time()
@@ -63,11 +85,14 @@ class Launcher:
         keys = Keys(cfg.run.name)
         self.supervisor = Supervisor(cfg, self.run_dir, config_path, keys)
         self.monitor = Monitor(self.supervisor, self.t0, self.started_at)
-        self.report = Report(cfg, self.supervisor.r, keys, resume, self.t0, self.started_at)
+        resumed = resume or adopted is not None
+        self.report = Report(cfg, self.supervisor.r, keys, resumed, self.t0, self.started_at)
 
     def start(self) -> None:
         """Start the Redis shards, then every other role; write cluster.json once all run."""
         self.supervisor.start_redis()
+        if self.adopted is not None:
+            commit_adopted(self.cfg, self.supervisor.r, self.adopted)
         self.monitor.skip_earlier_events()  # before this run's roles write theirs
         self.supervisor.start_roles(self.resume)
         write_json(self.run_dir / "cluster.json", self.supervisor.describe())
@@ -93,13 +118,14 @@ class Launcher:
         return summary
 
 
-def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
+def up(cfg: Config, resume: bool = False, adopted: Loaded | None = None) -> dict[str, Any]:
     """Run a local cluster until solved, out of time, or signalled; returns summary.json's content.
 
-    `resume`: `cfg` is the config.toml of a stopped run (see the module docstring).
+    `resume`: `cfg` is the config.toml of a stopped run; `adopted`: a deployment's checkpoint
+    to start from, with `cfg` from `adopt` (see the module docstring).
     """
-    curve.use(curve.load(cfg.cluster))  # for its own requests to the replay shards
-    launcher = Launcher(cfg, resume)
+    curve.use(curve.load(cfg.cluster, curve.OPERATOR))  # for its own requests to the replay shards
+    launcher = Launcher(cfg, resume, adopted)
     stop_flag = [False]
 
     def on_signal(signum: int, frame: object) -> None:
@@ -107,7 +133,7 @@ def up(cfg: Config, resume: bool = False) -> dict[str, Any]:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        verb = "resuming run" if resume else "run"
+        verb = "resuming run" if resume or adopted is not None else "run"
         print(f"canopy: {verb} {cfg.run.name} in {launcher.run_dir}", file=sys.stderr)
         with waiting("starting every role"):
             launcher.start()
@@ -151,7 +177,11 @@ def prepare(cfg: Config, resume: bool) -> tuple[Path, Path]:
         cfg.replay.snapshot_dir = str(run_dir / "replay")
     c.password_file = str(run_dir / "redis.password")
     c.role_users = True  # every role its own least-privilege Redis user (canopy/acl.py)
-    for path in [Path(c.password_file)] + [role_password_file(c, role) for role in acl.ROLES]:
+    c.actor_users = True  # and every actor its own, that may write only its own keys
+    users = [*(r for r in acl.ROLES if r != "actor"), *(acl.actor_user(i) for i in range(cfg.actors.count))]
+    if c.tls and not (resume and (tls_dir(c) / tls.CA_CERT).exists()):  # clients of a resumed run keep theirs
+        tls.generate(tls_dir(c), [host])
+    for path in [Path(c.password_file)] + [role_password_file(c, user) for user in users]:
         if not (resume and path.exists()):  # operators of a resumed run keep theirs
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -184,3 +214,50 @@ def _is_canopy_process(pid: int) -> bool:
     except OSError:
         return False
     return b"cluster.cli" in cmdline or b"redis-server" in cmdline
+
+
+def adopt(target: Target, overrides: list[str]) -> tuple[Config, Loaded]:
+    """The config and newest complete checkpoint of the run `target` names,
+    to continue here: the run's own settings and name, this machine's cluster section
+    (addresses, secrets, `canopy up`'s defaults), a new run directory."""
+    from canopy.learner.checkpoint.placement import make_plan, shard_hosts_of
+    from canopy.learner.checkpoint.store import CheckpointStore
+
+    require_config(target, "--resume from a connection")
+    clients = target.clients("resume")
+    plan = make_plan(shard_hosts_of([], target.cfg.cluster.redis), 1)  # reads only: never used
+    try:
+        loaded = CheckpointStore(clients, target.keys, plan).recover()
+    finally:
+        for r in clients:
+            r.close()
+    if loaded is None:
+        raise UserError(
+            f"run {target.keys.run} has no checkpoint that loads completely from {target.where()}: "
+            "pass every Redis shard with --redis, or wait for the learner's first checkpoint"
+        )
+    data = to_dict(target.cfg)
+    data["cluster"] = {}  # the deployment's addresses, secrets and CURVE keys are not this machine's
+    data["run"]["dir"] = ""
+    data["replay"]["snapshot_dir"] = ""
+    data["checkpoint"].update(shard_hosts=[], learner_host="")  # host labels of the deployment
+    cfg = config_mod.loads(tomli_w.dumps(data), overrides, f"the config of run {target.keys.run}")
+    return cfg, loaded
+
+
+def commit_adopted(cfg: Config, r: redis.Redis, loaded: Loaded) -> None:
+    """Commit an adopted checkpoint into the fresh local shards, under the id it had, fenced by
+    a lease whose epoch is above the checkpoint's (the learner's next epoch is above both)."""
+    from canopy.learner.lead import make_store
+
+    keys = Keys(cfg.run.name)
+    store = make_store(cfg, 0)
+    lease = Lease(r, keys, 0, ADOPT_LEASE_S, epoch_floor=lambda: Version.parse(loaded.ckpt).epoch)
+    try:
+        if not lease.try_acquire():
+            raise UserError(f"the learner lease of run {cfg.run.name} is held in a Redis just started")
+        store.write(loaded.snapshot, loaded.ckpt, lease.token, learner=0)
+    finally:
+        r.delete(keys.lease)  # no learner runs yet: nobody else can hold it
+        for client in store.shards:
+            client.close()

@@ -25,10 +25,11 @@ Nodes choose roles by custom resources: a node started with `--resources
 canopy_cache, canopy_learner, canopy_evaluator); a role no node names goes anywhere, a
 learner to GPU nodes first. The resource marks a node; it is not consumed.
 
-Every role process needs config.toml and the password files at the same paths on its node:
-its actor writes them there from what the driver sends (a shared file system gets the same
-bytes again). Anyone who can submit work to the Ray cluster can read them: Ray's own trust
-boundary, as for any Ray job.
+Every role process reads config.toml and its secrets (its Redis password, TLS and CURVE
+files; `role_files`) at the same paths on its node: its actor writes them there from what
+the driver sends (a shared file system gets the same bytes again). Each role gets only its
+own, but anyone who can submit work to the Ray cluster can read them in transit: Ray's own
+trust boundary, as for any Ray job.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from canopy import acl, curve
 from canopy import config as config_mod
+from canopy import curve, tls
 from canopy.cluster import hostplan
 from canopy.cluster.launcher import Launcher, prepare
 from canopy.cluster.monitor import Monitor
@@ -61,7 +62,7 @@ from canopy.errors import UserError
 from canopy.keys import Keys
 from canopy.lease import follower_rank
 from canopy.ports import free_ports
-from canopy.redisconn import role_password_file
+from canopy.redisconn import credentials, tls_dir
 
 # A role that keeps dying stops being restarted: the run then shows it dead.
 MAX_RESTARTS = 20
@@ -321,7 +322,6 @@ class RaySupervisor(Supervisor):
         super().__init__(cfg, run_dir, config_path, keys)
         self.where = where
         self.gpu_share = learner_gpu_share(cfg, where)
-        self.files = _files_for_roles(cfg, config_path)
 
     def spawn(
         self, role: str, ident: int, endpoints: dict[str, str] | None = None, args: tuple[str, ...] = ()
@@ -345,7 +345,8 @@ class RaySupervisor(Supervisor):
             scheduling_strategy=strategy,
             name=f"canopy-{self.cfg.run.name}-{role}-{ident}",
         )
-        handle = actor.remote(role, ident, str(self.config_path), args, restart_args, self.files, str(log))
+        files = role_files(self.cfg, self.config_path, role, ident)
+        handle = actor.remote(role, ident, str(self.config_path), args, restart_args, files, str(log))
         child = Child(role, ident, RemoteProcess(handle), log, endpoints or {}, args, "--standby" in args)  # type: ignore[arg-type]
         self.children.append(child)
         return child
@@ -382,6 +383,7 @@ class RayLauncher(Launcher):
 
         self.cfg = cfg
         self.resume = False
+        self.adopted = None
         self.t0 = time.monotonic()
         self.started_at = time.time()
         self.run_dir, config_path = prepare(cfg, resume=False)
@@ -389,6 +391,8 @@ class RayLauncher(Launcher):
         if not nodes:
             raise UserError(f"the Ray cluster at {address} has no alive node")
         assign_addresses(cfg, nodes, _free_ports_on)
+        if cfg.cluster.tls:  # the shards' certificate names their nodes' addresses
+            tls.generate(tls_dir(cfg.cluster), [a.rpartition(":")[0] for a in cfg.cluster.redis])
         config_mod.save(cfg, config_path)
         keys = Keys(cfg.run.name)
         where = node_plan(cfg, str(config_path), nodes)
@@ -406,7 +410,7 @@ def up(cfg: Config, address: str) -> dict[str, Any]:
         import ray
     except ImportError:
         raise UserError("canopy up --ray needs Ray on this machine: pip install 'canopy-rl[ray]'") from None
-    curve.use(curve.load(cfg.cluster))
+    curve.use(curve.load(cfg.cluster, curve.OPERATOR))  # for its own requests to the replay shards
     try:
         ray.init(address=address, log_to_driver=False, logging_level="warning")
     except ConnectionError as exc:
@@ -453,13 +457,24 @@ def _free_ports_on(node: Node, count: int) -> list[int]:
     return ray.get(task.remote(count, node.ip), timeout=CALL_TIMEOUT_S)
 
 
-def _files_for_roles(cfg: Config, config_path: Path) -> dict[str, tuple[bytes, int]]:
-    """What a role process reads from disk: config.toml, the password files, CURVE keys."""
+def role_files(cfg: Config, config_path: Path, role: str, ident: int) -> dict[str, tuple[bytes, int]]:
+    """What role process `ident` of `role` reads from disk, and no more, as path -> (bytes, mode):
+    config.toml; its own Redis password (a Redis shard: every password, it writes them all
+    into its users); with `cluster.tls` the CA certificate (a shard: its certificate and key
+    too); with CURVE its own keys (`curve.mounts`)."""
     c = cfg.cluster
-    paths = [config_path, Path(c.password_file)] + [role_password_file(c, role) for role in acl.ROLES]
-    if c.curve_dir:
-        paths += [p for p in Path(c.curve_dir).iterdir() if p.is_file()]
-    return {str(p): (p.read_bytes(), p.stat().st_mode & 0o777) for p in paths if p.exists()}
+    paths = [config_path]
+    if role == "redis":
+        paths += [Path(c.password_file), *Path(c.password_file).parent.glob("redis.*.password")]
+        paths += list(tls.server_files(tls_dir(c))) if c.tls else []
+    else:
+        paths.append(credentials(c, role, ident)[1])
+        paths += [tls.ca_file(tls_dir(c))] if c.tls else []
+        if c.curve_dir:
+            d = Path(c.curve_dir)
+            for m in curve.mounts(role):
+                paths += sorted(p for p in (d / m).rglob("*") if p.is_file()) if m.endswith("/") else [d / m]
+    return {str(p): (p.read_bytes(), p.stat().st_mode & 0o777) for p in paths if p.is_file()}
 
 
 def _write_if_changed(path: Path, data: bytes, mode: int) -> None:

@@ -22,6 +22,12 @@ The shard's config file (mode 600, in the run directory) turns the default user 
 connection can use it) and creates the operator user `cluster.redis_user` with the
 generated password, so the password never appears on a command line. The process then
 *becomes* redis-server (exec), so its pid is the one in cluster.json.
+
+With `cluster.tls` the shard listens on its port with TLS only (`port 0`, `tls-port`), with
+the certificate and key in `tls/` beside the password files (canopy/tls.py); clients need no certificate of
+their own (`tls-auth-clients no`): they authenticate with their user's password.
+`tls-replication yes` makes a replica an operator adds with REPLICAOF sync over TLS too
+(canopy itself replicates checkpoints from the client side, cache/ and learner/checkpoint/).
 """
 
 from __future__ import annotations
@@ -32,10 +38,10 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from canopy import acl
+from canopy import acl, tls
 from canopy.config import Config
 from canopy.errors import UserError
-from canopy.redisconn import read_password, role_password_file
+from canopy.redisconn import read_password, role_password_file, tls_dir
 
 PERSIST = [
     "appendonly yes",
@@ -70,7 +76,7 @@ def write_conf(cfg: Config, ident: int) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "redis.conf"
     lines = [
-        f"port {port}",
+        *(tls_lines(tls_dir(cfg.cluster), port) if cfg.cluster.tls else [f"port {port}"]),
         f"bind {'* -::*' if cfg.cluster.bind_all else host}",
         "protected-mode yes",
         'save ""',
@@ -88,12 +94,34 @@ def write_conf(cfg: Config, ident: int) -> Path:
     ]
     if cfg.cluster.role_users:
         for role in acl.ROLES:
+            if role == "actor" and cfg.cluster.actor_users:
+                continue  # no shared actor user: each actor has its own, below
             password = read_password(cfg.cluster, role_password_file(cfg.cluster, role))
             lines.append(acl.user_line(role, cfg.run.name, password))
+    if cfg.cluster.actor_users:
+        for ident in range(cfg.actors.count):
+            user = acl.actor_user(ident)
+            password = read_password(cfg.cluster, role_password_file(cfg.cluster, user))
+            lines.append(acl.actor_user_line(ident, cfg.run.name, password))
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
     return conf
+
+
+def tls_lines(directory: str | Path, port: int | str) -> list[str]:
+    """redis.conf lines for a TLS-only shard on `port` with the files in `directory` (module docstring)."""
+    ca, cert, key = tls.server_files(directory)
+    return [
+        "port 0",
+        f"tls-port {port}",
+        f"tls-cert-file {cert.resolve()}",
+        f"tls-key-file {key.resolve()}",
+        f"tls-ca-cert-file {ca.resolve()}",
+        "tls-auth-clients no",
+        "tls-replication yes",
+        'tls-protocols "TLSv1.2 TLSv1.3"',
+    ]
 
 
 def exec_server(cfg: Config, ident: int) -> None:

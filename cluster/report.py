@@ -173,7 +173,7 @@ def replay_request(endpoint: str, header: dict[str, Any], timeout: float) -> dic
     request = protocol.one_off(header)
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    curve.connect(sock, endpoint)
+    curve.connect(sock, endpoint, curve.REPLAY_SERVER)
     try:
         sock.send_multipart(wire.encode(request))
         if not sock.poll(int(timeout * 1000)):

@@ -1,17 +1,19 @@
-"""`canopy status RUN_DIR`: one table of every role, read from the same Redis keys redis-cli sees.
+"""`canopy status`: one table of every role, read from the same Redis keys redis-cli sees.
 
-Exits 1 when a role listed in cluster.json has no live stats hash or is past its deadline in
-`alive:<role>`, so the command doubles as a health check.
+The run comes from a run directory, a cluster TOML or a bare Redis address
+(cluster/connection.py); its processes are those in the liveness sets `alive:<role>` and,
+from a run directory, the ones cluster.json lists. Exits 1 when one of them has no live
+stats hash or is past its deadline, so the command doubles as a health check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import redis
@@ -20,6 +22,8 @@ from rich.live import Live
 from rich.table import Table
 
 from canopy import config as config_mod
+from canopy.cache import ledger
+from canopy.cluster.connection import Target
 from canopy.errors import ProtocolError, UserError
 from canopy.keys import Keys
 from canopy.redisconn import connect
@@ -38,46 +42,61 @@ COLUMNS = (
     ("rejected", "rejected_total"),
     ("rss MB", "rss_mb"),
 )
+# Table order; a process of another role (none today) would come last.
+ROLE_ORDER = ("replay", "cache", "learner", "evaluator", "actor")
 # The counter whose mean rate since the process started is each role's "rate/s".
 RATE_OF = {"actor": "env_steps_total", "learner": "updates_total", "replay": "inserts_total"}
 MAX_CKPT_DOC_BYTES = 4 << 20
 
-
-def load_run(run_dir: str | Path) -> tuple[dict[str, Any], config_mod.Config, Keys]:
-    """A run directory's cluster.json, its resolved config and its key names."""
-    try:
-        cluster = json.loads((Path(run_dir) / "cluster.json").read_text())
-    except FileNotFoundError:
-        raise UserError(
-            f"{run_dir}/cluster.json not found: pass the run directory canopy up printed"
-        ) from None
-    return cluster, config_mod.load(cluster["config"]), Keys(cluster["run"])
+if TYPE_CHECKING:  # torch comes with it: imported only by `canopy checkpoint list`
+    from canopy.learner.checkpoint.store import CheckpointStore
 
 
-def read(run_dir: str | Path) -> tuple[list[dict[str, Any]], bool, str]:
-    """Rows (one per role process in cluster.json), whether every one is alive, a caption.
+def processes(r: redis.Redis, keys: Keys, listed: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """(role, id) of every process the run's liveness sets hold, plus `listed` (cluster.json),
+    in role order. A process that stopped cleanly has left its set; one that died stays,
+    past its deadline, until it comes back."""
+    pipe = r.pipeline(transaction=False)
+    for role in ROLE_ORDER:
+        pipe.zrange(keys.alive(role), 0, -1)
+    found = set(listed)
+    for role, members in zip(ROLE_ORDER, pipe.execute(), strict=True):
+        found |= {(role, int(m)) for m in members if m.isdigit() and len(m) < 10}
+    order = {role: i for i, role in enumerate(ROLE_ORDER)}
+    return sorted(found, key=lambda p: (order.get(p[0], len(order)), p[1]))
+
+
+def read(target: Target) -> tuple[list[dict[str, Any]], bool, str]:
+    """Rows (one per role process), whether every one is alive, a caption.
 
     The caption holds the policy lag of the actors and the age of the newest checkpoint.
     """
-    cluster, cfg, keys = load_run(run_dir)
-    r = connect(cfg.cluster, "status", 0)
-    procs = [(role, entry["id"]) for role, entries in cluster["roles"].items() for entry in entries]
-    pipe = r.pipeline(transaction=False)
-    for role, ident in procs:
-        pipe.hgetall(keys.proc(role, ident))
-        pipe.zscore(keys.alive(role), str(ident))
+    with contextlib.closing(target.client("status")) as r:  # `--watch` reads once a second
+        return _read(r, target)
+
+
+def _read(r: redis.Redis, target: Target) -> tuple[list[dict[str, Any]], bool, str]:
+    keys = target.keys
     try:
+        procs = processes(r, keys, target.listed)
+        pipe = r.pipeline(transaction=False)
+        for role, ident in procs:
+            pipe.hgetall(keys.proc(role, ident))
+            pipe.zscore(keys.alive(role), str(ident))
         replies = pipe.execute()
     except redis.RedisError as exc:
         raise UserError(
-            f"cannot read the run's Redis root {cfg.cluster.redis[0]} ({exc}): is the run up?"
+            f"cannot read the run's Redis root {target.where()} ({exc}): is the run up?"
         ) from None
+    if not procs:
+        caption = f"no process of run {keys.run} has reported to this Redis (alive:<role> is empty)"
+        return [], False, caption
     now = time.time()
     rows = [
         row(role, ident, stats, deadline, now)
         for (role, ident), stats, deadline in zip(procs, replies[::2], replies[1::2], strict=True)
     ]
-    add_lag(rows, r.get(keys.model_latest), r.hgetall(keys.ledger_actors))
+    add_lag(rows, r.get(keys.model_latest), ledger.acting(r, keys))
     caption = f"{policy_lag(r, keys)}\n{checkpoint_age(r, keys, now)}"
     return rows, all(x["alive"] for x in rows), caption
 
@@ -110,7 +129,7 @@ def row(
 def add_lag(rows: list[dict[str, Any]], latest_raw: bytes | None, ledger: dict[bytes, bytes]) -> None:
     """Each actor's lag behind `model:latest`, in learner steps (only within one epoch).
 
-    The version an actor acts with comes from `ledger:actors`, written as it switches, the
+    The version an actor acts with comes from its `ledger:actor:<id>`, written as it switches, the
     same source as the caption; its stats hash can be a heartbeat older.
     """
     try:
@@ -155,12 +174,12 @@ def _number(text: str | None) -> float | None:
 
 
 def policy_lag(r: redis.Redis, keys: Keys) -> str:
-    """Lag of every actor behind the newest version, from `model:latest` and `ledger:actors`.
+    """Lag of every actor behind the newest version, from `model:latest` and the actors' ledger entries.
 
     Within one epoch the lag is in learner steps; an actor still on an older epoch's version
     is counted apart (steps of different epochs do not compare).
     """
-    latest_raw, acting = r.get(keys.model_latest), r.hgetall(keys.ledger_actors)
+    latest_raw, acting = r.get(keys.model_latest), ledger.acting(r, keys)
     if latest_raw is None or not acting:
         return "policy lag: no version published or no actor acting yet"
     try:
@@ -198,11 +217,11 @@ def render(rows: list[dict[str, Any]], caption: str = "") -> Table:
     return table
 
 
-def main(run_dir: str, watch: bool) -> int:
+def main(target: Target, watch: bool) -> int:
     """Print the table (refreshed every second with `watch`); 1 when a role is not alive."""
     # Piped output (probes, logs) gets a wide table instead of rich's 80-column default.
     console = Console(width=None if sys.stdout.isatty() else 200)
-    rows, healthy, lag = read(run_dir)
+    rows, healthy, lag = read(target)
     if not watch:
         console.print(render(rows, lag))
         return 0 if healthy else 1
@@ -210,7 +229,7 @@ def main(run_dir: str, watch: bool) -> int:
         try:
             while True:
                 time.sleep(1)
-                rows, healthy, lag = read(run_dir)
+                rows, healthy, lag = read(target)
                 live.update(render(rows, lag))
         except KeyboardInterrupt:
             pass
@@ -240,3 +259,48 @@ def health(config_file: str, role: str, ident: int, allow_standby: bool = False)
         return 1
     print(f"{role} {ident}: healthy ({state.decode()})")
     return 0
+
+
+def checkpoints(target: Target) -> Table:
+    """`canopy checkpoint list`: the run's committed checkpoints, newest first, each from its
+    first manifest copy whose digest and shape check out on any reachable shard."""
+    from canopy.learner.checkpoint.placement import make_plan, shard_hosts_of
+    from canopy.learner.checkpoint.store import CheckpointStore
+
+    addresses = target.cfg.cluster.redis
+    plan = make_plan(shard_hosts_of([], addresses), 1)  # reads only: the plan is never used
+    clients = target.clients("checkpoint")
+    try:
+        return _checkpoint_table(CheckpointStore(clients, target.keys, plan), target)
+    finally:
+        for r in clients:
+            r.close()
+
+
+def _checkpoint_table(store: CheckpointStore, target: Target) -> Table:
+    from canopy.learner.checkpoint.store import Incomplete
+
+    table = Table(title=f"checkpoints of run {target.keys.run}")
+    for name in ("id", "step", "learner", "MB", "chunks", "age", "on shards"):
+        table.add_column(name)
+    now = time.time()
+    for ckpt in store.committed():
+        try:
+            m = store.manifest(ckpt)
+        except Incomplete:
+            table.add_row(ckpt, "", "", "", "", "", "no valid manifest")
+            continue
+        created = _number(str(m.get("created_at")))
+        shards = sorted({s for p in m["placement"] for s in p})
+        table.add_row(
+            ckpt,
+            str(m.get("step", "")),
+            str(m.get("learner", "")),
+            f"{sum(m['sizes']) / 2**20:,.1f}",
+            str(len(m["sizes"])),
+            "" if created is None else f"{now - created:,.0f}s",
+            ",".join(map(str, shards)),
+        )
+    if not table.rows:
+        table.caption = f"none committed in {target.where()}"
+    return table

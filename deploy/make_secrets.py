@@ -6,7 +6,9 @@ operator runs it once into deploy/k8s/secrets, which kustomize turns into a Secr
 fills DIR, which every role then mounts read-only:
 
     DIR/curve/                    CURVE keys, as `canopy keys DIR/curve` makes them
-                                  (cluster.curve_dir)
+                                  (cluster.curve_dir): server/<server>.key_secret per server,
+                                  <role>/<role>.key_secret per client role, authorized/<role>/
+                                  (canopy/curve.py); each role mounts only its own secrets
     DIR/redis.password            the operator user's password (cluster.password_file)
     DIR/redis.<role>.password     one per least-privilege Redis user of canopy/acl.py
                                   (cluster.role_users), for learner actor evaluator cache
@@ -27,6 +29,7 @@ from pathlib import Path
 
 from canopy import acl, curve
 from canopy.config import ClusterConfig
+from canopy.errors import UserError
 from canopy.redisconn import role_password_file
 
 
@@ -39,9 +42,7 @@ def password_files(directory: Path) -> list[Path]:
 def make(directory: Path) -> list[Path]:
     """Create the missing keys and passwords under `directory`; returns what was created."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    made = []
-    if not (directory / "curve" / "server.key_secret").exists():
-        made.append(curve.generate(directory / "curve"))
+    made = curve.complete(directory / "curve")
     for path in password_files(directory):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -60,8 +61,13 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    made = make(Path(argv[0]))
-    names = ", ".join(p.name for p in made) or "nothing: every key and password exists"
+    try:
+        made = make(Path(argv[0]))
+    except UserError as exc:  # e.g. keys of the old one-keypair layout there
+        print(f"canopy-secrets: {exc}", file=sys.stderr)
+        return 2
+    names = ", ".join(p.relative_to(argv[0]).as_posix() for p in made)
+    names = names or "nothing: every key and password exists"
     print(f"canopy-secrets: {argv[0]}: made {names}", file=sys.stderr)
     return 0
 

@@ -47,6 +47,7 @@ from canopy.learner.checkpoint.state import Snapshot, load_sampler_state, restor
 from canopy.learner.checkpoint.store import CheckpointStore
 from canopy.learner.group import LearnerGroup, params_digest
 from canopy.learner.lead import Lead, make_store, take_lease
+from canopy.learner.metrics import MetricsWriter
 from canopy.learner.model import Model
 from canopy.learner.obsnorm import ObsNorm
 from canopy.learner.overlap import GroupLost
@@ -106,6 +107,8 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         checkpoint=parent,
     )
     group: LearnerGroup | None = None
+    metrics = MetricsWriter(r, keys, cfg, c)  # the run's metrics stream, from the lease holder only
+    metrics.start()
     try:
         if lc.learners > 1:
             group = LearnerGroup.form(
@@ -138,6 +141,7 @@ def run(cfg: Config, ident: int, stop: threading.Event, standby: bool = False) -
         # brings the root back and a standby takes over under a newer epoch.
         tel.event("fence", what="root", message=str(exc)[:300])
     finally:
+        metrics.close()
         lead.close()
         trainer.close()
         extra = {"rank": 0, "digest": params_digest(model.algo.online)} if group is not None else {}

@@ -24,7 +24,7 @@ def dealer(ctx: zmq.Context, endpoint: str, max_frame: int) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame)
-    curve.connect(sock, endpoint)
+    curve.connect(sock, endpoint, curve.REPLAY_SERVER)
     return sock
 
 

@@ -30,7 +30,8 @@ Requests (every one may carry `req`, echoed in the reply, and `table`, MAIN when
     stats                              -> stats {...} (the shard's counters, flat)
 Anything else, or anything malformed, gets `error {code, message}`: `bad_request`;
 `busy` when too many requests are parked; `not_ready` for a sample the rate limiter held
-past `replay.sample_wait_s`; `snapshots_off` for a snapshot without a directory.
+past `replay.sample_wait_s`; `snapshots_off` for a snapshot without a directory;
+`forbidden` for an op the caller's role may not use (ROLES, when the shard has CURVE keys).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from canopy.curve import ACTOR, LEARNER, OPERATOR
 from canopy.errors import ProtocolError
 
 MAIN = "main"  # the table of a request that names none
@@ -71,6 +73,19 @@ class Op(StrEnum):
     STATS = "stats"
 
 
+# Who may use each op, by client role (canopy/curve.py): the shard refuses the rest.
+ROLES: dict[str, frozenset[str]] = {
+    Op.INSERT: frozenset({ACTOR}),
+    Op.SAMPLE: frozenset({LEARNER}),
+    Op.PRIORITY: frozenset({LEARNER}),
+    Op.CONFIGURE: frozenset({OPERATOR}),
+    Op.SNAPSHOT: frozenset({OPERATOR}),
+    Op.STATS: frozenset({OPERATOR}),
+}
+CONNECT_ROLES = frozenset().union(*ROLES.values())  # who may connect at all (ZAP)
+ZAP_DOMAIN = "replay"
+
+
 class Reply(StrEnum):
     """Reply ops (snapshot and stats answer under their request's name)."""
 
@@ -90,6 +105,7 @@ class Code(StrEnum):
     BUSY = "busy"
     NOT_READY = "not_ready"
     SNAPSHOTS_OFF = "snapshots_off"
+    FORBIDDEN = "forbidden"
 
 
 # A sampler asks again after these: the shard is fine, its limiter or its queue is full.

@@ -9,9 +9,11 @@ and replies built there, and the tables live in replay/shard.py.
 Pixel tables take `frame`, `frame_key`, `frame_prev` columns and frame keys as obs and
 next_obs (replay/frames.py); their samples carry the rebuilt uint8 stacks.
 Anything malformed gets `error {code, message}` and bumps `rejected_total`; the shard keeps
-serving. Requests the rate limiter holds back are parked per table (bounded in all by
-`max_pending`) and answered as soon as they may proceed; parked samples time out with
-`not_ready`.
+serving. With CURVE keys (canopy/curve.py) every request is also authorized by its
+connection's role (protocol.ROLES): a refused one gets `forbidden` and bumps
+`forbidden_total`. Requests the rate limiter holds back are parked per table (bounded in
+all by `max_pending`) and answered as soon as they may proceed; parked samples time out
+with `not_ready`.
 
 Queue tables (replay/shard.py) use the same parking for backpressure instead of loss: a
 chunk that does not fit beside the unread items waits until samples make room (its
@@ -88,6 +90,7 @@ class ReplayServer:
             "priority_updates_total": 0,
             "priority_updates_dropped_total": 0,
             "rejected_total": 0,
+            "forbidden_total": 0,  # ops refused to the caller's role (CURVE keys on)
             "not_ready_total": 0,
             "items": 0,
             "bytes": 0,
@@ -102,6 +105,7 @@ class ReplayServer:
             Op.STATS: self._stats_request,
         }
         self._rate_mark = (time.monotonic(), 0, 0)
+        self.gate: curve.Gate | None = None  # names each request's role when CURVE is on
         self.snaps: snapshot.Snapshotter | None = None
         self.restored: Path | None = None
         self.snapshot_waiters: list[tuple[bytes, wire.Message]] = []  # for the next snapshot
@@ -125,7 +129,7 @@ class ReplayServer:
 
     def bind(self, endpoint: str) -> str:
         """Bind the ROUTER; returns the endpoint bound (port 0 resolved)."""
-        curve.bind(self.sock, endpoint)
+        self.gate = curve.bind(self.sock, endpoint, protocol.ZAP_DOMAIN, protocol.CONNECT_ROLES)
         return self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def serve(self, stop: threading.Event) -> None:
@@ -167,10 +171,17 @@ class ReplayServer:
     def _handle(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
         try:
+            role = self.gate.role_of(frames[1]) if self.gate is not None and len(frames) > 1 else None
+            if self.gate is not None and role is None:
+                self._forbid(ident, frames, "your key is no longer authorized")
+                return
             msg = wire.decode(frames[1:], self.max_frame)
             handler = self._handlers.get(msg.op)
             if handler is None:
                 raise ProtocolError(f"unknown op {msg.op!r}")
+            if self.gate is not None and role not in protocol.ROLES[msg.op]:
+                self._forbid(ident, frames, f"{msg.op} is not for the {role} role")
+                return
             handler(ident, msg)
         except ProtocolError as exc:
             self._reject(ident, frames, str(exc))
@@ -187,8 +198,15 @@ class ReplayServer:
 
     def _reject(self, ident: bytes, frames: list[zmq.Frame], reason: str) -> None:
         self.counters["rejected_total"] += 1
+        self._error(ident, frames, Code.BAD_REQUEST, reason)
+
+    def _forbid(self, ident: bytes, frames: list[zmq.Frame], reason: str) -> None:
+        self.counters["forbidden_total"] += 1
+        self._error(ident, frames, Code.FORBIDDEN, reason)
+
+    def _error(self, ident: bytes, frames: list[zmq.Frame], code: Code, reason: str) -> None:
         req = wire.peek_req(frames[1]) if len(frames) > 1 else None
-        reply = protocol.answer(protocol.error(Code.BAD_REQUEST, reason), req)
+        reply = protocol.answer(protocol.error(code, reason), req)
         self.sock.send_multipart([ident, *wire.encode(reply)])
 
     def _parked_count(self) -> int:
@@ -338,6 +356,8 @@ class ReplayServer:
         for name, slot in self.tables.items():
             for key, value in {**slot.table.stats(), **slot.limiter.view()}.items():
                 self.counters[f"{name}_{key}"] = value
+        if self.gate is not None:  # clients whose key no allow-list of this shard holds
+            self.counters["curve_refused_total"] = self.gate.refused_total
         self.counters["rss_bytes"] = rss = rss_bytes()
         if self.counters["items"]:  # the whole process, per stored item: what capacity planning needs
             self.counters["rss_bytes_per_item"] = round(rss / self.counters["items"], 1)

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import redis
 
+from canopy import tls
+from canopy.cluster import redis_server as redis_conf
 from canopy.config import ClusterConfig
 from canopy.errors import DeadlineExceeded
 from canopy.keys import Keys
@@ -31,6 +33,22 @@ from canopy.redisconn import connect
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REDIS_START_TIMEOUT_S = 10.0
+# CANOPY_TEST_TLS=1: the Redis fixtures (redis_server here, tests/redis_shards.py) run TLS-only
+# servers and their clients verify them (cluster.tls), so a suite that talks to Redis runs
+# unchanged over TLS (`CANOPY_TEST_TLS=1 pytest tests/fuzz`).
+TEST_TLS = os.environ.get("CANOPY_TEST_TLS") == "1"
+
+
+def redis_listen(workdir: Path, port: int) -> tuple[list[str], dict[str, Any]]:
+    """redis.conf lines that make a test server listen on `port`, and the ClusterConfig fields
+    its clients need: TLS-only with a CA made in workdir/tls (beside its redis.password) under
+    CANOPY_TEST_TLS=1, plain TCP else."""
+    if not TEST_TLS:
+        return [f"port {port}"], {}
+    tls_dir = workdir / "tls"
+    if not (tls_dir / tls.CA_CERT).exists():
+        tls.generate(tls_dir)
+    return redis_conf.tls_lines(tls_dir, port), {"tls": True}
 
 
 def wait_for(
@@ -99,6 +117,7 @@ class RedisServer:
     password: str
     password_file: Path
     proc: subprocess.Popen
+    tls: dict[str, Any]  # cluster.tls, under CANOPY_TEST_TLS=1
 
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(
@@ -106,6 +125,7 @@ class RedisServer:
             redis=[f"{self.host}:{self.port}"],
             redis_user=self.user,
             password_file=str(self.password_file),
+            **self.tls,
         )
 
 
@@ -121,10 +141,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     for _attempt in range(3):  # a free port can be taken between probing and binding
         port = free_port()
         conf = workdir / "redis.conf"
+        listen, tls_fields = redis_listen(workdir, port)
         conf.write_text(
             "\n".join(
                 [
-                    f"port {port}",
+                    *listen,
                     "bind 127.0.0.1",
                     "protected-mode yes",
                     'save ""',
@@ -140,9 +161,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         os.chmod(conf, 0o600)
         log = open(workdir / f"redis-{port}.log", "wb")  # noqa: SIM115 (closed in finally)
         proc = subprocess.Popen([binary, str(conf)], stdout=log, stderr=subprocess.STDOUT)
-        server = RedisServer("127.0.0.1", port, "canopy", password, password_file, proc)
+        server = RedisServer("127.0.0.1", port, "canopy", password, password_file, proc, tls_fields)
         try:
-            client = redis.Redis(host="127.0.0.1", port=port, username="canopy", password=password)
+            client = connect(server.cluster_config(), "test", 0)
             deadline = time.monotonic() + REDIS_START_TIMEOUT_S
             while proc.poll() is None and time.monotonic() < deadline:
                 try:

@@ -14,10 +14,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
-from conftest import free_port, stop_process
+from conftest import free_port, redis_listen, stop_process
 
 from canopy.config import ClusterConfig
 from canopy.redisconn import connect
@@ -29,12 +30,14 @@ class Shards:
     password_file: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
+    tls: dict[str, Any] = field(default_factory=dict)  # cluster.tls, under CANOPY_TEST_TLS=1
 
     def cluster_config(self) -> ClusterConfig:
         return ClusterConfig(
             redis=[f"127.0.0.1:{p}" for p in self.ports],
             redis_user="canopy",
             password_file=str(self.password_file),
+            **self.tls,
         )
 
     def clients(self, name: str = "test") -> list[redis.Redis]:
@@ -65,16 +68,17 @@ def start_shards(n: int, workdir: Path, password: str = "pw-" + "x" * 20) -> Sha
         for i in range(n):
             port = free_port()
             conf = workdir / f"redis-{i}.conf"
+            listen, shards.tls = redis_listen(workdir, port)
             conf.write_text(
-                f'port {port}\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
+                "\n".join(listen) + f'\nbind 127.0.0.1\nsave ""\nappendonly no\ndir {workdir}\n'
                 f"user default off\nuser canopy on >{password} ~* &* +@all\n"
             )
             os.chmod(conf, 0o600)
             log = open(workdir / f"redis-{i}.log", "wb")  # noqa: SIM115 (the process owns it)
             shards.procs.append(subprocess.Popen([binary, str(conf)], stdout=log, stderr=subprocess.STDOUT))
             shards.ports.append(port)
-        for port in shards.ports:
-            client = redis.Redis(host="127.0.0.1", port=port, username="canopy", password=password)
+        for i in range(n):
+            client = connect(shards.cluster_config(), "test", 0, shard=i)
             deadline = time.monotonic() + 10
             while True:
                 try:

@@ -42,6 +42,9 @@ the host's copy; a worker stands for the actor processes of a host, and an actor
 of canopy holds one ModelClient, so there the watch and the actor's SUB are the same
 thing. The lower bound's notification (one PUB to every actor's SUB) is per actor.
 
+With --tls the arms that read Redis (tree: tier 1's chunk reads; flat) run again on a
+TLS-only Redis (cluster.tls): `tls` in the JSON, `tls_cost` each beside its plaintext arm.
+
 The simulated actors are broadcast_actors.py (`CANOPY_BENCH_PROFILE=DIR` writes a cProfile
 dump of each of their worker processes to DIR); the processes are started and stopped by
 broadcast_procs.py.
@@ -85,6 +88,7 @@ PUB_MEMORY_SHARE = 0.4  # of MemAvailable the pub arm's receivers may fill (the 
 # the first version pays one-time costs (the host ring is created and its pages first
 # touched, lazy imports, first views of each slot) that the steady state never sees again.
 WARMUP_VERSIONS = 1
+TLS_FIGURES = ("p50_s", "p99_s", "cpu_s_per_version")  # each arm's, beside its TLS pass (--tls)
 STAGES = ("heard", "begun", "fetched", "stored", "announced")  # a node's way, cache/node.py
 
 
@@ -329,13 +333,26 @@ def run(args: argparse.Namespace, net: netns.Network | None) -> int:
             figures["codec_bytes_ratio"] = codec_ratios(args)
         finally:
             cl.close()
+    if args.tls:  # the arms that read Redis, again on a TLS-only Redis of their own
+        with harness.scratch_dir("canopy-bench-tls-") as work, harness.progress(transient=False) as progress:
+            cl = Cluster(work, net, tls=True)
+            try:
+                figures["tls"] = {"tree": tree_arm(cl, "tree", args, size, progress)}
+                figures["tls"]["flat"] = flat_arm(cl, args, size, progress)
+            finally:
+                cl.close()
+        figures["tls_cost"] = {
+            arm: harness.tls_cost(*({k: f[k] for k in TLS_FIGURES} for f in (figures[arm], tls_fig)))
+            for arm, tls_fig in figures["tls"].items()
+        }
     checks = broadcast_checks(args, figures)
     write(args.json, "broadcast", figures, checks)
     keys = ("actors", "p50_s", "p99_s", "max_s", "cpu_s_per_version")
     print(
         json.dumps(
             {a: {k: figures[a][k] for k in keys} for a in ("tree", "tree_direct", "flat", "pub")}
-            | {"lower_bound": figures["lower_bound"]},
+            | {"lower_bound": figures["lower_bound"]}
+            | ({"tls_cost": figures["tls_cost"]} if args.tls else {}),
             indent=1,
         )
     )

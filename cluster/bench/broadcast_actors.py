@@ -26,7 +26,9 @@ import redis
 import zmq
 
 from canopy.cache import blob
+from canopy.config import ClusterConfig
 from canopy.keys import Keys
+from canopy.redisconn import tls_kwargs
 from canopy.version import Version
 
 START_TIMEOUT_S = 120.0  # for every actor of a worker to attach (the bench waits as long)
@@ -223,7 +225,8 @@ def _pub_actors(ctx: zmq.Context, cfg: dict, n: int) -> Step:
 def _flat_actors(ctx: zmq.Context, cfg: dict, n: int) -> Step:
     keys = Keys(cfg["run"])
     pw = Path(cfg["pw"]).read_text()
-    conns = [redis.Redis(*cfg["redis"], username="canopy", password=pw) for _ in range(n)]
+    tls = tls_kwargs(ClusterConfig(password_file=cfg["pw"], tls=cfg["tls"]))  # its CA beside the password
+    conns = [redis.Redis(*cfg["redis"], username="canopy", password=pw, **tls) for _ in range(n)]
     for c in conns:
         c.ping()
     ps = conns[0].pubsub(ignore_subscribe_messages=True)

@@ -24,11 +24,14 @@ from typing import Any
 import redis
 import zmq
 
-from canopy.cluster import netns
+from canopy import tls as canopy_tls
+from canopy.cluster import netns, redis_server
 from canopy.cluster.bench import harness
 from canopy.cluster.bench.broadcast_actors import PROBE, START_TIMEOUT_S
+from canopy.config import ClusterConfig
 from canopy.errors import UserError
 from canopy.ports import free_ports
+from canopy.redisconn import tls_dir, tls_kwargs
 
 CLONE_NEWNET = 0x40000000
 WORKERS_STOP_S = 5.0  # a worker whose stdin closed gets this long to exit on its own
@@ -37,21 +40,28 @@ WORKERS_STOP_S = 5.0  # a worker whose stdin closed gets this long to exit on it
 class Cluster:
     """A private redis-server plus every process the bench starts; `close` stops them all."""
 
-    def __init__(self, work: Path, net: netns.Network | None = None):
-        self.work, self.procs, self.net = work, [], net
+    def __init__(self, work: Path, net: netns.Network | None = None, tls: bool = False):
+        self.work, self.procs, self.net, self.tls = work, [], net, tls
         self.addr = self.address("root")
         self.password = secrets.token_urlsafe(16)
         (work / "pw").write_text(self.password)
         self.port = free_ports(1)[0]
+        # With tls, Redis is TLS-only and its CA lies in tls/ beside the password, as canopy up lays it.
+        cluster = ClusterConfig(password_file=str(work / "pw"), tls=tls)
+        if tls:
+            canopy_tls.generate(tls_dir(cluster), [self.addr])
+        listen = redis_server.tls_lines(tls_dir(cluster), self.port) if tls else [f"port {self.port}"]
         conf = work / "redis.conf"
         conf.write_text(
-            f'port {self.port}\nbind {self.addr}\nsave ""\nappendonly no\ndir {work}\n'
+            "\n".join(listen) + f'\nbind {self.addr}\nsave ""\nappendonly no\ndir {work}\n'
             f"user default off\nuser canopy on >{self.password} ~* &* +@all\n"
             "client-output-buffer-limit pubsub 0 0 0\nclient-output-buffer-limit normal 0 0 0\n"
             "proto-max-bulk-len 1gb\nmaxclients 20000\n"
         )
         self.redis_proc = self.spawn([shutil.which("redis-server") or "redis-server", str(conf)], out=False)
-        self.r = redis.Redis(self.addr, self.port, username="canopy", password=self.password)
+        self.r = redis.Redis(
+            self.addr, self.port, username="canopy", password=self.password, **tls_kwargs(cluster)
+        )
         harness.wait_redis(self.r, 10.0)
 
     def address(self, host: str) -> str:
@@ -100,6 +110,7 @@ class Cluster:
                 "--set=parent_timeout_s=5.0",  # a loaded 2-core box must not trigger failovers
                 "--set=heartbeat_s=1.0",  # a beat costs every one of a host's actors a wake-up
                 *(["--shm-tag", shm] if shm else []),
+                *(["--tls"] if self.tls else []),
             ],
             host=host,
         )
@@ -116,6 +127,7 @@ class Cluster:
             if n:
                 cfg = {"mode": mode, "actors": n, "endpoints": endpoints[w % len(endpoints)]}
                 cfg |= {"run": setup["run"], "redis": [self.addr, self.port], "pw": str(self.work / "pw")}
+                cfg |= {"tls": self.tls}
                 cmd = [sys.executable, "-m", "canopy.cluster.bench.broadcast_actors", json.dumps(cfg)]
                 procs.append(self.spawn(cmd, host=f"h{w % hosts}"))
         return procs

@@ -26,6 +26,10 @@ hosts) beside a training loop, then real `canopy learner` processes for recovery
    `canopy learner` that restored the benchmark's checkpoint and published; it is given no
    replay shard, so it idles in sampling afterwards (recovery does not depend on that).
 
+5. With --tls, the training arms and the recovery trials again on TLS-only shards
+   (cluster.tls): `tls_cost` sets commit and write latency, step overhead and recovery
+   times over TLS beside the plaintext figures of the same run, with their ratio.
+
 The shards, the learner processes and the recovery trials are checkpoint_procs.py.
 """
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import statistics
@@ -306,8 +311,10 @@ class Measured:
         return harness.round_or_none(statistics.median(seconds)) if seconds else None
 
 
-def measure(args: argparse.Namespace, c: Cluster, workdir: Path, bar: Progress) -> Measured:
-    """Train with and without checkpoints, the baselines, then the recovery trials."""
+def measure(
+    args: argparse.Namespace, c: Cluster, workdir: Path, bar: Progress, baselines: bool = True
+) -> Measured:
+    """Train with and without checkpoints, the baselines (if `baselines`), then the recovery trials."""
     cfg, keys = c.cfg, Keys(c.cfg.run.name)
     r = connect(cfg.cluster, "bench", 0)
     task = bar.add_task("building the model", total=None)
@@ -319,12 +326,12 @@ def measure(args: argparse.Namespace, c: Cluster, workdir: Path, bar: Progress) 
     bar.update(task, description="baseline: torch.save + fsync", total=None)
     arm_events = len(ck.events)  # commit figures cover the timed arm only
     ck.last(trainer)
-    save = torch_save_baseline(trainer, workdir, args.baseline_trials)
+    save = torch_save_baseline(trainer, workdir, args.baseline_trials) if baselines else {}
     bar.update(task, description="baseline: torch.distributed.checkpoint.async_save")
     dcp = (
         dcp_async_baseline(trainer, workdir, args.baseline_trials)
-        if not args.no_dcp
-        else {"available": False, "reason": "--no-dcp"}
+        if baselines and not args.no_dcp
+        else {"available": False, "reason": "--no-dcp" if baselines else "the TLS pass"}
     )
     del trainer  # the learner processes below need the memory more
     recovery: dict[str, list[dict[str, Any]]] = {"cold": [], "warm": []}
@@ -374,15 +381,33 @@ def train_arms(
 def main(args: argparse.Namespace) -> int:
     """Measure on fresh shards (one torch thread); the report goes to `--json`."""
     torch.set_num_threads(1)
-    with (
-        harness.scratch_dir("canopy-bench-ckpt-", args.workdir or None) as workdir,
-        cluster(args, workdir, hidden_for(args.state_mb)) as c,
-        harness.progress(transient=False) as bar,
-    ):
-        m = measure(args, c, workdir, bar)
-        cfg = c.cfg
-    report.write(args.json, "checkpoint", figures_of(args, cfg, m), checks_of(args, m))
+    runs: dict[bool, Measured] = {}
+    for tls in (False, True) if args.tls else (False,):  # the TLS pass on shards of its own
+        with (
+            harness.scratch_dir("canopy-bench-ckpt-", args.workdir or None) as workdir,
+            cluster(args, workdir, hidden_for(args.state_mb), tls) as c,
+            harness.progress(transient=False) as bar,
+        ):
+            runs[tls] = measure(args, c, workdir, bar, baselines=not tls)
+            cfg = c.cfg
+    figures = figures_of(args, cfg, runs[False])
+    if args.tls:
+        figures["tls_cost"] = harness.tls_cost(tls_figures(runs[False]), tls_figures(runs[True]))
+        print(json.dumps({"tls_cost": figures["tls_cost"]}, indent=1))
+    report.write(args.json, "checkpoint", figures, checks_of(args, runs[False]))
     return 0
+
+
+def tls_figures(m: Measured) -> dict[str, float | None]:
+    """The figures of a pass that TLS may change (tls_cost)."""
+    return {
+        "commit_ms_p50": harness.ms_summary([float(e["commit_s"]) for e in m.commits])["p50"],
+        "write_ms_p50": harness.ms_summary([float(e["write_s"]) for e in m.commits])["p50"],
+        "step_overhead_pct": round(m.overhead_pct, 2),
+        "stall_ms_p50": harness.ms_summary(m.stalls)["p50"],
+        "recovery_cold_s": m.recovery_s("cold"),
+        "recovery_warm_s": m.recovery_s("warm"),
+    }
 
 
 def figures_of(args: argparse.Namespace, cfg: Config, m: Measured) -> dict[str, Any]:

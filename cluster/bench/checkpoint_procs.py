@@ -22,12 +22,13 @@ from typing import Any
 import redis
 
 from canopy import config as config_mod
+from canopy import tls as canopy_tls
 from canopy.cluster.bench import harness
 from canopy.config import Config
 from canopy.keys import Keys
 from canopy.lifecycle import wait_until
 from canopy.ports import free_ports
-from canopy.redisconn import connect
+from canopy.redisconn import connect, tls_dir
 from canopy.version import Version
 
 START_TIMEOUT_S = 120.0
@@ -61,8 +62,11 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def cluster(args: argparse.Namespace, workdir: Path, hidden: list[int]) -> Iterator[Cluster]:
-    """The shards of `args` up under `workdir`, for a learner of `hidden` widths (the state to checkpoint)."""
+def cluster(
+    args: argparse.Namespace, workdir: Path, hidden: list[int], tls: bool = False
+) -> Iterator[Cluster]:
+    """The shards of `args` up under `workdir`, for a learner of `hidden` widths (the state to
+    checkpoint); with `tls` the shards are TLS-only (cluster.tls) and every client verifies them."""
     cfg = Config()
     cfg.run.name = "bench-ckpt-" + os.urandom(3).hex()
     cfg.run.dir = str(workdir)
@@ -88,6 +92,9 @@ def cluster(args: argparse.Namespace, workdir: Path, hidden: list[int]) -> Itera
     with os.fdopen(fd, "w") as f:
         f.write(os.urandom(18).hex())
     cfg.cluster.password_file = str(pw)
+    cfg.cluster.tls = tls
+    if tls:  # tls/ beside the password file, as canopy up lays it
+        canopy_tls.generate(tls_dir(cfg.cluster), ["127.0.0.1"])
     config_path = workdir / "config.toml"
     config_mod.save(cfg, config_path)
     c = Cluster(cfg, config_path)

@@ -37,6 +37,7 @@ from pathlib import Path
 import redis
 from rich.console import Console
 
+from canopy.cache import ledger
 from canopy.cluster.bench import cutoff, harness, report
 from canopy.cluster.bench.liverun import LiveRun
 from canopy.cluster.bench.outcome import ACTOR_STEPS, RECOVER_TIMEOUT_S, Outcome, table
@@ -176,7 +177,7 @@ class Cluster(LiveRun):
         self._role_back(out, t, "cache", 0, pid)
 
         def actors_fed() -> bool:
-            acting = self._get(lambda: self.r.hgetall(self.keys.ledger_actors), {})
+            acting = self._get(lambda: ledger.acting(self.r, self.keys), {})
             versions = [Version.parse(v) for v in acting.values()]
             return len(versions) >= self.cfg.actors.count and all(v > at_kill for v in versions)
 

@@ -308,6 +308,18 @@ def read_events(
 
 
 # ---- figures ---------------------------------------------------------------------------
+def tls_cost(plain: dict[str, float | None], tls: dict[str, float | None]) -> dict[str, dict[str, Any]]:
+    """Figure by figure, a plaintext pass beside the same pass over TLS and their ratio (TLS / plaintext)."""
+    return {
+        k: {
+            "plaintext": a,
+            "tls": tls[k],
+            "ratio": round(tls[k] / a, 3) if a and tls[k] is not None else None,
+        }
+        for k, a in plain.items()
+    }
+
+
 def ms_summary(seconds: list[float]) -> dict[str, float | None]:
     """n, mean, p50, p99 and max of durations, in milliseconds (nearest-rank percentiles)."""
     if not seconds:

@@ -180,6 +180,8 @@ ZOO: dict[str, dict[str, dict[str, Any]]] = {
             "learning_starts": 10000,
             "policy_kwargs": {"net_arch": [400, 300]},
         },
+        # The zoo's `mujoco-defaults` anchor, which its HalfCheetah-v3/v4 entries use.
+        "HalfCheetah-v5": {"n_timesteps": 1e6, "learning_starts": 10000},
     },
     "td3": {
         "default": {

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import tomli_w
 import yaml
+import zmq.auth
 
 from canopy import acl, curve
 from canopy import config as config_mod
@@ -190,8 +191,9 @@ def test_canopy_secrets_makes_every_key_once(tmp_path: Path) -> None:
         password_file=str(secrets_dir / "redis.password"),
         curve_dir=str(secrets_dir / "curve"),
     )
-    keys = curve.load(cfg.cluster)
-    assert keys is not None and keys.public in keys.authorized  # what `canopy keys` makes
+    keys = curve.load(cfg.cluster, "replay")
+    assert keys is not None and keys.server is not None  # what `canopy keys` makes
+    assert sorted(curve.read_allowed(keys.directory).values()) == sorted(curve.CLIENT_ROLES)
     passwords = [read_password(cfg.cluster, credentials(cfg.cluster, role)[1]) for role in acl.ROLES]
     passwords.append(read_password(cfg.cluster))
     assert len(set(passwords)) == len(acl.ROLES) + 1 and all(len(p) >= 24 for p in passwords)
@@ -260,6 +262,20 @@ def _secret_generator() -> dict[str, Any]:
     return generator
 
 
+def test_canopy_secrets_refuses_keys_of_the_old_one_keypair_layout_in_one_line(tmp_path: Path) -> None:
+    curve_dir = tmp_path / "secrets" / "curve"
+    curve_dir.mkdir(parents=True)
+    zmq.auth.create_certificates(curve_dir, "server")
+    done = subprocess.run(
+        [sys.executable, str(DEPLOY / "make_secrets.py"), str(tmp_path / "secrets")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "old one-keypair layout" in done.stderr
+
+
 def test_the_secret_holds_what_canopy_secrets_makes(tmp_path: Path) -> None:
     generator = _secret_generator()
     assert generator["name"] == "canopy-secrets"
@@ -320,7 +336,7 @@ def test_every_pod_gets_the_config_and_exactly_the_secrets_its_role_reads(tmp_pa
         assert credentials(cfg.cluster, "health")[0] == "status" and read_password(
             cfg.cluster, credentials(cfg.cluster, "health")[1]
         ), f"{label}: the probes run `canopy health` as the status user"
-        assert curve.load(cfg.cluster) is not None, label
+        assert curve.load(cfg.cluster, role) is not None, label
         # Least privilege: no other role's password, and the operator's only for the shards.
         allowed = {f"redis.{role}.password", "redis.status.password", "curve"}
         assert {p.name for p in seen.iterdir()} <= allowed, label

@@ -173,7 +173,7 @@ def test_roles_on_four_namespace_hosts_train_cartpole(network: netns.Network, tm
             role: {role} for role in ("learner", "actor", "replay", "cache", "evaluator")
         }, users
         # CURVE: a peer with an unauthorized key gets nothing, and the shard counts it.
-        server_key = tmp_path / "secrets" / "curve" / "server.key"
+        server_key = tmp_path / "secrets" / "curve" / "server" / "replay.key"
         replay_endpoint = f"tcp://{network['data'].address}:5555"
         stranger = operator.run([sys.executable, "-c", STRANGER, replay_endpoint, str(server_key)], env=env)
         assert stranger.returncode == 0, f"a stranger's key got an answer: {stranger.stderr}"

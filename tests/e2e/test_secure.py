@@ -18,20 +18,28 @@ from canopy.keys import Keys
 from canopy.redisconn import connect
 
 
-def ask_stats(endpoint: str, setup) -> bool:
+def ask(endpoint: str, setup, op: str = "stats") -> dict | None:
+    """The shard's answer to `op` on a socket `setup` prepared, or None."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         setup(sock)
         sock.connect(endpoint)
-        sock.send_multipart(wire.encode({"op": "stats"}))
-        return bool(sock.poll(1500))
+        sock.send_multipart(wire.encode({"op": op}))
+        return wire.decode(sock.recv_multipart(), 1 << 20).header if sock.poll(1500) else None
     finally:
         sock.close(0)
 
 
+def as_role(cfg: config_mod.Config, role: str):
+    return lambda s: curve.as_client(s, curve.load(cfg.cluster, role), curve.REPLAY_SERVER)
+
+
 @pytest.mark.slow
-def test_a_run_with_curve_keys_trains_and_refuses_peers_without_a_key(canopy_up, tmp_path) -> None:  # noqa: F811
+def test_a_run_with_curve_keys_trains_refuses_peers_without_a_key_and_ops_of_other_roles(
+    canopy_up,  # noqa: F811
+    tmp_path,
+) -> None:
     keys_dir = tmp_path / "keys"
     curve.generate(keys_dir)
     run = canopy_up(
@@ -56,15 +64,20 @@ def test_a_run_with_curve_keys_trains_and_refuses_peers_without_a_key(canopy_up,
             what="versions published over CURVE sockets",
         )
         endpoint = cfg.cluster.replay[0]
-        assert not ask_stats(endpoint, lambda s: None), "a plain socket got an answer"
+        assert ask(endpoint, lambda s: None) is None, "a plain socket got an answer"
         _, secret = zmq.auth.create_certificates(tmp_path, "stranger")
         public, private = zmq.auth.load_certificate(secret)
 
         def stranger(s: zmq.Socket) -> None:
             s.curve_secretkey, s.curve_publickey = private, public
-            s.curve_serverkey = curve.load(cfg.cluster).server_public
+            s.curve_serverkey = curve.load(cfg.cluster, "actor").server_public[curve.REPLAY_SERVER]
 
-        assert not ask_stats(endpoint, stranger), "an unauthorized key got an answer"
+        assert ask(endpoint, stranger) is None, "an unauthorized key got an answer"
+        # The actors' own keys: admitted, but not to the operator's ops.
+        refused = ask(endpoint, as_role(cfg, "actor"), "configure")
+        assert refused is not None and refused.get("code") == "forbidden", refused
+        counted = ask(endpoint, as_role(cfg, "operator"))
+        assert counted is not None and counted["forbidden_total"] >= 1, counted
         wait_for(
             lambda: int(r.hget(keys.proc("replay", 0), "curve_refused_total") or 0) >= 1,
             15,

@@ -1,8 +1,11 @@
 """Randomized malformed requests against the replay shard's and the cache node's ROUTERs.
 
-Each server runs in its own process (fuzz_worker.py). Every generated message is followed
-by a valid request on a second socket, which must be answered: the server may reply to the
-bad one with an error or drop it, but it must keep serving, and its RSS must stay bounded.
+Each server runs in its own process (fuzz_worker.py) with CURVE keys on, as deployed. Every
+generated message is sent under the key of a role drawn at random (so some are refused as
+`forbidden` before they are parsed, the rest parsed under a role that may use their op) and
+followed by a valid request on a second socket, which must be answered: the server may
+reply to the bad one with an error or drop it, but it must keep serving, and its RSS must
+stay bounded.
 
 CI runs CANOPY_FUZZ_EXAMPLES (default 300) cases per endpoint; the nightly-size run is
 `CANOPY_FUZZ_EXAMPLES=10000 pytest tests/fuzz`.
@@ -25,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from canopy import wire
+from canopy import curve, wire
 from canopy.keys import Keys
 from canopy.learner.network import ARCH, QNetwork
 from canopy.learner.publisher import Publisher
@@ -52,6 +55,8 @@ VALUES = st.recursive(
 FIELDS = ["req", "table", "n", "batch", "samples_per_insert", "min_size", "error_buffer", "version", "child"]
 ARRAY_NAMES = ["obs", "action", "reward", "next_obs", "discount", "version", "priority", "slot", "gen", "x"]
 DTYPES = st.sampled_from(["u1", "i1", "i4", "i8", "u8", "f2", "f4", "f8", "?"])
+ServerKeys = tuple[Path, str]  # a key directory and the server kind the worker runs
+Worker = tuple[subprocess.Popen, str, ServerKeys]
 
 
 def headers(ops: list[str]) -> st.SearchStrategy[dict]:
@@ -107,19 +112,26 @@ def start_worker(*args: str) -> tuple[subprocess.Popen, str]:
     return proc, line[1]
 
 
-class Fuzzer:
-    """Two DEALERs on one server: one for the generated messages, one for the health probe."""
+def keyed_dealer(endpoint: str, keys_dir: Path, role: str, server: str) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    curve.as_client(sock, curve.load_dir(keys_dir, role), server)
+    sock.connect(endpoint)
+    return sock
 
-    def __init__(self, endpoint: str, probe: dict):
-        ctx = zmq.Context.instance()
-        self.bad, self.good = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-        for s in (self.bad, self.good):
-            s.setsockopt(zmq.LINGER, 0)
-            s.connect(endpoint)
+
+class Fuzzer:
+    """DEALERs on one server: one per client role for the generated messages, one for the
+    health probe (under `probe_role`)."""
+
+    def __init__(self, endpoint: str, probe: dict, keys: ServerKeys, roles: list[str], probe_role: str):
+        keys_dir, server = keys
+        self.bad = [keyed_dealer(endpoint, keys_dir, role, server) for role in roles]
+        self.good = keyed_dealer(endpoint, keys_dir, probe_role, server)
         self.probe, self.req, self.answers = probe, 0, 0
 
-    def check(self, frames: list[bytes]) -> None:
-        self.bad.send_multipart(frames)
+    def check(self, role: int, frames: list[bytes]) -> None:
+        self.bad[role].send_multipart(frames)
         self.req += 1
         self.good.send_multipart(wire.encode({**self.probe, "req": self.req}))
         while True:  # replies to earlier probes may still be queued after a slow one
@@ -128,23 +140,26 @@ class Fuzzer:
             if msg.header.get("req") == self.req or msg.header.get("req") is None:
                 break
         assert msg.op != "error", f"the valid probe was refused: {msg.header}"
-        while self.bad.poll(0):  # whatever the server said to the bad request must still be wire format
-            reply = wire.decode(self.bad.recv_multipart(), 1 << 26)
+        bad = self.bad[role]
+        while bad.poll(0):  # whatever the server said to the bad request must still be wire format
+            reply = wire.decode(bad.recv_multipart(), 1 << 26)
             self.answers += reply.op == "error"
 
     def close(self) -> None:
-        self.bad.close(0)
-        self.good.close(0)
+        for s in [*self.bad, self.good]:
+            s.close(0)
 
 
-def fuzz(endpoint: str, pid: int, ops: list[str], probe: dict) -> Fuzzer:
-    fuzzer = Fuzzer(endpoint, probe)
+def fuzz(worker: Worker, ops: list[str], probe: dict, roles: list[str], probe_role: str) -> Fuzzer:
+    proc, endpoint, keys = worker
+    pid = proc.pid
+    fuzzer = Fuzzer(endpoint, probe, keys, roles, probe_role)
     warm = [0]
 
     @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
-    @given(messages(ops))
-    def run(frames: list[bytes]) -> None:
-        fuzzer.check(frames)
+    @given(st.integers(0, len(roles) - 1), messages(ops))
+    def run(role: int, frames: list[bytes]) -> None:
+        fuzzer.check(role, frames)
         if fuzzer.req == min(50, EXAMPLES // 2):
             warm[0] = rss_bytes(pid)
 
@@ -157,11 +172,9 @@ def fuzz(endpoint: str, pid: int, ops: list[str], probe: dict) -> Fuzzer:
     return fuzzer
 
 
-def serves_latest(endpoint: str) -> bool:
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+def serves_latest(endpoint: str, keys_dir: Path) -> bool:
+    sock = keyed_dealer(endpoint, keys_dir, curve.ACTOR, curve.CACHE_SERVER)
     try:
-        sock.connect(endpoint)
         sock.send_multipart(wire.encode({"op": "latest"}))
         return bool(sock.poll(REPLY_TIMEOUT_MS)) and wire.decode(sock.recv_multipart(), 1 << 26).op != "error"
     finally:
@@ -169,54 +182,62 @@ def serves_latest(endpoint: str) -> bool:
 
 
 @pytest.fixture
-def replay_worker() -> Iterator[tuple[subprocess.Popen, str]]:
-    proc, endpoint = start_worker("replay")
+def keys_dir(tmp_path: Path) -> Path:
+    return curve.generate(tmp_path / "keys")
+
+
+@pytest.fixture
+def replay_worker(keys_dir: Path) -> Iterator[Worker]:
+    proc, endpoint = start_worker("replay", str(keys_dir))
     try:
-        yield proc, endpoint
+        yield proc, endpoint, (keys_dir, curve.REPLAY_SERVER)
     finally:
         stop_process(proc)
 
 
 @pytest.fixture
-def cache_worker(redis_server: RedisServer) -> Iterator[tuple[subprocess.Popen, str]]:
+def cache_worker(redis_server: RedisServer, keys_dir: Path) -> Iterator[Worker]:
     r = connect(redis_server.cluster_config(), "test", 0)
     weights = QNetwork(4, 2, [16, 16]).export()
     Publisher(r, Keys("fuzz"), learner_id=0, keep=2).publish(weights, step=0, arch=ARCH)
     r.close()
-    proc, endpoint = start_worker(
-        "cache", str(redis_server.port), redis_server.user, str(redis_server.password_file), "fuzz"
-    )
+    args = [str(redis_server.port), redis_server.user, str(redis_server.password_file), "fuzz"]
+    proc, endpoint = start_worker("cache", *args, str(keys_dir), *(["tls"] if redis_server.tls else []))
     try:
-        wait_for(lambda: serves_latest(endpoint), 10, interval=0.1, what="the node fetching the version")
-        yield proc, endpoint
+        wait_for(
+            lambda: serves_latest(endpoint, keys_dir), 10, interval=0.1, what="the node fetching the version"
+        )
+        yield proc, endpoint, (keys_dir, curve.CACHE_SERVER)
     finally:
         stop_process(proc)
 
 
 @pytest.mark.slow
 def test_the_replay_shard_survives_malformed_requests(replay_worker) -> None:
-    proc, endpoint = replay_worker
+    proc, endpoint, (keys_dir, _) = replay_worker
     ops = ["insert", "sample", "priority", "configure", "stats", "snapshot"]
-    fuzzer = fuzz(endpoint, proc.pid, ops, {"op": "stats"})
+    roles = [curve.ACTOR, curve.LEARNER, curve.OPERATOR]
+    fuzzer = fuzz(replay_worker, ops, {"op": "stats"}, roles, curve.OPERATOR)
     assert proc.poll() is None
     assert fuzzer.answers > 0  # the shard does answer bad requests, not only drop them
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock = keyed_dealer(endpoint, keys_dir, curve.OPERATOR, curve.REPLAY_SERVER)
     try:
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
         sock.send_multipart(wire.encode({"op": "stats"}))
         assert sock.poll(REPLY_TIMEOUT_MS)
         stats = wire.decode(sock.recv_multipart(), 1 << 26).header
     finally:
         sock.close(0)
-    assert stats["rejected_total"] >= fuzzer.answers // 2  # the counter moves with the refusals
+    # The counters move with the refusals; some were for the role, some for the content.
+    assert stats["rejected_total"] + stats["forbidden_total"] >= fuzzer.answers // 2
+    assert stats["rejected_total"] > 0 and stats["forbidden_total"] > 0
 
 
 @pytest.mark.slow
 def test_the_cache_node_survives_malformed_requests(cache_worker) -> None:
-    proc, endpoint = cache_worker
+    proc, _, _ = cache_worker
     # The probe fetches the whole version: the node must still reach Redis and serve chunks.
-    fuzzer = fuzz(endpoint, proc.pid, ["hello", "get", "latest", "hb"], {"op": "latest"})
+    roles = [curve.ACTOR, curve.EVALUATOR, curve.CACHE]
+    fuzzer = fuzz(cache_worker, ["hello", "get", "latest", "hb"], {"op": "latest"}, roles, curve.ACTOR)
     assert proc.poll() is None
     assert fuzzer.answers > 0
 

@@ -156,8 +156,11 @@ def test_the_policy_lag_reader_survives_a_garbage_ledger(shards: Shards) -> None
     @given(TEXTISH, st.dictionaries(st.text(min_size=1, max_size=5), TEXTISH, min_size=1, max_size=5))
     def run(latest: str | bytes, acting: dict) -> None:
         r.set(keys.model_latest, latest)
-        r.delete(keys.ledger_actors)
-        r.hset(keys.ledger_actors, mapping=acting)
+        r.delete(keys.alive("actor"))
+        r.zadd(keys.alive("actor"), dict.fromkeys(acting, 1.0))  # members: ids or garbage
+        for ident, value in acting.items():
+            if ident.isascii() and ident.isdigit():
+                r.set(keys.ledger_actor(int(ident)), value)
         assert status.policy_lag(r, keys).startswith("policy lag")
 
     run()

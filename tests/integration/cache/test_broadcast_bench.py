@@ -64,6 +64,22 @@ def test_broadcast_bench_measures_the_tree_and_every_baseline_on_100_actors(tmp_
 
 
 @pytest.mark.slow
+def test_broadcast_bench_with_tls_runs_the_redis_arms_again_over_tls(tmp_path: Path) -> None:
+    out = tmp_path / "bc.json"
+    cmd = [sys.executable, "-m", "canopy.cluster.cli", "bench", "broadcast", "--tls", "--actors", "20"]
+    cmd += ["--model-mb", "1", "--hosts", "2", "--versions", "2", "--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=BENCH_TIMEOUT_S)
+    assert out.exists(), done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    for arm in ("tree", "flat"):
+        assert doc["tls"][arm]["actors_ready"] == doc["tls"][arm]["actors"] == 20, arm
+        p50 = doc["tls_cost"][arm]["p50_s"]
+        assert p50["plaintext"] == doc[arm]["p50_s"] and p50["tls"] == doc["tls"][arm]["p50_s"] > 0
+        assert p50["ratio"] == pytest.approx(p50["tls"] / p50["plaintext"], rel=0.01)
+    assert doc["tls"]["tree"]["bytes_per_version"]["redis_root"] == doc["model_bytes"]
+
+
+@pytest.mark.slow
 def test_broadcast_bench_runs_each_host_in_its_own_network_namespace(tmp_path: Path) -> None:
     reason = netns.unavailable_reason()
     if reason is not None:

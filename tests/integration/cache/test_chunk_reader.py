@@ -67,9 +67,11 @@ def test_a_wrong_password_is_a_redis_error(redis_server, run_keys: Keys) -> None
         list(bad.read([f"{run_keys.prefix}c0"], 10, limit=10))
 
 
-def test_plain_tcp_clients_only() -> None:
-    with pytest.raises(ValueError, match="plain TCP"):
+def test_tcp_clients_or_tls_clients_that_verify_the_server_only() -> None:
+    with pytest.raises(ValueError, match="not a unix socket"):
         ChunkReader.for_client(redis.Redis(unix_socket_path="/nonexistent.sock"))
+    with pytest.raises(ValueError, match="verifies Redis"):
+        ChunkReader.for_client(redis.Redis(ssl=True, ssl_cert_reqs="none", ssl_check_hostname=False))
 
 
 class FakeRedis:

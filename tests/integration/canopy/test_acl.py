@@ -24,6 +24,7 @@ from canopy.telemetry import Telemetry
 
 RUN = "acl"
 KEYS = Keys(RUN)
+ACTORS = (3, 4)  # per-actor users (cluster.actor_users) beside the shared role users
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +34,15 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, redis.
     port = free_port()
     conf = workdir / "redis.conf"
     lines = [f"port {port}", "bind 127.0.0.1", 'save ""', "appendonly no", "user default off"]
-    conf.write_text("\n".join(lines + [acl.user_line(r, RUN, f"pw-{r}") for r in acl.ROLES]) + "\n")
+    lines += [acl.user_line(r, RUN, f"pw-{r}") for r in acl.ROLES]
+    lines += [acl.actor_user_line(i, RUN, f"pw-{acl.actor_user(i)}") for i in ACTORS]
+    conf.write_text("\n".join(lines) + "\n")
     proc = subprocess.Popen(
         [shutil.which("redis-server") or "/usr/bin/redis-server", str(conf)], stdout=subprocess.DEVNULL
     )
+    users = [*acl.ROLES, *(acl.actor_user(i) for i in ACTORS)]
     clients = {
-        r: redis.Redis(port=port, username=r, password=f"pw-{r}", client_name=f"canopy:{r}:0")
-        for r in acl.ROLES
+        u: redis.Redis(port=port, username=u, password=f"pw-{u}", client_name=f"canopy:{u}:0") for u in users
     }
 
     def up() -> bool:
@@ -112,6 +115,41 @@ def test_actors_and_caches_read_the_model_and_the_status_reader_reads_everything
     assert users["status"].hgetall(KEYS.proc("learner", 0)) is not None
     with pytest.raises(redis.exceptions.NoPermissionError):
         users["status"].hset(KEYS.proc("status", 0), "x", 1)
+
+
+def test_an_actor_user_keeps_its_own_telemetry_and_ledger_entry_and_reads_the_model(users) -> None:
+    r = users["actor-3"]
+    tel = Telemetry(r, KEYS, "actor", 3, period_s=1.0, commands=("pause",))
+    users["learner"].rpush(KEYS.control("actor", 3), "pause")
+    tel.flush()
+    tel.event("start")
+    assert tel.commands.get(timeout=1) == "pause"
+    assert users["status"].zscore(KEYS.alive("actor"), "3") is not None
+    r.set(KEYS.ledger_actor(3), "1.7")
+    assert users["status"].get(KEYS.ledger_actor(3)) == b"1.7"
+    Publisher(users["learner"], KEYS, 0, keep=2).publish(WEIGHTS, step=3, arch="mlp")
+    assert r.get(KEYS.model_latest) == users["learner"].get(KEYS.model_latest)
+    assert r.zrange(KEYS.replay_members, 0, -1) == []
+
+
+def test_actor_3_cannot_write_actor_4s_stats_ledger_entry_or_control_list(users) -> None:
+    r = users["actor-3"]
+    users["actor-4"].hset(KEYS.proc("actor", 4), "steps_total", 10)
+    users["actor-4"].set(KEYS.ledger_actor(4), "1.7")
+    forgeries = [
+        lambda: r.hset(KEYS.proc("actor", 4), "steps_total", 0),
+        lambda: r.delete(KEYS.proc("actor", 4)),
+        lambda: r.set(KEYS.ledger_actor(4), "0.1"),
+        lambda: r.rpush(KEYS.control("actor", 4), "pause"),
+        lambda: r.hset(KEYS.proc("actor", 30), "steps_total", 0),  # its prefix, another id
+        lambda: r.set(KEYS.ledger_version("1.7"), "x"),
+        lambda: r.set(KEYS.model_latest, "9.9"),
+    ]
+    for forge in forgeries:
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            forge()
+    assert users["status"].hget(KEYS.proc("actor", 4), "steps_total") == b"10"
+    assert users["status"].get(KEYS.ledger_actor(4)) == b"1.7"
 
 
 def test_unknown_roles_are_refused_by_name() -> None:

@@ -19,6 +19,7 @@ from canopy import config as config_mod
 from canopy.arch import CATEGORICAL_MLP, GAUSSIAN_MLP, SQUASHED_GAUSSIAN_MLP
 from canopy.cache import blob
 from canopy.cluster import export, redis_server
+from canopy.cluster.connection import from_run_dir
 from canopy.config import EnvConfig
 from canopy.keys import Keys
 from canopy.learner.network import ARCH, QNetwork
@@ -81,7 +82,7 @@ OBS = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
 
 def test_safetensors_export_loads_without_canopy_and_gives_the_same_q_values(run_dir, tmp_path: Path) -> None:
     path, net, _ = run_dir
-    out = export.export(str(path), str(tmp_path / "policy.safetensors"), "safetensors")
+    out = export.export(from_run_dir(path), str(tmp_path / "policy.safetensors"), "safetensors")
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -103,7 +104,7 @@ def test_safetensors_export_loads_without_canopy_and_gives_the_same_q_values(run
 
 def test_torchscript_export_runs_with_torch_jit_load(run_dir, tmp_path: Path) -> None:
     path, net, _ = run_dir
-    out = export.export(str(path), str(tmp_path / "policy.pt"), "torchscript")
+    out = export.export(from_run_dir(path), str(tmp_path / "policy.pt"), "torchscript")
     loaded = torch.jit.load(str(out))
     with torch.no_grad():
         np.testing.assert_allclose(loaded(torch.from_numpy(OBS)).numpy(), q_of(net, OBS), rtol=1e-6)
@@ -112,7 +113,7 @@ def test_torchscript_export_runs_with_torch_jit_load(run_dir, tmp_path: Path) ->
 def test_a_stopped_run_is_exported_from_its_persisted_redis(run_dir, tmp_path: Path) -> None:
     path, net, proc = run_dir
     stop_process(proc)  # SIGTERM: the shard flushes its append-only file and exits
-    out = export.export(str(path), str(tmp_path / "after.safetensors"), "safetensors")
+    out = export.export(from_run_dir(path), str(tmp_path / "after.safetensors"), "safetensors")
     arrays, _ = export.load_file(out)
     for name, value in net.export().items():
         np.testing.assert_array_equal(arrays[name], value)
@@ -120,8 +121,8 @@ def test_a_stopped_run_is_exported_from_its_persisted_redis(run_dir, tmp_path: P
 
 def test_eval_plays_greedy_episodes_from_a_run_and_from_an_exported_file(run_dir, tmp_path: Path) -> None:
     path, _, _ = run_dir
-    from_run = export.evaluate(str(path), episodes=3, seed=5)
-    out = export.export(str(path), str(tmp_path / "p.safetensors"), "safetensors")
+    from_run = export.evaluate(from_run_dir(path), episodes=3, seed=5)
+    out = export.export(from_run_dir(path), str(tmp_path / "p.safetensors"), "safetensors")
     from_file = export.evaluate(str(out), episodes=3, seed=5)
     assert from_run["mean_return"] == from_file["mean_return"] > 0  # same policy, same seeds
     assert from_file["env"] == "CartPole-v1"
@@ -130,7 +131,7 @@ def test_eval_plays_greedy_episodes_from_a_run_and_from_an_exported_file(run_dir
 def test_eval_records_the_first_episode_as_a_gif(run_dir, tmp_path: Path) -> None:
     pytest.importorskip("pygame", reason="CartPole renders with pygame: pip install 'canopy-rl[video]'")
     path, _, _ = run_dir
-    result = export.evaluate(str(path), episodes=1, seed=5, video=str(tmp_path / "ep.gif"))
+    result = export.evaluate(from_run_dir(path), episodes=1, seed=5, video=str(tmp_path / "ep.gif"))
     from PIL import Image
 
     with Image.open(tmp_path / "ep.gif") as gif:
@@ -142,7 +143,7 @@ def test_an_unknown_format_and_a_non_policy_file_are_one_line_errors(run_dir, tm
 
     path, _, _ = run_dir
     with pytest.raises(UserError, match="unknown export format"):
-        export.export(str(path), str(tmp_path / "x"), "onnx")
+        export.export(from_run_dir(path), str(tmp_path / "x"), "onnx")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
     with pytest.raises(UserError, match="canopy export"):
         export.evaluate(str(tmp_path / "junk.safetensors"), episodes=1, seed=0, env_id="CartPole-v1")
@@ -150,15 +151,16 @@ def test_an_unknown_format_and_a_non_policy_file_are_one_line_errors(run_dir, tm
 
 def test_the_best_confirmed_version_is_handed_over_unless_another_is_asked_for(run_dir, tmp_path) -> None:
     path, net, _ = run_dir
-    best = export.evaluate(str(path), episodes=2, seed=5)
-    newest = export.evaluate(str(path), episodes=2, seed=5, version="newest")
+    best = export.evaluate(from_run_dir(path), episodes=2, seed=5)
+    newest = export.evaluate(from_run_dir(path), episodes=2, seed=5, version="newest")
     assert best["version"].endswith(".7") and newest["version"].endswith(".9")
-    out = export.export(str(path), str(tmp_path / "best.safetensors"), "safetensors")
+    out = export.export(from_run_dir(path), str(tmp_path / "best.safetensors"), "safetensors")
     arrays, meta = export.load_file(out)
     assert meta["version"].endswith(".7") and meta["eval_mean"] == "123.0" and meta["eval_episodes"] == "100"
     for name, value in net.export().items():
         np.testing.assert_array_equal(arrays[name], value)
-    by_id = export.export(str(path), str(tmp_path / "v9.st"), "safetensors", version=newest["version"])
+    run = from_run_dir(path)
+    by_id = export.export(run, str(tmp_path / "v9.st"), "safetensors", version=newest["version"])
     assert export.load_file(by_id)[1]["version"] == newest["version"]
 
 

@@ -14,7 +14,9 @@ def test_policy_lag_summarises_actors_of_the_newest_epoch_and_counts_older_epoch
     redis_client: redis.Redis, run_keys: Keys
 ) -> None:
     redis_client.set(run_keys.model_latest, "2.500")
-    redis_client.hset(run_keys.ledger_actors, mapping={"0": "2.400", "1": "2.500", "2": "1.900"})
+    for ident, version in enumerate(["2.400", "2.500", "1.900"]):
+        redis_client.set(run_keys.ledger_actor(ident), version)
+    redis_client.zadd(run_keys.alive("actor"), {"0": 1e12, "1": 1e12, "2": 1e12, "3": 1e12})  # 3: no entry
     text = policy_lag(redis_client, run_keys)
     assert "behind 2.500 over 3 actors" in text
     assert "min 0" in text and "max 100" in text

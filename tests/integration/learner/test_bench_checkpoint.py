@@ -50,3 +50,22 @@ def test_bench_checkpoint_writes_every_figure_and_one_check_per_goal(tmp_path: P
         (trial,) = doc[kind]
         assert trial["restored"] is not None and trial["seconds"] > 0
     assert doc["baseline_torch_save_fsync"]["blocking_ms"]["n"] == 1
+
+
+def test_bench_checkpoint_with_tls_sets_the_tls_pass_beside_the_plaintext_one(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "canopy.cluster.cli", "bench", "checkpoint", "--tls", "--state-mb", "2"]
+    cmd += ["--duration", "3", "--period", "1", "--no-recovery", "--no-dcp", "--baseline-trials", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    proc = subprocess.run(
+        [*cmd, "--json", str(out)], capture_output=True, text=True, timeout=240, cwd=REPO_ROOT, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cost = json.loads(out.read_text())["tls_cost"]
+    for figure in ("commit_ms_p50", "write_ms_p50", "stall_ms_p50"):
+        assert cost[figure]["plaintext"] > 0 and cost[figure]["tls"] > 0, figure
+        assert cost[figure]["ratio"] == pytest.approx(
+            cost[figure]["tls"] / cost[figure]["plaintext"], rel=0.01
+        )
+    assert cost["recovery_cold_s"] == {"plaintext": None, "tls": None, "ratio": None}  # --no-recovery
+    assert '"tls_cost"' in proc.stdout

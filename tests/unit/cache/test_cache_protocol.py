@@ -80,3 +80,13 @@ def test_only_a_get_names_a_version_and_only_a_well_formed_one() -> None:
             protocol.requested_version(protocol.read_request(frames))
     with pytest.raises(ProtocolError):
         protocol.requested_version(protocol.read_request(protocol.get("latest")))
+
+
+def test_only_a_nodes_children_may_ask_it_or_hear_it() -> None:
+    from canopy import curve
+
+    children = {curve.ACTOR, curve.EVALUATOR, curve.CACHE}
+    ops = (protocol.HELLO, protocol.GET, protocol.LATEST, protocol.HB, protocol.SUBSCRIBE)
+    assert set(protocol.ROLES) == set(ops)
+    assert all(set(protocol.ROLES[op]) == children for op in ops)
+    assert protocol.FETCH_ROLES == protocol.NOTIFY_ROLES == children

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -131,7 +132,7 @@ def test_up_refuses_ray_with_resume(capsys: pytest.CaptureFixture[str]) -> None:
     from canopy.cluster import cli
 
     assert cli.main(["up", "--ray", "10.0.0.1:6379", "--resume", "runs/x"]) == 2
-    assert "--resume is for runs of this machine" in capsys.readouterr().err
+    assert "--ray starts a new run" in capsys.readouterr().err
 
 
 def test_ray_is_imported_only_by_a_ray_run() -> None:
@@ -143,3 +144,56 @@ def test_a_ray_run_without_ray_says_how_to_install_it(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(UserError, match=r"pip install 'canopy-rl\[ray\]'"):
         ray_launch.up(config_mod.load(None), "10.0.0.1:6379")
+
+
+def test_each_role_is_sent_its_own_secrets_only(tmp_path: Path) -> None:
+    from canopy import acl, curve, tls
+
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    users = ["redis", *acl.ROLES, *(acl.actor_user(i) for i in range(2))]
+    for user in users:
+        (secrets / ("redis.password" if user == "redis" else f"redis.{user}.password")).write_text(user)
+    curve.generate(secrets / "curve")
+    tls.generate(secrets / "tls", ["10.0.0.1"])
+    cfg = config_mod.load(
+        None,
+        [
+            *PREPARED,
+            "actors.count=2",
+            f'cluster.password_file="{secrets / "redis.password"}"',
+            f'cluster.curve_dir="{secrets / "curve"}"',
+            "cluster.role_users=true",
+            "cluster.actor_users=true",
+            "cluster.tls=true",
+        ],
+    )
+    config_path = tmp_path / "config.toml"
+    config_mod.save(cfg, config_path)
+
+    def sent(role: str, ident: int) -> set[str]:
+        files = ray_launch.role_files(cfg, config_path, role, ident)
+        assert files[str(config_path)][0] == config_path.read_bytes()
+        return {str(Path(p).relative_to(secrets)) for p in files if p != str(config_path)}
+
+    assert sent("actor", 1) == {
+        "redis.actor-1.password",
+        "tls/ca.crt",
+        "curve/actor/actor.key_secret",
+        "curve/server/replay.key",
+        "curve/server/cache.key",
+    }
+    replay = sent("replay", 0)
+    assert {"redis.replay.password", "tls/ca.crt", "curve/server/replay.key_secret"} <= replay
+    assert "curve/authorized/actor/actor.key" in replay and not any(
+        "password" in p for p in replay - {"redis.replay.password"}
+    )
+    shard = sent("redis", 0)
+    assert shard == {f"redis.{u}.password" if u != "redis" else "redis.password" for u in users} | {
+        "tls/ca.crt",
+        "tls/redis.crt",
+        "tls/redis.key",
+    }
+    # Files keep their mode: the shard's TLS key stays unreadable to others on its node.
+    files = ray_launch.role_files(cfg, config_path, "redis", 0)
+    assert files[str(secrets / "tls" / "redis.key")][1] & 0o077 == 0

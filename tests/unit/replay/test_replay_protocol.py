@@ -67,7 +67,7 @@ def test_built_headers_are_the_same_bytes_as_the_literal_ones(built: dict, liter
 def test_every_op_reply_and_code_is_spelled_as_before() -> None:
     assert [*Op] == ["insert", "sample", "priority", "configure", "snapshot", "stats"]
     assert [*Reply] == ["ack", "batch", "updated", "configured", "snapshot", "stats", "error"]
-    assert [*Code] == ["bad_request", "busy", "not_ready", "snapshots_off"]
+    assert [*Code] == ["bad_request", "busy", "not_ready", "snapshots_off", "forbidden"]
 
 
 def test_a_sample_request_reads_with_its_defaults() -> None:
@@ -181,3 +181,18 @@ def _spelled_ops(path: Path) -> list[str]:
 def test_no_replay_module_but_the_protocol_spells_an_op() -> None:
     found = [f for p in sorted(REPLAY.glob("*.py")) if p.name != "protocol.py" for f in _spelled_ops(p)]
     assert not found, found
+
+
+def test_every_op_has_the_roles_issue_22_gives_it() -> None:
+    from canopy import curve
+
+    assert set(protocol.ROLES) == set(Op)  # a new op cannot ship without deciding who may use it
+    assert {op: set(roles) for op, roles in protocol.ROLES.items()} == {
+        Op.INSERT: {curve.ACTOR},
+        Op.SAMPLE: {curve.LEARNER},
+        Op.PRIORITY: {curve.LEARNER},
+        Op.CONFIGURE: {curve.OPERATOR},
+        Op.SNAPSHOT: {curve.OPERATOR},
+        Op.STATS: {curve.OPERATOR},
+    }
+    assert {curve.ACTOR, curve.LEARNER, curve.OPERATOR} == protocol.CONNECT_ROLES
