@@ -6,8 +6,8 @@ Nodes offer roles by custom resources: `head` Redis shard 0 and learner 0, `data
 shard 1, the replay shard, the cache node, the evaluator and the standby learner, `act1`
 and `act2` one actor each.
 
-- A run solves CartPole (a confirmed mean of 475) with its roles on all four hosts, and
-  writes cluster.json and summary.json as `canopy up` does.
+- A run with CURVE and Redis over TLS on solves CartPole (a confirmed mean of 475) with its
+  roles on all four hosts, and writes cluster.json and summary.json as `canopy up` does.
 - A run that cannot solve (its threshold is out of reach) meets the faults: the active
   learner is killed with SIGKILL (the standby takes over under a new lease epoch, Ray
   restarts the killed one as a standby), then the replay shard (Ray restarts it on its own
@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 from conftest import REPO_ROOT, stop_process, wait_for
 
+from canopy import curve
 from canopy.cluster import netns
 from canopy.version import Version
 
@@ -221,11 +222,15 @@ def start_ray(net: netns.Network, temp_dir: Path, env: dict[str, str]) -> None:
             pytest.fail(f"ray start on {name} failed {START_TRIES} times: {log.read_text()[-2000:]}")
 
 
-def test_a_ray_run_solves_cartpole_with_its_roles_on_four_hosts(
-    ray_cluster: RayCluster, canopy_up_ray: Callable[..., Run]
+def test_a_secure_ray_run_solves_cartpole_with_its_roles_on_four_hosts(
+    ray_cluster: RayCluster, canopy_up_ray: Callable[..., Run], tmp_path: Path
 ) -> None:
     net = ray_cluster.net
-    run = canopy_up_ray("--stop-at-return", "475", "--time-limit", str(SOLVE_S - 60))
+    # Secure as a deployment across hosts is: CURVE on every ZeroMQ socket and Redis over TLS,
+    # so each role's actor must lay down its own keys and the CA on its node.
+    keys = curve.generate(tmp_path / "curve")
+    secure = ["--set", f'cluster.curve_dir="{keys}"', "--set", "cluster.tls=true"]
+    run = canopy_up_ray("--stop-at-return", "475", "--time-limit", str(SOLVE_S - 60), *secure)
     cluster = run.cluster_json()
     assert cluster["launcher"] == "ray"
     hosts = {e["host"] for entries in cluster["roles"].values() for e in entries}
