@@ -3,6 +3,7 @@
 canopy up [--env ID] [--set k=v ...]          the embedded local cluster
 canopy up --resume RUN_DIR                    continue a stopped run where it left off
 canopy up --resume --redis H:P --password-file F   a deployment's run, here, from its newest checkpoint
+canopy up --ray ADDRESS [--env ID] ...        the same roles on the nodes of a Ray cluster
 canopy redis|replay|cache|learner|actor|evaluator --config FILE --id N
 canopy bench e2e --env ID --seeds N --json FILE
 canopy bench broadcast --actors N --model-mb M --json FILE
@@ -77,6 +78,8 @@ def _up(args: argparse.Namespace) -> int:
 
     overrides = list(args.set)
     config_path = args.config
+    if args.ray is not None and args.resume is not None:
+        raise UserError("--ray starts a new run: drop --ray or --resume")
     adopted = None
     if args.resume == "":  # a deployment's run, named by the connection options
         clash = [f for f, v in (("--env", args.env), ("--seed", args.seed)) if v is not None]
@@ -127,7 +130,12 @@ def _up(args: argparse.Namespace) -> int:
         cfg, adopted = adopt(connection.resolve(args), overrides)
     else:
         cfg = config_mod.load(config_path, overrides)
-    summary = up(cfg, resume=bool(args.resume), adopted=adopted)
+    if args.ray is not None:
+        from canopy.cluster import ray_launch  # imports Ray only when asked for
+
+        summary = ray_launch.up(cfg, args.ray)
+    else:
+        summary = up(cfg, resume=bool(args.resume), adopted=adopted)
     keys = (
         "solved",
         "time_to_solve_s",
@@ -291,6 +299,12 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
         metavar="RUN_DIR",
         help="continue a stopped run: its config, checkpoints and replay; without RUN_DIR, the run "
         "--redis/--password-file (or --config) name, from its newest checkpoint",
+    )
+    up.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run every role on the nodes of the Ray cluster at ADDRESS (host:port, or auto); "
+        "needs pip install 'canopy-rl[ray]'",
     )
     connection.add_options(up, config=False)
     up.set_defaults(func=_up)
