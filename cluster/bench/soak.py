@@ -146,6 +146,7 @@ class RedisWatch:
         }
 
     def close(self) -> None:
+        """Close the clients of every shard."""
         for r in self.shards:
             r.close()
 
