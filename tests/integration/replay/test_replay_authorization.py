@@ -31,7 +31,7 @@ ROLE_OPS = {
     protocol.Op.STATS: protocol.stats_request(),
     protocol.Op.SAMPLE: protocol.sample_request(1, 2),
     protocol.Op.INSERT: protocol.insert_request(1, 2),
-    protocol.Op.PRIORITY: protocol.priority_request(1, reply=True),
+    protocol.Op.PRIORITY: protocol.priority_request(1, 1, reply=True),
 }
 
 
