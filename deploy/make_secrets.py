@@ -13,6 +13,10 @@ fills DIR, which every role then mounts read-only:
     DIR/redis.<role>.password     one per least-privilege Redis user of canopy/acl.py
                                   (cluster.role_users), for learner actor evaluator cache
                                   replay status
+    DIR/tls/                      Redis over TLS (cluster.tls, canopy/tls.py): ca.crt for
+                                  every role, redis.crt and redis.key for the shards only;
+                                  the certificate names the shards of the shipped deploy
+                                  files (REDIS_NAMES); other names: `canopy tls DIR --name ...`
 
 Only what is absent is made, so a rerun (every `docker compose up`) keeps the keys and
 passwords that running shards and roles already hold. Files are mode 600, owned by whoever
@@ -27,10 +31,14 @@ import secrets
 import sys
 from pathlib import Path
 
-from canopy import acl, curve
+from canopy import acl, curve, tls
 from canopy.config import ClusterConfig
 from canopy.errors import UserError
 from canopy.redisconn import role_password_file
+
+# The host names the shipped deploy files reach the Redis shards by: compose services, then
+# the pods of deploy/k8s/redis.yaml behind their headless Service.
+REDIS_NAMES = ("redis0", "redis1", "redis-0.redis", "redis-1.redis")
 
 
 def password_files(directory: Path) -> list[Path]:
@@ -51,13 +59,17 @@ def make(directory: Path) -> list[Path]:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(24) + "\n")
         made.append(path)
+    tls_dir = directory / "tls"
+    if not (tls_dir / tls.CA_CERT).exists():
+        tls.generate(tls_dir, REDIS_NAMES)
+        made += [tls_dir / tls.CA_CERT, tls_dir / tls.SERVER_CERT, tls_dir / tls.SERVER_KEY]
     return made
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print(
-            "usage: canopy-secrets DIR  (CURVE keys and Redis passwords for the deploy files)",
+            "usage: canopy-secrets DIR  (CURVE keys, Redis passwords and TLS files for the deploy files)",
             file=sys.stderr,
         )
         return 2

@@ -37,6 +37,7 @@ from typing import Any
 import tomli_w
 
 from canopy import config as config_mod
+from canopy import tls
 from canopy.cache import ledger
 from canopy.cluster import netns
 from canopy.cluster.bench import harness
@@ -69,10 +70,14 @@ SPEEDUPS: dict[str, dict[str, Any]] = {
 }
 
 
-def deploy_config(net: netns.Network, workdir: Path, speedups: dict[str, dict[str, Any]]) -> tuple[Path, str]:
+def deploy_config(
+    net: netns.Network, workdir: Path, speedups: dict[str, dict[str, Any]]
+) -> tuple[Path, str, list[str]]:
     """deploy/cluster.toml with its service names swapped for the hosts of `net` (redis on
     `redis`, replay and cache on `data`) and its secrets made by the compose `keys` service's
-    command under `workdir`; (config file, operator password)."""
+    command under `workdir`, the TLS certificate made again for the redis host's address (as
+    `canopy tls DIR --name ADDRESS` on bare metal); (config file, operator password, the
+    redis-cli options that reach the shards: host, TLS and user)."""
     source = REPO_ROOT / "deploy" / "cluster.toml"
     if not source.exists():
         raise UserError(f"{source} not found: the cut-off faults run from a canopy source checkout")
@@ -83,6 +88,7 @@ def deploy_config(net: netns.Network, workdir: Path, speedups: dict[str, dict[st
         [sys.executable, str(REPO_ROOT / "deploy" / "make_secrets.py"), str(secrets)], check=True, timeout=60
     )
     password_file = secrets / "redis.password"
+    tls.generate(secrets / "tls", [redis_ip])
     doc["cluster"].update(
         redis=[f"{redis_ip}:6379", f"{redis_ip}:6380"],
         replay=[f"tcp://{data_ip}:5555"],
@@ -96,7 +102,10 @@ def deploy_config(net: netns.Network, workdir: Path, speedups: dict[str, dict[st
     doc["run"].update(name=f"netns-{uuid.uuid4().hex[:8]}", dir=str(workdir / "run"))
     path = workdir / "cluster.toml"
     path.write_text(tomli_w.dumps(doc))
-    return path, password_file.read_text().strip()
+    cli = ["-h", redis_ip, "-p", "6379", "--user", "canopy", "--raw"]
+    if doc["cluster"].get("tls"):
+        cli += ["--tls", "--cacert", str(secrets / "tls" / tls.CA_CERT)]
+    return path, password_file.read_text().strip(), cli
 
 
 def host_plan(
@@ -132,7 +141,7 @@ class NetnsCluster:
         self.net = net
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
-        self.config, self.password = deploy_config(net, workdir, speedups)
+        self.config, self.password, self.cli_options = deploy_config(net, workdir, speedups)
         self.cfg = config_mod.load(self.config)
         self.keys = Keys(self.cfg.run.name)
         self.logs = workdir / "logs"
@@ -155,7 +164,7 @@ class NetnsCluster:
     def cli(self, *args: str) -> str:
         """One redis-cli command as the operator, from the `redis` host; "" when it fails."""
         result = self.net["redis"].run(
-            ["redis-cli", "-h", self.net["redis"].address, "-p", "6379", "--user", "canopy", "--raw", *args],
+            ["redis-cli", *self.cli_options, *args],
             env={**self.env, "REDISCLI_AUTH": self.password},
             timeout=10,
         )

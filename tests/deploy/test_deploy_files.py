@@ -197,7 +197,11 @@ def test_canopy_secrets_makes_every_key_once(tmp_path: Path) -> None:
     passwords = [read_password(cfg.cluster, credentials(cfg.cluster, role)[1]) for role in acl.ROLES]
     passwords.append(read_password(cfg.cluster))
     assert len(set(passwords)) == len(acl.ROLES) + 1 and all(len(p) >= 24 for p in passwords)
-    secret_files = [p for p in first if "curve" not in p.parts or p.name.endswith("_secret")]
+    public = [
+        p for p in first if ("curve" in p.parts and not p.name.endswith("_secret")) or p.suffix == ".crt"
+    ]
+    secret_files = [p for p in first if p not in public]
+    assert {p.name for p in first if "tls" in p.parts} == {"ca.crt", "redis.crt", "redis.key"}
     assert all(p.stat().st_mode & 0o077 == 0 for p in secret_files)
 
 
@@ -361,8 +365,10 @@ def test_every_pod_gets_the_config_and_exactly_the_secrets_its_role_reads(tmp_pa
         ), f"{label}: the probes run `canopy health` as the status user"
         assert curve.load(cfg.cluster, role) is not None, label
         # Least privilege: no other role's password, and the operator's only for the shards.
-        allowed = {f"redis.{role}.password", "redis.status.password", "curve"}
+        allowed = {f"redis.{role}.password", "redis.status.password", "curve", "tls"}
         assert {p.name for p in seen.iterdir()} <= allowed, label
+        # Redis over TLS: every role trusts the CA; only the shards hold the server key.
+        assert cfg.cluster.tls and [p.name for p in (seen / "tls").iterdir()] == ["ca.crt"], label
     assert pods == set(POD_ROLES)
 
 

@@ -182,9 +182,12 @@ class Project:
         return ids[0]
 
     def redis(self, *args: str, output: str = "--raw") -> str:
-        """redis-cli on shard 0, inside its container, as the operator user ("" on failure)."""
-        password = "/run/secrets/canopy/redis.password"
-        script = f'REDISCLI_AUTH="$(cat {password})" exec redis-cli --user canopy "$@"'
+        """redis-cli on shard 0, inside its container, as the operator user, over TLS ("" on failure)."""
+        secrets = "/run/secrets/canopy"
+        script = (
+            f'REDISCLI_AUTH="$(cat {secrets}/redis.password)" '
+            f'exec redis-cli --tls --cacert {secrets}/tls/ca.crt --user canopy "$@"'
+        )
         if "redis0" not in self.containers:
             self.containers["redis0"] = self.container("redis0")
         argv = ["exec", self.containers["redis0"], "sh", "-c", script, "sh", output, *args]
@@ -256,8 +259,11 @@ def test_compose_trains_cartpole_to_a_confirmed_solve(
     to_solve = float(best["confirmed_at"]) - project.started
     record_property("time_to_solve_s", round(to_solve, 1))
     print(f"\ncompose up -> confirmed solve: {to_solve:.0f} s (version {best['version']}, {best['mean']})")
-    # Every role ran in its container as its own Redis user, with CURVE on (the shipped config).
-    assert cfg.cluster.role_users and cfg.cluster.curve_dir
+    # Every role ran in its container as its own Redis user, with CURVE and Redis TLS on (the
+    # shipped config); the redis-cli calls here speak TLS, a plaintext one gets no answer.
+    assert cfg.cluster.role_users and cfg.cluster.curve_dir and cfg.cluster.tls
+    plain = project.engine("exec", project.containers["redis0"], "redis-cli", "ping", timeout=60)
+    assert "PONG" not in plain.stdout, plain.stdout
     users: dict[str, set[str]] = {}
     for line in project.redis("CLIENT", "LIST").splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)

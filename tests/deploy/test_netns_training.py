@@ -73,17 +73,19 @@ sys.exit(1 if sock.poll(2000) else 0)
 """
 
 
-def cluster_config(net: netns.Network, tmp_path: Path) -> tuple[Path, Keys, str]:
-    """deploy/cluster.toml on the namespace hosts, with SPEEDUPS; (file, keys, operator password)."""
+def cluster_config(net: netns.Network, tmp_path: Path) -> tuple[Path, Keys, str, list[str]]:
+    """deploy/cluster.toml on the namespace hosts, with SPEEDUPS; (file, keys, operator password,
+    redis-cli options)."""
     doc = tomllib.loads((REPO_ROOT / "deploy" / "cluster.toml").read_text())
     assert doc["cluster"]["role_users"] and doc["cluster"]["curve_dir"], "the deploy config is secure"
+    assert doc["cluster"]["tls"], "the deploy config speaks TLS to Redis"
     assert doc["cluster"]["bind_all"], "deploy/cluster.toml binds every interface, as the hosts here do"
-    path, password = deploy_config(net, tmp_path, SPEEDUPS)
-    return path, Keys(tomllib.loads(path.read_text())["run"]["name"]), password
+    path, password, cli_options = deploy_config(net, tmp_path, SPEEDUPS)
+    return path, Keys(tomllib.loads(path.read_text())["run"]["name"]), password, cli_options
 
 
 def test_roles_on_four_namespace_hosts_train_cartpole(network: netns.Network, tmp_path: Path) -> None:
-    config, keys, password = cluster_config(network, tmp_path)
+    config, keys, password, cli_options = cluster_config(network, tmp_path)
     plan = host_plan(config, network, {"learner": "learner", "evaluator": "learner", "actor": "actors"})
     assert [h.name for h, _ in plan] == ["redis", "data", "learner", "actors"]
     env = {
@@ -94,12 +96,11 @@ def test_roles_on_four_namespace_hosts_train_cartpole(network: netns.Network, tm
     }
     logs = tmp_path / "logs"
     logs.mkdir()
-    redis_addr = network["redis"].address
     operator = network["actors"]  # redis-cli from another host than Redis, as an operator would
 
     def cli(*args: str) -> str:
         result = operator.run(
-            ["redis-cli", "-h", redis_addr, "-p", "6379", "--user", "canopy", "--raw", *args],
+            ["redis-cli", *cli_options, *args],
             env={**env, "REDISCLI_AUTH": password},
             timeout=10,
         )
