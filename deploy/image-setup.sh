@@ -32,6 +32,10 @@ install -d -o canopy -g canopy -m 0755 /var/lib/canopy
 # Mount points of the compose volumes: Docker gives an empty named volume the owner and mode
 # of the directory it is mounted on, so uid 1000 can write the shard's AOF and the secrets.
 install -d -o canopy -g canopy -m 0700 /var/lib/canopy/run /run/secrets/canopy
+# Mount points of the per-role secrets volumes the compose `keys` service fills (--split).
+install -d -o canopy -g canopy -m 0700 /run/secrets/split \
+  /run/secrets/split/redis /run/secrets/split/replay /run/secrets/split/cache \
+  /run/secrets/split/learner /run/secrets/split/actor /run/secrets/split/evaluator
 install -d -m 0755 /etc/canopy
 
 python3 -m venv /opt/venv

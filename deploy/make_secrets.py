@@ -18,6 +18,12 @@ fills DIR, which every role then mounts read-only:
                                   the certificate names the shards of the shipped deploy
                                   files (REDIS_NAMES); other names: `canopy tls DIR --name ...`
 
+`canopy-secrets DIR --split OUT` then copies into OUT/<role>/ exactly the files that role's
+containers read (`role_files`: its own Redis password and the probes' read-only one, the CA,
+its CURVE files; the Redis shards: every password and the server key), so compose can mount
+each role's folder alone, as the Kubernetes manifests mount each pod's items of the Secret.
+Each run copies them again, so a rotated key reaches every role's folder.
+
 Only what is absent is made, so a rerun (every `docker compose up`) keeps the keys and
 passwords that running shards and roles already hold. Files are mode 600, owned by whoever
 runs this (uid 1000 in the image, the uid of every role); nothing secret is printed.
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,15 +73,48 @@ def make(directory: Path) -> list[Path]:
     return made
 
 
+# The roles a deployment runs containers of; each gets its own folder with --split.
+SPLIT_ROLES = ("redis", "replay", "cache", "learner", "actor", "evaluator")
+
+
+def role_files(directory: Path, role: str) -> list[str]:
+    """The files under `directory` that containers of `role` read (paths relative to it)."""
+    if role == "redis":  # redis.conf names every user; the shard serves TLS
+        server = ["tls/" + tls.CA_CERT, "tls/" + tls.SERVER_CERT, "tls/" + tls.SERVER_KEY]
+        return [p.name for p in password_files(directory)] + server
+    files = [f"redis.{role}.password", "redis.status.password", "tls/" + tls.CA_CERT]
+    for mount in curve.mounts(role):
+        if mount.endswith("/"):  # a folder: the allow-lists, one file per authorized key
+            found = sorted((directory / "curve" / mount).rglob("*.key"))
+            files += [p.relative_to(directory).as_posix() for p in found]
+        else:
+            files.append(f"curve/{mount}")
+    return files
+
+
+def split(directory: Path, out: Path) -> None:
+    """Copy each role's files from `directory` into `out/<role>/`, modes kept, replacing older copies."""
+    for role in SPLIT_ROLES:
+        for name in role_files(directory, role):
+            dest = out / role / name
+            dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".tmp")
+            shutil.copy2(directory / name, tmp)
+            os.replace(tmp, dest)  # a reader sees the old file or the new one, never half of one
+
+
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--split"):
         print(
-            "usage: canopy-secrets DIR  (CURVE keys, Redis passwords and TLS files for the deploy files)",
+            "usage: canopy-secrets DIR [--split OUT]  (CURVE keys, Redis passwords and TLS files for "
+            "the deploy files; --split: each role's files in OUT/<role>)",
             file=sys.stderr,
         )
         return 2
     try:
         made = make(Path(argv[0]))
+        if len(argv) == 3:
+            split(Path(argv[0]), Path(argv[2]))
     except UserError as exc:  # e.g. keys of the old one-keypair layout there
         print(f"canopy-secrets: {exc}", file=sys.stderr)
         return 2

@@ -181,6 +181,38 @@ def make_secrets(directory: Path) -> dict[Path, bytes]:
     return {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
 
+def test_each_roles_split_folder_holds_what_it_reads_and_no_other_roles_secret(tmp_path: Path) -> None:
+    from canopy.cluster.redis_server import write_conf
+
+    secrets_dir, out = tmp_path / "secrets", tmp_path / "split"
+    argv = [sys.executable, str(DEPLOY / "make_secrets.py"), str(secrets_dir), "--split", str(out)]
+    subprocess.run(argv, check=True, timeout=60)
+    text = (DEPLOY / "cluster.toml").read_text()
+    for role in sorted(set(SERVICE_ROLES.values())):
+        seen = out / role
+        cfg = _load_config_text(
+            text, tmp_path, password_file=str(seen / "redis.password"), curve_dir=str(seen / "curve")
+        )
+        cfg.run.dir = str(tmp_path / "run" / role)
+        names = {p.relative_to(seen).as_posix() for p in seen.rglob("*") if p.is_file()}
+        if role == "redis":
+            write_conf(cfg, 0)  # every user's password and the TLS server files
+            assert not any(n.startswith("curve/") for n in names), "Redis needs no CURVE keys"
+            continue
+        assert read_password(cfg.cluster, credentials(cfg.cluster, role)[1]), role
+        assert curve.load(cfg.cluster, role) is not None, role
+        assert "redis.password" not in names and "tls/redis.key" not in names, role
+        others = [n for n in names if n.endswith("_secret") and f"/{role}/" not in n and "server/" not in n]
+        assert not others, f"{role} holds {others}"
+        assert not [n for n in names if n.startswith("curve/server/") and n.endswith("_secret")] or role in (
+            "replay",
+            "cache",
+        ), role
+    before = (out / "actor" / "redis.actor.password").read_bytes()
+    subprocess.run(argv, check=True, timeout=60)  # a rerun copies again and keeps the secrets
+    assert (out / "actor" / "redis.actor.password").read_bytes() == before
+
+
 def test_canopy_secrets_makes_every_key_once(tmp_path: Path) -> None:
     secrets_dir = tmp_path / "secrets"
     first = make_secrets(secrets_dir)
@@ -214,19 +246,37 @@ def test_the_image_installs_the_deploy_entrypoints() -> None:
         assert f"!deploy/{script}" in allowed, f"deploy/{script} must enter the build context"
 
 
-def test_compose_roles_start_after_the_keys_and_mount_them_read_only() -> None:
+# Compose service -> the role whose secrets folder (canopy-secrets --split) it mounts.
+SERVICE_ROLES = {
+    "redis0": "redis",
+    "redis1": "redis",
+    "replay0": "replay",
+    "cache0": "cache",
+    "learner": "learner",
+    "learner-standby": "learner",
+    "evaluator": "evaluator",
+    "actor": "actor",
+}
+SPLIT = "/run/secrets/split"
+
+
+def test_compose_roles_start_after_the_keys_and_mount_only_their_own_secrets_read_only() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     cfg = config_mod.load(DEPLOY / "cluster.toml")
     secrets_dir = str(Path(cfg.cluster.password_file).parent)
     services = compose["services"]
     keys = services.pop("keys")
-    assert keys["entrypoint"] == ["canopy-secrets"] and keys["command"] == [secrets_dir]
+    assert keys["entrypoint"] == ["canopy-secrets"] and keys["command"] == [secrets_dir, "--split", SPLIT]
     assert keys["restart"] == "no"
-    (volume,) = [v for v in keys["volumes"] if v.split(":")[1] == secrets_dir]
-    assert volume == f"secrets:{secrets_dir}", "the keys service writes the volume"
+    written = {v.split(":")[1]: v.split(":")[0] for v in keys["volumes"]}
+    assert written[secrets_dir] == "secrets", "the keys service writes the volume"
+    assert set(services) == set(SERVICE_ROLES)
     for name, service in services.items():
+        role = SERVICE_ROLES[name]
         assert service["depends_on"]["keys"] == {"condition": "service_completed_successfully"}, name
-        assert f"secrets:{secrets_dir}:ro" in service["volumes"], name
+        assert written[f"{SPLIT}/{role}"] == f"secrets-{role}", name
+        mounted = [v for v in service["volumes"] if v.split(":")[1] == secrets_dir]
+        assert mounted == [f"secrets-{role}:{secrets_dir}:ro"], name
         assert "./cluster.toml:/etc/canopy/cluster.toml:ro" in service["volumes"], name
     # Each Redis shard's append-only file (run.dir/redis-N) and each replay shard's snapshots
     # (replay.snapshot_dir, under run.dir) on a volume of their own.
