@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import time
+import threading
 from typing import Any
 
 import numpy as np
@@ -296,18 +296,27 @@ def test_a_background_capture_is_the_state_of_its_step_bit_for_bit_while_the_nex
         algo.update(update_input(algo, spec, step))
     want = bytes(Capturer().capture(algo, {}, {}).flat.numpy())  # on this thread: the reference cut
 
-    copy = checkpoint_state._copy
+    copy, before_step = checkpoint_state._copy, Capturer._before_step
+    fence_entered = threading.Event()
+    copy_saw_fence: list[bool] = []
 
-    def slow_copy(*args: Any) -> None:
-        time.sleep(0.2)  # the next update's forward and backward run first; its step must wait
+    def held_copy(*args: Any) -> None:
+        # The copy waits until the next update's optimizer step has reached the fence, so the
+        # forward and backward run meanwhile; a step that did not wait would write first.
+        copy_saw_fence.append(fence_entered.wait(timeout=10))
         copy(*args)
 
-    monkeypatch.setattr(checkpoint_state, "_copy", slow_copy)
+    def marked_before_step(self: Capturer, *args: Any) -> None:  # the optimizer step's pre-hook
+        fence_entered.set()
+        before_step(self, *args)
+
+    monkeypatch.setattr(checkpoint_state, "_copy", held_copy)
+    monkeypatch.setattr(Capturer, "_before_step", marked_before_step)
     cap = Capturer()
     snap = cap.capture(algo, {}, {}, background=True)
     assert not snap.copied.is_set()
     algo.update(update_input(algo, spec, 7))
-    assert snap.copied.is_set() and cap.fences == 1 and cap.last_fence_wait_s > 0.05
+    assert copy_saw_fence == [True] and snap.copied.is_set() and cap.fences == 1
     assert bytes(snap.flat.numpy()) == want
     # The update did change the state, so a step that did not wait would have been caught.
     assert bytes(Capturer().capture(algo, {}, {}).flat.numpy()) != want
