@@ -246,18 +246,34 @@ def load_torch_state(
         scheduler.load_state_dict(state.meta["scheduler"])
 
 
-def online_target_state(algo: Any) -> TrainingState:
-    """`torch_state` of a learner laid out as DQN, TD3, SAC and a DQN population are:
-    `online` and `target` modules, one `optimizer`, an lr `scheduler` if it has one, `updates`."""
-    modules = {"online": algo.online, "target": algo.target}
-    return torch_state(algo.updates, modules, algo.optimizer, getattr(algo, "scheduler", None))
+class OnlineTarget:
+    """What DQN, TD3, SAC, R2D2 and a DQN population share as learners laid out alike:
+    `online` and `target` modules, one `optimizer`, an lr `scheduler` if it has one, an
+    `updates` count, and a `grad_sync` hook each update calls after its backward."""
 
+    online: nn.Module
+    target: nn.Module
+    optimizer: Any
+    updates: int
+    grad_sync: Any = None  # learner/overlap.py GradSync once in a group: averages gradients
 
-def load_online_target_state(algo: Any, state: TrainingState) -> None:
-    """Put back what `online_target_state` took, the update count included."""
-    modules = {"online": algo.online, "target": algo.target}
-    load_torch_state(state, modules, algo.optimizer, getattr(algo, "scheduler", None))
-    algo.updates = state.updates
+    def state(self) -> TrainingState:
+        """`torch_state` of the online and target networks, the optimizer, the lr schedule if
+        any, and the update count."""
+        modules = {"online": self.online, "target": self.target}
+        return torch_state(self.updates, modules, self.optimizer, getattr(self, "scheduler", None))
+
+    def restore(self, state: TrainingState) -> None:
+        """Put back what `state` took, the update count included."""
+        modules = {"online": self.online, "target": self.target}
+        load_torch_state(state, modules, self.optimizer, getattr(self, "scheduler", None))
+        self.updates = state.updates
+
+    def join_group(self) -> None:
+        """From the next update on, gradients are averaged over the learner group."""
+        from canopy.learner.overlap import GradSync  # torch.distributed: only for a group
+
+        self.grad_sync = GradSync()
 
 
 def _plain(value: Any) -> Any:

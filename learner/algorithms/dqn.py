@@ -24,17 +24,14 @@ from canopy.learner import network
 from canopy.learner.algorithms.base import (
     Batch,
     Built,
+    OnlineTarget,
     Stats,
-    TrainingState,
     adam,
-    load_online_target_state,
-    online_target_state,
     polyak,
 )
-from canopy.learner.overlap import GradSync
 
 
-class DQN:
+class DQN(OnlineTarget):
     """Example:
     algo = DQN(QNetwork(4, 2, [128, 128]), cfg.learner)
     stats = algo.update(batch)  # {'loss': tensor, 'q_mean': tensor}
@@ -130,18 +127,6 @@ class DQN:
     def priorities(self) -> list[torch.Tensor] | None:
         """|TD error| of the last update's items: their new replay priorities."""
         return None if self.last_td_error is None else [self.last_td_error]
-
-    def state(self) -> TrainingState:
-        """Online and target networks, Adam, the lr schedule and the update count."""
-        return online_target_state(self)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the update count included."""
-        load_online_target_state(self, state)
-
-    def join_group(self) -> None:
-        """From the next update on, gradients are averaged over the learner group."""
-        self.grad_sync = GradSync()
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:

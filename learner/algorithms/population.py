@@ -32,14 +32,7 @@ from torch import nn
 from canopy.config import LearnerConfig
 from canopy.envs import EnvSpec
 from canopy.learner.algorithms import dqn
-from canopy.learner.algorithms.base import (
-    Batch,
-    Built,
-    Stats,
-    TrainingState,
-    load_online_target_state,
-    online_target_state,
-)
+from canopy.learner.algorithms.base import Batch, Built, OnlineTarget, Stats
 from canopy.learner.algorithms.dqn import DQN
 from canopy.learner.overlap import OverlapTrainer
 
@@ -105,7 +98,7 @@ class JointSchedulers:
             s.load_state_dict(member)
 
 
-class Population:
+class Population(OnlineTarget):
     """Example:
     pop = Population([DQN(net_k, cfg_k) for k in range(3)])
     stats = pop.update([batch_0, batch_1, batch_2])  # one update of every model
@@ -169,14 +162,6 @@ class Population:
             for k, m in enumerate(self.members)
             for name, array in m.export().items()
         }
-
-    def state(self) -> TrainingState:
-        """One DQN's state, widened: every model's networks, optimizers and schedulers."""
-        return online_target_state(self)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the shared update count included."""
-        load_online_target_state(self, state)
 
     def join_group(self) -> None:
         """Nothing to hook: `OverlapTrainer` reduces each model's gradients over the group

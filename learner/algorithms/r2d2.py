@@ -40,15 +40,12 @@ from canopy.errors import UserError
 from canopy.learner import network
 from canopy.learner.algorithms.base import (
     Built,
+    OnlineTarget,
     Sequences,
     Stats,
-    TrainingState,
     adam,
-    load_online_target_state,
-    online_target_state,
     polyak,
 )
-from canopy.learner.overlap import GradSync
 
 PRIORITY_ETA = 0.9  # the paper's mix of max and mean |TD| in a sequence's priority
 RESCALE_EPS = 1e-3  # epsilon of the value rescaling h
@@ -101,7 +98,7 @@ def priority_mix(td: torch.Tensor, learned: torch.Tensor, eta: float = PRIORITY_
     return eta * err.amax(dim=1) + (1 - eta) * mean
 
 
-class R2D2:
+class R2D2(OnlineTarget):
     """Example:
     algo = R2D2(LSTMQNetwork(2, 2, [64, 64]), cfg.learner)
     stats = algo.update(sequences)  # {'loss': tensor, 'q_mean': tensor}
@@ -168,18 +165,6 @@ class R2D2:
     def priorities(self) -> list[torch.Tensor] | None:
         """Each sampled sequence's new priority (`priority_mix` of its last |TD| errors)."""
         return None if self.last_priorities is None else [self.last_priorities]
-
-    def state(self) -> TrainingState:
-        """Online and target networks, Adam and the update count."""
-        return online_target_state(self)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the update count included."""
-        load_online_target_state(self, state)
-
-    def join_group(self) -> None:
-        """From the next update on, gradients are averaged over the learner group."""
-        self.grad_sync = GradSync()
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:

@@ -42,15 +42,12 @@ from canopy.errors import UserError
 from canopy.learner.algorithms.base import (
     Batch,
     Built,
+    OnlineTarget,
     Stats,
-    TrainingState,
     adam,
-    load_online_target_state,
-    online_target_state,
     polyak,
 )
 from canopy.learner.algorithms.td3 import TwinCritic, mlp
-from canopy.learner.overlap import GradSync
 
 ARCH = SQUASHED_GAUSSIAN_MLP  # actors/policy.py: mean and log std from one mlp, then tanh
 LOG_2 = math.log(2.0)
@@ -127,7 +124,7 @@ class Temperature(nn.Module):
         return self.log_alpha.exp()
 
 
-class SAC:
+class SAC(OnlineTarget):
     """Example:
     algo = SAC(obs_size=3, act_size=1, cfg=cfg.learner)
     stats = algo.update(batch)  # {'loss': critic loss, 'q_mean', 'actor_loss', 'alpha', 'entropy'}
@@ -226,18 +223,6 @@ class SAC:
     def priorities(self) -> list[torch.Tensor] | None:
         """|TD error| of the first critic on the last update's items: their new priorities."""
         return None if self.last_td_error is None else [self.last_td_error]
-
-    def state(self) -> TrainingState:
-        """Actor, twin critic, temperature, target critic, the one Adam, and the update count."""
-        return online_target_state(self)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the update count included."""
-        load_online_target_state(self, state)
-
-    def join_group(self) -> None:
-        """From the next update on, gradients are averaged over the learner group."""
-        self.grad_sync = GradSync()
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:

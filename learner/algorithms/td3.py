@@ -31,14 +31,11 @@ from canopy.errors import UserError
 from canopy.learner.algorithms.base import (
     Batch,
     Built,
+    OnlineTarget,
     Stats,
-    TrainingState,
     adam,
-    load_online_target_state,
-    online_target_state,
     polyak,
 )
-from canopy.learner.overlap import GradSync
 
 ARCH = TANH_MLP  # actors/policy.py: an mlp whose output goes through tanh
 
@@ -87,7 +84,7 @@ class TwinCritic(nn.Module):
         return self._run(self.q1, x), self._run(self.q2, x)
 
 
-class TD3:
+class TD3(OnlineTarget):
     """Example:
     algo = TD3(obs_size=3, act_size=1, cfg=cfg.learner)
     stats = algo.update(batch)  # {'loss': critic loss, 'q_mean': ...} as tensors
@@ -168,18 +165,6 @@ class TD3:
     def priorities(self) -> list[torch.Tensor] | None:
         """|TD error| of the first critic on the last update's items: their new priorities."""
         return None if self.last_td_error is None else [self.last_td_error]
-
-    def state(self) -> TrainingState:
-        """Actor, twin critic and their targets, the one Adam, and the update count."""
-        return online_target_state(self)
-
-    def restore(self, state: TrainingState) -> None:
-        """Put back what `state` took, the update count included."""
-        load_online_target_state(self, state)
-
-    def join_group(self) -> None:
-        """From the next update on, gradients are averaged over the learner group."""
-        self.grad_sync = GradSync()
 
 
 def build(spec: EnvSpec, cfg: LearnerConfig, device: torch.device) -> Built:
