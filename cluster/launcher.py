@@ -126,6 +126,14 @@ def up(cfg: Config, resume: bool = False, adopted: Loaded | None = None) -> dict
     """
     curve.use(curve.load(cfg.cluster, curve.OPERATOR))  # for its own requests to the replay shards
     launcher = Launcher(cfg, resume, adopted)
+    verb = "resuming run" if resume or adopted is not None else "run"
+    return drive(launcher, f"canopy: {verb} {cfg.run.name} in {launcher.run_dir}", "starting every role")
+
+
+def drive(launcher: Launcher, banner: str, starting: str) -> dict[str, Any]:
+    """Start every role of `launcher`, watch the run until it ends or SIGINT/SIGTERM asks it to
+    stop, and return summary.json's content; whatever still runs is stopped, also on an error.
+    `canopy up` and `canopy up --ray` (cluster/ray_launch.py) share it."""
     stop_flag = [False]
 
     def on_signal(signum: int, frame: object) -> None:
@@ -133,9 +141,8 @@ def up(cfg: Config, resume: bool = False, adopted: Loaded | None = None) -> dict
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        verb = "resuming run" if resume or adopted is not None else "run"
-        print(f"canopy: {verb} {cfg.run.name} in {launcher.run_dir}", file=sys.stderr)
-        with waiting("starting every role"):
+        print(banner, file=sys.stderr)
+        with waiting(starting):
             launcher.start()
         print(f"canopy: all roles up in {time.monotonic() - launcher.t0:.1f}s", file=sys.stderr)
         launcher.monitor.run(stop_flag)

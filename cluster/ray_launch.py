@@ -52,9 +52,8 @@ from typing import Any
 from canopy import config as config_mod
 from canopy import curve, tls
 from canopy.cluster import hostplan
-from canopy.cluster.launcher import Launcher, prepare
+from canopy.cluster.launcher import Launcher, drive, prepare
 from canopy.cluster.monitor import Monitor
-from canopy.cluster.progress import waiting
 from canopy.cluster.report import Report
 from canopy.cluster.supervisor import Child, Supervisor
 from canopy.config import Config
@@ -415,27 +414,12 @@ def up(cfg: Config, address: str) -> dict[str, Any]:
         ray.init(address=address, log_to_driver=False, logging_level="warning")
     except ConnectionError as exc:
         raise UserError(f"no Ray cluster at {address}: {exc} (start one with `ray start --head`)") from None
-    stop_flag = [False]
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop_flag[0] = True
-
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    launcher = None
     try:
         launcher = RayLauncher(cfg, address)
-        print(f"canopy: run {cfg.run.name} on Ray at {address}, in {launcher.run_dir}", file=sys.stderr)
-        with waiting("starting every role on its Ray node"):
-            launcher.start()
-        print(f"canopy: all roles up in {time.monotonic() - launcher.t0:.1f}s", file=sys.stderr)
-        launcher.monitor.run(stop_flag)
-        return launcher.finish()
+        banner = f"canopy: run {cfg.run.name} on Ray at {address}, in {launcher.run_dir}"
+        return drive(launcher, banner, "starting every role on its Ray node")
     finally:
-        if launcher is not None:
-            launcher.supervisor.shutdown()
         ray.shutdown()
-        for s, handler in old.items():
-            signal.signal(s, handler)
 
 
 @functools.cache
